@@ -1,0 +1,258 @@
+//! Operations on a finished shard directory: validate, inspect, merge partial runs.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt32Type;
+use arrow_array::Array;
+use mmrec_schemas::{columns, Domain, Manifest, Partition, ShardInfo, Totals};
+use serde::Serialize;
+
+use crate::atomic::{file_sha256, write_atomic};
+use crate::error::{Error, IoContext, Result};
+use crate::shard::{token_lists, ShardReader};
+use crate::split::{read_manifest, write_manifest, DUPLICATES, QUARANTINE};
+
+#[derive(Debug, Default, Serialize)]
+pub struct Validation {
+    pub shards: usize,
+    pub rows: u64,
+    pub tokens: u64,
+    pub problems: Vec<String>,
+}
+
+impl Validation {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// Check a shard directory against its manifest: checksums, schema, per-row invariants,
+/// and that every count adds up. Problems are collected, not stopped at.
+pub fn validate(dir: &Path) -> Result<Validation> {
+    let m = read_manifest(dir)?;
+    let mut v = Validation::default();
+    for (domain, shards) in &m.domains {
+        let mut docs = 0u64;
+        let mut tokens = 0u64;
+        for s in shards {
+            v.shards += 1;
+            let path = dir.join(&s.file);
+            match check_shard(&path, *domain, s, m.tokenizer.vocab_size as u32) {
+                Ok((rows, toks, mut problems)) => {
+                    docs += rows;
+                    tokens += toks;
+                    v.problems.append(&mut problems);
+                }
+                Err(e) => v.problems.push(e.to_string()),
+            }
+        }
+        v.rows += docs;
+        v.tokens += tokens;
+        let dt = m.totals.per_domain.get(domain).copied().unwrap_or_default();
+        if dt.documents != docs || dt.tokens != tokens {
+            v.problems.push(format!("{domain}: manifest totals say {} documents / {} tokens, shards hold {docs} / {tokens}", dt.documents, dt.tokens));
+        }
+        v.problems.extend(unlisted_files(dir, *domain, shards));
+    }
+    let t = &m.totals;
+    if t.written != v.rows || t.tokens != v.tokens {
+        v.problems.push(format!("totals say {} written / {} tokens, shards hold {} / {}", t.written, t.tokens, v.rows, v.tokens));
+    }
+    if !t.balances() {
+        v.problems.push(format!(
+            "counts do not add up: records_in {} != written {} + exact_duplicates {} + near_duplicates {} + quarantined {}",
+            t.records_in, t.written, t.exact_duplicates, t.near_duplicates, t.quarantined
+        ));
+    }
+    let by_reason: u64 = m.rejected.by_reason.values().sum();
+    if m.rejected.count != t.quarantined || by_reason != t.quarantined {
+        v.problems.push(format!("rejected.count {} and its reasons ({by_reason}) must equal quarantined {}", m.rejected.count, t.quarantined));
+    }
+    for (file, expected) in [(m.rejected.quarantine_file.as_str(), t.quarantined), (DUPLICATES, t.exact_duplicates + t.near_duplicates)] {
+        match count_lines(&dir.join(file)) {
+            Ok(n) if n == expected => {}
+            Ok(n) => v.problems.push(format!("{file}: {n} lines, manifest counts {expected}")),
+            Err(e) => v.problems.push(e.to_string()),
+        }
+    }
+    Ok(v)
+}
+
+fn check_shard(path: &Path, domain: Domain, s: &ShardInfo, vocab: u32) -> Result<(u64, u64, Vec<String>)> {
+    let mut problems = Vec::new();
+    let name = path.display();
+    let (sha, bytes) = file_sha256(path)?;
+    if sha != s.sha256 || bytes != s.bytes {
+        problems.push(format!("{name}: sha256/size {sha}/{bytes} does not match the manifest's {}/{}", s.sha256, s.bytes));
+    }
+    let reader = ShardReader::open(path)?;
+    reader.token_width()?;
+    let mut rows = 0u64;
+    let mut tokens = 0u64;
+    for batch in reader.batches(&[columns::DOMAIN, columns::TOKENS, columns::N_TOKENS], None)? {
+        let batch = batch?;
+        let domains = batch.column(0).as_string::<i32>();
+        let lists = token_lists(batch.column(1).as_ref());
+        let counts = batch.column(2).as_primitive::<UInt32Type>();
+        for (i, toks) in lists.iter().enumerate() {
+            let row = rows + i as u64;
+            if domains.value(i) != domain.as_str() {
+                problems.push(format!("{name}: row {row} has domain {:?} in the {domain} directory", domains.value(i)));
+            }
+            if counts.value(i) as usize != toks.len() {
+                problems.push(format!("{name}: row {row} n_tokens {} but {} tokens", counts.value(i), toks.len()));
+            }
+            if let Some(t) = toks.iter().find(|&&t| t >= vocab) {
+                problems.push(format!("{name}: row {row} has token id {t} outside the vocabulary ({vocab})"));
+            }
+            tokens += toks.len() as u64;
+        }
+        rows += batch.num_rows() as u64;
+    }
+    if rows != s.rows || tokens != s.tokens {
+        problems.push(format!("{name}: holds {rows} rows / {tokens} tokens, manifest says {} / {}", s.rows, s.tokens));
+    }
+    Ok((rows, tokens, problems))
+}
+
+fn unlisted_files(dir: &Path, domain: Domain, shards: &[ShardInfo]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir.join(domain.as_str())) else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok())
+        .map(|e| format!("{domain}/{}", e.file_name().to_string_lossy()))
+        .filter(|f| f.ends_with(".parquet") && !shards.iter().any(|s| &s.file == f))
+        .map(|f| format!("{f}: shard on disk but not in the manifest"))
+        .collect()
+}
+
+fn count_lines(path: &Path) -> Result<u64> {
+    let bytes = std::fs::read(path).at(path)?;
+    Ok(bytes.iter().filter(|&&b| b == b'\n').count() as u64)
+}
+
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub manifest: Manifest,
+    pub samples: BTreeMap<Domain, Vec<Sample>>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Sample {
+    pub id: String,
+    pub lang: Option<String>,
+    pub n_tokens: u32,
+    pub text: String,
+}
+
+/// The manifest plus the first `per_domain` documents of each domain, text cut to `chars`.
+pub fn inspect(dir: &Path, per_domain: usize, chars: usize) -> Result<Inspection> {
+    let manifest = read_manifest(dir)?;
+    let mut samples = BTreeMap::new();
+    for (domain, shards) in &manifest.domains {
+        let mut got = Vec::new();
+        for s in shards {
+            if got.len() >= per_domain {
+                break;
+            }
+            let reader = ShardReader::open(&dir.join(&s.file))?;
+            for batch in reader.batches(&[columns::ID, columns::LANG, columns::TEXT, columns::N_TOKENS], Some(vec![0]))? {
+                let batch = batch?;
+                let ids = batch.column(0).as_string::<i32>();
+                let langs = batch.column(1).as_string::<i32>();
+                let texts = batch.column(2).as_string::<i64>();
+                let counts = batch.column(3).as_primitive::<UInt32Type>();
+                for i in 0..batch.num_rows().min(per_domain - got.len()) {
+                    got.push(Sample {
+                        id: ids.value(i).to_string(),
+                        lang: (!langs.is_null(i)).then(|| langs.value(i).to_string()),
+                        n_tokens: counts.value(i),
+                        text: texts.value(i).chars().take(chars).collect(),
+                    });
+                }
+            }
+        }
+        samples.insert(*domain, got);
+    }
+    Ok(Inspection { manifest, samples })
+}
+
+/// Combine the directories of a partitioned run (`--part i/n` for every i) into one:
+/// shards are hard-linked (copied across file systems), logs concatenated in part order,
+/// and counts summed. Refuses parts that disagree on tokenizer, inputs or settings.
+pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
+    let mut manifests: Vec<(PathBuf, Manifest)> = parts.iter().map(|p| Ok((p.clone(), read_manifest(p)?))).collect::<Result<_>>()?;
+    manifests.sort_by_key(|(_, m)| m.settings.partition.index);
+    let (first_dir, first) = manifests.first().ok_or_else(|| Error::Invalid("merge needs at least one part".into()))?;
+    let n = first.settings.partition.count;
+    let bad = |dir: &Path, message: String| Error::Manifest { path: dir.join(crate::split::MANIFEST), message };
+    for (i, (dir, m)) in manifests.iter().enumerate() {
+        if m.settings.partition != (Partition { index: i as u32, count: n }) {
+            return Err(bad(dir, format!("expected part {i}/{n}, found {} (parts must be 0..{n}, each once)", m.settings.partition)));
+        }
+        if m.tokenizer.sha256 != first.tokenizer.sha256 {
+            return Err(bad(dir, format!("tokenizer {} differs from {}'s {}", m.tokenizer.sha256, first_dir.display(), first.tokenizer.sha256)));
+        }
+        let strip = |m: &Manifest| mmrec_schemas::Settings { partition: Partition::WHOLE, ..m.settings.clone() };
+        if strip(m) != strip(first) {
+            return Err(bad(dir, format!("settings differ from {}'s", first_dir.display())));
+        }
+        let shas = |m: &Manifest| m.inputs.iter().map(|i| i.sha256.clone()).collect::<Vec<_>>();
+        if shas(m) != shas(first) {
+            return Err(bad(dir, format!("inputs differ from {}'s", first_dir.display())));
+        }
+    }
+    if manifests.len() as u32 != n {
+        return Err(Error::Invalid(format!("{} parts given, the run was split into {n}", manifests.len())));
+    }
+    std::fs::create_dir_all(out).at(out)?;
+    let mut merged = first.clone();
+    merged.settings.partition = Partition::WHOLE;
+    merged.totals = Totals::default();
+    merged.rejected.by_reason.clear();
+    merged.rejected.count = 0;
+    merged.domains.values_mut().for_each(Vec::clear);
+    let mut logs: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    for (dir, m) in &manifests {
+        for (domain, shards) in &m.domains {
+            std::fs::create_dir_all(out.join(domain.as_str())).at(out)?;
+            for s in shards {
+                let (src, dst) = (dir.join(&s.file), out.join(&s.file));
+                if std::fs::hard_link(&src, &dst).is_err() {
+                    let tmp = crate::atomic::temp_path(&dst);
+                    std::fs::copy(&src, &tmp).at(&src)?;
+                    std::fs::rename(&tmp, &dst).at(&dst)?;
+                }
+                merged.domains.entry(*domain).or_default().push(s.clone());
+            }
+        }
+        let t = &m.totals;
+        let mt = &mut merged.totals;
+        mt.records_in += t.records_in;
+        mt.written += t.written;
+        mt.exact_duplicates += t.exact_duplicates;
+        mt.near_duplicates += t.near_duplicates;
+        mt.quarantined += t.quarantined;
+        mt.tokens += t.tokens;
+        mt.text_bytes += t.text_bytes;
+        for (d, dt) in &t.per_domain {
+            let e = mt.per_domain.entry(*d).or_default();
+            e.documents += dt.documents;
+            e.tokens += dt.tokens;
+            e.text_bytes += dt.text_bytes;
+        }
+        merged.rejected.count += m.rejected.count;
+        for (r, c) in &m.rejected.by_reason {
+            *merged.rejected.by_reason.entry(r.clone()).or_default() += c;
+        }
+        for file in [QUARANTINE, DUPLICATES] {
+            logs.entry(file).or_default().extend(std::fs::read(dir.join(file)).at(dir.join(file))?);
+        }
+    }
+    for (file, bytes) in logs {
+        write_atomic(&out.join(file), &bytes)?;
+    }
+    write_manifest(out, &merged)?;
+    Ok(merged)
+}

@@ -1,0 +1,185 @@
+//! Duplicate removal: exact (hash of whitespace-normalised text) and near (MinHash + LSH).
+//!
+//! Both keep the first occurrence in input order, so the result does not depend on how
+//! many threads computed the hashes and signatures.
+
+use std::collections::HashMap;
+
+use mmrec_schemas::NearDupSettings;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+/// Hash of the text with runs of whitespace collapsed and the ends trimmed, so that
+/// re-wrapped or re-indented copies of a document count as the same document.
+pub fn normalized_hash(text: &str) -> u64 {
+    let mut h = Xxh3::new();
+    for (i, word) in text.split_whitespace().enumerate() {
+        if i > 0 {
+            h.update(b" ");
+        }
+        h.update(word.as_bytes());
+    }
+    h.digest()
+}
+
+/// Keeps the first document of every distinct hash.
+#[derive(Default)]
+pub struct ExactDedup {
+    first: HashMap<u64, usize>,
+}
+
+impl ExactDedup {
+    /// None when the document is new (keep it), else the id of the earlier copy.
+    pub fn insert(&mut self, hash: u64, id: usize) -> Option<usize> {
+        match self.first.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(e) => Some(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(id);
+                None
+            }
+        }
+    }
+}
+
+pub const DEFAULT_NEAR_DUP: NearDupSettings = NearDupSettings { threshold: 0.8, num_perm: 128, bands: 16, shingle_words: 3 };
+
+/// MinHash signature over word shingles; `seed` picks the hash family.
+///
+/// Digit runs are folded to `0` first (as CCNet does): copies that differ only in a
+/// counter, a date or a line number are the near-duplicates worth catching, and in short
+/// documents one changed number would otherwise sink the similarity below any threshold.
+pub fn minhash(text: &str, s: &NearDupSettings, seed: u64) -> Vec<u32> {
+    let folded = fold_digits(text);
+    let words: Vec<&str> = folded.split_whitespace().collect();
+    let k = s.shingle_words.max(1);
+    let mut sig = vec![u32::MAX; s.num_perm];
+    let mut shingle = Vec::with_capacity(64);
+    let count = if words.len() >= k { words.len() - k + 1 } else { 1 };
+    for start in 0..count {
+        shingle.clear();
+        for w in &words[start..(start + k).min(words.len())] {
+            shingle.extend_from_slice(w.as_bytes());
+            shingle.push(b' ');
+        }
+        let base = xxh3_64(&shingle);
+        // One 64-bit hash per shingle, then cheap per-permutation remixes of it: the
+        // standard "a·h + b" family, keeping the high 32 bits which mix best.
+        for (i, slot) in sig.iter_mut().enumerate() {
+            let (a, b) = perm_coeffs(seed, i);
+            let v = (base.wrapping_mul(a).wrapping_add(b) >> 32) as u32;
+            if v < *slot {
+                *slot = v;
+            }
+        }
+    }
+    sig
+}
+
+fn fold_digits(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut prev_digit = false;
+    for c in text.chars() {
+        let digit = c.is_ascii_digit();
+        if !(digit && prev_digit) {
+            out.push(if digit { '0' } else { c });
+        }
+        prev_digit = digit;
+    }
+    out
+}
+
+fn perm_coeffs(seed: u64, i: usize) -> (u64, u64) {
+    let a = splitmix(seed ^ (i as u64 * 2 + 1)) | 1;
+    let b = splitmix(seed ^ (i as u64 * 2 + 2));
+    (a, b)
+}
+
+fn splitmix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+/// LSH index over the signatures of kept documents.
+pub struct NearDedup {
+    settings: NearDupSettings,
+    buckets: HashMap<(usize, u64), Vec<usize>>,
+    kept: Vec<(usize, Vec<u32>)>,
+}
+
+impl NearDedup {
+    pub fn new(settings: NearDupSettings) -> Self {
+        assert!(settings.bands > 0 && settings.num_perm % settings.bands == 0, "num_perm must be a multiple of bands");
+        NearDedup { settings, buckets: HashMap::new(), kept: Vec::new() }
+    }
+
+    /// None when no kept document is estimated at or above the threshold (keep this one,
+    /// indexed as `id`), else the id of the kept document it nearly duplicates.
+    pub fn insert(&mut self, id: usize, sig: Vec<u32>) -> Option<usize> {
+        let rows = self.settings.num_perm / self.settings.bands;
+        let keys: Vec<(usize, u64)> = sig
+            .chunks(rows)
+            .enumerate()
+            .map(|(band, chunk)| (band, xxh3_64(bytemuck_u32(chunk))))
+            .collect();
+        for key in &keys {
+            if let Some(cands) = self.buckets.get(key) {
+                for &c in cands {
+                    let (kept_id, kept_sig) = &self.kept[c];
+                    if jaccard_estimate(kept_sig, &sig) >= self.settings.threshold {
+                        return Some(*kept_id);
+                    }
+                }
+            }
+        }
+        let slot = self.kept.len();
+        self.kept.push((id, sig));
+        for key in keys {
+            self.buckets.entry(key).or_default().push(slot);
+        }
+        None
+    }
+}
+
+fn bytemuck_u32(v: &[u32]) -> &[u8] {
+    // SAFETY: u32 has no padding and any byte pattern is a valid u8.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+pub fn jaccard_estimate(a: &[u32], b: &[u32]) -> f64 {
+    a.iter().zip(b).filter(|(x, y)| x == y).count() as f64 / a.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whitespace_changes_do_not_change_the_hash() {
+        assert_eq!(normalized_hash("a  b\n\tc "), normalized_hash("a b c"));
+        assert_ne!(normalized_hash("a b c"), normalized_hash("a b d"));
+    }
+
+    #[test]
+    fn copies_differing_only_in_a_counter_are_near_duplicates() {
+        let s = DEFAULT_NEAR_DUP;
+        let a = minhash("for i in range(10):\n    print(i)\n# Sample 4\n", &s, 0);
+        let b = minhash("for i in range(10):\n    print(i)\n# Sample 129\n", &s, 0);
+        assert_eq!(jaccard_estimate(&a, &b), 1.0);
+    }
+
+    #[test]
+    fn minhash_estimates_jaccard() {
+        let a: String = (0..200).map(|i| format!("w{i} ")).collect();
+        let b: String = (0..200).map(|i| if i < 190 { format!("w{i} ") } else { format!("x{i} ") }).collect();
+        let c: String = (0..200).map(|i| format!("z{i} ")).collect();
+        let s = DEFAULT_NEAR_DUP;
+        let (sa, sb, sc) = (minhash(&a, &s, 0), minhash(&b, &s, 0), minhash(&c, &s, 0));
+        assert!(jaccard_estimate(&sa, &sb) > 0.8);
+        assert!(jaccard_estimate(&sa, &sc) < 0.1);
+        let mut idx = NearDedup::new(s);
+        assert_eq!(idx.insert(0, sa), None);
+        assert_eq!(idx.insert(1, sb), Some(0), "a near copy is removed in favour of the first");
+        assert_eq!(idx.insert(2, sc), None, "an unrelated document is kept");
+    }
+}

@@ -1,0 +1,32 @@
+use std::path::PathBuf;
+
+/// Errors that stop a pipeline run. Problems with single records are not errors: they go
+/// to the quarantine file and the run continues.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("input {path} does not exist or cannot be read: {source}")]
+    MissingInput { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Manifest { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Attach the path to an I/O error, the one piece of context every I/O failure needs.
+pub(crate) trait IoContext<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn at(self, path: impl Into<PathBuf>) -> Result<T> {
+        self.map_err(|source| Error::Io { path: path.into(), source })
+    }
+}

@@ -1,0 +1,404 @@
+//! Reading raw corpora into documents. Every record read either becomes a [`Document`] or a
+//! [`QuarantineRecord`] naming its file, line and reason: nothing is dropped silently.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mmrec_schemas::{Domain, QuarantineRecord};
+use rayon::prelude::*;
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+use crate::lang;
+
+/// One input as the user named it, with the domain they declared for it (None = classify).
+#[derive(Debug, Clone)]
+pub struct InputSpec {
+    pub path: PathBuf,
+    pub declared: Option<Domain>,
+}
+
+/// How a plain-text file is cut into documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PlainSplit {
+    /// The whole file is one document.
+    File,
+    /// Blank-line-separated paragraphs are documents.
+    Paragraph,
+    /// Every non-empty line is a document.
+    Line,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReadOptions {
+    /// Field holding the text in JSONL objects and Parquet files; default `text`, then `content`.
+    pub field: Option<String>,
+    /// Documents (and source files) larger than this are quarantined as `too_large`.
+    pub max_bytes: u64,
+    pub plain_split: PlainSplit,
+}
+
+/// A document read from an input, before cleaning and classification.
+#[derive(Debug, Clone)]
+pub struct Document {
+    pub id: String,
+    pub source: Arc<str>,
+    pub text: String,
+    pub lang: Option<String>,
+    /// Domain known from metadata (declared flag, record field, extension or shebang).
+    pub domain_hint: Option<Domain>,
+}
+
+#[derive(Debug)]
+pub enum Record {
+    Doc(Document),
+    Bad(QuarantineRecord),
+}
+
+/// One concrete file to read: inputs that are directories expand to every file below them.
+#[derive(Debug, Clone)]
+pub struct InputFile {
+    pub path: PathBuf,
+    pub declared: Option<Domain>,
+    /// Read as a source file (one document, language from extension) rather than by format.
+    pub from_tree: bool,
+}
+
+/// Expand inputs into files in a deterministic order. A missing input is an error before
+/// anything is written.
+pub fn expand_inputs(specs: &[InputSpec]) -> Result<Vec<InputFile>> {
+    let mut files = Vec::new();
+    for spec in specs {
+        let meta = std::fs::metadata(&spec.path)
+            .map_err(|source| Error::MissingInput { path: spec.path.clone(), source })?;
+        if meta.is_dir() {
+            let mut found = Vec::new();
+            walk(&spec.path, &mut found)?;
+            found.sort();
+            files.extend(found.into_iter().map(|path| InputFile { path, declared: spec.declared, from_tree: true }));
+        } else {
+            std::fs::File::open(&spec.path)
+                .map_err(|source| Error::MissingInput { path: spec.path.clone(), source })?;
+            files.push(InputFile { path: spec.path.clone(), declared: spec.declared, from_tree: false });
+        }
+    }
+    Ok(files)
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in std::fs::read_dir(dir).at(dir)? {
+        let entry = entry.at(dir)?;
+        let name = entry.file_name();
+        // Version-control and tool directories hold no corpus text.
+        if name.to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let kind = entry.file_type().at(&path)?;
+        if kind.is_dir() {
+            walk(&path, out)?;
+        } else if kind.is_file() {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Read one input file into records, in file order.
+pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<Vec<Record>> {
+    let source: Arc<str> = Arc::from(file.path.to_string_lossy().as_ref());
+    let (inner_name, bytes) = read_decompressed(&file.path, opts.max_bytes, file.from_tree)?;
+    let Some(bytes) = bytes else {
+        return Ok(vec![bad(&source, 0, "too_large", format!("file is over --max-bytes {}", opts.max_bytes))]);
+    };
+    let ext = extension(&inner_name);
+    let records = if file.from_tree && !matches!(ext.as_str(), "jsonl" | "ndjson" | "parquet") {
+        vec![read_source_file(&source, &inner_name, bytes, opts)]
+    } else {
+        match ext.as_str() {
+            "jsonl" | "ndjson" | "json" => read_jsonl(&source, &bytes, opts),
+            "parquet" => read_parquet(&file.path, &source, bytes, opts)?,
+            _ if lang::from_extension(&inner_name).is_some() => vec![read_source_file(&source, &inner_name, bytes, opts)],
+            _ => read_plain(&source, bytes, opts),
+        }
+    };
+    Ok(records
+        .into_iter()
+        .map(|r| match r {
+            Record::Doc(mut d) => {
+                // A declared domain outranks anything the record says about itself.
+                if file.declared.is_some() {
+                    d.domain_hint = file.declared;
+                }
+                Record::Doc(d)
+            }
+            bad => bad,
+        })
+        .collect())
+}
+
+/// Returns the file name without a compression suffix, and the decompressed bytes, or None
+/// when a source-tree file is over the size limit (checked before reading it).
+fn read_decompressed(path: &Path, max_bytes: u64, from_tree: bool) -> Result<(String, Option<Vec<u8>>)> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if from_tree && std::fs::metadata(path).at(path)?.len() > max_bytes {
+        return Ok((name, None));
+    }
+    let raw = std::fs::read(path).at(path)?;
+    let (inner, bytes) = if let Some(stem) = name.strip_suffix(".gz") {
+        let mut out = Vec::new();
+        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).at(path)?;
+        (stem.to_string(), out)
+    } else if let Some(stem) = name.strip_suffix(".zst") {
+        (stem.to_string(), zstd::decode_all(&raw[..]).at(path)?)
+    } else {
+        (name, raw)
+    };
+    Ok((inner, Some(bytes)))
+}
+
+fn extension(name: &str) -> String {
+    Path::new(name).extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
+}
+
+fn bad(source: &Arc<str>, line: u64, reason: &str, detail: String) -> Record {
+    Record::Bad(QuarantineRecord { file: source.to_string(), line, reason: reason.to_string(), detail })
+}
+
+/// Checks shared by every input format; returns the quarantine reason, if any.
+fn validate_text(text: &str, max_bytes: u64) -> Option<(&'static str, String)> {
+    if text.len() as u64 > max_bytes {
+        return Some(("too_large", format!("{} bytes is over --max-bytes {max_bytes}", text.len())));
+    }
+    if text.trim().is_empty() {
+        return Some(("empty", "text is empty or whitespace only".to_string()));
+    }
+    if looks_binary(text.as_bytes()) {
+        return Some(("binary", "text contains NUL or mostly control bytes".to_string()));
+    }
+    None
+}
+
+/// NUL anywhere in the first 8 KiB, or more than 10% control characters other than
+/// whitespace: the test `git` and `grep` use, tightened for text that passed UTF-8 decoding.
+pub fn looks_binary(bytes: &[u8]) -> bool {
+    let head = &bytes[..bytes.len().min(8192)];
+    if head.contains(&0) {
+        return true;
+    }
+    let control = head.iter().filter(|&&b| b < 0x20 && !matches!(b, b'\n' | b'\r' | b'\t' | 0x0c)).count();
+    control * 10 > head.len()
+}
+
+fn make_doc(source: &Arc<str>, line: u64, id_suffix: Option<String>, text: String, lang: Option<String>, domain_hint: Option<Domain>, max_bytes: u64) -> Record {
+    if let Some((reason, detail)) = validate_text(&text, max_bytes) {
+        return bad(source, line, reason, detail);
+    }
+    let id = match id_suffix {
+        Some(s) => format!("{source}:{line}#{s}"),
+        None => format!("{source}:{line}"),
+    };
+    Record::Doc(Document { id, source: source.clone(), text, lang, domain_hint })
+}
+
+fn read_jsonl(source: &Arc<str>, bytes: &[u8], opts: &ReadOptions) -> Vec<Record> {
+    let lines: Vec<(u64, &[u8])> = bytes
+        .split(|&b| b == b'\n')
+        .enumerate()
+        .map(|(i, l)| (i as u64 + 1, l.strip_suffix(b"\r").unwrap_or(l)))
+        .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
+        .collect();
+    lines.into_par_iter().map(|(line, raw)| parse_json_line(source, line, raw, opts)).collect()
+}
+
+fn parse_json_line(source: &Arc<str>, line: u64, raw: &[u8], opts: &ReadOptions) -> Record {
+    let Ok(s) = std::str::from_utf8(raw) else {
+        return bad(source, line, "invalid_utf8", "line is not valid UTF-8".to_string());
+    };
+    let value: Value = match serde_json::from_str(s) {
+        Ok(v) => v,
+        Err(e) => return bad(source, line, "invalid_json", e.to_string()),
+    };
+    match value {
+        Value::String(text) => make_doc(source, line, None, text, None, None, opts.max_bytes),
+        Value::Object(obj) => {
+            let lang = obj.get("lang").and_then(Value::as_str).map(str::to_ascii_lowercase);
+            let id = obj.get("id").or_else(|| obj.get("path")).and_then(|v| match v {
+                Value::String(s) => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            });
+            let domain_hint = obj
+                .get("domain")
+                .and_then(Value::as_str)
+                .and_then(|d| d.parse().ok())
+                .or_else(|| lang.as_deref().and_then(lang::domain_of_lang));
+            let text = if let Some(messages) = obj.get("messages") {
+                match render_chat(messages) {
+                    Ok(t) => t,
+                    Err(detail) => return bad(source, line, "invalid_chat", detail),
+                }
+            } else {
+                let fields: Vec<&str> = match &opts.field {
+                    Some(f) => vec![f.as_str()],
+                    None => vec!["text", "content"],
+                };
+                match fields.iter().find_map(|f| obj.get(*f)) {
+                    Some(Value::String(t)) => t.clone(),
+                    Some(other) => {
+                        return bad(source, line, "missing_field", format!("field {:?} is {}, not a string", fields[0], json_kind(other)))
+                    }
+                    None => return bad(source, line, "missing_field", format!("object has none of the fields {fields:?} nor \"messages\"")),
+                }
+            };
+            make_doc(source, line, id, text, lang, domain_hint, opts.max_bytes)
+        }
+        other => bad(source, line, "invalid_record", format!("expected a JSON string or object, found {}", json_kind(&other))),
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// OpenAI chat format rendered as one document with a role marker before each turn.
+fn render_chat(messages: &Value) -> std::result::Result<String, String> {
+    let turns = messages.as_array().ok_or("\"messages\" is not an array")?;
+    let mut out = String::new();
+    for (i, turn) in turns.iter().enumerate() {
+        let role = turn.get("role").and_then(Value::as_str).ok_or(format!("message {i} has no string \"role\""))?;
+        let content = turn.get("content").and_then(Value::as_str).ok_or(format!("message {i} has no string \"content\""))?;
+        if !out.is_empty() {
+            out.push_str("\n\n");
+        }
+        out.push_str("<|");
+        out.push_str(role);
+        out.push_str("|>\n");
+        out.push_str(content);
+    }
+    Ok(out)
+}
+
+fn read_source_file(source: &Arc<str>, name: &str, bytes: Vec<u8>, opts: &ReadOptions) -> Record {
+    if looks_binary(&bytes) {
+        return bad(source, 0, "binary", "file contains NUL or mostly control bytes".to_string());
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(_) => return bad(source, 0, "invalid_utf8", "file is not valid UTF-8".to_string()),
+    };
+    let lang = lang::from_extension(name).or_else(|| lang::from_shebang(&text)).map(str::to_string);
+    let hint = lang.as_deref().and_then(lang::domain_of_lang);
+    make_doc(source, 0, None, text, lang, hint, opts.max_bytes)
+}
+
+fn read_plain(source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptions) -> Vec<Record> {
+    if looks_binary(&bytes) {
+        return vec![bad(source, 0, "binary", "file contains NUL or mostly control bytes".to_string())];
+    }
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count() as u64;
+            return vec![bad(source, line, "invalid_utf8", "file is not valid UTF-8".to_string())];
+        }
+    };
+    match opts.plain_split {
+        PlainSplit::File => vec![make_doc(source, 0, None, text, None, None, opts.max_bytes)],
+        PlainSplit::Line => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| make_doc(source, i as u64 + 1, None, l.to_string(), None, None, opts.max_bytes))
+            .collect(),
+        PlainSplit::Paragraph => {
+            let mut out = Vec::new();
+            let mut start: Option<usize> = None;
+            let mut para = String::new();
+            for (i, l) in text.lines().enumerate() {
+                if l.trim().is_empty() {
+                    if let Some(s) = start.take() {
+                        out.push(make_doc(source, s as u64 + 1, None, std::mem::take(&mut para), None, None, opts.max_bytes));
+                    }
+                } else {
+                    if start.is_none() {
+                        start = Some(i);
+                    } else {
+                        para.push('\n');
+                    }
+                    para.push_str(l);
+                }
+            }
+            if let Some(s) = start {
+                out.push(make_doc(source, s as u64 + 1, None, para, None, None, opts.max_bytes));
+            }
+            out
+        }
+    }
+}
+
+fn read_parquet(path: &Path, source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptions) -> Result<Vec<Record>> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::Array;
+    use arrow_schema::DataType;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let err = |message: String| Error::Parquet { path: path.to_path_buf(), message };
+    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).map_err(|e| err(e.to_string()))?;
+    let schema = builder.schema().clone();
+    let candidates: Vec<&str> = match &opts.field {
+        Some(f) => vec![f.as_str()],
+        None => vec!["text", "content"],
+    };
+    let text_col = candidates
+        .iter()
+        .find_map(|c| schema.index_of(c).ok())
+        .ok_or_else(|| err(format!("no text column: looked for {candidates:?} (use --field NAME)")))?;
+    let string_col = |name: &str| schema.index_of(name).ok().filter(|&i| matches!(schema.field(i).data_type(), DataType::Utf8 | DataType::LargeUtf8));
+    let lang_col = string_col("lang");
+    let domain_col = string_col("domain");
+    let reader = builder.with_batch_size(4096).build().map_err(|e| err(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut row = 0u64;
+    for batch in reader {
+        let batch = batch.map_err(|e| err(e.to_string()))?;
+        let get = |col: usize, i: usize| -> Option<String> {
+            let a = batch.column(col);
+            if a.is_null(i) {
+                return None;
+            }
+            match a.data_type() {
+                DataType::Utf8 => Some(a.as_string::<i32>().value(i).to_string()),
+                DataType::LargeUtf8 => Some(a.as_string::<i64>().value(i).to_string()),
+                _ => None,
+            }
+        };
+        if !matches!(batch.column(text_col).data_type(), DataType::Utf8 | DataType::LargeUtf8) {
+            return Err(err(format!("column {:?} is {}, not a string", schema.field(text_col).name(), batch.column(text_col).data_type())));
+        }
+        for i in 0..batch.num_rows() {
+            match get(text_col, i) {
+                None => out.push(bad(source, row, "missing_field", "text is null".to_string())),
+                Some(text) => {
+                    let lang = lang_col.and_then(|c| get(c, i)).map(|l| l.to_ascii_lowercase());
+                    let hint = domain_col
+                        .and_then(|c| get(c, i))
+                        .and_then(|d| d.parse().ok())
+                        .or_else(|| lang.as_deref().and_then(lang::domain_of_lang));
+                    out.push(make_doc(source, row, None, text, lang, hint, opts.max_bytes));
+                }
+            }
+            row += 1;
+        }
+    }
+    Ok(out)
+}

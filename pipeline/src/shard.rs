@@ -1,0 +1,202 @@
+//! Parquet shards (DESIGN §4): writing and reading.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::builder::{LargeStringBuilder, StringBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{UInt16Type, UInt32Type};
+use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, UInt16Array, UInt32Array, UInt64Array};
+use arrow_buffer::{OffsetBuffer, ScalarBuffer};
+use arrow_schema::{DataType, Field};
+use mmrec_schemas::{columns, shard_schema, Domain, TokenWidth};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::atomic::{temp_path, HashingWriter};
+use crate::error::{Error, IoContext, Result};
+
+/// A document ready to be written: cleaned, classified and tokenized.
+pub struct ShardRow<'a> {
+    pub id: &'a str,
+    pub domain: Domain,
+    pub lang: Option<&'a str>,
+    pub source: &'a str,
+    pub text: &'a str,
+    pub tokens: Vec<u32>,
+    pub hash: u64,
+}
+
+/// What a finished shard holds, for the manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WrittenShard {
+    pub rows: u64,
+    pub tokens: u64,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+fn writer_properties(row_group_docs: usize) -> WriterProperties {
+    // Dictionaries and min/max statistics pay off for the short repetitive columns only;
+    // on `text` and `tokens` they cost write time and bytes for nothing.
+    let mut b = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("zstd level 3 is valid")))
+        .set_max_row_group_row_count(Some(row_group_docs))
+        .set_created_by(format!("mmrec-data {}", env!("CARGO_PKG_VERSION")))
+        .set_dictionary_enabled(false);
+    for col in [columns::DOMAIN, columns::LANG, columns::SOURCE] {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(col), true);
+    }
+    for col in [vec![columns::TEXT.to_string()], vec![columns::TOKENS.to_string(), "list".into(), "item".into()], vec![columns::ID.to_string()]] {
+        b = b.set_column_statistics_enabled(ColumnPath::new(col), EnabledStatistics::None);
+    }
+    b.build()
+}
+
+/// Write rows to `path` atomically, one row group per `row_group_docs` rows.
+pub fn write_shard(path: &Path, rows: &[ShardRow], width: TokenWidth, row_group_docs: usize) -> Result<WrittenShard> {
+    let schema = shard_schema(width);
+    let tmp = temp_path(path);
+    let file = std::fs::File::create(&tmp).at(&tmp)?;
+    let pq_err = |e: parquet::errors::ParquetError| Error::Parquet { path: path.to_path_buf(), message: e.to_string() };
+    let mut writer = ArrowWriter::try_new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)), schema.clone(), Some(writer_properties(row_group_docs))).map_err(pq_err)?;
+    let mut tokens = 0u64;
+    for group in rows.chunks(row_group_docs.max(1)) {
+        let batch = to_batch(group, width, &schema)?;
+        tokens += group.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
+        writer.write(&batch).map_err(pq_err)?;
+    }
+    let hashing = writer.into_inner().map_err(pq_err)?;
+    let (buf, sha256, bytes) = hashing.finish();
+    let file = buf.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+    file.sync_all().at(&tmp)?;
+    std::fs::rename(&tmp, path).at(path)?;
+    Ok(WrittenShard { rows: rows.len() as u64, tokens, bytes, sha256 })
+}
+
+fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Schema>) -> Result<RecordBatch> {
+    let n = rows.len();
+    let mut id = StringBuilder::with_capacity(n, n * 32);
+    let mut domain = StringBuilder::with_capacity(n, n * 5);
+    let mut lang = StringBuilder::with_capacity(n, n * 6);
+    let mut source = StringBuilder::with_capacity(n, n * 32);
+    let text_bytes: usize = rows.iter().map(|r| r.text.len()).sum();
+    let mut text = LargeStringBuilder::with_capacity(n, text_bytes);
+    let mut offsets = Vec::with_capacity(n + 1);
+    offsets.push(0i32);
+    let total: usize = rows.iter().map(|r| r.tokens.len()).sum();
+    if total > i32::MAX as usize {
+        return Err(Error::Invalid(format!("a row group of {n} documents holds {total} tokens, over the 2^31 a list column allows; lower --row-group-docs")));
+    }
+    for r in rows {
+        id.append_value(r.id);
+        domain.append_value(r.domain.as_str());
+        lang.append_option(r.lang);
+        source.append_value(r.source);
+        text.append_value(r.text);
+        offsets.push(offsets.last().copied().unwrap_or(0) + r.tokens.len() as i32);
+    }
+    let flat = rows.iter().flat_map(|r| r.tokens.iter().copied());
+    let values: ArrayRef = match width {
+        TokenWidth::U16 => Arc::new(UInt16Array::from_iter_values(flat.map(|t| t as u16))),
+        TokenWidth::U32 => Arc::new(UInt32Array::from_iter_values(flat)),
+    };
+    let tokens = ListArray::new(Arc::new(Field::new("item", width.data_type(), false)), OffsetBuffer::new(ScalarBuffer::from(offsets)), values, None);
+    let n_tokens = UInt32Array::from_iter_values(rows.iter().map(|r| r.tokens.len() as u32));
+    let hash = UInt64Array::from_iter_values(rows.iter().map(|r| r.hash));
+    RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(id.finish()),
+            Arc::new(domain.finish()),
+            Arc::new(lang.finish()),
+            Arc::new(source.finish()),
+            Arc::new(text.finish()),
+            Arc::new(tokens),
+            Arc::new(n_tokens),
+            Arc::new(hash),
+        ],
+    )
+    .map_err(|e| Error::Invalid(format!("building a shard batch: {e}")))
+}
+
+/// Reads selected columns of a shard, one record batch per row group.
+pub struct ShardReader {
+    path: std::path::PathBuf,
+    builder: ParquetRecordBatchReaderBuilder<std::fs::File>,
+}
+
+impl ShardReader {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).at(path)?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::Parquet { path: path.to_path_buf(), message: format!("not a readable Parquet shard: {e}") })?;
+        Ok(ShardReader { path: path.to_path_buf(), builder })
+    }
+
+    pub fn num_row_groups(&self) -> usize {
+        self.builder.metadata().num_row_groups()
+    }
+
+    pub fn num_rows(&self) -> u64 {
+        self.builder.metadata().file_metadata().num_rows() as u64
+    }
+
+    /// The token width, or an error naming the file when the schema is not a shard's.
+    pub fn token_width(&self) -> Result<TokenWidth> {
+        let schema = self.builder.schema();
+        let width = match schema.field_with_name(columns::TOKENS).map(|f| f.data_type().clone()) {
+            Ok(DataType::List(item)) if item.data_type() == &DataType::UInt16 => TokenWidth::U16,
+            Ok(DataType::List(item)) if item.data_type() == &DataType::UInt32 => TokenWidth::U32,
+            other => return Err(self.err(format!("column `tokens` must be list<uint16|uint32>, found {other:?}"))),
+        };
+        let expected = shard_schema(width);
+        for field in expected.fields() {
+            match schema.field_with_name(field.name()) {
+                Ok(f) if f.data_type() == field.data_type() => {}
+                Ok(f) => return Err(self.err(format!("column `{}` is {}, expected {}", field.name(), f.data_type(), field.data_type()))),
+                Err(_) => return Err(self.err(format!("column `{}` is missing", field.name()))),
+            }
+        }
+        Ok(width)
+    }
+
+    fn err(&self, message: String) -> Error {
+        Error::Parquet { path: self.path.clone(), message }
+    }
+
+    /// Iterate the named columns, one batch per row group (`row_groups` None = all).
+    pub fn batches(self, cols: &[&str], row_groups: Option<Vec<usize>>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+        let path = self.path.clone();
+        let schema = self.builder.parquet_schema();
+        let arrow_schema = self.builder.schema().clone();
+        let roots: Vec<usize> = cols
+            .iter()
+            .map(|c| arrow_schema.index_of(c).map_err(|_| self.err(format!("column `{c}` is missing"))))
+            .collect::<Result<_>>()?;
+        let mask = ProjectionMask::roots(schema, roots);
+        let rows_per_group = self.builder.metadata().row_groups().iter().map(|g| g.num_rows() as usize).max().unwrap_or(1).max(1);
+        let mut b = self.builder.with_projection(mask).with_batch_size(rows_per_group);
+        if let Some(groups) = row_groups {
+            b = b.with_row_groups(groups);
+        }
+        let reader = b.build().map_err(|e| Error::Parquet { path: path.clone(), message: e.to_string() })?;
+        Ok(reader.map(move |r| r.map_err(|e| Error::Parquet { path: path.clone(), message: format!("corrupt row group: {e}") })))
+    }
+}
+
+/// Token lists of a `tokens` column, whatever its width, as u32.
+pub fn token_lists(array: &dyn Array) -> Vec<Vec<u32>> {
+    let list = array.as_list::<i32>();
+    (0..list.len())
+        .map(|i| {
+            let v = list.value(i);
+            match v.data_type() {
+                DataType::UInt16 => v.as_primitive::<UInt16Type>().values().iter().map(|&t| t as u32).collect(),
+                _ => v.as_primitive::<UInt32Type>().values().to_vec(),
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,336 @@
+//! `mmrec-data split`: inputs → read → partition → dedup → classify → tokenize → shards.
+//!
+//! Every step before tokenizing is cheap and deterministic, so the whole shard plan is
+//! known before any token is computed. That makes resuming simple and exact: a planned
+//! shard whose file still matches the checksum recorded when it was finished is kept, and
+//! every other one is (re)written.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mmrec_schemas::{
+    Domain, DomainTotals, InputInfo, Manifest, NearDupSettings, Partition, QuarantineRecord, Rejected, Settings,
+    ShardInfo, Totals, SCHEMA_VERSION,
+};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::atomic::{file_sha256, is_temp_name, write_atomic};
+use crate::classify::{classify, CLASSIFIER_NAME};
+use crate::dedup::{minhash, normalized_hash, ExactDedup, NearDedup};
+use crate::error::{Error, IoContext, Result};
+use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
+use crate::shard::{write_shard, ShardRow};
+use crate::tokenize::LoadedTokenizer;
+
+pub const MANIFEST: &str = "manifest.json";
+pub const QUARANTINE: &str = "quarantine.jsonl";
+pub const DUPLICATES: &str = "duplicates.jsonl";
+const STATE_DIR: &str = ".state";
+
+#[derive(Debug, Clone)]
+pub struct SplitOptions {
+    pub inputs: Vec<InputSpec>,
+    pub tokenizer: PathBuf,
+    pub out: PathBuf,
+    pub read: ReadOptions,
+    pub near_dup: Option<NearDupSettings>,
+    pub shard_docs: usize,
+    pub row_group_docs: usize,
+    pub partition: Partition,
+    pub seed: u64,
+}
+
+/// Hooks for a progress display; the library itself never prints.
+pub trait Progress: Sync {
+    fn phase(&self, _name: &'static str, _total_bytes: u64) {}
+    fn advance(&self, _bytes: u64, _docs: u64, _tokens: u64) {}
+}
+
+impl Progress for () {}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SplitReport {
+    pub manifest: Manifest,
+    pub out: PathBuf,
+    pub shards_written: usize,
+    pub shards_kept: usize,
+    pub input_bytes: u64,
+    pub seconds: f64,
+    pub tokenize_seconds: f64,
+}
+
+/// One line of `duplicates.jsonl`: what dedup removed and the document it kept instead.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DuplicateRecord {
+    pub id: String,
+    pub kind: String,
+    pub kept: String,
+}
+
+struct PlannedShard {
+    domain: Domain,
+    file: String,
+    docs: Vec<usize>,
+    fingerprint: u64,
+}
+
+/// Sidecar proving a shard was completed by a run with the same plan.
+#[derive(Debug, Serialize, Deserialize)]
+struct ShardState {
+    fingerprint: u64,
+    info: ShardInfo,
+}
+
+pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport> {
+    let started = Instant::now();
+    if opts.shard_docs == 0 || opts.row_group_docs == 0 {
+        return Err(Error::Invalid("--shard-docs and --row-group-docs must be at least 1".into()));
+    }
+    let tok = LoadedTokenizer::load(&opts.tokenizer)?;
+    let files = expand_inputs(&opts.inputs)?;
+    std::fs::create_dir_all(&opts.out).at(&opts.out)?;
+
+    // Read and checksum every input (parallel over files; records stay in file order).
+    let input_bytes: u64 = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
+    progress.phase("read", input_bytes);
+    let read: Vec<(Vec<Record>, InputInfo)> = files
+        .par_iter()
+        .map(|f| {
+            let records = read_file(f, &opts.read)?;
+            let (sha256, bytes) = file_sha256(&f.path)?;
+            progress.advance(bytes, 0, 0);
+            let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
+            Ok((records, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes, sha256, declared }))
+        })
+        .collect::<Result<_>>()?;
+
+    let mut inputs = Vec::with_capacity(read.len());
+    let mut docs: Vec<Document> = Vec::new();
+    let mut quarantine: Vec<QuarantineRecord> = Vec::new();
+    for (records, info) in read {
+        inputs.push(info);
+        for r in records {
+            match r {
+                Record::Doc(d) => docs.push(d),
+                Record::Bad(q) if opts.partition.owns(xxh3_64(format!("{}:{}", q.file, q.line).as_bytes())) => quarantine.push(q),
+                Record::Bad(_) => {}
+            }
+        }
+    }
+
+    // Partition by content hash, so that copies of a document always meet in one part.
+    let hashes: Vec<u64> = docs.par_iter().map(|d| normalized_hash(&d.text)).collect();
+    let (docs, hashes): (Vec<Document>, Vec<u64>) = docs.into_iter().zip(hashes).filter(|(_, h)| opts.partition.owns(*h)).unzip();
+    let records_in = (docs.len() + quarantine.len()) as u64;
+
+    // Exact, then near duplicates; the first occurrence in input order is kept.
+    let mut duplicates = Vec::new();
+    let mut exact = ExactDedup::default();
+    let mut keep: Vec<usize> = Vec::with_capacity(docs.len());
+    for (i, &h) in hashes.iter().enumerate() {
+        match exact.insert(h, i) {
+            None => keep.push(i),
+            Some(first) => duplicates.push(DuplicateRecord { id: docs[i].id.clone(), kind: "exact".into(), kept: docs[first].id.clone() }),
+        }
+    }
+    let exact_duplicates = duplicates.len() as u64;
+    if let Some(nd) = &opts.near_dup {
+        let sigs: Vec<Vec<u32>> = keep.par_iter().map(|&i| minhash(&docs[i].text, nd, opts.seed)).collect();
+        let mut index = NearDedup::new(*nd);
+        let mut kept = Vec::with_capacity(keep.len());
+        for (i, sig) in keep.into_iter().zip(sigs) {
+            match index.insert(i, sig) {
+                None => kept.push(i),
+                Some(first) => duplicates.push(DuplicateRecord { id: docs[i].id.clone(), kind: "near".into(), kept: docs[first].id.clone() }),
+            }
+        }
+        keep = kept;
+    }
+    let near_duplicates = duplicates.len() as u64 - exact_duplicates;
+
+    // Metadata first, content classifier for the rest.
+    let domains: Vec<Domain> = keep.par_iter().map(|&i| docs[i].domain_hint.unwrap_or_else(|| classify(&docs[i].text))).collect();
+
+    let plan = plan_shards(opts, &tok, &docs, &keep, &domains);
+    let state_dir = opts.out.join(STATE_DIR);
+    std::fs::create_dir_all(&state_dir).at(&state_dir)?;
+    remove_stale(opts, &plan)?;
+
+    let total_bytes: u64 = plan.iter().flat_map(|p| &p.docs).map(|&i| docs[i].text.len() as u64).sum();
+    progress.phase("tokenize", total_bytes);
+    let tokenize_started = Instant::now();
+    let width = tok.info.token_width;
+    let outcomes: Vec<(ShardInfo, bool)> = plan
+        .par_iter()
+        .map(|p| {
+            let path = opts.out.join(&p.file);
+            if let Some(info) = completed(&state_dir, p, &path)? {
+                progress.advance(p.docs.iter().map(|&i| docs[i].text.len() as u64).sum(), p.docs.len() as u64, info.tokens);
+                return Ok((info, true));
+            }
+            let rows: Vec<ShardRow> = p
+                .docs
+                .par_iter()
+                .map(|&i| {
+                    let d = &docs[i];
+                    let tokens = tok.encode(&d.text).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", d.id)))?;
+                    progress.advance(d.text.len() as u64, 1, tokens.len() as u64);
+                    Ok(ShardRow { id: &d.id, domain: p.domain, lang: d.lang.as_deref(), source: &d.source, text: &d.text, tokens, hash: hashes[i] })
+                })
+                .collect::<Result<_>>()?;
+            std::fs::create_dir_all(path.parent().expect("shard paths have a domain directory")).at(&path)?;
+            let w = write_shard(&path, &rows, width, opts.row_group_docs)?;
+            let info = ShardInfo { file: p.file.clone(), rows: w.rows, tokens: w.tokens, bytes: w.bytes, sha256: w.sha256 };
+            let state = ShardState { fingerprint: p.fingerprint, info: info.clone() };
+            write_atomic(&state_path(&state_dir, p), &serde_json::to_vec(&state).expect("state serialises"))?;
+            Ok((info, false))
+        })
+        .collect::<Result<_>>()?;
+    let tokenize_seconds = tokenize_started.elapsed().as_secs_f64();
+
+    write_jsonl(&opts.out.join(QUARANTINE), &quarantine)?;
+    write_jsonl(&opts.out.join(DUPLICATES), &duplicates)?;
+
+    let mut by_domain: BTreeMap<Domain, Vec<ShardInfo>> = Domain::ALL.iter().map(|d| (*d, Vec::new())).collect();
+    let mut totals = Totals { records_in, exact_duplicates, near_duplicates, quarantined: quarantine.len() as u64, ..Totals::default() };
+    for d in Domain::ALL {
+        totals.per_domain.insert(d, DomainTotals::default());
+    }
+    for (p, (info, _)) in plan.iter().zip(&outcomes) {
+        let dt = totals.per_domain.get_mut(&p.domain).expect("every domain has totals");
+        dt.documents += info.rows;
+        dt.tokens += info.tokens;
+        dt.text_bytes += p.docs.iter().map(|&i| docs[i].text.len() as u64).sum::<u64>();
+        by_domain.get_mut(&p.domain).expect("every domain has a list").push(info.clone());
+    }
+    totals.written = totals.per_domain.values().map(|d| d.documents).sum();
+    totals.tokens = totals.per_domain.values().map(|d| d.tokens).sum();
+    totals.text_bytes = totals.per_domain.values().map(|d| d.text_bytes).sum();
+    debug_assert!(totals.balances());
+
+    let mut by_reason = BTreeMap::new();
+    for q in &quarantine {
+        *by_reason.entry(q.reason.clone()).or_insert(0u64) += 1;
+    }
+    let manifest = Manifest {
+        schema_version: SCHEMA_VERSION,
+        tool_version: format!("mmrec-data {}", env!("CARGO_PKG_VERSION")),
+        tokenizer: tok.info.clone(),
+        inputs,
+        domains: by_domain,
+        totals,
+        rejected: Rejected { count: quarantine.len() as u64, by_reason, quarantine_file: QUARANTINE.into() },
+        settings: Settings {
+            classifier: CLASSIFIER_NAME.into(),
+            near_dup: opts.near_dup,
+            max_bytes: opts.read.max_bytes,
+            shard_docs: opts.shard_docs,
+            row_group_docs: opts.row_group_docs,
+            text_field: opts.read.field.clone(),
+            seed: opts.seed,
+            partition: opts.partition,
+        },
+    };
+    write_manifest(&opts.out, &manifest)?;
+    let shards_kept = outcomes.iter().filter(|(_, kept)| *kept).count();
+    Ok(SplitReport {
+        manifest,
+        out: opts.out.clone(),
+        shards_written: outcomes.len() - shards_kept,
+        shards_kept,
+        input_bytes,
+        seconds: started.elapsed().as_secs_f64(),
+        tokenize_seconds,
+    })
+}
+
+fn plan_shards(opts: &SplitOptions, tok: &LoadedTokenizer, docs: &[Document], keep: &[usize], domains: &[Domain]) -> Vec<PlannedShard> {
+    let mut plan = Vec::new();
+    for domain in Domain::ALL {
+        let members: Vec<usize> = keep.iter().zip(domains).filter(|(_, d)| **d == domain).map(|(i, _)| *i).collect();
+        for (k, chunk) in members.chunks(opts.shard_docs).enumerate() {
+            let mut h = Xxh3::new();
+            h.update(&SCHEMA_VERSION.to_le_bytes());
+            h.update(tok.info.sha256.as_bytes());
+            h.update(&(opts.row_group_docs as u64).to_le_bytes());
+            h.update(domain.as_str().as_bytes());
+            for &i in chunk {
+                let d = &docs[i];
+                h.update(d.id.as_bytes());
+                h.update(&xxh3_64(d.text.as_bytes()).to_le_bytes());
+                h.update(d.lang.as_deref().unwrap_or("").as_bytes());
+                h.update(b"\0");
+            }
+            plan.push(PlannedShard {
+                domain,
+                file: format!("{domain}/part-{:05}-{k:05}.parquet", opts.partition.index),
+                docs: chunk.to_vec(),
+                fingerprint: h.digest(),
+            });
+        }
+    }
+    plan
+}
+
+fn state_path(state_dir: &Path, p: &PlannedShard) -> PathBuf {
+    state_dir.join(format!("{}.json", p.file.replace('/', "-")))
+}
+
+/// The shard's recorded info when an earlier run finished exactly this shard and the
+/// file on disk still has the checksum it was written with.
+fn completed(state_dir: &Path, p: &PlannedShard, path: &Path) -> Result<Option<ShardInfo>> {
+    let Ok(bytes) = std::fs::read(state_path(state_dir, p)) else { return Ok(None) };
+    let Ok(state) = serde_json::from_slice::<ShardState>(&bytes) else { return Ok(None) };
+    if state.fingerprint != p.fingerprint || !path.exists() {
+        return Ok(None);
+    }
+    let (sha256, bytes) = file_sha256(path)?;
+    Ok((sha256 == state.info.sha256 && bytes == state.info.bytes).then_some(state.info))
+}
+
+/// Delete leftovers a killed or different earlier run left in this part's namespace:
+/// temporary files, and shards that are not in the current plan.
+fn remove_stale(opts: &SplitOptions, plan: &[PlannedShard]) -> Result<()> {
+    let prefix = format!("part-{:05}-", opts.partition.index);
+    for domain in Domain::ALL {
+        let dir = opts.out.join(domain.as_str());
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let entry = entry.at(&dir)?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let planned = plan.iter().any(|p| p.file == format!("{domain}/{name}"));
+            if is_temp_name(&name) || (name.starts_with(&prefix) && !planned) {
+                std::fs::remove_file(entry.path()).at(entry.path())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
+    let mut buf = Vec::new();
+    for r in rows {
+        serde_json::to_writer(&mut buf, r).expect("records serialise");
+        buf.push(b'\n');
+    }
+    write_atomic(path, &buf)
+}
+
+pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
+    let mut json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
+    json.push(b'\n');
+    write_atomic(&dir.join(MANIFEST), &json)
+}
+
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).map_err(|source| Error::MissingInput { path: path.clone(), source })?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest { path: path.clone(), message: format!("not a valid manifest: {e}") })?;
+    if m.schema_version > SCHEMA_VERSION {
+        return Err(Error::Manifest { path, message: format!("schema_version {} is newer than this tool's {SCHEMA_VERSION}", m.schema_version) });
+    }
+    Ok(m)
+}
