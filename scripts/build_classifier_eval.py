@@ -37,6 +37,9 @@ def take_files(paths, n, label, lang, source):
     return got
 
 def paragraphs(text):
+    # Fenced blocks and interactive-session lines are code even inside prose files.
+    text = re.sub(r"```.*?(```|$)", "\n\n", text, flags=re.S)
+    text = re.sub(r"(?m)^\s*(>>>|\.\.\.|\$ ).*$", "", text)
     return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
 
 def take_prose(texts, n, source, keep=lambda p: True):
@@ -90,7 +93,8 @@ lic = [(p, read(p) or "") for p in sorted(glob.glob("/usr/share/common-licenses/
 take_prose(lic, 60, "licence texts in /usr/share/common-licenses", keep=lambda p: len(p) > 80)
 pods = [(p, read(p) or "") for p in sorted(glob.glob("/usr/share/perl/5.36/pod/*.pod") + glob.glob("/usr/share/perl/5.36/pod/perlfaq*.pod"))]
 take_prose(pods, 60, "Perl documentation (Artistic/GPL)", keep=lambda p: not p.startswith(("=", " ", "\t")) and "\n " not in p)
-docs = [(p, read(p) or "") for p in sorted(glob.glob("/usr/share/doc/dpkg/spec/*.txt") + glob.glob("/usr/share/doc/git/**/*.txt", recursive=True))]
+docs = [(p, read(p) or "") for p in sorted(glob.glob("/usr/share/doc/dpkg/spec/*.txt") + glob.glob("/usr/share/doc/git/**/*.txt", recursive=True))
+        if not os.path.basename(p).startswith("CMakeLists")]
 take_prose(docs, 50, "dpkg and git documentation (GPL-2)", keep=lambda p: not p.startswith((" ", "\t", "-", "$", "[", "*")) and "\n " not in p and "--" not in p[:3])
 meta = [(p, read(p) or "") for p in sorted(glob.glob(f"{home}/.pyenv/versions/*/lib/python3*/site-packages/*.dist-info/METADATA"))]
 readmes = [(p, read(p) or "") for p in sorted(glob.glob(f"{home}/.cargo/registry/src/*/*/README.md"))]

@@ -2,8 +2,9 @@
 //!
 //! Each line gets a code-vs-prose score from surface features (line endings, keywords,
 //! operators, symbol density, function words); the document's class follows from the
-//! share of characters on code lines. Comment and docstring lines are left out of both
-//! sides, because they are prose living inside code. Fenced blocks (```) are code by
+//! share of characters on code lines. Comments (line and block), docstrings, Perl POD and
+//! string-literal continuation lines are left out of both sides: they are prose living
+//! inside code, and counting them would call a well-documented source file prose. Fenced blocks (```) are code by
 //! construction, and prose around them makes a document `mixed`.
 
 use mmrec_schemas::Domain;
@@ -40,7 +41,8 @@ fn decide(s: &Shares) -> Domain {
     let prose = s.prose;
     let frac = s.code_fraction();
     // Fences are an explicit statement that code sits inside prose.
-    if s.fenced > 0 && prose >= 200 && s.fenced >= 100 && (0.1..=0.9).contains(&frac) {
+    // A chat answer with a three-line snippet is the typical case, so the bar is low.
+    if s.fenced >= 40 && prose >= 100 && (0.05..=0.95).contains(&frac) {
         return Domain::Mixed;
     }
     // Without fences, only a substantial block of each kind makes a document mixed.
@@ -58,6 +60,8 @@ pub fn measure(text: &str) -> Shares {
     let mut shares = Shares::default();
     let mut in_fence = false;
     let mut in_docstring = false;
+    let mut in_block_comment = false;
+    let mut in_pod = false;
     for line in text.lines() {
         let t = line.trim();
         if t.starts_with("```") || t.starts_with("~~~") {
@@ -72,21 +76,80 @@ pub fn measure(text: &str) -> Shares {
             shares.fenced += weight;
             continue;
         }
+        if in_pod || is_pod_command(line) {
+            in_pod = !line.starts_with("=cut");
+            continue;
+        }
+        if in_block_comment || t.starts_with("/*") {
+            in_block_comment = !t.contains("*/");
+            continue;
+        }
         let quotes = t.matches("\"\"\"").count() + t.matches("'''").count();
         let was_in_docstring = in_docstring;
         if quotes % 2 == 1 {
             in_docstring = !in_docstring;
         }
-        if was_in_docstring || quotes > 0 || is_comment(t) {
+        if was_in_docstring || quotes > 0 || is_comment(t) || is_string_continuation(t) {
             continue;
         }
-        if line_score(line, t) > 0.0 {
+        let plain = strip_markdown_inline(t);
+        if line_score(line, &plain) > 0.0 {
             shares.code += weight;
         } else {
             shares.prose += weight;
         }
     }
     shares
+}
+
+/// Markdown inline code spans become one placeholder word and links keep only their text:
+/// a sentence that mentions `fill_uninit` or links to a page is still a sentence.
+fn strip_markdown_inline(t: &str) -> String {
+    let mut out = String::with_capacity(t.len());
+    let mut rest = t;
+    while let Some(i) = rest.find(['`', '[']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if let Some(end) = tail[1..].find('`').filter(|_| tail.starts_with('`')) {
+            out.push_str("code");
+            rest = &tail[end + 2..];
+        } else if let Some((text, after)) = markdown_link(tail) {
+            out.push_str(text);
+            rest = after;
+        } else {
+            out.push_str(&tail[..1]);
+            rest = &tail[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `[text](http...)` or `[text](#anchor)` → (text, the rest after the link).
+fn markdown_link(s: &str) -> Option<(&str, &str)> {
+    let close = s.find("](")?;
+    let url = &s[close + 2..];
+    if !(url.starts_with("http") || url.starts_with('#') || url.starts_with('/')) {
+        return None;
+    }
+    let end = url.find(')')?;
+    Some((&s[1..close], &url[end + 1..]))
+}
+
+/// Perl POD starts at a line like `=head1` or `=pod` and runs to `=cut`.
+fn is_pod_command(line: &str) -> bool {
+    let mut chars = line.chars();
+    chars.next() == Some('=') && chars.next().is_some_and(|c| c.is_ascii_lowercase())
+}
+
+/// A line that is one string literal, as in a message split over several source lines
+/// (`"fail in a future version "`): its words are data, not prose around code.
+fn is_string_continuation(t: &str) -> bool {
+    let body = t.trim_end_matches([',', ')', '+', '\\', ';', ' ', '.']);
+    let body = body.strip_prefix('f').unwrap_or(body);
+    body.len() >= 2
+        && (body.starts_with('"') && body.ends_with('"') || body.starts_with('\'') && body.ends_with('\''))
+        && !body[1..body.len() - 1].contains("\" ")
 }
 
 fn is_comment(t: &str) -> bool {

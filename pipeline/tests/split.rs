@@ -1,0 +1,284 @@
+//! End-to-end behaviour of `mmrec-data split` on the bundled fixtures, through the real binary.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use mmrec_pipeline::catalog::validate;
+use mmrec_pipeline::split::read_manifest;
+use mmrec_schemas::{Domain, Manifest};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+fn corpus(name: &str) -> String {
+    fixtures().join("corpora").join(name).to_string_lossy().into_owned()
+}
+
+fn tokenizer() -> String {
+    fixtures().join("tokenizer.json").to_string_lossy().into_owned()
+}
+
+fn mmrec_data(args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-data")).args(args).output().expect("mmrec-data runs");
+    if !out.status.success() {
+        eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+/// The standard fixture run: every JSONL shape, a source tree and the bad records.
+fn split_fixtures(out: &Path, extra: &[&str]) -> Output {
+    let out = out.to_string_lossy().into_owned();
+    let (wiki, py, syn, chat, bad, tree) = (corpus("wikitext.jsonl"), corpus("python_stdlib.jsonl"), corpus("code_synthetic.jsonl"), corpus("chat.jsonl"), corpus("bad.jsonl"), fixtures().join("tree").to_string_lossy().into_owned());
+    let tok = tokenizer();
+    let mut args = vec!["split", "--text", &wiki, "--code", &py, &syn, "--mixed", &chat, "--auto", &tree, &bad, "--tokenizer", &tok, "--out", &out];
+    args.extend_from_slice(extra);
+    mmrec_data(&args)
+}
+
+/// Every file of a run's output except the resume bookkeeping, by relative path.
+fn output_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
+    let mut files = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(dir).unwrap().to_string_lossy().into_owned();
+            if rel.starts_with(".state") {
+                continue;
+            }
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                files.insert(rel, std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn every_record_is_written_deduplicated_or_quarantined_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(split_fixtures(dir.path(), &[]).status.success());
+    let m = read_manifest(dir.path()).unwrap();
+    let t = &m.totals;
+    assert!(t.balances(), "{t:?}");
+    // 240 wikitext + 40 python + 300 synthetic + 160 chat + 10 bad + 8 tree files.
+    assert_eq!(t.records_in, 240 + 40 + 300 + 160 + 10 + 8);
+    let reasons: Vec<(&str, u64)> = m.rejected.by_reason.iter().map(|(r, n)| (r.as_str(), *n)).collect();
+    assert_eq!(reasons, [("binary", 2), ("empty", 1), ("invalid_chat", 1), ("invalid_json", 1), ("invalid_record", 1), ("invalid_utf8", 1), ("missing_field", 2)]);
+    let quarantine = std::fs::read_to_string(dir.path().join("quarantine.jsonl")).unwrap();
+    assert!(quarantine.contains(r#""line":2,"reason":"invalid_json""#), "{quarantine}");
+    assert!(quarantine.contains(r#"blob.bin","line":0,"reason":"binary""#), "{quarantine}");
+    // The three declared shapes land where declared; chat renders role markers.
+    // Of the --auto records, bad.jsonl's prose line is text and its chat with a fenced
+    // snippet is mixed; the tree's README (prose + fence) is mixed and its sources code.
+    assert_eq!(t.per_domain[&Domain::Text].documents, 240 + 1);
+    assert_eq!(t.per_domain[&Domain::Mixed].documents, 160 + 2);
+    assert!(validate(dir.path()).unwrap().ok());
+}
+
+#[test]
+fn output_is_byte_identical_whatever_the_thread_count() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(split_fixtures(a.path(), &["--threads", "1", "--near-dup", "--shard-docs", "50", "--row-group-docs", "16"]).status.success());
+    assert!(split_fixtures(b.path(), &["--threads", "2", "--near-dup", "--shard-docs", "50", "--row-group-docs", "16"]).status.success());
+    let (fa, fb) = (output_files(a.path()), output_files(b.path()));
+    assert!(fa.len() > 10, "several shards were written: {:?}", fa.keys());
+    assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
+    for (name, bytes) in &fa {
+        assert!(bytes == &fb[name], "{name} differs between 1 and 2 threads");
+    }
+}
+
+#[test]
+fn exact_duplicates_are_always_removed_and_near_duplicates_on_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("dups.jsonl");
+    let wiki = std::fs::read_to_string(corpus("wikitext.jsonl")).unwrap();
+    let first: Vec<&str> = wiki.lines().take(20).collect();
+    // Each line twice, the second copy re-wrapped: same normalised text.
+    let doubled: String = first.iter().map(|l| format!("{l}\n{}\n", l.replace(" , ", " ,  "))).collect();
+    std::fs::write(&input, doubled).unwrap();
+    let (out, tok) = (dir.path().join("s"), tokenizer());
+    assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()]).status.success());
+    let m = read_manifest(&out).unwrap();
+    assert_eq!((m.totals.written, m.totals.exact_duplicates), (20, 20));
+
+    let syn = corpus("code_synthetic.jsonl");
+    let out2 = dir.path().join("syn");
+    assert!(mmrec_data(&["split", "--code", &syn, "--tokenizer", &tok, "--out", out2.to_str().unwrap(), "--near-dup"]).status.success());
+    let m = read_manifest(&out2).unwrap();
+    assert_eq!(m.totals.written, 5, "the synthetic corpus is five snippets with a counter");
+    assert_eq!(m.totals.near_duplicates, 295);
+    let dups = std::fs::read_to_string(out2.join("duplicates.jsonl")).unwrap();
+    assert!(dups.lines().all(|l| l.contains(r#""kind":"near""#)));
+}
+
+#[test]
+fn a_killed_run_resumes_keeping_verified_shards_and_ends_identical() {
+    let (clean, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // One document per shard makes the run long enough to kill in the middle.
+    let args = ["--shard-docs", "1", "--threads", "1"];
+    assert!(split_fixtures(clean.path(), &args).status.success());
+
+    let (wiki, py, chat, tok) = (corpus("wikitext.jsonl"), corpus("python_stdlib.jsonl"), corpus("chat.jsonl"), tokenizer());
+    let out = killed.path().to_str().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-data"))
+        .args(["split", "--text", &wiki, "--code", &py, &corpus("code_synthetic.jsonl"), "--mixed", &chat, "--auto", fixtures().join("tree").to_str().unwrap(), &corpus("bad.jsonl"), "--tokenizer", &tok, "--out", out])
+        .args(args)
+        .spawn()
+        .unwrap();
+    let state = killed.path().join(".state");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::fs::read_dir(&state).map(|d| d.count()).unwrap_or(0) < 20 {
+        assert!(std::time::Instant::now() < deadline, "no shard finished within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(!killed.path().join("manifest.json").exists(), "the run was killed before it finished");
+    // Damage one finished shard: resume must notice the checksum and redo it.
+    let victim = std::fs::read_dir(killed.path().join("text")).unwrap().next().unwrap().unwrap().path();
+    std::fs::write(&victim, b"garbage").unwrap();
+
+    let resumed = split_fixtures(killed.path(), &["--shard-docs", "1", "--threads", "1", "--json"]);
+    assert!(resumed.status.success());
+    let report: serde_json::Value = serde_json::from_slice(&resumed.stdout).unwrap();
+    assert!(report["shards_kept"].as_u64().unwrap() >= 18, "{}", report["shards_kept"]);
+    assert!(report["shards_written"].as_u64().unwrap() >= 1);
+    assert_eq!(output_files(clean.path()), output_files(killed.path()));
+}
+
+#[test]
+fn partitions_merge_into_the_same_documents_as_one_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    assert!(split_fixtures(&whole, &[]).status.success());
+    let parts: Vec<PathBuf> = (0..3).map(|i| dir.path().join(format!("part{i}"))).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(split_fixtures(p, &["--part", &format!("{i}/3")]).status.success());
+    }
+    let merged = dir.path().join("merged");
+    let mut args = vec!["merge".to_string(), "--out".into(), merged.to_string_lossy().into()];
+    args.extend(parts.iter().rev().map(|p| p.to_string_lossy().into_owned()));
+    assert!(mmrec_data(&args.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    let (w, m): (Manifest, Manifest) = (read_manifest(&whole).unwrap(), read_manifest(&merged).unwrap());
+    assert_eq!(w.totals, m.totals);
+    assert!(validate(&merged).unwrap().ok());
+    // A missing part is refused.
+    let partial = dir.path().join("partial");
+    assert!(!mmrec_data(&["merge", "--out", partial.to_str().unwrap(), parts[0].to_str().unwrap(), parts[1].to_str().unwrap()]).status.success());
+}
+
+#[test]
+fn compressed_and_parquet_inputs_read_like_plain_jsonl() {
+    use arrow_array::{RecordBatch, StringArray};
+    let dir = tempfile::tempdir().unwrap();
+    let raw = std::fs::read(corpus("wikitext.jsonl")).unwrap();
+    let gz = dir.path().join("wiki.jsonl.gz");
+    let mut enc = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut enc, &raw).unwrap();
+    enc.finish().unwrap();
+    let zst = dir.path().join("wiki.jsonl.zst");
+    std::fs::write(&zst, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
+    // A Parquet file with a `content` column, as other tools write them.
+    let texts: Vec<String> = raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice::<String>(l).unwrap()).collect();
+    let pq = dir.path().join("wiki.parquet");
+    let batch = RecordBatch::try_from_iter([("content", std::sync::Arc::new(StringArray::from(texts.clone())) as _)]).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&pq).unwrap(), batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
+
+    let tok = tokenizer();
+    for input in [&gz, &zst, &pq] {
+        let out = dir.path().join(format!("out-{}", input.file_name().unwrap().to_string_lossy()));
+        assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()]).status.success());
+        let m = read_manifest(&out).unwrap();
+        assert_eq!(m.totals.written, texts.len() as u64, "{}", input.display());
+    }
+}
+
+#[test]
+fn source_trees_take_language_from_extension_and_shebang() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tree, tok) = (fixtures().join("tree"), tokenizer());
+    let out = dir.path().join("s");
+    assert!(mmrec_data(&["split", "--auto", tree.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()]).status.success());
+    let ins = mmrec_pipeline::catalog::inspect(&out, 100, 40).unwrap();
+    let langs: BTreeMap<String, (Domain, Option<String>)> = ins.samples.iter().flat_map(|(d, s)| s.iter().map(move |s| (s.id.rsplit('/').next().unwrap().to_string(), (*d, s.lang.clone())))).collect();
+    assert_eq!(langs["numbered:0"], (Domain::Code, Some("shell".into())));
+    assert_eq!(langs["adler2_algo.rs:0"], (Domain::Code, Some("rust".into())));
+    assert_eq!(langs["README.md:0"], (Domain::Mixed, Some("markdown".into())));
+    assert_eq!(ins.manifest.rejected.by_reason["binary"], 1);
+}
+
+#[test]
+fn strict_mode_fails_on_quarantine_and_a_missing_input_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bad, tok) = (corpus("bad.jsonl"), tokenizer());
+    let out = dir.path().join("s");
+    let o = mmrec_data(&["split", "--auto", &bad, "--tokenizer", &tok, "--out", out.to_str().unwrap(), "--strict"]);
+    assert_eq!(o.status.code(), Some(3));
+    let out2 = dir.path().join("never");
+    let o = mmrec_data(&["split", "--text", "/nonexistent/corpus.jsonl", "--tokenizer", &tok, "--out", out2.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/corpus.jsonl"));
+    assert!(!out2.exists(), "nothing is written when an input is missing");
+}
+
+#[test]
+fn validate_reports_a_tampered_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(split_fixtures(dir.path(), &[]).status.success());
+    assert!(mmrec_data(&["validate", dir.path().to_str().unwrap()]).status.success());
+    let shard = dir.path().join("text/part-00000-00000.parquet");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let o = mmrec_data(&["validate", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("part-00000-00000.parquet"));
+}
+
+#[test]
+fn an_existing_tokenizer_with_a_large_vocabulary_gives_u32_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    // A word-level tokenizer.json of 70 000 entries, as another tool would have written it.
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("[UNK]".into(), 0.into());
+    for (i, w) in (1..70_000).map(|i| (i, format!("w{i}"))) {
+        vocab.insert(w, i.into());
+    }
+    vocab.insert("the".into(), 70_000.into());
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let tok_path = dir.path().join("tokenizer.json");
+    std::fs::write(&tok_path, serde_json::to_vec(&tok).unwrap()).unwrap();
+    let out = dir.path().join("s");
+    assert!(mmrec_data(&["split", "--text", &corpus("wikitext.jsonl"), "--tokenizer", tok_path.to_str().unwrap(), "--out", out.to_str().unwrap()]).status.success());
+    let m = read_manifest(&out).unwrap();
+    assert_eq!(m.tokenizer.token_width, mmrec_schemas::TokenWidth::U32);
+    assert!(validate(&out).unwrap().ok());
+}
+
+#[test]
+fn a_trained_tokenizer_has_the_specials_and_round_trips_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tok.json");
+    assert!(mmrec_data(&["tokenizer", "train", "--vocab-size", "600", "--out", out.to_str().unwrap(), &corpus("wikitext.jsonl"), &corpus("chat.jsonl")]).status.success());
+    let t = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out).unwrap();
+    assert_eq!(t.info.special_tokens["<|endoftext|>"], 0);
+    assert_eq!(t.info.special_tokens["<|pad|>"], 1);
+    assert_eq!(t.info.vocab_size, 600);
+    let text = "Valkyria Chronicles III: def f(x): return x";
+    let ids = t.encode(text).unwrap();
+    assert_eq!(t.tokenizer.decode(&ids, false).unwrap(), text);
+}
