@@ -19,6 +19,7 @@
 //! ```
 
 mod atomic;
+pub mod bench;
 pub mod catalog;
 pub mod classify;
 pub mod dedup;

@@ -51,6 +51,35 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Benchmark split against the tokenizer alone and a Python reference; writes JSON.
+    ///
+    /// Builds a corpus of at least --min-mb from the given sources (each copy prefixed so
+    /// nothing deduplicates), then times `split` and the bare tokenizer at each thread
+    /// count, and the Python script if --python is given, in the same run.
+    Bench {
+        #[arg(long, num_args = 1.., value_name = "PATH")]
+        text: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., value_name = "PATH")]
+        code: Vec<PathBuf>,
+        #[arg(long, num_args = 1.., value_name = "PATH")]
+        mixed: Vec<PathBuf>,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        min_mb: u64,
+        /// Thread counts to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        threads: Vec<usize>,
+        /// Python interpreter with datasets, tokenizers and pyarrow installed.
+        #[arg(long)]
+        python: Option<PathBuf>,
+        /// The Python reference script.
+        #[arg(long, default_value = "bench/data_reference.py")]
+        python_script: PathBuf,
+        /// Where the report goes.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Combine the output directories of a partitioned run (--part i/n for every i).
     Merge {
         /// The part directories, in any order.
@@ -204,6 +233,20 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 println!("{}: {} shards, {} documents, {} tokens: {}", dir.display(), v.shards, v.rows, v.tokens, if v.ok() { "OK" } else { "INVALID" });
             }
             Ok(if v.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Bench { text, code, mixed, tokenizer, min_mb, threads, python, python_script, out } => {
+            let sources: Vec<InputSpec> = [(text, Domain::Text), (code, Domain::Code), (mixed, Domain::Mixed)]
+                .into_iter()
+                .flat_map(|(paths, d)| paths.into_iter().map(move |path| InputSpec { path, declared: Some(d) }))
+                .collect();
+            let work = mmrec_pipeline::bench::default_work_dir();
+            eprintln!("building a corpus of at least {min_mb} MB in {}", work.display());
+            let corpus = mmrec_pipeline::bench::build_corpus(&sources, min_mb * 1_000_000, &work.join("corpus"))?;
+            let report = mmrec_pipeline::bench::run(&corpus, &tokenizer, &work, python.as_deref().map(|p| (p, python_script.as_path())), &threads)?;
+            let json = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
+            println!("{json}");
+            Ok(ExitCode::SUCCESS)
         }
         Command::Merge { parts, out } => {
             let m = merge(&parts, &out)?;

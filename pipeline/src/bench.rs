@@ -1,0 +1,175 @@
+//! `mmrec-data bench`: pipeline throughput against the tokenizer alone and a Python
+//! reference, on one machine in one run.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mmrec_schemas::{Domain, Partition};
+use rayon::prelude::*;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, IoContext, Result};
+use crate::input::{expand_inputs, read_file, InputSpec, PlainSplit, ReadOptions, Record};
+use crate::split::{split, SplitOptions};
+use crate::tokenize::LoadedTokenizer;
+
+#[derive(Debug, Serialize)]
+pub struct Throughput {
+    pub threads: usize,
+    pub seconds: f64,
+    pub mb_per_s: f64,
+    pub docs_per_s: f64,
+    pub tokens_per_s: f64,
+}
+
+impl Throughput {
+    fn new(threads: usize, seconds: f64, bytes: u64, docs: u64, tokens: u64) -> Self {
+        Throughput { threads, seconds, mb_per_s: bytes as f64 / 1e6 / seconds, docs_per_s: docs as f64 / seconds, tokens_per_s: tokens as f64 / seconds }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub machine: Machine,
+    pub corpus_bytes: u64,
+    pub corpus_docs: u64,
+    pub corpus_tokens: u64,
+    pub pipeline: Vec<Throughput>,
+    pub tokenizer_alone: Vec<Throughput>,
+    /// Pipeline tokens/s over tokenizer-alone tokens/s at the same thread count.
+    pub pipeline_vs_tokenizer: Vec<f64>,
+    pub python_reference: Option<Value>,
+    /// Pipeline at the most threads over the Python reference, in input MB/s.
+    pub pipeline_vs_python: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    pub cores: usize,
+    pub memory_gb: f64,
+    pub os: String,
+}
+
+pub fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kb: f64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0.0);
+    Machine { cpu, cores: std::thread::available_parallelism().map_or(1, |n| n.get()), memory_gb: kb / 1e6, os: std::env::consts::OS.into() }
+}
+
+/// Write a corpus of at least `min_bytes` from the given inputs as `{"text": ...}` JSONL,
+/// one file per domain. Each pass prefixes its copy number so that no document is an
+/// exact duplicate of another (dedup would otherwise skip the repeats' tokenizing).
+pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result<Vec<InputSpec>> {
+    std::fs::create_dir_all(dir).at(dir)?;
+    let opts = ReadOptions { field: None, max_bytes: u64::MAX, plain_split: PlainSplit::File };
+    let mut per_domain: Vec<(Domain, Vec<String>)> = Vec::new();
+    for spec in sources {
+        let domain = spec.declared.ok_or_else(|| Error::Invalid(format!("bench source {} needs a declared domain", spec.path.display())))?;
+        let mut texts = Vec::new();
+        for f in expand_inputs(std::slice::from_ref(spec))? {
+            texts.extend(read_file(&f, &opts)?.into_iter().filter_map(|r| match r {
+                Record::Doc(d) => Some(d.text),
+                Record::Bad(_) => None,
+            }));
+        }
+        per_domain.push((domain, texts));
+    }
+    let one_pass: u64 = per_domain.iter().flat_map(|(_, t)| t).map(|t| t.len() as u64 + 16).sum();
+    let passes = min_bytes.div_ceil(one_pass.max(1));
+    let mut out = Vec::new();
+    for (domain, texts) in &per_domain {
+        let path = dir.join(format!("{domain}.jsonl"));
+        let mut buf = Vec::new();
+        for pass in 0..passes {
+            for t in texts {
+                serde_json::to_writer(&mut buf, &serde_json::json!({ "text": format!("[{pass}] {t}") })).expect("json");
+                buf.push(b'\n');
+            }
+        }
+        std::fs::write(&path, &buf).at(&path)?;
+        out.push(InputSpec { path, declared: Some(*domain) });
+    }
+    Ok(out)
+}
+
+pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(&Path, &Path)>, threads: &[usize]) -> Result<BenchReport> {
+    let tok = LoadedTokenizer::load(tokenizer)?;
+    let mut report = BenchReport {
+        machine: machine(),
+        corpus_bytes: corpus.iter().map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0)).sum(),
+        corpus_docs: 0,
+        corpus_tokens: 0,
+        pipeline: Vec::new(),
+        tokenizer_alone: Vec::new(),
+        pipeline_vs_tokenizer: Vec::new(),
+        python_reference: None,
+        pipeline_vs_python: None,
+    };
+    for &n in threads {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| Error::Invalid(e.to_string()))?;
+        let out = work.join(format!("shards-{n}"));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = SplitOptions {
+            inputs: corpus.to_vec(),
+            tokenizer: tokenizer.to_path_buf(),
+            out: out.clone(),
+            read: ReadOptions { field: None, max_bytes: 64 << 20, plain_split: PlainSplit::File },
+            near_dup: None,
+            shard_docs: 50_000,
+            row_group_docs: 2048,
+            partition: Partition::WHOLE,
+            seed: 0,
+        };
+        let started = Instant::now();
+        let r = pool.install(|| split(&opts, &()))?;
+        let secs = started.elapsed().as_secs_f64();
+        let t = &r.manifest.totals;
+        report.corpus_docs = t.written;
+        report.corpus_tokens = t.tokens;
+        report.pipeline.push(Throughput::new(n, secs, report.corpus_bytes, t.written, t.tokens));
+
+        // The tokenizer alone on the same documents, already in memory.
+        let texts = read_texts(corpus)?;
+        let started = Instant::now();
+        let tokens: u64 = pool.install(|| texts.par_iter().map(|t| tok.encode(t).map(|v| v.len() as u64).unwrap_or(0)).sum());
+        let secs = started.elapsed().as_secs_f64();
+        report.tokenizer_alone.push(Throughput::new(n, secs, report.corpus_bytes, texts.len() as u64, tokens));
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    report.pipeline_vs_tokenizer = report.pipeline.iter().zip(&report.tokenizer_alone).map(|(p, t)| p.tokens_per_s / t.tokens_per_s).collect();
+    if let Some((python, script)) = python {
+        let out = work.join("python-out");
+        let mut cmd = std::process::Command::new(python);
+        cmd.arg(script).arg(tokenizer).arg(&out).args(corpus.iter().map(|s| &s.path));
+        let o = cmd.output().map_err(|e| Error::Invalid(format!("running {}: {e}", python.display())))?;
+        if !o.status.success() {
+            return Err(Error::Invalid(format!("python reference failed: {}", String::from_utf8_lossy(&o.stderr))));
+        }
+        let v: Value = serde_json::from_slice(o.stdout.trim_ascii()).map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
+        let py_mb_s = v["input_bytes"].as_f64().unwrap_or(0.0) / 1e6 / v["seconds"].as_f64().unwrap_or(f64::INFINITY);
+        report.pipeline_vs_python = report.pipeline.last().map(|p| p.mb_per_s / py_mb_s);
+        report.python_reference = Some(v);
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    Ok(report)
+}
+
+fn read_texts(corpus: &[InputSpec]) -> Result<Vec<String>> {
+    let opts = ReadOptions { field: None, max_bytes: 64 << 20, plain_split: PlainSplit::File };
+    let mut texts = Vec::new();
+    for f in expand_inputs(corpus)? {
+        texts.extend(read_file(&f, &opts)?.into_iter().filter_map(|r| match r {
+            Record::Doc(d) => Some(d.text),
+            Record::Bad(_) => None,
+        }));
+    }
+    Ok(texts)
+}
+
+pub fn default_work_dir() -> PathBuf {
+    std::env::temp_dir().join("mmrec-data-bench")
+}
