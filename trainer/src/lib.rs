@@ -1,1 +1,8 @@
+//! The MM-Rec model (base, expert, fused) in candle, and its file format.
 
+pub mod config;
+pub mod io;
+pub mod model;
+
+pub use config::ModelConfig;
+pub use model::{initialise, masked_cross_entropy, FusedModel, FusionMethod, MMRecModel, Projection};

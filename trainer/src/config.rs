@@ -1,0 +1,58 @@
+use serde::{Deserialize, Serialize};
+
+/// The model's shape and options: serialised into every safetensors file and checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelConfig {
+    pub vocab_size: usize,
+    pub d_model: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    /// Persistent memory slots P per block (M).
+    pub n_slots: usize,
+    /// Chunk size of each summary level (C_ℓ).
+    pub chunk_sizes: Vec<usize>,
+    /// Most recent summaries per level a position can read, so streaming state is bounded.
+    pub memory_window: usize,
+    pub dropout: f32,
+    /// UBÖO auxiliary next-state prediction loss weight; 0 disables it (and its weights).
+    pub uboo_weight: f64,
+}
+
+impl ModelConfig {
+    pub fn preset(name: &str, vocab_size: usize) -> Option<Self> {
+        let (d_model, n_layers, n_heads) = match name {
+            "tiny" => (64, 2, 2),
+            "small" => (256, 12, 4),
+            "medium" => (512, 12, 8),
+            _ => return None,
+        };
+        Some(ModelConfig {
+            vocab_size,
+            d_model,
+            n_layers,
+            n_heads,
+            n_slots: 16,
+            chunk_sizes: vec![32, 256],
+            memory_window: 64,
+            dropout: 0.0,
+            uboo_weight: 0.0,
+        })
+    }
+
+    pub fn ffn_dim(&self) -> usize {
+        4 * self.d_model
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.d_model % self.n_heads != 0 {
+            return Err(format!("d_model {} is not a multiple of n_heads {}", self.d_model, self.n_heads));
+        }
+        if self.d_model < 4 || self.d_model % 4 != 0 {
+            return Err(format!("d_model {} must be a positive multiple of 4 (the MDI MLPs are D/4 wide)", self.d_model));
+        }
+        if self.chunk_sizes.iter().any(|&c| c == 0) || self.memory_window == 0 {
+            return Err("chunk sizes and memory_window must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,439 @@
+//! MM-Rec in scan form (DESIGN.md §1): blocks, the language model, and the fused model.
+//!
+//! ```
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//! use mmrec_trainer::{ModelConfig, MMRecModel};
+//! let cfg = ModelConfig::preset("tiny", 256).unwrap();
+//! let vm = VarMap::new();
+//! let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+//! let tokens = Tensor::zeros((2, 10), DType::U32, &Device::Cpu)?;
+//! let (logits, _state, _aux) = model.forward(&tokens, None, false)?;
+//! assert_eq!(logits.dims(), [2, 10, 256]);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::{embedding, linear, Embedding, Init, Linear, VarBuilder};
+
+use crate::config::ModelConfig;
+
+/// `RMSNorm(x) = w ⊙ x / sqrt(mean(x²) + 1e-6)`.
+#[derive(Clone, Debug)]
+pub struct RmsNorm {
+    weight: Tensor,
+}
+
+impl RmsNorm {
+    pub fn new(d: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(RmsNorm { weight: vb.get_with_hints(d, "weight", Init::Const(1.0))? })
+    }
+}
+
+impl Module for RmsNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?.broadcast_mul(&self.weight)
+    }
+}
+
+/// `Lin(a→b) → GELU → Lin(b→c)`.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl Mlp {
+    fn new(d_in: usize, d_hidden: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Mlp { fc1: linear(d_in, d_hidden, vb.pp("fc1"))?, fc2: linear(d_hidden, d_out, vb.pp("fc2"))? })
+    }
+
+    /// An MDI gate MLP: small last weights so that, at initialisation, the gate is set by
+    /// its last bias (see [`initialise`]) rather than by noise.
+    fn gate(d: usize, last_bias: Init, vb: VarBuilder) -> Result<Self> {
+        let fc2 = vb.pp("fc2");
+        Ok(Mlp {
+            fc1: linear(d, d / 4, vb.pp("fc1"))?,
+            fc2: Linear::new(fc2.get_with_hints((d, d / 4), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?, Some(fc2.get_with_hints(d, "bias", last_bias)?)),
+        })
+    }
+}
+
+/// The per-channel initial values DESIGN §1 asks for, which `Init` cannot express: every
+/// block's `mdi.z.fc2.bias`, and a concat fusion's `[½I, ½I]`. Call once on a new VarMap.
+pub fn initialise(varmap: &candle_nn::VarMap, cfg: &ModelConfig) -> Result<()> {
+    let d = cfg.d_model;
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        if name.ends_with("mdi.z.fc2.bias") {
+            // 1−γ log-spaced from 0.1 to 0.001 across channels: time scales from ~10 to
+            // ~1000 tokens (HGRN/Mamba-style). The k factor σ(6) ≈ 0.9975 caps the top.
+            let bias: Vec<f32> = (0..d)
+                .map(|c| {
+                    let frac = if d > 1 { c as f32 / (d - 1) as f32 } else { 0.0 };
+                    let p = 1.0 - 0.1 * 0.01f32.powf(frac);
+                    (p / (1.0 - p)).ln()
+                })
+                .collect();
+            var.set(&Tensor::from_vec(bias, d, var.device())?.to_dtype(var.dtype())?)?;
+        } else if name == "fusion.proj.weight" {
+            let half = (Tensor::eye(d, var.dtype(), var.device())? * 0.5)?;
+            var.set(&Tensor::cat(&[&half, &half], 1)?)?;
+        }
+    }
+    Ok(())
+}
+
+impl Module for Mlp {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+    }
+}
+
+/// Per-block streaming state: the scan state, and per summary level the most recent
+/// summaries plus the running sum of the unfinished chunk.
+#[derive(Clone, Debug)]
+pub struct BlockState {
+    /// Absolute position of the next token.
+    pub pos: usize,
+    pub h: Tensor,
+    pub levels: Vec<LevelState>,
+}
+
+#[derive(Clone, Debug)]
+pub struct LevelState {
+    /// Chunk index of the first kept summary.
+    pub first: usize,
+    /// [B, n, D], n ≤ memory_window.
+    pub summaries: Tensor,
+    /// Sum of h over the current chunk's positions seen so far, [B, D].
+    pub partial: Tensor,
+}
+
+#[derive(Clone, Debug)]
+pub struct MMRecBlock {
+    norm1: RmsNorm,
+    in_proj: Linear,
+    mdi_z: Mlp,
+    mdi_k: Mlp,
+    slots: Tensor,
+    kv: Linear,
+    mem_out: Linear,
+    out_proj: Linear,
+    norm2: RmsNorm,
+    ffn_up: Linear,
+    ffn_down: Linear,
+    uboo: Option<Mlp>,
+    cfg: ModelConfig,
+}
+
+/// Which projection path computes `[q, k, z, g]`: the same weights either way.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Projection {
+    /// One D→4D matmul (the default, and the fast one).
+    Fused,
+    /// Four D→D matmuls: only for the fused-vs-unfused benchmark.
+    Unfused,
+}
+
+impl MMRecBlock {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        let mdi = vb.pp("mdi");
+        Ok(MMRecBlock {
+            norm1: RmsNorm::new(d, vb.pp("norm1"))?,
+            in_proj: linear(d, 4 * d, vb.pp("in_proj"))?,
+            mdi_z: Mlp::gate(d, Init::Const(0.0), mdi.pp("z"))?,
+            // +6: the k factor starts near 1, leaving the decay to the z factor.
+            mdi_k: Mlp::gate(d, Init::Const(6.0), mdi.pp("k"))?,
+            slots: vb.pp("memory").get_with_hints((cfg.n_slots, d), "slots", Init::Randn { mean: 0.0, stdev: 0.02 })?,
+            kv: linear(d, 2 * d, vb.pp("memory").pp("kv"))?,
+            mem_out: linear(d, d, vb.pp("memory").pp("out"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            norm2: RmsNorm::new(d, vb.pp("norm2"))?,
+            ffn_up: linear(d, cfg.ffn_dim(), vb.pp("ffn").pp("up"))?,
+            ffn_down: linear(cfg.ffn_dim(), d, vb.pp("ffn").pp("down"))?,
+            uboo: if cfg.uboo_weight > 0.0 { Some(Mlp::new(d, d, d, vb.pp("uboo"))?) } else { None },
+            cfg: cfg.clone(),
+        })
+    }
+
+    pub fn initial_state(&self, b: usize, dtype: DType, dev: &Device) -> Result<BlockState> {
+        let d = self.cfg.d_model;
+        let levels = self
+            .cfg
+            .chunk_sizes
+            .iter()
+            .map(|_| Ok(LevelState { first: 0, summaries: Tensor::zeros((b, 0, d), dtype, dev)?, partial: Tensor::zeros((b, d), dtype, dev)? }))
+            .collect::<Result<_>>()?;
+        Ok(BlockState { pos: 0, h: Tensor::zeros((b, d), dtype, dev)?, levels })
+    }
+
+    fn project(&self, x: &Tensor, how: Projection) -> Result<Tensor> {
+        match how {
+            Projection::Fused => self.in_proj.forward(x),
+            Projection::Unfused => {
+                let d = self.cfg.d_model;
+                let (w, b) = (self.in_proj.weight(), self.in_proj.bias().expect("in_proj has a bias"));
+                let parts = (0..4)
+                    .map(|i| Linear::new(w.narrow(0, i * d, d)?, Some(b.narrow(0, i * d, d)?)).forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&parts, D::Minus1)
+            }
+        }
+    }
+
+    /// y = Block(x) for x [B, T, D]; returns the output, the state after the segment, and
+    /// the UBÖO loss of this block (zero when disabled).
+    pub fn forward(&self, x: &Tensor, state: &BlockState, train: bool, how: Projection) -> Result<(Tensor, BlockState, Tensor)> {
+        let d = self.cfg.d_model;
+        let xn = self.norm1.forward(x)?;
+        let qkzg = self.project(&xn, how)?;
+        let (q, k, z, g) = (qkzg.narrow(2, 0, d)?, qkzg.narrow(2, d, d)?, qkzg.narrow(2, 2 * d, d)?, qkzg.narrow(2, 3 * d, d)?);
+        let gamma = (candle_nn::ops::sigmoid(&self.mdi_z.forward(&z)?)? * candle_nn::ops::sigmoid(&self.mdi_k.forward(&k)?)?)?.clamp(1e-6, 1.0 - 1e-6)?;
+        let u = ((1.0 - &gamma)? * candle_nn::ops::sigmoid(&g)?)?.mul(&z)?;
+        let (h, h_last) = mmrec_kernels::scan(&gamma, &u, &state.h)?;
+        let (c, levels) = self.memory(&q, &h, state)?;
+        let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, self.cfg.dropout, train)?)?;
+        let f = dropout(&self.ffn_up.forward(&self.norm2.forward(&r)?)?.gelu_erf()?, self.cfg.dropout, train)?;
+        let y = (&r + dropout(&self.ffn_down.forward(&f)?, self.cfg.dropout, train)?)?;
+        let aux = self.uboo_loss(&h)?;
+        let t = x.dim(1)?;
+        Ok((y, BlockState { pos: state.pos + t, h: h_last, levels }, aux))
+    }
+
+    /// `mean ‖P(h_t) − sg(h_{t+1})‖²` over positions with a successor in this segment.
+    fn uboo_loss(&self, h: &Tensor) -> Result<Tensor> {
+        let t = h.dim(1)?;
+        match &self.uboo {
+            Some(p) if t > 1 => {
+                let pred = p.forward(&h.narrow(1, 0, t - 1)?)?;
+                (pred - h.narrow(1, 1, t - 1)?.detach())?.sqr()?.sum(D::Minus1)?.mean_all()
+            }
+            _ => Tensor::zeros((), h.dtype(), h.device()),
+        }
+    }
+
+    /// HDS memory attention: each position reads the persistent slots and, per level, the
+    /// summaries of chunks that ended before its own chunk started (at most
+    /// `memory_window` of them), so it never sees its own chunk or the future.
+    fn memory(&self, q: &Tensor, h: &Tensor, state: &BlockState) -> Result<(Tensor, Vec<LevelState>)> {
+        let (b, t, d) = h.dims3()?;
+        let n_heads = self.cfg.n_heads;
+        let dh = d / n_heads;
+        let p0 = state.pos;
+        let window = self.cfg.memory_window;
+        let mut entries = vec![self.slots.unsqueeze(0)?.broadcast_as((b, self.cfg.n_slots, d))?.to_dtype(h.dtype())?];
+        // Visibility mask [T, E]: slots first, then each level's summaries in chunk order.
+        let mut visible: Vec<Vec<bool>> = vec![vec![true; self.cfg.n_slots]; t];
+        let mut new_levels = Vec::with_capacity(self.cfg.chunk_sizes.len());
+        // Sum of h over absolute positions [from, to) that lie in this segment.
+        let seg_sum = |from: usize, to: usize| h.narrow(1, from - p0, to - from)?.sum(1);
+        for (lvl, &cs) in self.cfg.chunk_sizes.iter().enumerate() {
+            let old = &state.levels[lvl];
+            // Chunks that end inside this segment; one that began in an earlier segment
+            // adds that segment's running sum.
+            let mut all = vec![old.summaries.clone()];
+            let mut start = (p0 / cs) * cs;
+            while start + cs <= p0 + t {
+                let sum = if start < p0 { (seg_sum(p0, start + cs)? + &old.partial)? } else { seg_sum(start, start + cs)? };
+                all.push((sum / cs as f64)?.unsqueeze(1)?);
+                start += cs;
+            }
+            let all = Tensor::cat(&all, 1)?;
+            let n_all = all.dim(1)?;
+            for (ti, row) in visible.iter_mut().enumerate() {
+                let own = (p0 + ti) / cs;
+                row.extend((old.first..old.first + n_all).map(|idx| idx < own && idx + window >= own));
+            }
+            entries.push(all.clone());
+            // Keep the newest `window` summaries and the unfinished chunk's running sum
+            // (`start` is now the first position of the unfinished chunk).
+            let end = p0 + t;
+            let partial = if start >= end {
+                Tensor::zeros((b, d), h.dtype(), h.device())?
+            } else if start >= p0 {
+                seg_sum(start, end)?
+            } else {
+                (&old.partial + seg_sum(p0, end)?)?
+            };
+            let keep_from = n_all.saturating_sub(window);
+            new_levels.push(LevelState { first: old.first + keep_from, summaries: all.narrow(1, keep_from, n_all - keep_from)?, partial });
+        }
+        let mem = Tensor::cat(&entries, 1)?; // [B, E, D]
+        let n_e = mem.dim(1)?;
+        let kv = self.kv.forward(&mem)?;
+        let heads = |x: &Tensor, n: usize| x.reshape((b, n, n_heads, dh))?.transpose(1, 2)?.contiguous();
+        let (k, v) = (heads(&kv.narrow(2, 0, d)?, n_e)?, heads(&kv.narrow(2, d, d)?, n_e)?);
+        let qh = heads(q, t)?;
+        let mask: Vec<f32> = visible.iter().flatten().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+        let mask = Tensor::from_vec(mask, (t, n_e), h.device())?.to_dtype(h.dtype())?;
+        let scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
+        // The composed softmax: candle 0.11's fused `softmax_last_dim` drops its gradient.
+        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let ctx = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
+        Ok((self.mem_out.forward(&ctx)?, new_levels))
+    }
+}
+
+fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
+    if train && p > 0.0 {
+        candle_nn::ops::dropout(x, p)
+    } else {
+        Ok(x.clone())
+    }
+}
+
+/// A stack of blocks with its final norm: the part experts own.
+#[derive(Clone, Debug)]
+pub struct BlockStack {
+    pub blocks: Vec<MMRecBlock>,
+    pub norm: RmsNorm,
+}
+
+impl BlockStack {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let blocks = (0..cfg.n_layers).map(|i| MMRecBlock::new(cfg, vb.pp("blocks").pp(i))).collect::<Result<_>>()?;
+        Ok(BlockStack { blocks, norm: RmsNorm::new(cfg.d_model, vb.pp("norm"))? })
+    }
+
+    pub fn initial_state(&self, b: usize, dtype: DType, dev: &Device) -> Result<Vec<BlockState>> {
+        self.blocks.iter().map(|blk| blk.initial_state(b, dtype, dev)).collect()
+    }
+
+    /// Normalised hidden states, the new per-layer states, and the summed UBÖO loss.
+    pub fn forward(&self, x: &Tensor, state: &[BlockState], train: bool, how: Projection) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
+        let mut x = x.clone();
+        let mut states = Vec::with_capacity(self.blocks.len());
+        let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
+        for (blk, s) in self.blocks.iter().zip(state) {
+            let (y, s2, a) = blk.forward(&x, s, train, how)?;
+            x = y;
+            aux = (aux + a)?;
+            states.push(s2);
+        }
+        Ok((self.norm.forward(&x)?, states, aux))
+    }
+}
+
+/// Token embedding → L blocks → RMSNorm → logits `y Eᵀ` (tied head).
+#[derive(Clone, Debug)]
+pub struct MMRecModel {
+    pub embed: Embedding,
+    pub stack: BlockStack,
+    pub cfg: ModelConfig,
+}
+
+impl MMRecModel {
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        Ok(MMRecModel { embed: embedding(cfg.vocab_size, cfg.d_model, vb.pp("embed"))?, stack: BlockStack::new(cfg, vb.clone())?, cfg: cfg.clone() })
+    }
+
+    pub fn initial_state(&self, b: usize, dev: &Device) -> Result<Vec<BlockState>> {
+        self.stack.initial_state(b, self.embed.embeddings().dtype(), dev)
+    }
+
+    /// Logits [B, T, V] for tokens [B, T], the state after them, and the UBÖO loss
+    /// (already weighted). `state` None starts a sequence.
+    pub fn forward(&self, tokens: &Tensor, state: Option<&[BlockState]>, train: bool) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
+        self.forward_with(tokens, state, train, Projection::Fused)
+    }
+
+    pub fn forward_with(&self, tokens: &Tensor, state: Option<&[BlockState]>, train: bool, how: Projection) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
+        let b = tokens.dim(0)?;
+        let fresh;
+        let state = match state {
+            Some(s) => s,
+            None => {
+                fresh = self.initial_state(b, tokens.device())?;
+                &fresh
+            }
+        };
+        let x = self.embed.forward(tokens)?;
+        let (y, states, aux) = self.stack.forward(&x, state, train, how)?;
+        Ok((tied_logits(&y, self.embed.embeddings())?, states, (aux * self.cfg.uboo_weight)?))
+    }
+}
+
+/// `y Eᵀ` as one 2-D matmul: candle's batched matmul would broadcast E per batch row.
+pub fn tied_logits(y: &Tensor, embed: &Tensor) -> Result<Tensor> {
+    let (b, t, d) = y.dims3()?;
+    y.reshape((b * t, d))?.matmul(&embed.t()?)?.reshape((b, t, ()))
+}
+
+/// Mean cross-entropy of logits [B, T, V] against targets [B, T], counting only positions
+/// where `mask` [B, T] is 1 (padding targets are 0 there).
+pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
+    let picked = logp.gather(&targets.reshape((b * t, 1))?, 1)?.squeeze(1)?;
+    let mask = mask.reshape(b * t)?.to_dtype(picked.dtype())?;
+    let n = mask.sum_all()?;
+    ((picked * &mask)?.sum_all()?.neg()? / n.maximum(1.0)?)?.reshape(())
+}
+
+/// How the fused model combines the experts' outputs per token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FusionMethod {
+    /// `f = Lin(2D→D)([y_text; y_code])`, initialised to `[½I, ½I]`.
+    Concat,
+    /// `w = softmax(Lin(2D→2)([y_text; y_code]))`, `f = w₀ y_text + w₁ y_code`.
+    Gated,
+}
+
+/// Shared embedding, the text and code experts' blocks side by side, a fusion layer, and
+/// the tied head.
+#[derive(Clone, Debug)]
+pub struct FusedModel {
+    pub embed: Embedding,
+    pub text: BlockStack,
+    pub code: BlockStack,
+    pub fusion: Linear,
+    pub method: FusionMethod,
+    pub cfg: ModelConfig,
+}
+
+impl FusedModel {
+    pub fn new(cfg: &ModelConfig, method: FusionMethod, vb: VarBuilder) -> Result<Self> {
+        cfg.validate().map_err(candle_core::Error::msg)?;
+        let d = cfg.d_model;
+        let fusion = match method {
+            FusionMethod::Concat => {
+                // [½I, ½I] is set by `initialise`: the fused model starts as the average.
+                let vbf = vb.pp("fusion").pp("proj");
+                Linear::new(vbf.get_with_hints((d, 2 * d), "weight", Init::Const(0.0))?, Some(vbf.get_with_hints(d, "bias", Init::Const(0.0))?))
+            }
+            FusionMethod::Gated => linear(2 * d, 2, vb.pp("fusion").pp("router"))?,
+        };
+        Ok(FusedModel {
+            embed: embedding(cfg.vocab_size, d, vb.pp("embed"))?,
+            text: BlockStack::new(cfg, vb.pp("experts").pp("text"))?,
+            code: BlockStack::new(cfg, vb.pp("experts").pp("code"))?,
+            fusion,
+            method,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Logits [B, T, V] and the per-token expert weights ([B, T, 2] for `gated`).
+    pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
+        let b = tokens.dim(0)?;
+        let x = self.embed.forward(tokens)?;
+        let dt = x.dtype();
+        let (yt, _, _) = self.text.forward(&x, &self.text.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
+        let (yc, _, _) = self.code.forward(&x, &self.code.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
+        let both = Tensor::cat(&[&yt, &yc], D::Minus1)?;
+        let (f, weights) = match self.method {
+            FusionMethod::Concat => (self.fusion.forward(&both)?, None),
+            FusionMethod::Gated => {
+                let w = candle_nn::ops::softmax(&self.fusion.forward(&both)?, D::Minus1)?;
+                let f = (yt.broadcast_mul(&w.narrow(2, 0, 1)?)? + yc.broadcast_mul(&w.narrow(2, 1, 1)?)?)?;
+                (f, Some(w))
+            }
+        };
+        Ok((tied_logits(&f, self.embed.embeddings())?, weights))
+    }
+}

@@ -1,0 +1,191 @@
+//! The model against DESIGN.md §1–§2: projection paths, causality, streaming, gradients,
+//! fusion and the file format.
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use mmrec_trainer::io::{load_fused, load_model, read_meta, save, varmap_tensors, ModelMeta, Role};
+use mmrec_trainer::{initialise, masked_cross_entropy, FusedModel, FusionMethod, MMRecModel, ModelConfig, Projection};
+
+/// A small config whose chunk levels and memory window all engage within ~100 tokens.
+fn small_cfg(vocab: usize, d: usize) -> ModelConfig {
+    ModelConfig { vocab_size: vocab, d_model: d, n_layers: 2, n_heads: 2, n_slots: 3, chunk_sizes: vec![4, 16], memory_window: 3, dropout: 0.0, uboo_weight: 0.0 }
+}
+
+fn build(cfg: &ModelConfig, dtype: DType) -> (VarMap, MMRecModel) {
+    let vm = VarMap::new();
+    let model = MMRecModel::new(cfg, VarBuilder::from_varmap(&vm, dtype, &Device::Cpu)).unwrap();
+    initialise(&vm, cfg).unwrap();
+    (vm, model)
+}
+
+fn tokens(b: usize, t: usize, vocab: usize, seed: u32) -> Vec<u32> {
+    (0..b * t).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 7) % vocab as u32).collect()
+}
+
+fn logits(model: &MMRecModel, toks: &[u32], b: usize) -> Tensor {
+    let t = Tensor::from_slice(toks, (b, toks.len() / b), &Device::Cpu).unwrap();
+    model.forward(&t, None, false).unwrap().0
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+}
+
+#[test]
+fn unfused_projection_gives_the_same_logits_as_the_fused_one() {
+    let cfg = ModelConfig::preset("tiny", 300).unwrap();
+    let (_, model) = build(&cfg, DType::F32);
+    let t = Tensor::from_vec(tokens(2, 300, 300, 1), (2, 300), &Device::Cpu).unwrap();
+    let fused = model.forward_with(&t, None, false, Projection::Fused).unwrap().0;
+    let unfused = model.forward_with(&t, None, false, Projection::Unfused).unwrap().0;
+    let scale = fused.abs().unwrap().max_keepdim(2).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+    assert!(max_abs_diff(&fused, &unfused) <= 1e-5 * scale, "{}", max_abs_diff(&fused, &unfused));
+}
+
+#[test]
+fn changing_token_t_never_changes_outputs_before_t() {
+    let cfg = small_cfg(50, 16);
+    let (_, model) = build(&cfg, DType::F64);
+    let (t_len, at) = (90, 53);
+    let a = tokens(1, t_len, 50, 2);
+    let mut b = a.clone();
+    b[at] = (b[at] + 7) % 50;
+    let (la, lb) = (logits(&model, &a, 1), logits(&model, &b, 1));
+    assert_eq!(max_abs_diff(&la.i((.., ..at, ..)).unwrap(), &lb.i((.., ..at, ..)).unwrap()), 0.0, "an earlier position saw token {at}");
+    assert!(max_abs_diff(&la.i((.., at.., ..)).unwrap(), &lb.i((.., at.., ..)).unwrap()) > 1e-6, "the change must be visible from t on");
+    // Far positions see it through the chunk summaries too (chunk of `at` ends at 55).
+    assert!(max_abs_diff(&la.i((.., 70.., ..)).unwrap(), &lb.i((.., 70.., ..)).unwrap()) > 1e-9);
+}
+
+#[test]
+fn a_sequence_cut_anywhere_gives_the_same_logits_as_one_pass() {
+    let cfg = small_cfg(50, 16);
+    let (_, model) = build(&cfg, DType::F64);
+    let (b, t) = (2, 150);
+    let toks = tokens(b, t, 50, 3);
+    let all = Tensor::from_vec(toks, (b, t), &Device::Cpu).unwrap();
+    let (whole, _, _) = model.forward(&all, None, false).unwrap();
+    // Cuts inside chunks of both levels, past the memory window, and single-token steps.
+    for cuts in [vec![37], vec![16, 64], vec![5, 6, 7, 70, 101, 149]] {
+        let mut state = None;
+        let mut parts = Vec::new();
+        let mut from = 0;
+        for &to in cuts.iter().chain(std::iter::once(&t)) {
+            let (l, s, _) = model.forward(&all.i((.., from..to)).unwrap(), state.as_deref(), false).unwrap();
+            parts.push(l);
+            state = Some(s);
+            from = to;
+        }
+        let streamed = Tensor::cat(&parts, 1).unwrap();
+        let diff = max_abs_diff(&whole, &streamed);
+        assert!(diff < 1e-10, "cuts {cuts:?}: max difference {diff:e}");
+    }
+}
+
+/// With UBÖO on, the stop-gradient on h_{t+1} makes the analytic gradient of shared
+/// parameters differ from finite differences by design, so the main path is checked with
+/// it off and UBÖO's own parameters with it on.
+#[test]
+fn whole_model_gradients_match_finite_differences() {
+    let main = ["embed.weight", "blocks.0.in_proj.weight", "blocks.0.mdi.z.fc2.bias", "blocks.0.mdi.k.fc1.weight", "blocks.1.memory.slots", "blocks.1.memory.kv.weight", "blocks.0.out_proj.bias", "blocks.1.ffn.down.weight", "blocks.0.norm1.weight", "norm.weight"];
+    assert_eq!(check_gradients(0.0, &main), 30);
+    assert_eq!(check_gradients(0.1, &["blocks.1.uboo.fc1.weight", "blocks.0.uboo.fc2.bias"]), 6);
+}
+
+fn check_gradients(uboo_weight: f64, names: &[&str]) -> usize {
+    let mut cfg = small_cfg(11, 8);
+    cfg.uboo_weight = uboo_weight;
+    let (vm, model) = build(&cfg, DType::F64);
+    let (b, t) = (2, 21);
+    let toks = tokens(b, t + 1, 11, 4);
+    let all = Tensor::from_vec(toks, (b, t + 1), &Device::Cpu).unwrap();
+    let (inp, tgt) = (all.i((.., ..t)).unwrap(), all.i((.., 1..)).unwrap());
+    let mask = Tensor::ones((b, t), DType::F64, &Device::Cpu).unwrap();
+    let loss = |m: &MMRecModel| -> Tensor {
+        let (l, _, aux) = m.forward(&inp, None, false).unwrap();
+        (masked_cross_entropy(&l, &tgt, &mask).unwrap() + aux).unwrap()
+    };
+    let grads = loss(&model).backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    let mut checked = 0;
+    for &name in names {
+        let var: &Var = &data[name];
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        for idx in [0, orig.len() / 2, orig.len() - 1] {
+            let eps = 1e-5;
+            let at = |delta: f64| {
+                let mut v = orig.clone();
+                v[idx] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                loss(&model).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
+            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            assert!((g[idx] - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()), "{name}[{idx}]: analytic {} numeric {numeric}", g[idx]);
+            checked += 1;
+        }
+    }
+    checked
+}
+
+#[test]
+fn decay_starts_spread_over_time_scales() {
+    let cfg = ModelConfig::preset("tiny", 100).unwrap();
+    let (vm, _) = build(&cfg, DType::F32);
+    let data = vm.data().lock().unwrap();
+    let z = candle_nn::ops::sigmoid(data["blocks.0.mdi.z.fc2.bias"].as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let k = candle_nn::ops::sigmoid(data["blocks.0.mdi.k.fc2.bias"].as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let gamma: Vec<f32> = z.iter().zip(&k).map(|(a, b)| a * b).collect();
+    assert!((gamma[0] - 0.9 * k[0]).abs() < 1e-4 && gamma[63] > 0.995, "{:?}", (gamma[0], gamma[63]));
+    assert!(k.iter().all(|&x| x > 0.997), "σ(6) ≈ 0.9975");
+}
+
+#[test]
+fn saved_models_load_by_memory_map_with_metadata_and_identical_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::preset("tiny", 120).unwrap();
+    let (vm, model) = build(&cfg, DType::F32);
+    let meta = ModelMeta { role: Role::Base, domain: None, config: cfg.clone(), frozen: vec![], lineage: serde_json::json!({"tool": "test"}), fusion: None };
+    let path = dir.path().join("base.safetensors");
+    save(&path, &varmap_tensors(&vm), &meta).unwrap();
+    assert_eq!(read_meta(&path).unwrap(), meta);
+    let (loaded, _) = load_model(&path, &Device::Cpu).unwrap();
+    let toks = tokens(2, 40, 120, 5);
+    assert_eq!(max_abs_diff(&logits(&model, &toks, 2), &logits(&loaded, &toks, 2)), 0.0);
+    // DESIGN §2 names, produced by the module structure.
+    let names: Vec<String> = varmap_tensors(&vm).into_iter().map(|(n, _)| n).collect();
+    for n in ["embed.weight", "blocks.1.in_proj.weight", "blocks.0.mdi.z.fc1.bias", "blocks.0.memory.slots", "blocks.0.memory.kv.weight", "blocks.0.memory.out.bias", "blocks.0.ffn.up.weight", "norm.weight"] {
+        assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
+    }
+}
+
+#[test]
+fn fused_models_of_identical_experts_reproduce_the_expert() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::preset("tiny", 90).unwrap();
+    let (vm, expert) = build(&cfg, DType::F32);
+    let toks = tokens(1, 50, 90, 6);
+    let want = logits(&expert, &toks, 1);
+    for method in [FusionMethod::Concat, FusionMethod::Gated] {
+        // Fused file: both experts are copies of one model.
+        let fvm = VarMap::new();
+        FusedModel::new(&cfg, method, VarBuilder::from_varmap(&fvm, DType::F32, &Device::Cpu)).unwrap();
+        initialise(&fvm, &cfg).unwrap();
+        let mut tensors: Vec<(String, Tensor)> = varmap_tensors(&fvm).into_iter().filter(|(n, _)| n.starts_with("fusion.")).collect();
+        for (n, t) in varmap_tensors(&vm) {
+            if n == "embed.weight" {
+                tensors.push((n, t));
+            } else {
+                tensors.push((format!("experts.text.{n}"), t.clone()));
+                tensors.push((format!("experts.code.{n}"), t));
+            }
+        }
+        let path = dir.path().join("fused.safetensors");
+        let meta = ModelMeta { role: Role::Fused, domain: None, config: cfg.clone(), frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(method) };
+        save(&path, &tensors, &meta).unwrap();
+        let (fused, _) = load_fused(&path, &Device::Cpu).unwrap();
+        let got = fused.forward(&Tensor::from_slice(&toks, (1, 50), &Device::Cpu).unwrap(), false).unwrap().0;
+        assert!(max_abs_diff(&want, &got) < 1e-4, "{method:?}: {}", max_abs_diff(&want, &got));
+    }
+}
