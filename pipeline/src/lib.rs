@@ -26,6 +26,7 @@ pub mod dedup;
 mod error;
 pub mod input;
 pub mod lang;
+pub mod loader;
 pub mod shard;
 pub mod split;
 pub mod tokenize;

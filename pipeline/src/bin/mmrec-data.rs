@@ -70,6 +70,9 @@ enum Command {
         /// Thread counts to measure.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         threads: Vec<usize>,
+        /// Runs per measurement (interleaved); the fastest is reported.
+        #[arg(long, default_value_t = 2)]
+        repeats: usize,
         /// Python interpreter with datasets, tokenizers and pyarrow installed.
         #[arg(long)]
         python: Option<PathBuf>,
@@ -234,7 +237,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if v.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Bench { text, code, mixed, tokenizer, min_mb, threads, python, python_script, out } => {
+        Command::Bench { text, code, mixed, tokenizer, min_mb, threads, repeats, python, python_script, out } => {
             let sources: Vec<InputSpec> = [(text, Domain::Text), (code, Domain::Code), (mixed, Domain::Mixed)]
                 .into_iter()
                 .flat_map(|(paths, d)| paths.into_iter().map(move |path| InputSpec { path, declared: Some(d) }))
@@ -242,7 +245,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let work = mmrec_pipeline::bench::default_work_dir();
             eprintln!("building a corpus of at least {min_mb} MB in {}", work.display());
             let corpus = mmrec_pipeline::bench::build_corpus(&sources, min_mb * 1_000_000, &work.join("corpus"))?;
-            let report = mmrec_pipeline::bench::run(&corpus, &tokenizer, &work, python.as_deref().map(|p| (p, python_script.as_path())), &threads)?;
+            let report = mmrec_pipeline::bench::run(&corpus, &tokenizer, &work, python.as_deref().map(|p| (p, python_script.as_path())), &threads, repeats)?;
             let json = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");

@@ -1,0 +1,195 @@
+//! The prefetching loader over real shards built from the fixtures.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use mmrec_pipeline::loader::{in_validation, parse_weights, Batch, Cursor, Loader, LoaderConfig, Split};
+use mmrec_pipeline::shard::{token_lists, ShardReader};
+use mmrec_pipeline::split::read_manifest;
+use mmrec_pipeline::{split, InputSpec, PlainSplit, ReadOptions, SplitOptions};
+use mmrec_schemas::{columns, Domain, Partition};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+/// Shards of the fixture corpora with many small row groups, built once per test binary.
+fn shards() -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fixtures().join("corpora");
+        let inputs = [("wikitext.jsonl", Domain::Text), ("python_stdlib.jsonl", Domain::Code), ("chat.jsonl", Domain::Mixed)]
+            .into_iter()
+            .map(|(f, d)| InputSpec { path: c.join(f), declared: Some(d) })
+            .collect();
+        let opts = SplitOptions {
+            inputs,
+            tokenizer: fixtures().join("tokenizer.json"),
+            out: dir.path().to_path_buf(),
+            read: ReadOptions { field: None, max_bytes: 1 << 20, plain_split: PlainSplit::File },
+            near_dup: None,
+            shard_docs: 40,
+            row_group_docs: 8,
+            partition: Partition::WHOLE,
+            seed: 0,
+        };
+        split(&opts, &()).unwrap();
+        dir
+    })
+    .path()
+    .to_path_buf()
+}
+
+fn cfg(workers: usize) -> LoaderConfig {
+    LoaderConfig { seq_len: 63, batch_size: 4, workers, prefetch: 3, lookahead: 3, shuffle_buffer: 16, val_permille: 100, ..LoaderConfig::default() }
+}
+
+fn take(cfg: LoaderConfig, cursor: Option<Cursor>, n: usize) -> (Vec<Batch>, Cursor) {
+    let mut loader = Loader::open(&[shards()], cfg, cursor).unwrap();
+    let batches: Vec<Batch> = (0..n).map(|_| loader.next_batch().unwrap().unwrap()).collect();
+    let cursor = loader.cursor().unwrap().clone();
+    (batches, cursor)
+}
+
+fn tokens_of(batches: &[Batch]) -> Vec<Vec<u32>> {
+    batches.iter().map(|b| b.tokens.clone()).collect()
+}
+
+#[test]
+fn batches_depend_on_seed_and_data_not_on_worker_count() {
+    let (one, _) = take(cfg(1), None, 60);
+    let (three, _) = take(cfg(3), None, 60);
+    assert_eq!(tokens_of(&one), tokens_of(&three));
+    let (other_seed, _) = take(LoaderConfig { seed: 1, ..cfg(2) }, None, 60);
+    assert_ne!(tokens_of(&one), tokens_of(&other_seed));
+}
+
+#[test]
+fn resuming_from_a_cursor_continues_exactly_also_twice_and_with_other_worker_counts() {
+    let (straight, _) = take(cfg(2), None, 90);
+    let (a, c1) = take(cfg(2), None, 25);
+    // The cursor goes through JSON, as it does in a checkpoint.
+    let c1: Cursor = serde_json::from_str(&serde_json::to_string(&c1).unwrap()).unwrap();
+    let (b, c2) = take(cfg(1), Some(c1), 30);
+    let (c, _) = take(cfg(4), Some(c2), 35);
+    let resumed: Vec<Batch> = a.into_iter().chain(b).chain(c).collect();
+    assert_eq!(tokens_of(&straight), tokens_of(&resumed));
+    assert_eq!(straight.last().unwrap().cursor, resumed.last().unwrap().cursor);
+}
+
+#[test]
+fn domains_are_mixed_by_weight_with_exact_token_accounting() {
+    let weights = parse_weights("text=0.5,code=0.3,mixed=0.2").unwrap();
+    let (batches, cursor) = take(LoaderConfig { weights: weights.clone(), ..cfg(2) }, None, 250);
+    let mut rows: BTreeMap<Domain, u64> = BTreeMap::new();
+    let mut real: BTreeMap<Domain, u64> = BTreeMap::new();
+    for b in &batches {
+        for (r, d) in b.domains.iter().enumerate() {
+            *rows.entry(*d).or_default() += 1;
+            *real.entry(*d).or_default() += b.mask[r * 64..(r + 1) * 64].iter().map(|&m| m as u64).sum::<u64>();
+        }
+    }
+    let total = (batches.len() * 4) as f64;
+    for (d, w) in &weights {
+        let share = rows[d] as f64 / total;
+        assert!((share - w).abs() <= 1.0 / total + 1e-9, "{d}: {share} of rows for weight {w}");
+    }
+    assert_eq!(cursor.tokens, real, "per-domain token accounting matches what was delivered");
+}
+
+#[test]
+fn without_shuffling_an_epoch_delivers_every_token_once_in_order() {
+    let dir = shards();
+    let m = read_manifest(&dir).unwrap();
+    let eot = m.tokenizer.special_tokens["<|endoftext|>"];
+    // Expected: every training document of the code domain, in shard order, each + EOT.
+    let mut want = Vec::new();
+    for s in &m.domains[&Domain::Code] {
+        let r = ShardReader::open(&dir.join(&s.file)).unwrap();
+        for batch in r.batches(&[columns::TOKENS, columns::HASH], None).unwrap() {
+            let batch = batch.unwrap();
+            let hashes = batch.column(1).as_any().downcast_ref::<arrow_array::UInt64Array>().unwrap().clone();
+            for (i, doc) in token_lists(batch.column(0).as_ref()).into_iter().enumerate() {
+                if !in_validation(hashes.value(i), 100) {
+                    want.extend(doc);
+                    want.push(eot);
+                }
+            }
+        }
+    }
+    let c = LoaderConfig { shuffle: false, weights: parse_weights("code=1").unwrap(), ..cfg(3) };
+    let n = want.len().div_ceil(4 * 64) + 1;
+    let (batches, _) = take(c, None, n);
+    let got: Vec<u32> = batches.iter().flat_map(|b| b.tokens.iter().copied()).collect();
+    assert_eq!(&got[..want.len()], &want[..], "one epoch, in order, nothing lost or repeated");
+    // The next epoch starts again at the first document.
+    assert_eq!(&got[want.len()..want.len() + 10], &want[..10]);
+}
+
+#[test]
+fn the_validation_split_is_the_held_out_documents_once() {
+    let c = LoaderConfig { split: Split::Validation, ..cfg(2) };
+    let mut loader = Loader::open(&[shards()], c, None).unwrap();
+    let mut delivered: BTreeMap<Domain, u64> = BTreeMap::new();
+    let mut batches = 0;
+    while let Some(b) = loader.next_batch() {
+        let b = b.unwrap();
+        batches += 1;
+        for (r, d) in b.domains.iter().enumerate() {
+            *delivered.entry(*d).or_default() += b.mask[r * 64..(r + 1) * 64].iter().map(|&m| m as u64).sum::<u64>();
+        }
+    }
+    assert!(batches > 0);
+    // Expected held-out tokens (+1 EOT per document) per domain, from the shards.
+    let dir = shards();
+    let m = read_manifest(&dir).unwrap();
+    for (d, shards) in &m.domains {
+        let mut want = 0u64;
+        for s in shards {
+            let r = ShardReader::open(&dir.join(&s.file)).unwrap();
+            for batch in r.batches(&[columns::N_TOKENS, columns::HASH], None).unwrap() {
+                let batch = batch.unwrap();
+                let n = batch.column(0).as_any().downcast_ref::<arrow_array::UInt32Array>().unwrap();
+                let h = batch.column(1).as_any().downcast_ref::<arrow_array::UInt64Array>().unwrap();
+                want += (0..n.len()).filter(|&i| in_validation(h.value(i), 100)).map(|i| n.value(i) as u64 + 1).sum::<u64>();
+            }
+        }
+        assert!(want > 0, "{d} has held-out documents");
+        assert_eq!(delivered.get(d).copied().unwrap_or(0), want, "{d}");
+    }
+}
+
+#[test]
+fn a_missing_or_truncated_shard_is_an_error_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&shards(), dir.path());
+    let victim = dir.path().join("text/part-00000-00001.parquet");
+    let bytes = std::fs::read(&victim).unwrap();
+    std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
+    let err = Loader::open(&[dir.path().to_path_buf()], cfg(2), None).err().expect("truncated shard refused").to_string();
+    assert!(err.contains("part-00000-00001.parquet"), "{err}");
+    std::fs::remove_file(&victim).unwrap();
+    let err = Loader::open(&[dir.path().to_path_buf()], cfg(2), None).err().expect("missing shard refused").to_string();
+    assert!(err.contains("part-00000-00001.parquet"), "{err}");
+}
+
+#[test]
+fn a_different_tokenizer_is_refused() {
+    let c = LoaderConfig { tokenizer_sha256: Some("0".repeat(64)), ..cfg(1) };
+    let err = Loader::open(&[shards()], c, None).err().expect("mismatch refused").to_string();
+    assert!(err.contains("tokenizer"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dest = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&dest).unwrap();
+            copy_dir(&e.path(), &dest);
+        } else {
+            std::fs::copy(e.path(), dest).unwrap();
+        }
+    }
+}
