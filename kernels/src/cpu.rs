@@ -8,9 +8,17 @@
 
 use rayon::prelude::*;
 
-/// Channels per tile: 64 f32 are four AVX-512 or eight AVX2 registers, and a tile's state
-/// stays in L1 while it walks time.
+/// Narrowest tile: 64 f32 channels are eight AVX2 registers.
 const BLOCK: usize = 64;
+
+/// Tile width: as wide as the parallelism allows. A tile walks time with a stride of D
+/// elements; a tile spanning whole rows makes that walk one sequential stream per array
+/// (what the hardware prefetcher wants), while narrow tiles turn it into thousands of
+/// short strided reads. Its state (≤ D values) stays in L1/L2 either way.
+fn tile_width(b: usize, d: usize, threads: usize) -> usize {
+    let blocks_per_row = (2 * threads).div_ceil(b.max(1)).max(1);
+    d.div_ceil(blocks_per_row).div_ceil(16).max(1) * 16
+}
 
 pub trait Elem: Copy + Send + Sync + std::ops::Add<Output = Self> + std::ops::Mul<Output = Self> + 'static {
     const ZERO: Self;
@@ -61,13 +69,42 @@ pub fn scan<T: Elem>(gamma: &[T], u: &[T], init: &[T], dims: (usize, usize, usiz
     scan_with(gamma, u, init, dims, dir, Strategy::Auto)
 }
 
-pub fn scan_with<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, usize), dir: Direction, strategy: Strategy) -> Vec<T> {
+pub fn scan_with<T: Elem>(gamma: &[T], u: &[T], init: &[T], dims: (usize, usize, usize), dir: Direction, strategy: Strategy) -> Vec<T> {
+    let mut out = alloc_output(dims.0 * dims.1 * dims.2);
+    scan_into(gamma, u, init, dims, dir, strategy, &mut out);
+    out
+}
+
+/// A zeroed output buffer, backed by transparent huge pages where the kernel allows it: a
+/// fresh 4 KiB-paged buffer costs one page fault per 4 KiB on first write, which for a
+/// memory-bound op is as much time as the scan itself.
+fn alloc_output<T: Elem>(n: usize) -> Vec<T> {
+    let out = vec![T::ZERO; n];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = n * std::mem::size_of::<T>();
+        if bytes >= 4 * HUGE {
+            let start = (out.as_ptr() as usize).next_multiple_of(HUGE);
+            let end = (out.as_ptr() as usize + bytes) / HUGE * HUGE;
+            if end > start {
+                // SAFETY: advice on whole pages inside our own allocation; it changes how
+                // the pages are backed, never their contents.
+                unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
+            }
+        }
+    }
+    out
+}
+
+/// The scan into a caller-provided buffer of b·t·d elements.
+pub fn scan_into<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, usize), dir: Direction, strategy: Strategy, out: &mut [T]) {
     assert_eq!(gamma.len(), b * t * d);
     assert_eq!(u.len(), b * t * d);
     assert_eq!(init.len(), b * d);
-    let mut out = vec![T::ZERO; b * t * d];
+    assert_eq!(out.len(), b * t * d);
     if out.is_empty() {
-        return out;
+        return;
     }
     let threads = rayon::current_num_threads();
     let tiles = b * d.div_ceil(BLOCK);
@@ -79,26 +116,24 @@ pub fn scan_with<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, u
         s => s,
     };
     match strategy {
-        Strategy::Chunked(n) => chunked(gamma, u, init, (b, t, d), dir, &mut out, n.max(1)),
-        _ => tiled(gamma, u, init, (b, t, d), dir, &mut out),
+        Strategy::Chunked(n) => chunked(gamma, u, init, (b, t, d), dir, out, n.max(1)),
+        _ => tiled(gamma, u, init, (b, t, d), dir, out),
     }
-    out
 }
 
 fn tiled<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, usize), dir: Direction, out: &mut [T]) {
-    let blocks = d.div_ceil(BLOCK);
+    let width = tile_width(b, d, rayon::current_num_threads());
+    let blocks = d.div_ceil(width);
     let ptr = Out(out.as_mut_ptr());
     (0..b * blocks).into_par_iter().for_each(|tile| {
         let (bi, blk) = (tile / blocks, tile % blocks);
-        let (c0, c1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(d));
-        let mut state = [T::ZERO; BLOCK];
-        let w = c1 - c0;
-        state[..w].copy_from_slice(&init[bi * d + c0..bi * d + c1]);
+        let (c0, c1) = (blk * width, ((blk + 1) * width).min(d));
+        let mut state = init[bi * d + c0..bi * d + c1].to_vec();
         let base = bi * t * d;
         // SAFETY: tile (bi, blk) writes only rows bi and channels c0..c1: disjoint from
         // every other tile, and inside `out`.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), b * t * d) };
-        walk(gamma, u, out, &mut state[..w], base, c0, d, 0..t, dir);
+        walk(gamma, u, out, &mut state, base, c0, d, 0..t, dir);
     });
 }
 
@@ -111,10 +146,10 @@ fn walk<T: Elem>(gamma: &[T], u: &[T], out: &mut [T], state: &mut [T], base: usi
         Direction::Forward => {
             for s in steps {
                 let o = base + s * d + c0;
-                let (g, x, y) = (&gamma[o..o + w], &u[o..o + w], &mut out[o..o + w]);
-                for c in 0..w {
-                    state[c] = g[c] * state[c] + x[c];
-                    y[c] = state[c];
+                // Zipped iterators: no bounds checks, so the loop vectorises.
+                for (((s, &g), &x), y) in state.iter_mut().zip(&gamma[o..o + w]).zip(&u[o..o + w]).zip(&mut out[o..o + w]) {
+                    *s = g * *s + x;
+                    *y = *s;
                 }
             }
         }
@@ -122,11 +157,10 @@ fn walk<T: Elem>(gamma: &[T], u: &[T], out: &mut [T], state: &mut [T], base: usi
             // `state` carries γ_{s+1} g_{s+1} into step s.
             for s in steps.rev() {
                 let o = base + s * d + c0;
-                let (g, x, y) = (&gamma[o..o + w], &u[o..o + w], &mut out[o..o + w]);
-                for c in 0..w {
-                    let v = x[c] + state[c];
-                    y[c] = v;
-                    state[c] = g[c] * v;
+                for (((s, &g), &x), y) in state.iter_mut().zip(&gamma[o..o + w]).zip(&u[o..o + w]).zip(&mut out[o..o + w]) {
+                    let v = x + *s;
+                    *y = v;
+                    *s = g * v;
                 }
             }
         }

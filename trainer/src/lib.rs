@@ -1,5 +1,6 @@
 //! The MM-Rec model (base, expert, fused) in candle, and its file format.
 
+pub mod bench;
 pub mod config;
 pub mod io;
 pub mod model;

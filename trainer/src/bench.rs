@@ -1,0 +1,186 @@
+//! `mmrec-train bench`: scan bandwidth against memcpy and a naive candle loop, and model
+//! forward / forward+backward throughput. Every figure comes with the machine it ran on.
+
+use std::time::Instant;
+
+use candle_core::{DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::Serialize;
+
+use crate::model::{initialise, masked_cross_entropy, MMRecModel, Projection};
+use crate::ModelConfig;
+
+#[derive(Debug, Serialize)]
+pub struct ScanFigure {
+    pub shape: [usize; 3],
+    pub direction: &'static str,
+    pub ms: f64,
+    /// Bytes the op must move (read γ and u, write h) over its time.
+    pub gb_per_s: f64,
+    /// Over the machine's memcpy bandwidth measured in the same run.
+    pub of_memcpy: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelFigure {
+    pub preset: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub projection: &'static str,
+    pub forward_tokens_per_s: f64,
+    pub train_step_tokens_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CpuBench {
+    pub device: String,
+    /// The kernel alone writing into a reused buffer (no allocation, no page faults).
+    pub scan_kernel: Vec<ScanFigure>,
+    pub threads: usize,
+    pub build: &'static str,
+    pub memcpy_gb_per_s: f64,
+    pub scan: Vec<ScanFigure>,
+    /// The same recurrence as candle tensor ops, one time step at a time.
+    pub naive_candle_loop: ScanFigure,
+    pub scan_vs_naive: f64,
+    pub model: Vec<ModelFigure>,
+}
+
+/// Best of `reps` runs, in seconds.
+fn best<F: FnMut() -> Result<()>>(reps: usize, mut f: F) -> Result<f64> {
+    f()?; // warm-up: allocation, page faults, thread pool start
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    Ok(best)
+}
+
+/// Read+write bandwidth of a plain copy of a buffer much larger than the caches.
+pub fn memcpy_gb_per_s() -> f64 {
+    let n = 64 << 20; // 256 MiB of f32
+    let src = vec![1.0f32; n];
+    let mut dst = vec![0.0f32; n];
+    let secs = best(5, || {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+        Ok(())
+    })
+    .expect("copy cannot fail");
+    2.0 * (n * 4) as f64 / secs / 1e9
+}
+
+fn scan_figure(shape: [usize; 3], backward: bool, memcpy: f64) -> Result<ScanFigure> {
+    let [b, t, d] = shape;
+    let dev = Device::Cpu;
+    let gamma = Tensor::rand(0.9f32, 1.0, (b, t, d), &dev)?;
+    let u = Tensor::randn(0f32, 1.0, (b, t, d), &dev)?;
+    let h0 = Tensor::zeros((b, d), DType::F32, &dev)?;
+    let secs = if backward {
+        best(5, || u.apply_op2_no_bwd(&gamma, &mmrec_kernels::ScanAdjoint).map(|_| ()))?
+    } else {
+        best(5, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?
+    };
+    let gb = 3.0 * (b * t * d * 4) as f64 / secs / 1e9;
+    Ok(ScanFigure { shape, direction: if backward { "adjoint" } else { "forward" }, ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / memcpy })
+}
+
+fn kernel_figure(shape: [usize; 3], memcpy: f64) -> ScanFigure {
+    use mmrec_kernels::cpu::{scan_into, Direction, Strategy};
+    let [b, t, d] = shape;
+    let n = b * t * d;
+    let gamma: Vec<f32> = (0..n).map(|i| 0.9 + 0.1 * ((i * 7919 % 1000) as f32 / 1000.0)).collect();
+    let u: Vec<f32> = (0..n).map(|i| (i % 17) as f32 - 8.0).collect();
+    let h0 = vec![0f32; b * d];
+    let mut out = vec![0f32; n];
+    let secs = best(5, || {
+        scan_into(&gamma, &u, &h0, (b, t, d), Direction::Forward, Strategy::Auto, &mut out);
+        Ok(())
+    })
+    .expect("the kernel cannot fail");
+    let gb = 3.0 * (n * 4) as f64 / secs / 1e9;
+    ScanFigure { shape, direction: "forward", ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / memcpy }
+}
+
+fn naive_figure(shape: [usize; 3], memcpy: f64) -> Result<ScanFigure> {
+    let [b, t, d] = shape;
+    let dev = Device::Cpu;
+    let gamma = Tensor::rand(0.9f32, 1.0, (b, t, d), &dev)?;
+    let u = Tensor::randn(0f32, 1.0, (b, t, d), &dev)?;
+    let secs = best(2, || {
+        let mut h = Tensor::zeros((b, d), DType::F32, &dev)?;
+        let mut out = Vec::with_capacity(t);
+        for s in 0..t {
+            h = ((gamma.narrow(1, s, 1)?.squeeze(1)? * &h)? + u.narrow(1, s, 1)?.squeeze(1)?)?;
+            out.push(h.clone());
+        }
+        Tensor::stack(&out, 1).map(|_| ())
+    })?;
+    let gb = 3.0 * (b * t * d * 4) as f64 / secs / 1e9;
+    Ok(ScanFigure { shape, direction: "forward", ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / memcpy })
+}
+
+fn model_figure(preset: &str, vocab: usize, batch: usize, seq_len: usize, how: Projection) -> Result<ModelFigure> {
+    let cfg = ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+    initialise(&vm, &cfg)?;
+    let tokens = Tensor::rand(0f32, vocab as f32, (batch, seq_len + 1), &dev)?.to_dtype(DType::U32)?;
+    let (inp, tgt) = (tokens.narrow(1, 0, seq_len)?, tokens.narrow(1, 1, seq_len)?);
+    let mask = Tensor::ones((batch, seq_len), DType::F32, &dev)?;
+    let fwd = best(3, || model.forward_with(&inp, None, false, how).map(|_| ()))?;
+    let step = best(3, || {
+        let (logits, _, aux) = model.forward_with(&inp, None, true, how)?;
+        (masked_cross_entropy(&logits, &tgt, &mask)? + aux)?.backward().map(|_| ())
+    })?;
+    let n = (batch * seq_len) as f64;
+    Ok(ModelFigure {
+        preset: preset.into(),
+        batch,
+        seq_len,
+        projection: match how {
+            Projection::Fused => "fused",
+            Projection::Unfused => "unfused",
+        },
+        forward_tokens_per_s: n / fwd,
+        train_step_tokens_per_s: n / step,
+    })
+}
+
+pub fn cpu_bench(presets: &[String], vocab: usize, batch: usize, seq_len: usize) -> Result<CpuBench> {
+    let memcpy = memcpy_gb_per_s();
+    let scan = vec![
+        scan_figure([8, 4096, 1024], false, memcpy)?,
+        scan_figure([8, 4096, 1024], true, memcpy)?,
+        // B·D too small for tiles to fill the cores: the chunked two-pass path.
+        scan_figure([1, 65_536, 64], false, memcpy)?,
+    ];
+    let scan_kernel = vec![kernel_figure([8, 4096, 1024], memcpy), kernel_figure([1, 65_536, 64], memcpy)];
+    let naive = naive_figure([8, 512, 1024], memcpy)?;
+    let ours_same_shape = scan_figure([8, 512, 1024], false, memcpy)?;
+    let mut model = Vec::new();
+    for p in presets.iter().filter(|p| !p.is_empty()) {
+        model.push(model_figure(p, vocab, batch, seq_len, Projection::Fused)?);
+        model.push(model_figure(p, vocab, batch, seq_len, Projection::Unfused)?);
+    }
+    Ok(CpuBench {
+        device: crate::bench::cpu_name(),
+        threads: rayon::current_num_threads(),
+        build: if cfg!(debug_assertions) { "dev profile (candle, gemm and kernels at opt-level 2)" } else { "release" },
+        memcpy_gb_per_s: memcpy,
+        scan_vs_naive: ours_same_shape.gb_per_s / naive.gb_per_s,
+        scan_kernel,
+        scan,
+        naive_candle_loop: naive,
+        model,
+    })
+}
+
+pub fn cpu_name() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let name = info.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown CPU".into());
+    format!("{name}, {} cores", std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
