@@ -4,6 +4,8 @@ pub mod bench;
 pub mod config;
 pub mod io;
 pub mod model;
+pub mod optim;
+pub mod train;
 
 pub use config::ModelConfig;
 pub use model::{initialise, masked_cross_entropy, FusedModel, FusionMethod, MMRecModel, Projection};

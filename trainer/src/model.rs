@@ -14,7 +14,7 @@
 //! ```
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{embedding, linear, Embedding, Init, Linear, VarBuilder};
+use candle_nn::{linear, Embedding, Init, Linear, VarBuilder};
 
 use crate::config::ModelConfig;
 
@@ -328,7 +328,7 @@ pub struct MMRecModel {
 impl MMRecModel {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        Ok(MMRecModel { embed: embedding(cfg.vocab_size, cfg.d_model, vb.pp("embed"))?, stack: BlockStack::new(cfg, vb.clone())?, cfg: cfg.clone() })
+        Ok(MMRecModel { embed: tied_embedding(cfg, vb.pp("embed"))?, stack: BlockStack::new(cfg, vb.clone())?, cfg: cfg.clone() })
     }
 
     pub fn initial_state(&self, b: usize, dev: &Device) -> Result<Vec<BlockState>> {
@@ -355,6 +355,12 @@ impl MMRecModel {
         let (y, states, aux) = self.stack.forward(&x, state, train, how)?;
         Ok((tied_logits(&y, self.embed.embeddings())?, states, (aux * self.cfg.uboo_weight)?))
     }
+}
+
+/// N(0, 0.02) as in GPT-2: the embedding is also the output head, and candle's default
+/// N(0, 1) would start the logits at a scale of √D (a loss far above ln V).
+fn tied_embedding(cfg: &ModelConfig, vb: VarBuilder) -> Result<Embedding> {
+    Ok(Embedding::new(vb.get_with_hints((cfg.vocab_size, cfg.d_model), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?, cfg.d_model))
 }
 
 /// `y Eᵀ` as one 2-D matmul: candle's batched matmul would broadcast E per batch row.
@@ -394,6 +400,9 @@ pub struct FusedModel {
     pub fusion: Linear,
     pub method: FusionMethod,
     pub cfg: ModelConfig,
+    /// Fusion training: the experts' outputs are constants, so backward stops at them
+    /// instead of walking both stacks for gradients nobody will use.
+    pub experts_frozen: bool,
 }
 
 impl FusedModel {
@@ -409,12 +418,13 @@ impl FusedModel {
             FusionMethod::Gated => linear(2 * d, 2, vb.pp("fusion").pp("router"))?,
         };
         Ok(FusedModel {
-            embed: embedding(cfg.vocab_size, d, vb.pp("embed"))?,
+            embed: tied_embedding(cfg, vb.pp("embed"))?,
             text: BlockStack::new(cfg, vb.pp("experts").pp("text"))?,
             code: BlockStack::new(cfg, vb.pp("experts").pp("code"))?,
             fusion,
             method,
             cfg: cfg.clone(),
+            experts_frozen: false,
         })
     }
 
@@ -425,6 +435,7 @@ impl FusedModel {
         let dt = x.dtype();
         let (yt, _, _) = self.text.forward(&x, &self.text.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
         let (yc, _, _) = self.code.forward(&x, &self.code.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
+        let (yt, yc) = if self.experts_frozen { (yt.detach(), yc.detach()) } else { (yt, yc) };
         let both = Tensor::cat(&[&yt, &yc], D::Minus1)?;
         let (f, weights) = match self.method {
             FusionMethod::Concat => (self.fusion.forward(&both)?, None),
@@ -434,6 +445,82 @@ impl FusedModel {
                 (f, Some(w))
             }
         };
-        Ok((tied_logits(&f, self.embed.embeddings())?, weights))
+        let embed = if self.experts_frozen { self.embed.embeddings().detach() } else { self.embed.embeddings().clone() };
+        Ok((tied_logits(&f, &embed)?, weights))
+    }
+}
+
+/// A VarBuilder that creates missing variables in `varmap` from candle's `Init`
+/// descriptions with a seeded generator, each tensor's stream derived from (seed, name):
+/// candle 0.11 cannot seed its CPU generator, and a run that must resume or be repeated
+/// exactly needs its initial weights to be a function of the seed.
+pub fn seeded_builder(varmap: &candle_nn::VarMap, seed: u64, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(SeededInit { varmap: varmap.clone(), seed }), dtype, dev.clone())
+}
+
+struct SeededInit {
+    varmap: candle_nn::VarMap,
+    seed: u64,
+}
+
+impl candle_nn::var_builder::SimpleBackend for SeededInit {
+    fn get(&self, s: candle_core::Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let mut data = self.varmap.data().lock().expect("varmap lock");
+        if let Some(v) = data.get(name) {
+            if v.shape() != &s {
+                candle_core::bail!("{name}: shape {:?} requested, {:?} exists", s, v.shape());
+            }
+            return Ok(v.as_tensor().clone());
+        }
+        let mut rng = SplitMix(self.seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)));
+        let n = s.elem_count();
+        let values: Vec<f64> = match h {
+            Init::Const(c) => vec![c; n],
+            Init::Uniform { lo, up } => (0..n).map(|_| lo + (up - lo) * rng.uniform()).collect(),
+            Init::Randn { mean, stdev } => (0..n).map(|_| mean + stdev * rng.normal()).collect(),
+            Init::Kaiming { dist, fan, non_linearity } => {
+                let std = non_linearity.gain() / (fan.for_shape(&s) as f64).sqrt();
+                match dist {
+                    candle_nn::init::NormalOrUniform::Uniform => (0..n).map(|_| 3f64.sqrt() * std * (2.0 * rng.uniform() - 1.0)).collect(),
+                    candle_nn::init::NormalOrUniform::Normal => (0..n).map(|_| std * rng.normal()).collect(),
+                }
+            }
+        };
+        let var = candle_core::Var::from_tensor(&Tensor::from_vec(values, s, dev)?.to_dtype(dtype)?)?;
+        data.insert(name.to_string(), var.clone());
+        Ok(var.as_tensor().clone())
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        let data = self.varmap.data().lock().expect("varmap lock");
+        data.get(name).map(|v| v.as_tensor().clone()).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.varmap.data().lock().expect("varmap lock").contains_key(name)
+    }
+}
+
+struct SplitMix(u64);
+
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in [0, 1).
+    fn uniform(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Standard normal (Box–Muller).
+    fn normal(&mut self) -> f64 {
+        let u1 = 1.0 - self.uniform();
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 }

@@ -2,9 +2,15 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::{Parser, Subcommand};
+use candle_core::Device;
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use mmrec_pipeline::loader::{LoaderConfig, Split};
+use mmrec_trainer::train::{evaluate_net, load_net, Init, Session, TrainConfig};
 
 #[derive(Parser)]
 #[command(name = "mmrec-train", version, about = "Train, evaluate and benchmark MM-Rec models")]
@@ -15,6 +21,45 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Pretrain a base model from scratch on mixed data.
+    Pretrain(RunArgs),
+    /// Fine-tune a transferred expert (its `frozen` metadata is honoured).
+    Finetune {
+        /// The expert (or base) model file to start from.
+        #[arg(long)]
+        init: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Train only the fusion layer of a fused model; everything else is frozen.
+    Fusion {
+        #[arg(long)]
+        init: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Loss and perplexity per domain on the held-out split of shard directories.
+    Eval {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long = "data", required = true, num_args = 1..)]
+        data: Vec<PathBuf>,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        /// Held-out share in per mille: must match training's data.val_permille.
+        #[arg(long, default_value_t = 20)]
+        val_permille: u32,
+        /// Domains to evaluate.
+        #[arg(long, default_value = "text=1,code=1,mixed=1")]
+        domains: String,
+        /// At most this many batches per domain (0: the whole held-out split).
+        #[arg(long, default_value_t = 0)]
+        max_batches: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// CPU benchmark: scan GB/s against memcpy and a naive candle loop, and model
     /// forward / train-step tokens/s per preset. Writes JSON.
     Bench {
@@ -31,6 +76,28 @@ enum Command {
     },
 }
 
+#[derive(Args)]
+struct RunArgs {
+    /// TOML config (sections model, data, optim, run); every field has a default.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Override any config field, e.g. --set optim.lr=1e-4 --set run.steps=200.
+    #[arg(long = "set", value_name = "SECTION.FIELD=VALUE")]
+    set: Vec<String>,
+    /// Shard directories (shorthand for data.dirs).
+    #[arg(long = "data", num_args = 1..)]
+    data: Vec<PathBuf>,
+    /// Output directory (shorthand for run.out).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the latest checkpoint under the output directory, if any.
+    #[arg(long)]
+    resume: bool,
+    /// Print one JSON line per step instead of a progress bar.
+    #[arg(long)]
+    json: bool,
+}
+
 fn main() -> ExitCode {
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
@@ -42,7 +109,27 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let dev = Device::Cpu;
     match cli.command {
+        Command::Pretrain(run) => train(run, Init::Fresh, &dev),
+        Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
+        Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
+        Command::Eval { model, data, seq_len, batch_size, val_permille, domains, max_batches, json } => {
+            let net = load_net(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
+            let weights = mmrec_pipeline::loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
+            let cfg = LoaderConfig { seq_len, batch_size, val_permille, weights, split: Split::Validation, workers: 2, ..LoaderConfig::default() };
+            let losses = evaluate_net(&net, &data, &cfg, max_batches, &dev)?;
+            let report: serde_json::Map<String, serde_json::Value> = losses.iter().map(|(d, l)| (d.clone(), serde_json::json!({"loss": l, "perplexity": l.exp()}))).collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?);
+            } else {
+                println!("{}", model.display());
+                for (d, l) in &losses {
+                    println!("  {d:<6} loss {l:.4}  perplexity {:.2}", l.exp());
+                }
+            }
+            Ok(())
+        }
         Command::Bench { presets, vocab, batch, seq_len, out } => {
             let report = mmrec_trainer::bench::cpu_bench(&presets, vocab, batch, seq_len)?;
             let json = serde_json::to_string_pretty(&report)?;
@@ -51,4 +138,53 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn train(args: RunArgs, init: Init, dev: &Device) -> Result<()> {
+    let mut overrides = args.set.clone();
+    if !args.data.is_empty() {
+        let list: Vec<String> = args.data.iter().map(|d| format!("{:?}", d.to_string_lossy())).collect();
+        overrides.push(format!("data.dirs=[{}]", list.join(",")));
+    }
+    if let Some(out) = &args.out {
+        overrides.push(format!("run.out={:?}", out.to_string_lossy()));
+    }
+    let cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
+    let mut session = Session::new(cfg, init, args.resume, dev)?;
+    eprintln!("# {} from step {} ({} trainable tensors, frozen: {:?})\n{}", session.state.mode, session.state.step, session.opt.params.len(), session.meta.frozen, session.cfg.to_toml());
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+    }
+    let total = session.cfg.run.steps;
+    let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
+    bar.set_style(ProgressStyle::with_template("{pos}/{len} [{bar:30}] ETA {eta} {msg}").expect("static template").progress_chars("=> "));
+    bar.set_position(session.state.step);
+    let json = args.json;
+    let summary = session.train(&stop, &|rec| {
+        if json {
+            println!("{rec}");
+        } else if let Some(val) = rec.get("val") {
+            bar.println(format!("step {} validation {}", rec["step"], val));
+        } else {
+            bar.set_position(rec["step"].as_u64().unwrap_or(0));
+            let tps = rec.get("tokens_per_s").and_then(|v| v.as_f64()).map(|v| format!(" {v:.0} tok/s")).unwrap_or_default();
+            bar.set_message(format!("loss {:.4} lr {:.2e}{tps}", rec["loss"].as_f64().unwrap_or(f64::NAN), rec["lr"].as_f64().unwrap_or(0.0)));
+            if let Some(ev) = rec.get("event") {
+                bar.println(format!("step {}: {}", rec["step"], ev));
+            }
+        }
+    })?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{} steps, {} tokens in {:.1} s{}{}; best validation loss {}; model: {}",
+        summary.steps,
+        summary.tokens,
+        summary.seconds,
+        if summary.stopped_early { " (stopped early)" } else { "" },
+        if summary.interrupted { " (interrupted: checkpoint saved, --resume continues)" } else { "" },
+        summary.best_val.map_or("-".into(), |v| format!("{v:.4}")),
+        summary.final_model.display()
+    );
+    Ok(())
 }

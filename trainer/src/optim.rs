@@ -1,0 +1,184 @@
+//! AdamW with decoupled weight decay and parameter groups, the learning-rate schedule
+//! (linear warmup, cosine decay, times a plateau multiplier), and gradient clipping.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Result, Tensor, Var};
+use serde::{Deserialize, Serialize};
+
+use crate::train::OptimConfig;
+
+/// One trainable tensor with its AdamW moments and its group's multipliers.
+pub struct Param {
+    pub name: String,
+    pub var: Var,
+    pub lr_mult: f64,
+    pub decay: bool,
+    pub m: Tensor,
+    pub v: Tensor,
+}
+
+pub struct AdamW {
+    pub params: Vec<Param>,
+    pub t: u64,
+    pub cfg: OptimConfig,
+}
+
+/// Which group a parameter is in, from its name: the embedding, block `i` (for layer-wise
+/// decay), the fusion layer, or the rest (final norm).
+pub fn lr_multiplier(name: &str, n_layers: usize, cfg: &OptimConfig) -> f64 {
+    if name.ends_with("embed.weight") {
+        return cfg.embed_lr_mult;
+    }
+    if name.starts_with("fusion.") {
+        return cfg.fusion_lr_mult;
+    }
+    let block = name.split("blocks.").nth(1).and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+    match block {
+        // The top block learns at the base rate, each one below at `layer_decay` times the
+        // one above it.
+        Some(i) => cfg.layer_decay.powi((n_layers.saturating_sub(1).saturating_sub(i)) as i32),
+        None => 1.0,
+    }
+}
+
+/// Decoupled weight decay applies to matrices only: not to norms, biases or embeddings.
+pub fn decays(name: &str, rank: usize) -> bool {
+    rank >= 2 && !name.ends_with("embed.weight") && !name.contains("norm")
+}
+
+impl AdamW {
+    pub fn new(trainable: Vec<(String, Var)>, n_layers: usize, cfg: OptimConfig) -> Result<Self> {
+        let params = trainable
+            .into_iter()
+            .map(|(name, var)| {
+                let zeros = var.as_tensor().zeros_like()?;
+                Ok(Param { lr_mult: lr_multiplier(&name, n_layers, &cfg), decay: decays(&name, var.rank()), name, m: zeros.clone(), v: zeros, var })
+            })
+            .collect::<Result<_>>()?;
+        Ok(AdamW { params, t: 0, cfg })
+    }
+
+    /// Global L2 norm of the gradients of the trainable parameters.
+    pub fn grad_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64> {
+        let mut sq = 0.0;
+        for p in &self.params {
+            if let Some(g) = grads.get(&p.name) {
+                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            }
+        }
+        Ok(sq.sqrt())
+    }
+
+    /// One update at learning rate `lr`, gradients scaled by `scale` (clipping and
+    /// accumulation folded into one factor).
+    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, scale: f64) -> Result<()> {
+        self.t += 1;
+        let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
+        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        for p in &mut self.params {
+            let Some(g) = grads.get(&p.name) else { continue };
+            let g = (g * scale)?;
+            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
+            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+            let update = ((&p.m / c1)? / ((&p.v / c2)?.sqrt()? + self.cfg.eps)?)?;
+            let lr_p = lr * p.lr_mult;
+            let theta = p.var.as_tensor();
+            let decayed = if p.decay { (theta * (1.0 - lr_p * self.cfg.weight_decay))? } else { theta.clone() };
+            p.var.set(&(decayed - (update * lr_p)?)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the schedule must remember across a resume.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScheduleState {
+    /// ReduceLROnPlateau's multiplier on the scheduled rate.
+    pub plateau_mult: f64,
+    pub best_val: Option<f64>,
+    /// Evaluations since the last improvement (for the plateau).
+    pub bad_evals: u32,
+    /// Evaluations since the last improvement (for early stopping).
+    pub evals_since_best: u32,
+    /// Halvings applied by the NaN guard.
+    pub nan_mult: f64,
+}
+
+impl Default for ScheduleState {
+    fn default() -> Self {
+        ScheduleState { plateau_mult: 1.0, best_val: None, bad_evals: 0, evals_since_best: 0, nan_mult: 1.0 }
+    }
+}
+
+/// Linear warmup to `lr`, cosine decay to `min_lr` at `steps`, times the multipliers.
+pub fn learning_rate(step: u64, cfg: &OptimConfig, steps: u64, s: &ScheduleState) -> f64 {
+    let base = if step < cfg.warmup_steps {
+        cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64
+    } else {
+        let span = steps.saturating_sub(cfg.warmup_steps).max(1) as f64;
+        let progress = ((step - cfg.warmup_steps) as f64 / span).min(1.0);
+        cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+    };
+    (base * s.plateau_mult * s.nan_mult).max(cfg.min_lr * s.nan_mult.min(1.0)).min(cfg.lr)
+}
+
+/// Feed a validation loss to the plateau logic; returns true when it improved.
+pub fn observe_validation(loss: f64, cfg: &OptimConfig, s: &mut ScheduleState) -> bool {
+    let improved = s.best_val.is_none_or(|b| loss < b * (1.0 - cfg.plateau_threshold));
+    if improved {
+        s.best_val = Some(loss);
+        s.bad_evals = 0;
+        s.evals_since_best = 0;
+    } else {
+        s.bad_evals += 1;
+        s.evals_since_best += 1;
+        if s.bad_evals > cfg.plateau_patience {
+            let floor = cfg.min_lr / cfg.lr;
+            s.plateau_mult = (s.plateau_mult * cfg.plateau_factor).max(floor);
+            s.bad_evals = 0;
+        }
+    }
+    improved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> OptimConfig {
+        OptimConfig { lr: 1e-3, min_lr: 1e-5, warmup_steps: 10, ..OptimConfig::default() }
+    }
+
+    #[test]
+    fn warmup_then_cosine_to_min_lr() {
+        let (c, s) = (cfg(), ScheduleState::default());
+        assert!((learning_rate(0, &c, 110, &s) - 1e-4).abs() < 1e-12);
+        assert!((learning_rate(9, &c, 110, &s) - 1e-3).abs() < 1e-12);
+        assert!((learning_rate(60, &c, 110, &s) - (1e-5 + 0.5 * (1e-3 - 1e-5))).abs() < 1e-9);
+        assert!((learning_rate(110, &c, 110, &s) - 1e-5).abs() < 1e-12);
+    }
+
+    #[test]
+    fn plateau_multiplies_the_rate_down_after_patience() {
+        let c = OptimConfig { plateau_patience: 1, plateau_factor: 0.5, ..cfg() };
+        let mut s = ScheduleState::default();
+        assert!(observe_validation(2.0, &c, &mut s));
+        assert!(!observe_validation(2.0, &c, &mut s));
+        assert_eq!(s.plateau_mult, 1.0);
+        assert!(!observe_validation(2.1, &c, &mut s));
+        assert_eq!(s.plateau_mult, 0.5);
+        assert_eq!(s.evals_since_best, 2);
+    }
+
+    #[test]
+    fn groups_follow_names() {
+        let c = OptimConfig { layer_decay: 0.5, embed_lr_mult: 0.1, fusion_lr_mult: 3.0, ..cfg() };
+        assert_eq!(lr_multiplier("blocks.2.ffn.up.weight", 3, &c), 1.0);
+        assert_eq!(lr_multiplier("blocks.0.ffn.up.weight", 3, &c), 0.25);
+        assert_eq!(lr_multiplier("experts.text.blocks.1.in_proj.bias", 3, &c), 0.5);
+        assert_eq!(lr_multiplier("embed.weight", 3, &c), 0.1);
+        assert_eq!(lr_multiplier("fusion.proj.weight", 3, &c), 3.0);
+        assert!(decays("blocks.0.ffn.up.weight", 2) && !decays("blocks.0.ffn.up.bias", 1) && !decays("embed.weight", 2) && !decays("blocks.0.norm1.weight", 1));
+    }
+}

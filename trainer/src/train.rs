@@ -1,0 +1,736 @@
+//! The training loop (pretrain, finetune, fusion), evaluation, and checkpoints that resume
+//! exactly (DESIGN.md §5).
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_nn::{VarBuilder, VarMap};
+use mmrec_pipeline::loader::{Batch, Cursor, Loader, LoaderConfig, Split};
+use serde::{Deserialize, Serialize};
+
+use crate::io::{self, ModelMeta, Role};
+use crate::model::{initialise, tied_logits, BlockStack, FusedModel, MMRecModel, Projection};
+use crate::optim::{learning_rate, observe_validation, AdamW, ScheduleState};
+use crate::ModelConfig;
+
+/// Everything a run needs, as one plain struct: read from TOML, overridable field by field
+/// with `--set section.field=value`, printed at start and saved in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub optim: OptimConfig,
+    pub run: RunConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// `tiny`, `small` or `medium` (pretrain only; finetune and fusion take the shape from
+    /// the `--init` file).
+    pub preset: String,
+    /// Seeds the initial weights (pretrain).
+    pub seed: u64,
+    pub dropout: f32,
+    pub uboo_weight: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    pub dirs: Vec<PathBuf>,
+    /// `text=0.4,code=0.4,mixed=0.2`
+    pub weights: String,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub workers: usize,
+    pub val_permille: u32,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OptimConfig {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: u64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    pub grad_clip: f64,
+    pub grad_accum: usize,
+    pub embed_lr_mult: f64,
+    /// Block i's rate is `layer_decay^(L-1-i)` times the base rate.
+    pub layer_decay: f64,
+    pub fusion_lr_mult: f64,
+    pub plateau_factor: f64,
+    pub plateau_patience: u32,
+    pub plateau_threshold: f64,
+    /// Evaluations without improvement before stopping; 0 never stops early.
+    pub early_stop_patience: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    pub out: PathBuf,
+    pub steps: u64,
+    /// Stop after this many training tokens (0: only `steps` counts).
+    pub token_budget: u64,
+    pub eval_every: u64,
+    pub eval_batches: usize,
+    pub ckpt_every: u64,
+    pub keep_last: usize,
+    pub log_every: u64,
+    pub grad_checkpointing: bool,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { preset: "tiny".into(), seed: 0, dropout: 0.0, uboo_weight: 0.0 }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig { dirs: vec![], weights: "text=1,code=1,mixed=1".into(), seq_len: 256, batch_size: 8, workers: 2, val_permille: 20, seed: 0 }
+    }
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        OptimConfig {
+            lr: 3e-3,
+            min_lr: 3e-4,
+            warmup_steps: 50,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            grad_accum: 1,
+            embed_lr_mult: 1.0,
+            layer_decay: 1.0,
+            fusion_lr_mult: 1.0,
+            plateau_factor: 0.5,
+            plateau_patience: 2,
+            plateau_threshold: 1e-3,
+            early_stop_patience: 0,
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig { model: ModelSection::default(), data: DataConfig::default(), optim: OptimConfig::default(), run: RunConfig::default() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Data(#[from] mmrec_pipeline::Error),
+    #[error(transparent)]
+    Model(#[from] io::Error),
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+impl TrainConfig {
+    /// Read a TOML file (or defaults) and apply `section.field=value` overrides, each
+    /// parsed as TOML (so `3e-4`, `true`, `"text"` and `["a", "b"]` all work).
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let mut doc: toml::Table = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(io_err(p))?;
+                text.parse().map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
+            }
+            None => toml::Table::new(),
+        };
+        for o in overrides {
+            let (key, value) = o.split_once('=').ok_or_else(|| Error::Config(format!("override {o:?} must look like section.field=value")))?;
+            let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::Config(format!("override key {key:?} must be section.field, e.g. optim.lr")))?;
+            let parsed: toml::Value = format!("v = {value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let table = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table.as_table_mut().ok_or_else(|| Error::Config(format!("{section} is not a section")))?.insert(field.to_string(), parsed);
+        }
+        let cfg: TrainConfig = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<()> {
+        let bad = |m: &str| Err(Error::Config(m.to_string()));
+        if self.data.seq_len == 0 || self.data.batch_size == 0 || self.optim.grad_accum == 0 {
+            return bad("data.seq_len, data.batch_size and optim.grad_accum must be at least 1");
+        }
+        if !(self.optim.lr > 0.0 && self.optim.min_lr >= 0.0 && self.optim.min_lr <= self.optim.lr) {
+            return bad("need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr");
+        }
+        if self.run.steps == 0 && self.run.token_budget == 0 {
+            return bad("set run.steps or run.token_budget");
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+}
+
+/// The model being trained: a single stack (base or expert) or the fused model.
+pub enum Net {
+    Single(MMRecModel),
+    Fused(FusedModel),
+}
+
+impl Net {
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            Net::Single(m) => &m.cfg,
+            Net::Fused(m) => &m.cfg,
+        }
+    }
+
+    /// Logits and the weighted auxiliary loss.
+    pub fn logits(&self, tokens: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
+        match self {
+            Net::Single(m) => m.forward(tokens, None, train).map(|(l, _, aux)| (l, aux)),
+            Net::Fused(m) => {
+                let (l, _) = m.forward(tokens, train)?;
+                let zero = Tensor::zeros((), l.dtype(), l.device())?;
+                Ok((l, zero))
+            }
+        }
+    }
+}
+
+/// Per-row summed negative log-likelihood and target counts, for per-domain evaluation.
+pub fn row_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+    let (b, t, v) = logits.dims3()?;
+    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
+    let nll = logp.gather(&targets.reshape((b * t, 1))?, 1)?.squeeze(1)?.neg()?.reshape((b, t))?;
+    let mask = mask.to_dtype(nll.dtype())?;
+    let sums = (nll * &mask)?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let counts = mask.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    Ok((sums, counts))
+}
+
+/// A batch as tensors: inputs [B, T], targets [B, T], target mask [B, T].
+pub fn batch_tensors(b: &Batch, batch: usize, seq_len: usize, dtype: DType, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let all = Tensor::from_slice(&b.tokens, (batch, seq_len + 1), dev)?;
+    let mask = Tensor::from_slice(&b.mask, (batch, seq_len + 1), dev)?.to_dtype(dtype)?;
+    Ok((all.i((.., ..seq_len))?, all.i((.., 1..))?, mask.i((.., 1..))?))
+}
+
+/// Loss and gradients by parameter name. With checkpointing, only each block's input is
+/// kept from the forward pass; the backward recomputes one block at a time and chains the
+/// gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's activations.
+pub fn loss_and_grads(net: &Net, vm: &VarMap, inp: &Tensor, tgt: &Tensor, mask: &Tensor, checkpointing: bool) -> candle_core::Result<(f64, BTreeMap<String, Tensor>)> {
+    let named: Vec<(String, Var)> = vm.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let collect = |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
+        for (name, var) in &named {
+            if let Some(g) = store.get(var.as_tensor()) {
+                let sum = match into.remove(name) {
+                    Some(prev) => (prev + g)?,
+                    None => g.clone(),
+                };
+                into.insert(name.clone(), sum);
+            }
+        }
+        Ok(())
+    };
+    let mut grads = BTreeMap::new();
+    let model = match (net, checkpointing) {
+        (Net::Single(m), true) => m,
+        _ => {
+            let (logits, aux) = net.logits(inp, true)?;
+            let loss = (crate::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
+            collect(&loss.backward()?, &mut grads)?;
+            return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads));
+        }
+    };
+    let stack: &BlockStack = &model.stack;
+    let b = inp.dim(0)?;
+    let states = stack.initial_state(b, model.embed.embeddings().dtype(), inp.device())?;
+    // Forward, keeping only block inputs.
+    let mut inputs = vec![candle_nn::Module::forward(&model.embed, inp)?.detach()];
+    for (blk, s) in stack.blocks.iter().zip(&states) {
+        let (y, _, _) = blk.forward(inputs.last().expect("an input"), s, true, Projection::Fused)?;
+        inputs.push(y.detach());
+    }
+    // Head: norm, tied logits, loss; the gradient flowing into the last block's output.
+    let top = Var::from_tensor(inputs.last().expect("an output"))?;
+    let logits = tied_logits(&candle_nn::Module::forward(&stack.norm, top.as_tensor())?, model.embed.embeddings())?;
+    let ce = crate::model::masked_cross_entropy(&logits, tgt, mask)?;
+    let store = ce.backward()?;
+    collect(&store, &mut grads)?;
+    let mut g = store.get(top.as_tensor()).expect("the head depends on the stack").clone();
+    let mut loss = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    for (i, blk) in stack.blocks.iter().enumerate().rev() {
+        let x = Var::from_tensor(&inputs[i])?;
+        let (y, _, aux) = blk.forward(x.as_tensor(), &states[i], true, Projection::Fused)?;
+        let aux = (aux * model.cfg.uboo_weight)?;
+        loss += aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        let surrogate = ((y * &g)?.sum_all()? + aux)?;
+        let store = surrogate.backward()?;
+        collect(&store, &mut grads)?;
+        g = store.get(x.as_tensor()).expect("a block depends on its input").clone();
+    }
+    let x0 = candle_nn::Module::forward(&model.embed, inp)?;
+    collect(&(x0 * g)?.sum_all()?.backward()?, &mut grads)?;
+    Ok((loss, grads))
+}
+
+/// Names matching any frozen pattern. Patterns are globs where `*` matches anything and
+/// `{a-b}` matches a number in that range (the `frozen` metadata of DESIGN §2).
+pub fn is_frozen(name: &str, patterns: &[String]) -> bool {
+    patterns.iter().any(|p| glob_match(p, name))
+}
+
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    fn go(p: &[u8], n: &[u8]) -> bool {
+        match p.first() {
+            None => n.is_empty(),
+            Some(b'*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
+            Some(b'{') => {
+                let Some(close) = p.iter().position(|&c| c == b'}') else { return false };
+                let range = std::str::from_utf8(&p[1..close]).unwrap_or("");
+                let digits = n.iter().take_while(|c| c.is_ascii_digit()).count();
+                if digits == 0 {
+                    return false;
+                }
+                let value: u64 = std::str::from_utf8(&n[..digits]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+                let ok = match range.split_once('-') {
+                    Some((a, b)) => a.parse::<u64>().is_ok_and(|a| a <= value) && b.parse::<u64>().is_ok_and(|b| value <= b),
+                    None => range.split(',').any(|v| v.parse::<u64>() == Ok(value)),
+                };
+                ok && go(&p[close + 1..], &n[digits..])
+            }
+            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
+        }
+    }
+    go(pattern.as_bytes(), name.as_bytes())
+}
+
+/// What `state.json` holds (DESIGN §5).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    pub schema_version: u32,
+    pub tool_version: String,
+    pub mode: String,
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub adam_t: u64,
+    pub schedule: ScheduleState,
+    pub cursor: Option<Cursor>,
+    pub config: TrainConfig,
+    pub model_meta_role: Role,
+    pub recent: Vec<serde_json::Value>,
+    pub best_checkpoint: Option<String>,
+}
+
+/// How a run starts.
+pub enum Init {
+    /// A fresh model from the config's preset.
+    Fresh,
+    /// An expert or base file to fine-tune (its `frozen` patterns are honoured).
+    Model(PathBuf),
+    /// A fused file: only `fusion.*` learns.
+    Fused(PathBuf),
+}
+
+pub struct Session {
+    pub cfg: TrainConfig,
+    pub vm: VarMap,
+    pub net: Net,
+    pub opt: AdamW,
+    pub meta: ModelMeta,
+    pub state: TrainState,
+    dev: Device,
+}
+
+pub const CHECKPOINTS: &str = "checkpoints";
+
+impl Session {
+    /// Build the model and optimiser, from scratch, from an init file, or from the latest
+    /// checkpoint under `run.out` when `resume` is set and one exists.
+    pub fn new(cfg: TrainConfig, init: Init, resume: bool, dev: &Device) -> Result<Self> {
+        let ckpt_dir = cfg.run.out.join(CHECKPOINTS);
+        let latest = if resume { read_pointer(&ckpt_dir, "latest") } else { None };
+        let (cfg, resumed_state) = match &latest {
+            Some(name) => {
+                let path = ckpt_dir.join(name).join("state.json");
+                let st: TrainState = serde_json::from_slice(&std::fs::read(&path).map_err(io_err(&path))?).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
+                (st.config.clone(), Some(st))
+            }
+            None => (cfg, None),
+        };
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
+        let (net, meta) = match &init {
+            Init::Fresh => {
+                let vocab = data_vocab(&cfg.data.dirs)?;
+                let mut mc = ModelConfig::preset(&cfg.model.preset, vocab).ok_or_else(|| Error::Config(format!("unknown preset {:?} (tiny, small, medium)", cfg.model.preset)))?;
+                mc.dropout = cfg.model.dropout;
+                mc.uboo_weight = cfg.model.uboo_weight;
+                let net = Net::Single(MMRecModel::new(&mc, crate::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev))?);
+                initialise(&vm, &mc)?;
+                (net, ModelMeta { role: Role::Base, domain: None, config: mc, frozen: vec![], lineage: serde_json::json!({}), fusion: None })
+            }
+            Init::Model(path) => {
+                let meta = io::read_meta(path)?;
+                let net = Net::Single(MMRecModel::new(&meta.config, vb)?);
+                load_into(&vm, path)?;
+                (net, meta)
+            }
+            Init::Fused(path) => {
+                let mut meta = io::read_meta(path)?;
+                let method = meta.fusion.ok_or_else(|| Error::Config(format!("{} is not a fused model (no `fusion` metadata)", path.display())))?;
+                let mut fused = FusedModel::new(&meta.config, method, vb)?;
+                fused.experts_frozen = true;
+                load_into(&vm, path)?;
+                // In fusion training only the fusion layer learns (DESIGN §1).
+                if !meta.frozen.iter().any(|p| p == "embed.*") {
+                    meta.frozen.extend(["embed.*".to_string(), "experts.*".to_string()]);
+                }
+                (Net::Fused(fused), meta)
+            }
+        };
+        let data_vocab = data_vocab(&cfg.data.dirs)?;
+        if data_vocab != net.config().vocab_size {
+            return Err(Error::Config(format!("the model has a vocabulary of {} but the shards' tokenizer has {data_vocab}", net.config().vocab_size)));
+        }
+        let trainable: Vec<(String, Var)> = {
+            let data = vm.data().lock().expect("varmap lock");
+            let mut v: Vec<(String, Var)> = data.iter().filter(|(n, _)| !is_frozen(n, &meta.frozen)).map(|(n, v)| (n.clone(), v.clone())).collect();
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            v
+        };
+        if trainable.is_empty() {
+            return Err(Error::Config("every parameter is frozen: nothing to train".into()));
+        }
+        let mut opt = AdamW::new(trainable, net.config().n_layers, cfg.optim.clone())?;
+        let mode = match init {
+            Init::Fresh => "pretrain",
+            Init::Model(_) => "finetune",
+            Init::Fused(_) => "fusion",
+        };
+        let state = match resumed_state {
+            Some(st) => {
+                let dir = ckpt_dir.join(latest.as_deref().expect("resumed from latest"));
+                load_into(&vm, &dir.join("model.safetensors"))?;
+                load_moments(&mut opt, &dir.join("optimizer.safetensors"), dev)?;
+                opt.t = st.adam_t;
+                st
+            }
+            None => TrainState {
+                schema_version: mmrec_schemas::SCHEMA_VERSION,
+                tool_version: format!("mmrec-train {}", env!("CARGO_PKG_VERSION")),
+                mode: mode.into(),
+                step: 0,
+                tokens_seen: 0,
+                adam_t: 0,
+                schedule: ScheduleState::default(),
+                cursor: None,
+                config: cfg.clone(),
+                model_meta_role: meta.role,
+                recent: vec![],
+                best_checkpoint: None,
+            },
+        };
+        Ok(Session { cfg, vm, net, opt, meta, state, dev: dev.clone() })
+    }
+
+    fn loader_config(&self, split: Split) -> Result<LoaderConfig> {
+        let d = &self.cfg.data;
+        let weights = mmrec_pipeline::loader::parse_weights(&d.weights).map_err(|e| Error::Config(format!("data.weights: {e}")))?;
+        Ok(LoaderConfig {
+            seq_len: d.seq_len,
+            batch_size: d.batch_size,
+            workers: d.workers,
+            seed: d.seed,
+            weights,
+            val_permille: d.val_permille,
+            split,
+            ..LoaderConfig::default()
+        })
+    }
+
+    /// Mean validation loss per domain (and overall), at most `max_batches` per domain.
+    pub fn evaluate(&self, max_batches: usize) -> Result<BTreeMap<String, f64>> {
+        evaluate_net(&self.net, &self.cfg.data.dirs, &self.loader_config(Split::Validation)?, max_batches, &self.dev)
+    }
+
+    /// The training loop. Stops at `run.steps` / `run.token_budget`, on early stopping, or
+    /// when `stop` is raised (SIGINT/SIGTERM), saving a checkpoint in every case.
+    pub fn train(&mut self, stop: &AtomicBool, progress: &dyn Fn(&serde_json::Value)) -> Result<Summary> {
+        let cfg = self.cfg.clone();
+        let (bsz, seq) = (cfg.data.batch_size, cfg.data.seq_len);
+        std::fs::create_dir_all(&cfg.run.out).map_err(io_err(&cfg.run.out))?;
+        let log_path = cfg.run.out.join("metrics.jsonl");
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
+        let mut loader = Loader::open(&cfg.data.dirs, self.loader_config(Split::Train)?, self.state.cursor.clone())?;
+        let started = Instant::now();
+        let mut window = (Instant::now(), 0u64, std::time::Duration::ZERO);
+        let mut stopped_early = false;
+        while self.state.step < cfg.run.steps.max(1) && (cfg.run.token_budget == 0 || self.state.tokens_seen < cfg.run.token_budget) {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+            let mut loss = 0.0;
+            let mut tokens = 0u64;
+            for _ in 0..cfg.optim.grad_accum {
+                let batch = loader.next_batch().ok_or_else(|| Error::Config("the training loader ended".into()))??;
+                let (inp, tgt, mask) = batch_tensors(&batch, bsz, seq, DType::F32, &self.dev)?;
+                tokens += batch.mask.iter().map(|&m| m as u64).sum::<u64>();
+                let (l, g) = loss_and_grads(&self.net, &self.vm, &inp, &tgt, &mask, cfg.run.grad_checkpointing)?;
+                loss += l / cfg.optim.grad_accum as f64;
+                for (name, t) in g {
+                    let sum = match grads.remove(&name) {
+                        Some(prev) => (prev + t)?,
+                        None => t,
+                    };
+                    grads.insert(name, sum);
+                }
+            }
+            let accum = 1.0 / cfg.optim.grad_accum as f64;
+            let norm = self.opt.grad_norm(&grads)? * accum;
+            let lr = learning_rate(self.state.step, &cfg.optim, cfg.run.steps, &self.state.schedule);
+            let mut record = serde_json::json!({"step": self.state.step + 1, "loss": loss, "ppl": loss.exp(), "lr": lr, "grad_norm": norm});
+            if loss.is_finite() && norm.is_finite() {
+                let clip = if cfg.optim.grad_clip > 0.0 && norm > cfg.optim.grad_clip { cfg.optim.grad_clip / norm } else { 1.0 };
+                self.opt.step(&grads, lr, accum * clip)?;
+            } else {
+                // NaN guard: skip the update, go back to the last checkpoint if the weights
+                // may be damaged, and halve the learning rate.
+                self.state.schedule.nan_mult *= 0.5;
+                let restored = self.restore_latest()?;
+                record["event"] = serde_json::json!(format!("non-finite loss or gradient: step skipped, learning rate halved{}", if restored { ", last checkpoint restored" } else { "" }));
+            }
+            self.state.step += 1;
+            self.state.tokens_seen += tokens;
+            self.state.adam_t = self.opt.t;
+            self.state.cursor = loader.cursor().cloned();
+            window.1 += tokens;
+            if self.state.step % cfg.run.log_every.max(1) == 0 || record.get("event").is_some() {
+                let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+                let waited = (loader.waited() - window.2).as_secs_f64();
+                record["tokens_per_s"] = serde_json::json!(window.1 as f64 / secs);
+                record["data_wait_pct"] = serde_json::json!(100.0 * waited / secs);
+                record["rss_mb"] = serde_json::json!(rss_mb());
+                window = (Instant::now(), 0, loader.waited());
+            }
+            record["tokens_seen"] = serde_json::json!(self.state.tokens_seen);
+            writeln!(log, "{record}").map_err(io_err(&log_path))?;
+            progress(&record);
+            self.remember(record);
+            let mut improved = false;
+            if cfg.run.eval_every > 0 && self.state.step % cfg.run.eval_every == 0 {
+                let val = self.evaluate(cfg.run.eval_batches)?;
+                let overall = val["all"];
+                improved = observe_validation(overall, &cfg.optim, &mut self.state.schedule);
+                let rec = serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult});
+                writeln!(log, "{rec}").map_err(io_err(&log_path))?;
+                progress(&rec);
+                self.remember(rec);
+                if cfg.optim.early_stop_patience > 0 && self.state.schedule.evals_since_best >= cfg.optim.early_stop_patience {
+                    stopped_early = true;
+                }
+            }
+            if improved || (cfg.run.ckpt_every > 0 && self.state.step % cfg.run.ckpt_every == 0) || stopped_early {
+                self.save_checkpoint(improved)?;
+            }
+            if stopped_early {
+                break;
+            }
+        }
+        self.save_checkpoint(false)?;
+        let final_path = cfg.run.out.join("final.safetensors");
+        self.export(&final_path)?;
+        Ok(Summary { steps: self.state.step, tokens: self.state.tokens_seen, seconds: started.elapsed().as_secs_f64(), stopped_early, interrupted: stop.load(Ordering::Relaxed), best_val: self.state.schedule.best_val, final_model: final_path })
+    }
+
+    fn remember(&mut self, rec: serde_json::Value) {
+        self.state.recent.push(rec);
+        let n = self.state.recent.len();
+        if n > 20 {
+            self.state.recent.drain(..n - 20);
+        }
+    }
+
+    /// Write the current weights as a model file with the run's role and lineage.
+    pub fn export(&self, path: &Path) -> Result<()> {
+        let mut meta = self.meta.clone();
+        meta.lineage = serde_json::json!({"trained_by": self.state.tool_version, "mode": self.state.mode, "steps": self.state.step, "tokens": self.state.tokens_seen, "from": self.meta.lineage});
+        io::save(path, &io::varmap_tensors(&self.vm), &meta)?;
+        Ok(())
+    }
+
+    /// Directory written under a temporary name and renamed; then `latest` (and `best`)
+    /// are repointed atomically and old checkpoints beyond `keep_last` are removed.
+    pub fn save_checkpoint(&mut self, best: bool) -> Result<()> {
+        let root = self.cfg.run.out.join(CHECKPOINTS);
+        std::fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let name = format!("step-{:08}", self.state.step);
+        let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        self.export(&tmp.join("model.safetensors"))?;
+        let mut moments = Vec::with_capacity(2 * self.opt.params.len());
+        for p in &self.opt.params {
+            moments.push((format!("m.{}", p.name), p.m.clone()));
+            moments.push((format!("v.{}", p.name), p.v.clone()));
+        }
+        io::save(&tmp.join("optimizer.safetensors"), &moments, &ModelMeta { frozen: vec![], lineage: serde_json::Value::Null, ..self.meta.clone() })?;
+        if best {
+            self.state.best_checkpoint = Some(name.clone());
+        }
+        let state_path = tmp.join("state.json");
+        std::fs::write(&state_path, serde_json::to_vec_pretty(&self.state).expect("state serialises")).map_err(io_err(&state_path))?;
+        let dest = root.join(&name);
+        let _ = std::fs::remove_dir_all(&dest);
+        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        write_pointer(&root, "latest", &name)?;
+        if best {
+            write_pointer(&root, "best", &name)?;
+        }
+        // Retention: the newest `keep_last`, and the best.
+        let mut steps: Vec<String> = std::fs::read_dir(&root).map_err(io_err(&root))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-")).collect();
+        steps.sort();
+        let keep = self.cfg.run.keep_last.max(1);
+        let best_name = read_pointer(&root, "best");
+        for old in steps.iter().take(steps.len().saturating_sub(keep)) {
+            if Some(old) != best_name.as_ref() {
+                let _ = std::fs::remove_dir_all(root.join(old));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reload weights and moments from the latest checkpoint; false when there is none.
+    fn restore_latest(&mut self) -> Result<bool> {
+        let root = self.cfg.run.out.join(CHECKPOINTS);
+        let Some(name) = read_pointer(&root, "latest") else { return Ok(false) };
+        load_into(&self.vm, &root.join(&name).join("model.safetensors"))?;
+        load_moments(&mut self.opt, &root.join(&name).join("optimizer.safetensors"), &self.dev)?;
+        Ok(true)
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub seconds: f64,
+    pub stopped_early: bool,
+    pub interrupted: bool,
+    pub best_val: Option<f64>,
+    pub final_model: PathBuf,
+}
+
+/// Mean loss per domain and overall (`all`, token-weighted) on the held-out split: each
+/// domain gets its own loader, so a batch cap never starves a domain.
+pub fn evaluate_net(net: &Net, dirs: &[PathBuf], base: &LoaderConfig, max_batches: usize, dev: &Device) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    let (mut all_s, mut all_c) = (0.0, 0.0);
+    for d in base.weights.keys() {
+        let cfg = LoaderConfig { split: Split::Validation, weights: [(*d, 1.0)].into_iter().collect(), ..base.clone() };
+        let mut loader = Loader::open(dirs, cfg, None)?;
+        let (mut s, mut c, mut n) = (0.0, 0.0, 0);
+        while let Some(batch) = loader.next_batch() {
+            let (inp, tgt, mask) = batch_tensors(&batch?, base.batch_size, base.seq_len, DType::F32, dev)?;
+            let (logits, _) = net.logits(&inp, false)?;
+            let (rs, rc) = row_losses(&logits, &tgt, &mask)?;
+            s += rs.iter().sum::<f64>();
+            c += rc.iter().sum::<f64>();
+            n += 1;
+            if max_batches > 0 && n >= max_batches {
+                break;
+            }
+        }
+        if c > 0.0 {
+            out.insert(d.to_string(), s / c);
+            all_s += s;
+            all_c += c;
+        }
+    }
+    out.insert("all".into(), if all_c > 0.0 { all_s / all_c } else { f64::NAN });
+    Ok(out)
+}
+
+fn data_vocab(dirs: &[PathBuf]) -> Result<usize> {
+    let first = dirs.first().ok_or_else(|| Error::Config("data.dirs is empty: give shard directories (--data DIR)".into()))?;
+    Ok(mmrec_pipeline::split::read_manifest(first)?.tokenizer.vocab_size)
+}
+
+/// Load a safetensors file into existing variables, naming any missing or misshapen tensor.
+pub fn load_into(vm: &VarMap, path: &Path) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
+    let data = vm.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let t = tensors.get(name).ok_or_else(|| Error::Config(format!("{}: tensor `{name}` is missing", path.display())))?;
+        if t.dims() != var.dims() {
+            return Err(Error::Config(format!("{}: tensor `{name}` is {:?}, the model expects {:?}", path.display(), t.dims(), var.dims())));
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    Ok(())
+}
+
+fn load_moments(opt: &mut AdamW, path: &Path, dev: &Device) -> Result<()> {
+    let tensors = candle_core::safetensors::load(path, dev)?;
+    for p in &mut opt.params {
+        let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| Error::Config(format!("{}: `{k}` is missing", path.display())));
+        p.m = get(format!("m.{}", p.name))?;
+        p.v = get(format!("v.{}", p.name))?;
+    }
+    Ok(())
+}
+
+pub fn read_pointer(root: &Path, which: &str) -> Option<String> {
+    let name = std::fs::read_to_string(root.join(which)).ok()?.trim().to_string();
+    root.join(&name).join("state.json").exists().then_some(name)
+}
+
+fn write_pointer(root: &Path, which: &str, name: &str) -> Result<()> {
+    let tmp = root.join(format!(".{which}.tmp-{}", std::process::id()));
+    std::fs::write(&tmp, name).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, root.join(which)).map_err(io_err(root))
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok())).map_or(0.0, |pages| pages * 4096.0 / 1e6)
+}
+
+/// Model files for `eval`: any role.
+pub fn load_net(path: &Path, dev: &Device) -> Result<Net> {
+    let meta = io::read_meta(path)?;
+    Ok(match meta.role {
+        Role::Fused => Net::Fused(io::load_fused(path, dev)?.0),
+        _ => Net::Single(io::load_model(path, dev)?.0),
+    })
+}

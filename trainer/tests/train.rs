@@ -1,0 +1,228 @@
+//! `mmrec-train` behaviour on real shards built from the fixtures.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use mmrec_trainer::io::{save, varmap_tensors, ModelMeta, Role};
+use mmrec_trainer::train::{glob_match, loss_and_grads, Net, TrainConfig};
+use mmrec_trainer::{initialise, MMRecModel, ModelConfig};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
+}
+
+/// Shards of the fixture corpora, built once per test binary.
+fn shards() -> PathBuf {
+    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let c = fixtures().join("corpora");
+        let inputs = [("wikitext.jsonl", mmrec_schemas::Domain::Text), ("python_stdlib.jsonl", mmrec_schemas::Domain::Code), ("chat.jsonl", mmrec_schemas::Domain::Mixed)]
+            .into_iter()
+            .map(|(f, d)| mmrec_pipeline::InputSpec { path: c.join(f), declared: Some(d) })
+            .collect();
+        let opts = mmrec_pipeline::SplitOptions {
+            inputs,
+            tokenizer: fixtures().join("tokenizer.json"),
+            out: dir.path().to_path_buf(),
+            read: mmrec_pipeline::ReadOptions { field: None, max_bytes: 1 << 20, plain_split: mmrec_pipeline::PlainSplit::File },
+            near_dup: None,
+            shard_docs: 1000,
+            row_group_docs: 16,
+            partition: mmrec_schemas::Partition::WHOLE,
+            seed: 0,
+        };
+        mmrec_pipeline::split(&opts, &()).unwrap();
+        dir
+    })
+    .path()
+    .to_path_buf()
+}
+
+/// Small, fast settings every test starts from.
+fn base_args(out: &Path, steps: u64) -> Vec<String> {
+    [
+        "--data".into(),
+        shards().to_string_lossy().into_owned(),
+        "--out".into(),
+        out.to_string_lossy().into_owned(),
+        "--json".into(),
+        "--set".into(),
+        format!("run.steps={steps}"),
+        "--set".into(),
+        "data.seq_len=32".into(),
+        "--set".into(),
+        "data.batch_size=2".into(),
+        "--set".into(),
+        "run.eval_every=0".into(),
+        "--set".into(),
+        "run.log_every=1".into(),
+        "--set".into(),
+        "optim.warmup_steps=3".into(),
+    ]
+    .into()
+}
+
+fn mmrec_train(cmd: &str, args: &[String]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg(cmd).args(args).output().unwrap();
+    if !out.status.success() {
+        eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out
+}
+
+/// step → loss, the last record of each step winning (a resumed run rewrites steps the
+/// killed one had logged after its last checkpoint).
+fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get("loss").is_some())
+        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_one_step_for_step() {
+    let (straight, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut args = base_args(straight.path(), 16);
+    args.extend(["--set".into(), "run.ckpt_every=8".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+
+    let mut args = base_args(killed.path(), 16);
+    args.extend(["--set".into(), "run.ckpt_every=8".into()]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(&args).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let latest = killed.path().join("checkpoints/latest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&latest).map(|s| s.trim() != "step-00000008").unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint at step 8");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(losses(killed.path()).len() < 16, "the run was killed before finishing");
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    assert!(mmrec_train("pretrain", &resume).status.success());
+    let (a, b) = (losses(straight.path()), losses(killed.path()));
+    assert_eq!(a.len(), 16);
+    assert_eq!(a, b, "identical losses at every step");
+}
+
+#[test]
+fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = base_args(dir.path(), 100_000);
+    let child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let metrics = dir.path().join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count() < 3).unwrap_or(true) {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc_kill(child.id() as i32, 15) };
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    let latest = std::fs::read_to_string(dir.path().join("checkpoints/latest")).unwrap();
+    let steps = losses(dir.path()).len();
+    assert_eq!(latest.trim(), format!("step-{steps:08}"), "the checkpoint is at the last step taken");
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn finetuning_never_changes_frozen_tensors() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = mmrec_pipeline::split::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
+    let cfg = ModelConfig::preset("tiny", vocab).unwrap();
+    let vm = VarMap::new();
+    MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    initialise(&vm, &cfg).unwrap();
+    let frozen = vec!["embed.*".to_string(), "blocks.{0-0}.*".to_string()];
+    let init = dir.path().join("expert.safetensors");
+    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: frozen.clone(), lineage: serde_json::Value::Null, fusion: None }).unwrap();
+    let out = dir.path().join("run");
+    let mut args = base_args(&out, 5);
+    args.extend(["--init".into(), init.to_string_lossy().into_owned(), "--set".into(), "optim.lr=1e-2".into()]);
+    assert!(mmrec_train("finetune", &args).status.success());
+    let before = candle_core::safetensors::load(&init, &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(out.join("final.safetensors"), &Device::Cpu).unwrap();
+    let (mut same, mut changed) = (0, 0);
+    for (name, t) in &before {
+        let diff = (t - &after[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        if frozen.iter().any(|p| glob_match(p, name)) {
+            assert_eq!(diff, 0.0, "frozen {name} changed");
+            same += 1;
+        } else if diff > 0.0 {
+            changed += 1;
+        }
+    }
+    assert!(same > 10 && changed > 10, "{same} frozen, {changed} trained");
+    let meta = mmrec_trainer::io::read_meta(&out.join("final.safetensors")).unwrap();
+    assert_eq!((meta.role, meta.domain.as_deref(), meta.frozen), (Role::Expert, Some("code"), frozen));
+}
+
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    let cfg = ModelConfig { vocab_size: 40, d_model: 16, n_layers: 3, n_heads: 2, n_slots: 3, chunk_sizes: vec![4, 8], memory_window: 2, dropout: 0.0, uboo_weight: 0.1 };
+    let vm = VarMap::new();
+    let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
+    initialise(&vm, &cfg).unwrap();
+    let toks: Vec<u32> = (0..2 * 25).map(|i| (i * 7 + 3) % 40).collect();
+    let all = Tensor::from_vec(toks, (2, 25), &Device::Cpu).unwrap();
+    let (inp, tgt) = (all.narrow(1, 0, 24).unwrap(), all.narrow(1, 1, 24).unwrap());
+    let mask = Tensor::ones((2, 24), DType::F64, &Device::Cpu).unwrap();
+    let net = Net::Single(model);
+    let (l1, g1) = loss_and_grads(&net, &vm, &inp, &tgt, &mask, false).unwrap();
+    let (l2, g2) = loss_and_grads(&net, &vm, &inp, &tgt, &mask, true).unwrap();
+    assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
+    assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());
+    for (name, a) in &g1 {
+        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-30);
+        let diff = (a - &g2[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        assert!(diff <= 1e-10 * scale, "{name}: {diff} (scale {scale})");
+    }
+}
+
+#[test]
+fn a_diverging_run_is_caught_by_the_nan_guard() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 12);
+    // A learning rate that blows the weights up within a few steps.
+    args.extend(["--set".into(), "optim.lr=1e6".into(), "--set".into(), "optim.min_lr=1e5".into(), "--set".into(), "optim.grad_clip=0".into(), "--set".into(), "run.ckpt_every=2".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    assert!(log.contains("non-finite loss or gradient: step skipped, learning rate halved"), "{log}");
+}
+
+#[test]
+fn early_stopping_ends_a_run_that_stops_improving_and_keeps_the_best() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 200);
+    // A rate too small to move the validation loss: every evaluation after the first is
+    // "no improvement".
+    args.extend(["--set".into(), "optim.lr=1e-12".into(), "--set".into(), "optim.min_lr=1e-12".into(), "--set".into(), "run.eval_every=2".into(), "--set".into(), "run.eval_batches=2".into(), "--set".into(), "optim.early_stop_patience=2".into()]);
+    let out = mmrec_train("pretrain", &args);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped early"));
+    assert_eq!(losses(dir.path()).len(), 6, "evaluations at 2 (best), 4 and 6 (no improvement): stop at 6");
+    let best = std::fs::read_to_string(dir.path().join("checkpoints/best")).unwrap();
+    assert_eq!(best.trim(), "step-00000002");
+    assert!(dir.path().join("checkpoints/step-00000002/model.safetensors").exists());
+}
+
+#[test]
+fn config_errors_name_the_field() {
+    let err = TrainConfig::load(None, &["optim.learning_rate=1".into()]).unwrap_err().to_string();
+    assert!(err.contains("learning_rate"), "{err}");
+    let cfg = TrainConfig::load(None, &["optim.lr=1e-4".into(), "optim.min_lr=1e-5".into(), "data.weights=\"code=1\"".into()]).unwrap();
+    assert_eq!((cfg.optim.lr, cfg.data.weights.as_str()), (1e-4, "code=1"));
+    assert!(TrainConfig::load(None, &["optim.min_lr=1".into()]).is_err(), "min_lr above lr is refused");
+}
