@@ -24,6 +24,8 @@ impl ModelConfig {
             "tiny" => (64, 2, 2),
             "small" => (256, 12, 4),
             "medium" => (512, 12, 8),
+            // About 150M parameters with an 8k vocabulary: the size transfer is measured at.
+            "large" => (1024, 8, 16),
             _ => return None,
         };
         Some(ModelConfig {

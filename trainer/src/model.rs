@@ -524,3 +524,33 @@ impl SplitMix {
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
     }
 }
+
+/// Every tensor name and shape a model of this config has (fused: with its fusion layer),
+/// in name order, read off the module structure itself so no name table can drift.
+pub fn tensor_names(cfg: &ModelConfig, fused: Option<FusionMethod>) -> Result<Vec<(String, Vec<usize>)>> {
+    let record = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let vb = VarBuilder::from_backend(Box::new(Recorder(record.clone())), DType::F32, Device::Cpu);
+    match fused {
+        Some(method) => drop(FusedModel::new(cfg, method, vb)?),
+        None => drop(MMRecModel::new(cfg, vb)?),
+    }
+    let names = record.lock().expect("recorder lock").clone();
+    Ok(names.into_iter().collect())
+}
+
+/// Records what a constructor asks for; hands out zero tensors (untouched pages, so even a
+/// large model costs no memory to enumerate).
+struct Recorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, Vec<usize>>>>);
+
+impl candle_nn::var_builder::SimpleBackend for Recorder {
+    fn get(&self, s: candle_core::Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.0.lock().expect("recorder lock").insert(name.to_string(), s.dims().to_vec());
+        Tensor::zeros(s, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
+        Err(candle_core::Error::CannotFindTensor { path: name.to_string() })
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}

@@ -682,6 +682,44 @@ pub fn evaluate_net(net: &Net, dirs: &[PathBuf], base: &LoaderConfig, max_batche
     Ok(out)
 }
 
+/// Entropy (nats) of the unigram distribution of the held-out targets, per domain and
+/// overall: the loss a model that ignored context entirely could reach at best, if it knew
+/// the held-out token frequencies themselves.
+pub fn unigram_entropy(dirs: &[PathBuf], base: &LoaderConfig, max_batches: usize) -> Result<BTreeMap<String, f64>> {
+    let entropy = |counts: &std::collections::HashMap<u32, u64>| {
+        let n: u64 = counts.values().sum();
+        counts.values().map(|&c| c as f64 / n as f64).map(|p| -p * p.ln()).sum::<f64>()
+    };
+    let mut out = BTreeMap::new();
+    let mut all: std::collections::HashMap<u32, u64> = Default::default();
+    for d in base.weights.keys() {
+        let cfg = LoaderConfig { split: Split::Validation, weights: [(*d, 1.0)].into_iter().collect(), ..base.clone() };
+        let mut loader = Loader::open(dirs, cfg, None)?;
+        let mut counts: std::collections::HashMap<u32, u64> = Default::default();
+        let mut n = 0;
+        while let Some(batch) = loader.next_batch() {
+            let batch = batch?;
+            let row = base.seq_len + 1;
+            for (i, (&t, &m)) in batch.tokens.iter().zip(&batch.mask).enumerate() {
+                // Targets only: positions 1..=T of each row, as the loss counts them.
+                if m == 1 && i % row != 0 {
+                    *counts.entry(t).or_default() += 1;
+                    *all.entry(t).or_default() += 1;
+                }
+            }
+            n += 1;
+            if max_batches > 0 && n >= max_batches {
+                break;
+            }
+        }
+        if !counts.is_empty() {
+            out.insert(d.to_string(), entropy(&counts));
+        }
+    }
+    out.insert("all".into(), entropy(&all));
+    Ok(out)
+}
+
 fn data_vocab(dirs: &[PathBuf]) -> Result<usize> {
     let first = dirs.first().ok_or_else(|| Error::Config("data.dirs is empty: give shard directories (--data DIR)".into()))?;
     Ok(mmrec_pipeline::split::read_manifest(first)?.tokenizer.vocab_size)

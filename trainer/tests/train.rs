@@ -226,3 +226,25 @@ fn config_errors_name_the_field() {
     assert_eq!((cfg.optim.lr, cfg.data.weights.as_str()), (1e-4, "code=1"));
     assert!(TrainConfig::load(None, &["optim.min_lr=1".into()]).is_err(), "min_lr above lr is refused");
 }
+
+#[test]
+fn fusion_training_changes_only_the_fusion_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = mmrec_pipeline::split::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
+    let cfg = ModelConfig::preset("tiny", vocab).unwrap();
+    let vm = VarMap::new();
+    mmrec_trainer::FusedModel::new(&cfg, mmrec_trainer::FusionMethod::Gated, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    initialise(&vm, &cfg).unwrap();
+    let init = dir.path().join("fused.safetensors");
+    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Fused, domain: None, config: cfg, frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(mmrec_trainer::FusionMethod::Gated) }).unwrap();
+    let out = dir.path().join("run");
+    let mut args = base_args(&out, 4);
+    args.extend(["--init".into(), init.to_string_lossy().into_owned(), "--set".into(), "optim.lr=1e-2".into()]);
+    assert!(mmrec_train("fusion", &args).status.success());
+    let before = candle_core::safetensors::load(&init, &Device::Cpu).unwrap();
+    let after = candle_core::safetensors::load(out.join("final.safetensors"), &Device::Cpu).unwrap();
+    for (name, t) in &before {
+        let diff = (t - &after[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff > 0.0, name.starts_with("fusion."), "{name} changed by {diff}");
+    }
+}

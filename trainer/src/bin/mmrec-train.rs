@@ -38,6 +38,17 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// Write a freshly initialised base model (seeded) without training it.
+    Init {
+        #[arg(long, default_value = "tiny")]
+        preset: String,
+        #[arg(long)]
+        vocab: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Loss and perplexity per domain on the held-out split of shard directories.
     Eval {
         #[arg(long)]
@@ -119,15 +130,28 @@ fn run(cli: Cli) -> Result<()> {
             let weights = mmrec_pipeline::loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
             let cfg = LoaderConfig { seq_len, batch_size, val_permille, weights, split: Split::Validation, workers: 2, ..LoaderConfig::default() };
             let losses = evaluate_net(&net, &data, &cfg, max_batches, &dev)?;
-            let report: serde_json::Map<String, serde_json::Value> = losses.iter().map(|(d, l)| (d.clone(), serde_json::json!({"loss": l, "perplexity": l.exp()}))).collect();
+            let unigram = mmrec_trainer::train::unigram_entropy(&data, &cfg, max_batches)?;
+            let report: serde_json::Map<String, serde_json::Value> = losses.iter().map(|(d, l)| (d.clone(), serde_json::json!({"loss": l, "perplexity": l.exp(), "unigram_entropy": unigram.get(d)}))).collect();
             if json {
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?);
             } else {
-                println!("{}", model.display());
+                println!("{}   (loss in nats/token; unigram = entropy of the held-out tokens' own unigram distribution)", model.display());
                 for (d, l) in &losses {
-                    println!("  {d:<6} loss {l:.4}  perplexity {:.2}", l.exp());
+                    println!("  {d:<6} loss {l:.4}  perplexity {:>9.2}  unigram {:.4}", l.exp(), unigram.get(d).copied().unwrap_or(f64::NAN));
                 }
             }
+            Ok(())
+        }
+        Command::Init { preset, vocab, seed, out } => {
+            let cfg = mmrec_trainer::ModelConfig::preset(&preset, vocab).ok_or_else(|| anyhow::anyhow!("unknown preset {preset:?} (tiny, small, medium, large)"))?;
+            let vm = candle_nn::VarMap::new();
+            mmrec_trainer::MMRecModel::new(&cfg, mmrec_trainer::model::seeded_builder(&vm, seed, candle_core::DType::F32, &dev))?;
+            mmrec_trainer::initialise(&vm, &cfg)?;
+            let tensors = mmrec_trainer::io::varmap_tensors(&vm);
+            let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
+            let meta = mmrec_trainer::io::ModelMeta { role: mmrec_trainer::io::Role::Base, domain: None, config: cfg, frozen: vec![], lineage: serde_json::json!({"tool": format!("mmrec-train {}", env!("CARGO_PKG_VERSION")), "init_seed": seed}), fusion: None };
+            mmrec_trainer::io::save(&out, &tensors, &meta)?;
+            eprintln!("wrote {} ({params} parameters)", out.display());
             Ok(())
         }
         Command::Bench { presets, vocab, batch, seq_len, out } => {

@@ -1,0 +1,203 @@
+//! `mmrec-transfer`: base → expert, experts → fused model, and header inspection.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+use mmrec_transfer::header::Dtype;
+use mmrec_transfer::{fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Report};
+use mmrec_trainer::FusionMethod;
+
+/// Exit codes: 0 done, 2 usage or I/O error, 3 shape mismatch, 4 missing tensors,
+/// 5 unexpected tensors, 6 non-finite values.
+#[derive(Parser)]
+#[command(name = "mmrec-transfer", version, about = "Move MM-Rec weights between roles: base → expert, experts → fused", args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    expert: ExpertArgs,
+}
+
+#[derive(clap::Args)]
+struct ExpertArgs {
+    /// The base (or expert) model to copy from.
+    source: Option<PathBuf>,
+    /// Target role (only `expert` here; use the `fuse` subcommand for fused models).
+    #[arg(long, value_enum)]
+    to: Option<Target>,
+    /// The expert's domain, recorded in its metadata.
+    #[arg(long)]
+    domain: Option<String>,
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Source blocks to keep, in order: `0-5,8` (target block i ← the i-th listed).
+    #[arg(long, conflicts_with = "map")]
+    layers: Option<String>,
+    /// Affine block mapping, e.g. 'blocks.{i} <- blocks.{2*i}', with --n-layers target blocks.
+    #[arg(long, requires = "n_layers")]
+    map: Option<String>,
+    #[arg(long)]
+    n_layers: Option<usize>,
+    /// Glob patterns written into the output's `frozen` metadata; `{0-5}` matches a
+    /// number range: 'blocks.{0-5}.*'. A pattern that matches nothing is an error.
+    #[arg(long)]
+    freeze: Vec<String>,
+    /// Output dtype (default: keep each tensor's).
+    #[arg(long, value_enum)]
+    dtype: Option<OutDtype>,
+    /// Allow target tensors the source lacks, each created by an --init policy.
+    #[arg(long)]
+    allow_partial: bool,
+    /// PATTERN=zeros|ones for tensors missing from the source (with --allow-partial).
+    #[arg(long = "init", value_name = "PATTERN=POLICY")]
+    init: Vec<String>,
+    /// Check and report only; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Print the report as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Target {
+    Expert,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build a fused model from a text and a code expert.
+    Fuse {
+        #[arg(long)]
+        text: PathBuf,
+        #[arg(long)]
+        code: PathBuf,
+        #[arg(long, value_enum, default_value = "concat")]
+        method: Method,
+        /// The shared embedding: the experts' mean, or one of them.
+        #[arg(long, value_enum, default_value = "mean")]
+        embed: EmbedChoice,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Header only (fast on any size): tensors, shapes, dtypes, parameters by module,
+    /// metadata and lineage.
+    Inspect { file: PathBuf },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Method {
+    Concat,
+    Gated,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let json = cli.expert.json;
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(Error::Rejected { kind, report, summary }) = e.downcast_ref::<Error>() {
+                if json {
+                    println!("{}", serde_json::json!({"error": summary, "kind": kind, "report": report}));
+                } else {
+                    print!("{}", report.render());
+                    eprintln!("error: {summary}; nothing written");
+                }
+                return ExitCode::from(kind.exit_code());
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn show(report: &Report, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report).expect("report serialises"));
+    } else {
+        print!("{}", report.render());
+        match &report.out {
+            Some(out) if report.written => eprintln!("wrote {out}"),
+            _ => eprintln!("dry run: nothing written"),
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let json = cli.expert.json;
+    match cli.command {
+        Some(Command::Inspect { file }) => {
+            let ins = inspect(&file)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&ins)?);
+                return Ok(());
+            }
+            println!("{}: {} bytes, {} tensors, {} parameters", ins.path, ins.bytes, ins.tensors.len(), ins.total_params);
+            for (k, v) in &ins.metadata {
+                println!("  {k}: {v}");
+            }
+            println!("parameters by module:");
+            for (m, n) in &ins.params_by_module {
+                println!("  {m:<40} {n:>12}");
+            }
+            Ok(())
+        }
+        Some(Command::Fuse { text, code, method, embed, out, dry_run }) => {
+            let method = match method {
+                Method::Concat => FusionMethod::Concat,
+                Method::Gated => FusionMethod::Gated,
+            };
+            show(&fuse(&FuseOptions { text, code, method, embed, out, dry_run })?, json);
+            Ok(())
+        }
+        None => {
+            let a = cli.expert;
+            let source = a.source.ok_or_else(|| anyhow::anyhow!("give a source model (mmrec-transfer base.safetensors --to expert ...) or a subcommand; see --help"))?;
+            if a.to.is_none() {
+                anyhow::bail!("--to expert is required");
+            }
+            let out = a.out.ok_or_else(|| anyhow::anyhow!("--out is required"))?;
+            let domain = a.domain.ok_or_else(|| anyhow::anyhow!("--domain is required (text, code, ...)"))?;
+            let layers = match (a.layers, a.map) {
+                (Some(l), _) => LayerMap::parse_layers(&l)?,
+                (None, Some(m)) => LayerMap::parse_map(&m, a.n_layers.unwrap_or(0))?,
+                (None, None) => LayerMap::Identity,
+            };
+            if !a.init.is_empty() && !a.allow_partial {
+                anyhow::bail!("--init needs --allow-partial");
+            }
+            let init = a
+                .init
+                .iter()
+                .map(|s| {
+                    let (p, v) = s.split_once('=').ok_or_else(|| anyhow::anyhow!("--init {s:?} must be PATTERN=zeros|ones"))?;
+                    let policy = match v {
+                        "zeros" => InitPolicy::Zeros,
+                        "ones" => InitPolicy::Ones,
+                        other => anyhow::bail!("--init policy {other:?}: zeros or ones"),
+                    };
+                    Ok((p.to_string(), policy))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let dtype = a.dtype.map(|d| match d {
+                OutDtype::F32 => Dtype::F32,
+                OutDtype::Bf16 => Dtype::BF16,
+                OutDtype::F16 => Dtype::F16,
+            });
+            show(&to_expert(&ExpertOptions { source, out, domain, layers, freeze: a.freeze, dtype, init, dry_run: a.dry_run })?, json);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,726 @@
+//! Move weights between the roles of DESIGN.md §1–§2: base → expert (layer mapping,
+//! partial freezing, dtype conversion) and experts → fused model. Every target tensor gets
+//! a status; mismatches are errors unless the user states a policy; nothing is written
+//! unless everything checks out, and then atomically.
+//!
+//! Tensors are copied byte for byte from a memory map of the source, so a transfer costs
+//! about what copying the file costs.
+
+pub mod header;
+
+use std::collections::BTreeMap;
+use std::io::{Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use header::{read_header, Dtype, Header, HeaderError, TensorInfo};
+use mmrec_trainer::io::{ModelMeta, Role};
+use mmrec_trainer::model::tensor_names;
+use mmrec_trainer::train::glob_match;
+use mmrec_trainer::{FusionMethod, ModelConfig};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Header(#[from] HeaderError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Model(String),
+    /// The checks failed; the report says which tensors and why.
+    #[error("{summary}")]
+    Rejected { summary: String, kind: Rejection, report: Box<Report> },
+}
+
+/// Why a transfer was refused, each with its own exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Rejection {
+    ShapeMismatch,
+    Missing,
+    Unexpected,
+    NonFinite,
+}
+
+impl Rejection {
+    pub fn exit_code(self) -> u8 {
+        match self {
+            Rejection::ShapeMismatch => 3,
+            Rejection::Missing => 4,
+            Rejection::Unexpected => 5,
+            Rejection::NonFinite => 6,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_path_buf(), source }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Copied,
+    /// Copied from a block with another index.
+    Mapped,
+    /// Copied with a dtype conversion.
+    Converted,
+    /// Not in the source; created by an `--init` policy.
+    Initialised,
+    Missing,
+    ShapeMismatch,
+    /// In the source, not wanted by the target (and not a deliberately skipped block).
+    Unexpected,
+    /// A source block the layer mapping leaves out.
+    Skipped,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub target: String,
+    pub source: Option<String>,
+    pub status: Status,
+    pub shape: Vec<u64>,
+    pub from_dtype: Option<&'static str>,
+    pub to_dtype: &'static str,
+    pub frozen: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub source: Vec<String>,
+    pub out: Option<String>,
+    pub rows: Vec<Row>,
+    pub trainable_params: u64,
+    pub frozen_params: u64,
+    /// Values that became ±inf in a narrowing conversion, per tensor.
+    pub overflows: BTreeMap<String, u64>,
+    pub written: bool,
+}
+
+impl Report {
+    /// The table of DESIGN's report: rows that differ only in the block index are grouped
+    /// into ranges (`blocks.{0..11}.ffn.up.weight  copied  [1024, 256]`).
+    pub fn render(&self) -> String {
+        // Group rows that share everything but the block index, in name order.
+        let mut groups: BTreeMap<(String, String, String, String, bool), Vec<usize>> = BTreeMap::new();
+        for r in &self.rows {
+            let (template, index) = block_template(&r.target);
+            let status = serde_json::to_value(r.status).expect("status").as_str().unwrap_or("").to_string();
+            let dtype = match r.from_dtype {
+                Some(f) if f != r.to_dtype => format!("{f}→{}", r.to_dtype),
+                _ => r.to_dtype.to_string(),
+            };
+            groups.entry((template, status, format!("{:?}", r.shape), dtype, r.frozen)).or_default().extend(index);
+        }
+        let mut ordered: Vec<_> = groups.iter().collect();
+        ordered.sort_by_key(|((template, ..), idx)| (template.clone(), idx.iter().min().copied()));
+        let mut out = String::new();
+        for ((template, status, shape, dtype, frozen), idx) in ordered {
+            let name = if idx.is_empty() { template.clone() } else { template.replacen("{}", &format!("{{{}}}", ranges(idx)), 1) };
+            out.push_str(&format!("{name:<44} {status:<12} {shape:<14} {dtype:<9}{}\n", if *frozen { " frozen" } else { "" }));
+        }
+        for (t, n) in &self.overflows {
+            out.push_str(&format!("warning: {n} values of {t} overflowed to ±inf in the conversion\n"));
+        }
+        let all = self.trainable_params + self.frozen_params;
+        out.push_str(&format!(
+            "trainable params: {} || frozen params: {} || all params: {} || trainable%: {:.2}\n",
+            self.trainable_params,
+            self.frozen_params,
+            all,
+            if all > 0 { 100.0 * self.trainable_params as f64 / all as f64 } else { 0.0 }
+        ));
+        out
+    }
+}
+
+/// `[0, 1, 2, 5]` → `0..2,5`.
+fn ranges(idx: &[usize]) -> String {
+    let mut v = idx.to_vec();
+    v.sort_unstable();
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        parts.push(if i == j { v[i].to_string() } else { format!("{}..{}", v[i], v[j]) });
+        i = j + 1;
+    }
+    parts.join(",")
+}
+
+/// `blocks.7.ffn.up.weight` → (`blocks.{}.ffn.up.weight`, Some(7)); the last `blocks.N.`
+/// counts, so `experts.text.blocks.3.x` groups too.
+fn block_template(name: &str) -> (String, Option<usize>) {
+    if let Some(pos) = name.rfind("blocks.") {
+        let rest = &name[pos + 7..];
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if let Ok(i) = digits.parse() {
+            return (format!("{}blocks.{{}}{}", &name[..pos], &rest[digits.len()..]), Some(i));
+        }
+    }
+    (name.to_string(), None)
+}
+
+/// Which source block each target block comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LayerMap {
+    /// Same layers, same order.
+    Identity,
+    /// `--layers 0-5,8`: target block i ← source block list[i].
+    List(Vec<usize>),
+    /// `--map 'blocks.{i} <- blocks.{2*i+1}'` with `n` target blocks.
+    Affine { a: i64, b: i64, n: usize },
+}
+
+impl LayerMap {
+    pub fn parse_layers(s: &str) -> Result<Self> {
+        let mut list = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let bad = || Error::Usage(format!("--layers: {part:?} is not N or A-B"));
+            match part.split_once('-') {
+                Some((a, b)) => {
+                    let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                    if a > b {
+                        return Err(bad());
+                    }
+                    list.extend(a..=b);
+                }
+                None => list.push(part.parse().map_err(|_| bad())?),
+            }
+        }
+        if list.is_empty() {
+            return Err(Error::Usage("--layers names no layer".into()));
+        }
+        Ok(LayerMap::List(list))
+    }
+
+    /// `blocks.{i} <- blocks.{EXPR}` where EXPR is affine in i: `i`, `2*i`, `i+3`, `2*i-1`.
+    pub fn parse_map(s: &str, n: usize) -> Result<Self> {
+        let bad = |m: &str| Error::Usage(format!("--map {s:?}: {m} (expected 'blocks.{{i}} <- blocks.{{2*i+1}}')"));
+        let (lhs, rhs) = s.split_once("<-").ok_or_else(|| bad("no `<-`"))?;
+        if lhs.trim() != "blocks.{i}" {
+            return Err(bad("the left side must be blocks.{i}"));
+        }
+        let expr = rhs.trim().strip_prefix("blocks.{").and_then(|r| r.strip_suffix('}')).ok_or_else(|| bad("the right side must be blocks.{EXPR}"))?;
+        let e: String = expr.chars().filter(|c| !c.is_whitespace()).collect();
+        let (scale_part, offset) = match e.find(['+', '-']).filter(|&p| p > 0) {
+            Some(p) => (&e[..p], e[p..].parse::<i64>().map_err(|_| bad("bad offset"))?),
+            None => (e.as_str(), 0),
+        };
+        let a = match scale_part {
+            "i" => 1,
+            other => other.strip_suffix("*i").and_then(|k| k.parse::<i64>().ok()).ok_or_else(|| bad("bad scale"))?,
+        };
+        Ok(LayerMap::Affine { a, b: offset, n })
+    }
+
+    fn targets(&self, source_layers: usize) -> Result<Vec<usize>> {
+        let v: Vec<i64> = match self {
+            LayerMap::Identity => (0..source_layers as i64).collect(),
+            LayerMap::List(l) => l.iter().map(|&x| x as i64).collect(),
+            LayerMap::Affine { a, b, n } => (0..*n as i64).map(|i| a * i + b).collect(),
+        };
+        v.iter()
+            .enumerate()
+            .map(|(i, &s)| {
+                if s < 0 || s as usize >= source_layers {
+                    Err(Error::Usage(format!("target block {i} maps to source block {s}, but the source has blocks 0..{}", source_layers.saturating_sub(1))))
+                } else {
+                    Ok(s as usize)
+                }
+            })
+            .collect()
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            LayerMap::Identity => "identity".into(),
+            LayerMap::List(l) => format!("layers {l:?}"),
+            LayerMap::Affine { a, b, n } => format!("blocks.{{i}} <- blocks.{{{a}*i{b:+}}} for i in 0..{n}"),
+        }
+    }
+}
+
+/// How to create a target tensor the source does not have (`--allow-partial`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum InitPolicy {
+    Zeros,
+    Ones,
+}
+
+#[derive(Debug, Clone)]
+pub struct ExpertOptions {
+    pub source: PathBuf,
+    pub out: PathBuf,
+    pub domain: String,
+    pub layers: LayerMap,
+    pub freeze: Vec<String>,
+    pub dtype: Option<Dtype>,
+    /// Pattern → policy for target tensors missing from the source.
+    pub init: Vec<(String, InitPolicy)>,
+    pub dry_run: bool,
+}
+
+/// One tensor of the output and where its bytes come from.
+enum Plan {
+    Copy { file: usize, info: TensorInfo },
+    Init(InitPolicy),
+    /// Mean of the same tensor in two files (the fused model's shared embedding).
+    Mean { a: (usize, TensorInfo), b: (usize, TensorInfo) },
+    /// Explicit f32 values (fusion layer initialisation).
+    Values(Vec<f32>),
+}
+
+struct Output {
+    name: String,
+    shape: Vec<u64>,
+    dtype: Dtype,
+    plan: Plan,
+}
+
+fn source_meta(h: &Header) -> Result<ModelMeta> {
+    let map: std::collections::HashMap<String, String> = h.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    ModelMeta::from_map(&h.path, &map).map_err(|e| Error::Model(e.to_string()))
+}
+
+pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
+    let header = read_header(&opts.source)?;
+    let meta = source_meta(&header)?;
+    if meta.role == Role::Fused {
+        return Err(Error::Usage(format!("{} is a fused model; expert transfer takes a base or expert", opts.source.display())));
+    }
+    let src_layers = meta.config.n_layers;
+    let mapping = opts.layers.targets(src_layers)?;
+    let cfg = ModelConfig { n_layers: mapping.len(), ..meta.config.clone() };
+    let expected = tensor_names(&cfg, None).map_err(|e| Error::Model(e.to_string()))?;
+    check_freeze_patterns(&opts.freeze, &expected)?;
+
+    let mut rows = Vec::new();
+    let mut outputs = Vec::new();
+    let mut used = std::collections::BTreeSet::new();
+    for (name, shape) in &expected {
+        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+        let (template, index) = block_template(name);
+        let src_name = match index {
+            Some(i) => template.replacen("{}", &mapping[i].to_string(), 1),
+            None => name.clone(),
+        };
+        let frozen = opts.freeze.iter().any(|p| glob_match(p, name));
+        let mut row = Row { target: name.clone(), source: Some(src_name.clone()), status: Status::Copied, shape: shape.clone(), from_dtype: None, to_dtype: "F32", frozen };
+        match header.tensors.get(&src_name) {
+            None => {
+                row.source = None;
+                match opts.init.iter().find(|(p, _)| glob_match(p, name)) {
+                    Some((_, policy)) => {
+                        row.status = Status::Initialised;
+                        outputs.push(Output { name: name.clone(), shape: shape.clone(), dtype: opts.dtype.unwrap_or(Dtype::F32), plan: Plan::Init(*policy) });
+                    }
+                    None => row.status = Status::Missing,
+                }
+                row.to_dtype = opts.dtype.unwrap_or(Dtype::F32).name();
+            }
+            Some(info) => {
+                used.insert(src_name.clone());
+                let to = opts.dtype.unwrap_or(info.dtype);
+                row.from_dtype = Some(info.dtype.name());
+                row.to_dtype = to.name();
+                row.status = if info.shape != shape {
+                    Status::ShapeMismatch
+                } else if to != info.dtype {
+                    Status::Converted
+                } else if src_name != *name {
+                    Status::Mapped
+                } else {
+                    Status::Copied
+                };
+                if row.status == Status::ShapeMismatch {
+                    row.shape = info.shape.clone();
+                }
+                outputs.push(Output { name: name.clone(), shape, dtype: to, plan: Plan::Copy { file: 0, info: info.clone() } });
+            }
+        }
+        rows.push(row);
+    }
+    let kept: std::collections::BTreeSet<usize> = mapping.iter().copied().collect();
+    for (name, info) in &header.tensors {
+        if used.contains(name) {
+            continue;
+        }
+        let (_, index) = block_template(name);
+        let status = match index {
+            Some(i) if i < src_layers && !kept.contains(&i) && expected.iter().any(|(n, _)| block_template(n).0 == block_template(name).0) => Status::Skipped,
+            _ => Status::Unexpected,
+        };
+        rows.push(Row { target: name.clone(), source: Some(name.clone()), status, shape: info.shape.clone(), from_dtype: Some(info.dtype.name()), to_dtype: info.dtype.name(), frozen: false });
+    }
+    let out_meta = ModelMeta {
+        role: Role::Expert,
+        domain: Some(opts.domain.clone()),
+        config: cfg,
+        frozen: opts.freeze.clone(),
+        lineage: serde_json::json!({"tool": tool_version(), "operation": "to-expert", "sources": [{"path": opts.source, "sha256": SHA_PLACEHOLDER}], "mapping": opts.layers.describe(), "dtype": opts.dtype.map(Dtype::name)}),
+        fusion: None,
+    };
+    finish(&[&header], rows, outputs, &out_meta, &opts.out, opts.dry_run, &header.metadata)
+}
+
+#[derive(Debug, Clone)]
+pub struct FuseOptions {
+    pub text: PathBuf,
+    pub code: PathBuf,
+    pub method: FusionMethod,
+    pub embed: EmbedChoice,
+    pub out: PathBuf,
+    pub dry_run: bool,
+}
+
+/// Which embedding the fused model shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmbedChoice {
+    /// Element-wise mean of the two experts' embeddings.
+    Mean,
+    Text,
+    Code,
+}
+
+pub fn fuse(opts: &FuseOptions) -> Result<Report> {
+    let (ht, hc) = (read_header(&opts.text)?, read_header(&opts.code)?);
+    let (mt, mc) = (source_meta(&ht)?, source_meta(&hc)?);
+    let comparable = |c: &ModelConfig| ModelConfig { dropout: 0.0, uboo_weight: 0.0, ..c.clone() };
+    if comparable(&mt.config) != comparable(&mc.config) {
+        return Err(Error::Usage(format!(
+            "the experts are not compatible: {} has {:?}, {} has {:?} (width, layers, heads, memory and vocabulary must match)",
+            opts.text.display(),
+            mt.config,
+            opts.code.display(),
+            mc.config
+        )));
+    }
+    if let (Some(a), Some(b)) = (ht.metadata.get("tokenizer"), hc.metadata.get("tokenizer")) {
+        if a != b {
+            return Err(Error::Usage(format!("the experts were trained with different tokenizers ({a} and {b})")));
+        }
+    }
+    let cfg = ModelConfig { uboo_weight: 0.0, ..mt.config.clone() };
+    let d = cfg.d_model;
+    let expected = tensor_names(&cfg, Some(opts.method)).map_err(|e| Error::Model(e.to_string()))?;
+    let mut rows = Vec::new();
+    let mut outputs = Vec::new();
+    let lookup = |h: &Header, name: &str| h.tensors.get(name).cloned();
+    for (name, shape) in &expected {
+        let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
+        let mut row = Row { target: name.clone(), source: None, status: Status::Copied, shape: shape.clone(), from_dtype: Some("F32"), to_dtype: "F32", frozen: !name.starts_with("fusion.") };
+        let plan = if let Some(rest) = name.strip_prefix("experts.text.") {
+            row.source = Some(format!("{}:{rest}", opts.text.display()));
+            lookup(&ht, rest).map(|i| (0, i))
+        } else if let Some(rest) = name.strip_prefix("experts.code.") {
+            row.source = Some(format!("{}:{rest}", opts.code.display()));
+            lookup(&hc, rest).map(|i| (1, i))
+        } else {
+            None
+        };
+        let output_plan = match (name.as_str(), plan) {
+            (_, Some((file, info))) => {
+                if info.shape != shape {
+                    row.status = Status::ShapeMismatch;
+                }
+                row.from_dtype = Some(info.dtype.name());
+                row.to_dtype = info.dtype.name();
+                Some((info.dtype, Plan::Copy { file, info }))
+            }
+            ("embed.weight", None) => match (lookup(&ht, name), lookup(&hc, name), opts.embed) {
+                (Some(a), _, EmbedChoice::Text) => Some((a.dtype, Plan::Copy { file: 0, info: a })),
+                (_, Some(b), EmbedChoice::Code) => Some((b.dtype, Plan::Copy { file: 1, info: b })),
+                (Some(a), Some(b), EmbedChoice::Mean) if a.dtype == Dtype::F32 && b.dtype == Dtype::F32 => {
+                    row.status = Status::Converted;
+                    row.source = Some("mean of both experts".into());
+                    Some((Dtype::F32, Plan::Mean { a: (0, a), b: (1, b) }))
+                }
+                (Some(_), Some(_), EmbedChoice::Mean) => return Err(Error::Usage("--embed mean needs f32 embeddings; pick --embed text or code".into())),
+                _ => None,
+            },
+            ("fusion.proj.weight", None) => {
+                row.status = Status::Initialised;
+                // [½I, ½I]: the fused model starts as the experts' average.
+                let mut v = vec![0f32; d * 2 * d];
+                for i in 0..d {
+                    v[i * 2 * d + i] = 0.5;
+                    v[i * 2 * d + d + i] = 0.5;
+                }
+                Some((Dtype::F32, Plan::Values(v)))
+            }
+            (n, None) if n.starts_with("fusion.") => {
+                // Zero router weights and biases: equal weights to start; zero concat bias.
+                row.status = Status::Initialised;
+                Some((Dtype::F32, Plan::Init(InitPolicy::Zeros)))
+            }
+            _ => None,
+        };
+        match output_plan {
+            Some((dtype, plan)) => outputs.push(Output { name: name.clone(), shape, dtype, plan }),
+            None => row.status = Status::Missing,
+        }
+        rows.push(row);
+    }
+    let meta = ModelMeta {
+        role: Role::Fused,
+        domain: None,
+        config: cfg,
+        frozen: vec!["embed.*".into(), "experts.*".into()],
+        lineage: serde_json::json!({"tool": tool_version(), "operation": "fuse", "sources": [{"path": opts.text, "sha256": SHA_PLACEHOLDER}, {"path": opts.code, "sha256": SHA_PLACEHOLDER}], "method": opts.method, "embed": format!("{:?}", opts.embed).to_lowercase()}),
+        fusion: Some(opts.method),
+    };
+    finish(&[&ht, &hc], rows, outputs, &meta, &opts.out, opts.dry_run, &ht.metadata)
+}
+
+fn check_freeze_patterns(patterns: &[String], expected: &[(String, Vec<usize>)]) -> Result<()> {
+    for p in patterns {
+        if !expected.iter().any(|(n, _)| glob_match(p, n)) {
+            return Err(Error::Usage(format!("--freeze {p:?} matches no tensor of the target model (names look like blocks.0.ffn.up.weight)")));
+        }
+    }
+    Ok(())
+}
+
+const SHA_PLACEHOLDER: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn tool_version() -> String {
+    format!("mmrec-transfer {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Decide, then (unless dry-run) write: header with the sources' sha256 filled in after a
+/// parallel hash of each source, tensor bytes streamed from memory maps, temp + rename.
+fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &ModelMeta, out: &Path, dry_run: bool, source_metadata: &BTreeMap<String, String>) -> Result<Report> {
+    let frozen_names: std::collections::BTreeSet<&str> = rows.iter().filter(|r| r.frozen).map(|r| r.target.as_str()).collect();
+    let (mut trainable, mut frozen) = (0u64, 0u64);
+    for o in &outputs {
+        let n: u64 = o.shape.iter().product();
+        if frozen_names.contains(o.name.as_str()) {
+            frozen += n;
+        } else {
+            trainable += n;
+        }
+    }
+    let mut report = Report { source: sources.iter().map(|h| h.path.display().to_string()).collect(), out: Some(out.display().to_string()), rows, trainable_params: trainable, frozen_params: frozen, overflows: BTreeMap::new(), written: false };
+    for (status, kind, what) in [(Status::ShapeMismatch, Rejection::ShapeMismatch, "shape mismatch"), (Status::Missing, Rejection::Missing, "missing from the source (use --allow-partial with --init PATTERN=zeros|ones)"), (Status::Unexpected, Rejection::Unexpected, "in the source but not in the target model")] {
+        let bad: Vec<&str> = report.rows.iter().filter(|r| r.status == status).map(|r| r.target.as_str()).collect();
+        if !bad.is_empty() {
+            let summary = format!("{} tensors {what}: {}", bad.len(), bad.iter().take(6).copied().collect::<Vec<_>>().join(", "));
+            return Err(Error::Rejected { summary, kind, report: Box::new(report) });
+        }
+    }
+    let maps: Vec<memmap2::Mmap> = sources
+        .iter()
+        .map(|h| {
+            let f = std::fs::File::open(&h.path).map_err(io_err(&h.path))?;
+            // SAFETY: read-only map of a file this process does not modify.
+            unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(&h.path))
+        })
+        .collect::<Result<_>>()?;
+    // Values must be finite; narrowing conversions count what overflows.
+    for o in &outputs {
+        if let Plan::Copy { file, info } = &o.plan {
+            let bytes = &maps[*file][(sources[*file].data_offset + info.start) as usize..(sources[*file].data_offset + info.end) as usize];
+            if let Some(i) = first_non_finite(bytes, info.dtype) {
+                let summary = format!("tensor `{}` of {} has a non-finite value at element {i}", o.name, sources[*file].path.display());
+                return Err(Error::Rejected { summary, kind: Rejection::NonFinite, report: Box::new(report) });
+            }
+            if o.dtype != info.dtype {
+                let n = count_overflows(bytes, info.dtype, o.dtype);
+                if n > 0 {
+                    report.overflows.insert(o.name.clone(), n);
+                }
+            }
+        }
+    }
+    if dry_run {
+        report.out = None;
+        return Ok(report);
+    }
+    // Header: tensors in name order, packed back to back.
+    let mut hdr = serde_json::Map::new();
+    let mut offset = 0u64;
+    for o in &outputs {
+        let len = o.shape.iter().product::<u64>() * o.dtype.size();
+        hdr.insert(o.name.clone(), serde_json::json!({"dtype": o.dtype.name(), "shape": o.shape, "data_offsets": [offset, offset + len]}));
+        offset += len;
+    }
+    let mut md: serde_json::Map<String, serde_json::Value> = meta.to_map().into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    if let Some(t) = source_metadata.get("tokenizer") {
+        md.insert("tokenizer".into(), serde_json::Value::String(t.clone()));
+    }
+    hdr.insert("__metadata__".into(), serde_json::Value::Object(md));
+    let mut hjson = serde_json::to_string(&hdr).expect("header serialises");
+    while (hjson.len() + 8) % 8 != 0 {
+        hjson.push(' ');
+    }
+    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let result = std::thread::scope(|s| -> Result<()> {
+        // Hash the sources on another core while this one writes.
+        let hashers: Vec<_> = maps.iter().map(|m| s.spawn(move || crate::hex(&Sha256::digest(&m[..])))).collect();
+        let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
+        f.write_all(&(hjson.len() as u64).to_le_bytes()).map_err(io_err(&tmp))?;
+        f.write_all(hjson.as_bytes()).map_err(io_err(&tmp))?;
+        for o in &outputs {
+            write_tensor(&mut f, o, sources, &maps).map_err(io_err(&tmp))?;
+        }
+        let mut f = f.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        // Fill in each source's sha256 (same length as the placeholder: the header keeps
+        // its size and every offset stays valid).
+        let mut header_bytes = hjson.into_bytes();
+        for h in hashers {
+            let sha = h.join().expect("hash thread");
+            if let Some(pos) = find(&header_bytes, SHA_PLACEHOLDER.as_bytes()) {
+                header_bytes[pos..pos + 64].copy_from_slice(sha.as_bytes());
+            }
+        }
+        f.seek(SeekFrom::Start(8)).map_err(io_err(&tmp))?;
+        f.write_all(&header_bytes).map_err(io_err(&tmp))?;
+        f.sync_all().map_err(io_err(&tmp))?;
+        Ok(())
+    });
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::rename(&tmp, out).map_err(io_err(out))?;
+    report.written = true;
+    Ok(report)
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn slice<'a>(maps: &'a [memmap2::Mmap], sources: &[&Header], file: usize, info: &TensorInfo) -> &'a [u8] {
+    let base = sources[file].data_offset;
+    &maps[file][(base + info.start) as usize..(base + info.end) as usize]
+}
+
+fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> std::io::Result<()> {
+    let n = o.shape.iter().product::<u64>() as usize;
+    match &o.plan {
+        Plan::Copy { file, info } if info.dtype == o.dtype => f.write_all(slice(maps, sources, *file, info)),
+        Plan::Copy { file, info } => {
+            let bytes = slice(maps, sources, *file, info);
+            let mut buf = Vec::with_capacity(1 << 20);
+            for chunk in bytes.chunks(info.dtype.size() as usize * 65536) {
+                buf.clear();
+                for v in decode(chunk, info.dtype) {
+                    encode(v, o.dtype, &mut buf);
+                }
+                f.write_all(&buf)?;
+            }
+            Ok(())
+        }
+        Plan::Init(p) => {
+            let v = match p {
+                InitPolicy::Zeros => 0.0,
+                InitPolicy::Ones => 1.0,
+            };
+            let mut buf = Vec::with_capacity(n * o.dtype.size() as usize);
+            for _ in 0..n {
+                encode(v, o.dtype, &mut buf);
+            }
+            f.write_all(&buf)
+        }
+        Plan::Mean { a, b } => {
+            let (x, y) = (slice(maps, sources, a.0, &a.1), slice(maps, sources, b.0, &b.1));
+            let mut buf = Vec::with_capacity(x.len());
+            for (p, q) in decode(x, Dtype::F32).zip(decode(y, Dtype::F32)) {
+                encode(0.5 * (p + q), Dtype::F32, &mut buf);
+            }
+            f.write_all(&buf)
+        }
+        Plan::Values(v) => f.write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+    }
+}
+
+fn decode(bytes: &[u8], dtype: Dtype) -> impl Iterator<Item = f64> + '_ {
+    let size = dtype.size() as usize;
+    bytes.chunks_exact(size).map(move |c| match dtype {
+        Dtype::F64 => f64::from_le_bytes(c.try_into().expect("8 bytes")),
+        Dtype::F32 => f32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
+        Dtype::F16 => half::f16::from_le_bytes([c[0], c[1]]).to_f64(),
+        Dtype::BF16 => half::bf16::from_le_bytes([c[0], c[1]]).to_f64(),
+        Dtype::I64 => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
+        Dtype::I32 => i32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
+        Dtype::I16 => i16::from_le_bytes([c[0], c[1]]) as f64,
+        Dtype::I8 => c[0] as i8 as f64,
+        Dtype::U8 | Dtype::Bool => c[0] as f64,
+    })
+}
+
+fn encode(v: f64, dtype: Dtype, out: &mut Vec<u8>) {
+    match dtype {
+        Dtype::F64 => out.extend_from_slice(&v.to_le_bytes()),
+        Dtype::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
+        Dtype::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
+        Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+        Dtype::I64 => out.extend_from_slice(&(v as i64).to_le_bytes()),
+        Dtype::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
+        Dtype::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
+        Dtype::I8 => out.push(v as i8 as u8),
+        Dtype::U8 | Dtype::Bool => out.push(v as u8),
+    }
+}
+
+fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
+    if !dtype.is_float() {
+        return None;
+    }
+    if dtype == Dtype::F32 {
+        // The common case, without the f64 round trip.
+        return bytes.chunks_exact(4).position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
+    }
+    decode(bytes, dtype).position(|v| !v.is_finite())
+}
+
+fn count_overflows(bytes: &[u8], from: Dtype, to: Dtype) -> u64 {
+    let max = match to {
+        Dtype::F16 => half::f16::MAX.to_f64(),
+        Dtype::BF16 => half::bf16::MAX.to_f64(),
+        Dtype::F32 => f32::MAX as f64,
+        _ => f64::MAX,
+    };
+    decode(bytes, from).filter(|v| v.abs() > max).count() as u64
+}
+
+/// `inspect`: the header only: tensors, parameter counts by module, metadata.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub path: String,
+    pub bytes: u64,
+    pub tensors: BTreeMap<String, TensorInfo>,
+    pub params_by_module: BTreeMap<String, u64>,
+    pub total_params: u64,
+    pub metadata: BTreeMap<String, serde_json::Value>,
+}
+
+pub fn inspect(path: &Path) -> Result<Inspection> {
+    let h = read_header(path)?;
+    let bytes = std::fs::metadata(path).map_err(io_err(path))?.len();
+    let mut by_module: BTreeMap<String, u64> = BTreeMap::new();
+    for (name, t) in &h.tensors {
+        let (template, _) = block_template(name);
+        // Module = the name without its index and last component: blocks.{}.ffn.up
+        let module = template.rsplit_once('.').map_or(template.clone(), |(m, _)| m.to_string());
+        *by_module.entry(module).or_default() += t.elements();
+    }
+    let metadata = h.metadata.iter().map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone())))).collect();
+    Ok(Inspection { path: path.display().to_string(), bytes, total_params: h.tensors.values().map(TensorInfo::elements).sum(), tensors: h.tensors, params_by_module: by_module, metadata })
+}
