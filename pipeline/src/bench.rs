@@ -192,3 +192,47 @@ fn read_texts(corpus: &[InputSpec]) -> Result<Vec<String>> {
 pub fn default_work_dir() -> PathBuf {
     std::env::temp_dir().join("mmrec-data-bench")
 }
+
+#[derive(Debug, Serialize)]
+pub struct LoaderBench {
+    pub machine: Machine,
+    pub shard_tokens: u64,
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub tokens_per_run: u64,
+    pub rust: Vec<Value>,
+    pub python_reference: Option<Value>,
+    /// Rust at the most workers over the Python reference, in tokens/s.
+    pub rust_vs_python: Option<f64>,
+}
+
+/// Tokens/s the loader delivers to a consumer that does nothing else, per worker count.
+pub fn loader_bench(dir: &Path, seq_len: usize, batch_size: usize, workers: &[usize], tokens: u64, python: Option<(&Path, &Path)>) -> Result<LoaderBench> {
+    use crate::loader::{Loader, LoaderConfig};
+    let manifest = crate::split::read_manifest(dir)?;
+    let mut rust = Vec::new();
+    for &w in workers {
+        let cfg = LoaderConfig { seq_len, batch_size, workers: w, prefetch: 16, lookahead: 2 * w.max(1), ..LoaderConfig::default() };
+        let mut loader = Loader::open(&[dir.to_path_buf()], cfg, None)?;
+        let started = Instant::now();
+        let mut got = 0u64;
+        while got < tokens {
+            let b = loader.next_batch().ok_or_else(|| Error::Invalid("loader ended".into()))??;
+            got += b.tokens.len() as u64;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        rust.push(serde_json::json!({"workers": w, "tokens": got, "seconds": secs, "tokens_per_s": got as f64 / secs, "consumer_wait_pct": 100.0 * loader.waited().as_secs_f64() / secs}));
+    }
+    let mut python_reference = None;
+    let mut rust_vs_python = None;
+    if let Some((py, script)) = python {
+        let o = std::process::Command::new(py).arg(script).arg(dir).args([seq_len.to_string(), batch_size.to_string(), "2".into(), tokens.to_string()]).output().map_err(|e| Error::Invalid(format!("running {}: {e}", py.display())))?;
+        if !o.status.success() {
+            return Err(Error::Invalid(format!("python reference failed: {}", String::from_utf8_lossy(&o.stderr))));
+        }
+        let v: Value = serde_json::from_slice(o.stdout.trim_ascii()).map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
+        rust_vs_python = rust.last().and_then(|r| Some(r["tokens_per_s"].as_f64()? / v["tokens_per_s"].as_f64()?));
+        python_reference = Some(v);
+    }
+    Ok(LoaderBench { machine: machine(), shard_tokens: manifest.totals.tokens, seq_len, batch_size, tokens_per_run: tokens, rust, python_reference, rust_vs_python })
+}

@@ -83,6 +83,28 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Benchmark the prefetching loader (tokens/s delivered) against a PyTorch DataLoader
+    /// reference on the same shards; writes JSON.
+    BenchLoader {
+        /// A shard directory (build one with `split`; at least 100M tokens for the README).
+        #[arg(long)]
+        shards: PathBuf,
+        #[arg(long, default_value_t = 512)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        workers: Vec<usize>,
+        /// Tokens to pull per measurement.
+        #[arg(long, default_value_t = 200_000_000)]
+        tokens: u64,
+        #[arg(long)]
+        python: Option<PathBuf>,
+        #[arg(long, default_value = "bench/loader_reference.py")]
+        python_script: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Combine the output directories of a partitioned run (--part i/n for every i).
     Merge {
         /// The part directories, in any order.
@@ -246,6 +268,13 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("building a corpus of at least {min_mb} MB in {}", work.display());
             let corpus = mmrec_pipeline::bench::build_corpus(&sources, min_mb * 1_000_000, &work.join("corpus"))?;
             let report = mmrec_pipeline::bench::run(&corpus, &tokenizer, &work, python.as_deref().map(|p| (p, python_script.as_path())), &threads, repeats)?;
+            let json = serde_json::to_string_pretty(&report)?;
+            std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
+            println!("{json}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::BenchLoader { shards, seq_len, batch, workers, tokens, python, python_script, out } => {
+            let report = mmrec_pipeline::bench::loader_bench(&shards, seq_len, batch, &workers, tokens, python.as_deref().map(|p| (p, python_script.as_path())))?;
             let json = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");
