@@ -38,7 +38,10 @@ pub struct BenchReport {
     pub corpus_docs: u64,
     pub corpus_tokens: u64,
     pub pipeline: Vec<Throughput>,
+    /// The pipeline's own encoder (word-cached) alone on the same documents.
     pub tokenizer_alone: Vec<Throughput>,
+    /// HF tokenizers' `encode` alone on the same documents: the baseline the cache beats.
+    pub hf_encode_alone: Vec<Throughput>,
     /// Pipeline tokens/s over tokenizer-alone tokens/s at the same thread count.
     pub pipeline_vs_tokenizer: Vec<f64>,
     pub python_reference: Option<Value>,
@@ -111,6 +114,7 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         corpus_tokens: 0,
         pipeline: Vec::new(),
         tokenizer_alone: Vec::new(),
+        hf_encode_alone: Vec::new(),
         pipeline_vs_tokenizer: Vec::new(),
         python_reference: None,
         pipeline_vs_python: None,
@@ -119,6 +123,7 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| Error::Invalid(e.to_string()))?;
         let mut best_pipeline: Option<Throughput> = None;
         let mut best_tokenizer: Option<Throughput> = None;
+        let mut best_hf: Option<Throughput> = None;
         for _ in 0..repeats.max(1) {
         let out = work.join(format!("shards-{n}"));
         let _ = std::fs::remove_dir_all(&out);
@@ -149,7 +154,13 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         let tokens: u64 = pool.install(|| texts.par_iter().map(|t| tok.encode(t).map(|v| v.len() as u64).unwrap_or(0)).sum());
         let secs = started.elapsed().as_secs_f64();
         keep_fastest(&mut best_tokenizer, Throughput::new(n, secs, report.corpus_bytes, texts.len() as u64, tokens));
+
+        let tok = LoadedTokenizer::load(tokenizer)?;
+        let started = Instant::now();
+        let tokens: u64 = pool.install(|| texts.par_iter().map(|t| tok.tokenizer.encode_fast(t.as_str(), false).map(|e| e.len() as u64).unwrap_or(0)).sum());
+        keep_fastest(&mut best_hf, Throughput::new(n, started.elapsed().as_secs_f64(), report.corpus_bytes, texts.len() as u64, tokens));
         }
+        report.hf_encode_alone.extend(best_hf);
         report.pipeline.extend(best_pipeline);
         report.tokenizer_alone.extend(best_tokenizer);
     }

@@ -18,6 +18,19 @@ pub const PAD: &str = "<|pad|>";
 pub struct LoadedTokenizer {
     pub tokenizer: Tokenizer,
     pub info: TokenizerInfo,
+    /// Distinguishes tokenizers in the per-thread word caches.
+    id: u64,
+    /// Truncation or padding would change ids: then only HF's own `encode` is exact.
+    plain: bool,
+}
+
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Entries per thread (≈ 100 bytes each): enough for a corpus's frequent words.
+const WORD_CACHE: usize = 1 << 18;
+
+thread_local! {
+    static WORDS: std::cell::RefCell<(u64, std::collections::HashMap<String, Vec<u32>>)> = std::cell::RefCell::new((0, std::collections::HashMap::new()));
 }
 
 impl LoadedTokenizer {
@@ -36,12 +49,49 @@ impl LoadedTokenizer {
             token_width: TokenWidth::for_vocab(vocab_size),
             special_tokens,
         };
-        Ok(LoadedTokenizer { tokenizer, info })
+        let plain = tokenizer.get_truncation().is_none() && tokenizer.get_padding().is_none();
+        Ok(LoadedTokenizer { tokenizer, info, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), plain })
     }
 
     /// Token ids of one document, without special tokens (the loader adds separators).
+    ///
+    /// The same steps as HF's `encode` (added-token split and normalisation, then the
+    /// pre-tokenizer, then the model per word), minus what only costs: no `Encoding` (a
+    /// `String` per token, offsets, masks), and a per-thread word → ids cache so each
+    /// distinct word runs the BPE merges once. Equality with `encode` is tested on every
+    /// fixture document.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
-        self.tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string())
+        use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer};
+        if !self.plain {
+            return self.tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string());
+        }
+        let mut pre = self.tokenizer.get_added_vocabulary().extract_and_normalize(self.tokenizer.get_normalizer(), text);
+        if let Some(pt) = self.tokenizer.get_pre_tokenizer() {
+            pt.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+        }
+        let model = self.tokenizer.get_model();
+        WORDS.with(|cell| {
+            let (owner, cache) = &mut *cell.borrow_mut();
+            if *owner != self.id {
+                cache.clear();
+                *owner = self.id;
+            }
+            let mut ids = Vec::with_capacity(text.len() / 3);
+            for (word, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+                if let Some(tokens) = tokens {
+                    ids.extend(tokens.iter().map(|t| t.id));
+                } else if let Some(cached) = cache.get(word) {
+                    ids.extend_from_slice(cached);
+                } else {
+                    let word_ids: Vec<u32> = model.tokenize(word).map_err(|e| e.to_string())?.iter().map(|t| t.id).collect();
+                    ids.extend_from_slice(&word_ids);
+                    if cache.len() < WORD_CACHE {
+                        cache.insert(word.to_string(), word_ids);
+                    }
+                }
+            }
+            Ok(ids)
+        })
     }
 }
 

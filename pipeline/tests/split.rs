@@ -282,3 +282,30 @@ fn a_trained_tokenizer_has_the_specials_and_round_trips_text() {
     let ids = t.encode(text).unwrap();
     assert_eq!(t.tokenizer.decode(&ids, false).unwrap(), text);
 }
+
+#[test]
+fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
+    let tok = mmrec_pipeline::tokenize::LoadedTokenizer::load(&fixtures().join("tokenizer.json")).unwrap();
+    let mut texts: Vec<String> = Vec::new();
+    for f in ["wikitext.jsonl", "python_stdlib.jsonl", "chat.jsonl", "code_synthetic.jsonl"] {
+        for line in std::fs::read_to_string(fixtures().join("corpora").join(f)).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            texts.push(match &v {
+                serde_json::Value::String(s) => s.clone(),
+                _ if v.get("messages").is_some() => v.to_string(),
+                _ => v["text"].as_str().unwrap().to_string(),
+            });
+        }
+    }
+    // Nine programming languages and several prose sources, and special tokens inside text.
+    let raw = zstd::decode_all(std::fs::File::open(fixtures().join("classifier_eval.jsonl.zst")).unwrap()).unwrap();
+    texts.extend(raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()));
+    texts.push("one<|endoftext|>two <|pad|>  three\t\n<|endoftext|>".into());
+    for pass in 0..2 {
+        // The second pass is served from the warm word cache.
+        for t in &texts {
+            let want = tok.tokenizer.encode_fast(t.as_str(), false).unwrap().get_ids().to_vec();
+            assert_eq!(tok.encode(t).unwrap(), want, "pass {pass}: {}", &t[..t.len().min(80)]);
+        }
+    }
+}
