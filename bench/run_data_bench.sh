@@ -13,4 +13,4 @@ mkdir -p bench/out bench/results
 "$B" tokenizer train --vocab-size 8192 --out bench/out/tokenizer-8k.json "$S/wikitext.jsonl" "$S/python_stdlib.jsonl" "$S/chat.jsonl"
 "$B" bench --text "$S/wikitext.jsonl" --code "$S/python_stdlib.jsonl" --mixed "$S/chat.jsonl" \
   --tokenizer bench/out/tokenizer-8k.json --min-mb 100 --threads 1,2 \
-  --python bench/.venv/bin/python --out bench/results/data-split.json
+  --repeats 2 --python bench/.venv/bin/python --out bench/results/data-split.json
