@@ -167,6 +167,22 @@ fn walk<T: Elem>(gamma: &[T], u: &[T], out: &mut [T], state: &mut [T], base: usi
     }
 }
 
+/// One job of the chunked scan: batch row, time chunk [s0, s1), channels [c0, c1).
+struct Span {
+    bi: usize,
+    ci: usize,
+    c0: usize,
+    c1: usize,
+    s0: usize,
+    s1: usize,
+}
+
+fn job_span(job: usize, chunks: usize, blocks: usize, len: usize, (t, d): (usize, usize)) -> Span {
+    let (bi, rest) = (job / (chunks * blocks), job % (chunks * blocks));
+    let (ci, blk) = (rest / blocks, rest % blocks);
+    Span { bi, ci, c0: blk * BLOCK, c1: ((blk + 1) * BLOCK).min(d), s0: ci * len, s1: ((ci + 1) * len).min(t) }
+}
+
 fn chunked<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, usize), dir: Direction, out: &mut [T], chunks: usize) {
     let chunks = chunks.min(t);
     let len = t.div_ceil(chunks);
@@ -176,11 +192,9 @@ fn chunked<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, 
     // Pass 1: every chunk scans from a zero state and records the product of its decays.
     let mut decay = vec![T::ONE; b * chunks * d];
     let dptr = Out(decay.as_mut_ptr());
+    let span = |job: usize| job_span(job, chunks, blocks, len, (t, d));
     (0..b * chunks * blocks).into_par_iter().for_each(|job| {
-        let (bi, rest) = (job / (chunks * blocks), job % (chunks * blocks));
-        let (ci, blk) = (rest / blocks, rest % blocks);
-        let (c0, c1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(d));
-        let (s0, s1) = (ci * len, ((ci + 1) * len).min(t));
+        let Span { bi, ci, c0, c1, s0, s1 } = span(job);
         let w = c1 - c0;
         let mut state = [T::ZERO; BLOCK];
         let mut prod = [T::ONE; BLOCK];
@@ -231,10 +245,7 @@ fn chunked<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, 
     }
     // Pass 2: add the carried-in state, decayed through each step.
     (0..b * chunks * blocks).into_par_iter().for_each(|job| {
-        let (bi, rest) = (job / (chunks * blocks), job % (chunks * blocks));
-        let (ci, blk) = (rest / blocks, rest % blocks);
-        let (c0, c1) = (blk * BLOCK, ((blk + 1) * BLOCK).min(d));
-        let (s0, s1) = (ci * len, ((ci + 1) * len).min(t));
+        let Span { bi, ci, c0, c1, s0, s1 } = span(job);
         let w = c1 - c0;
         let mut acc = [T::ZERO; BLOCK];
         acc[..w].copy_from_slice(&carry_in[(bi * chunks + ci) * d + c0..(bi * chunks + ci) * d + c1]);

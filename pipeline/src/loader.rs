@@ -24,6 +24,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use mmrec_schemas::{columns, Domain};
 use serde::{Deserialize, Serialize};
 
+use crate::dedup::splitmix;
 use crate::error::{Error, Result};
 use crate::shard::ShardReader;
 use crate::split::read_manifest;
@@ -309,13 +310,6 @@ fn decode(group: &RowGroupRef, split: Split, permille: u32) -> Result<Decoded> {
 pub fn in_validation(hash: u64, permille: u32) -> bool {
     // Remix so the split is independent of the partition (which uses the high bits).
     (splitmix(hash) % 1000) < permille as u64
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// Seeded permutation of 0..n (Fisher–Yates with splitmix).
