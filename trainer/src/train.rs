@@ -89,6 +89,9 @@ pub struct RunConfig {
     pub keep_last: usize,
     pub log_every: u64,
     pub grad_checkpointing: bool,
+    /// Memory (MB) a micro-batch's activations may take; 0: what the system has available
+    /// at start. Over it, the micro-batch is halved and accumulation doubled.
+    pub memory_limit_mb: u64,
 }
 
 impl Default for ModelSection {
@@ -128,7 +131,7 @@ impl Default for OptimConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false }
+        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false, memory_limit_mb: 0 }
     }
 }
 
@@ -350,6 +353,14 @@ pub struct TrainState {
     pub model_meta_role: Role,
     pub recent: Vec<serde_json::Value>,
     pub best_checkpoint: Option<String>,
+    /// Each loader batch is processed as this many micro-batches (1 unless memory forced
+    /// a fallback); kept so a resumed run sums gradients in the same order.
+    #[serde(default = "one")]
+    pub micro_splits: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// How a run starts.
@@ -459,6 +470,7 @@ impl Session {
                 model_meta_role: meta.role,
                 recent: vec![],
                 best_checkpoint: None,
+                micro_splits: 1,
             },
         };
         Ok(Session { cfg, vm, net, opt, meta, state, dev: dev.clone() })
@@ -493,6 +505,17 @@ impl Session {
         let log_path = cfg.run.out.join("metrics.jsonl");
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
         let mut loader = Loader::open(&cfg.data.dirs, self.loader_config(Split::Train)?, self.state.cursor.clone())?;
+        let limit = if cfg.run.memory_limit_mb > 0 { cfg.run.memory_limit_mb * 1_000_000 } else { available_memory() };
+        while bsz / self.state.micro_splits > 1 && activation_bytes(self.net.config(), bsz.div_ceil(self.state.micro_splits), seq, cfg.run.grad_checkpointing) > limit {
+            self.state.micro_splits *= 2;
+        }
+        if self.state.micro_splits > 1 {
+            let rec = serde_json::json!({"step": self.state.step, "event": format!(
+                "a micro-batch of {bsz} rows needs about {} MB of activations, over the {} MB limit: {} micro-batches of {} rows per batch (same effective batch)",
+                activation_bytes(self.net.config(), bsz, seq, cfg.run.grad_checkpointing) / 1_000_000, limit / 1_000_000, self.state.micro_splits, bsz.div_ceil(self.state.micro_splits))});
+            writeln!(log, "{rec}").map_err(io_err(&log_path))?;
+            progress(&rec);
+        }
         let started = Instant::now();
         let mut window = (Instant::now(), 0u64, std::time::Duration::ZERO);
         let mut stopped_early = false;
@@ -500,27 +523,30 @@ impl Session {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
-            let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-            let mut loss = 0.0;
-            let mut tokens = 0u64;
-            for _ in 0..cfg.optim.grad_accum {
-                let batch = loader.next_batch().ok_or_else(|| Error::Config("the training loader ended".into()))??;
-                let (inp, tgt, mask) = batch_tensors(&batch, bsz, seq, DType::F32, &self.dev)?;
-                tokens += batch.mask.iter().map(|&m| m as u64).sum::<u64>();
-                let (l, g) = loss_and_grads(&self.net, &self.vm, &inp, &tgt, &mask, cfg.run.grad_checkpointing)?;
-                loss += l / cfg.optim.grad_accum as f64;
-                for (name, t) in g {
-                    let sum = match grads.remove(&name) {
-                        Some(prev) => (prev + t)?,
-                        None => t,
-                    };
-                    grads.insert(name, sum);
+            let batches = (0..cfg.optim.grad_accum)
+                .map(|_| loader.next_batch().ok_or_else(|| Error::Config("the training loader ended".into()))?.map_err(Error::from))
+                .collect::<Result<Vec<Batch>>>()?;
+            let tokens: u64 = batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum();
+            let mut events = Vec::new();
+            let (loss, grads) = loop {
+                match self.accumulate(&batches, bsz, seq) {
+                    Ok(r) => break r,
+                    // An allocator that reports failure (candle's CUDA backend does) gets a
+                    // smaller micro-batch; the effective batch and the data stay the same.
+                    Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
+                        self.state.micro_splits *= 2;
+                        events.push(format!("out of memory: micro-batch halved to {} rows, accumulation doubled", bsz.div_ceil(self.state.micro_splits)));
+                    }
+                    Err(e) => return Err(e),
                 }
-            }
-            let accum = 1.0 / cfg.optim.grad_accum as f64;
+            };
+            let accum = 1.0 / (cfg.optim.grad_accum * self.state.micro_splits) as f64;
             let norm = self.opt.grad_norm(&grads)? * accum;
             let lr = learning_rate(self.state.step, &cfg.optim, cfg.run.steps, &self.state.schedule);
             let mut record = serde_json::json!({"step": self.state.step + 1, "loss": loss, "ppl": loss.exp(), "lr": lr, "grad_norm": norm});
+            if !events.is_empty() {
+                record["event"] = serde_json::json!(events.join("; "));
+            }
             if loss.is_finite() && norm.is_finite() {
                 let clip = if cfg.optim.grad_clip > 0.0 && norm > cfg.optim.grad_clip { cfg.optim.grad_clip / norm } else { 1.0 };
                 self.opt.step(&grads, lr, accum * clip)?;
@@ -572,6 +598,31 @@ impl Session {
         let final_path = cfg.run.out.join("final.safetensors");
         self.export(&final_path)?;
         Ok(Summary { steps: self.state.step, tokens: self.state.tokens_seen, seconds: started.elapsed().as_secs_f64(), stopped_early, interrupted: stop.load(Ordering::Relaxed), best_val: self.state.schedule.best_val, final_model: final_path })
+    }
+
+    /// Summed loss and gradients over the step's batches, each split into
+    /// `micro_splits` row groups (scaled later by the number of micro-batches).
+    fn accumulate(&self, batches: &[Batch], bsz: usize, seq: usize) -> Result<(f64, BTreeMap<String, Tensor>)> {
+        let rows = bsz.div_ceil(self.state.micro_splits);
+        let n_micro = (batches.len() * bsz.div_ceil(rows)) as f64;
+        let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
+        let mut loss = 0.0;
+        for batch in batches {
+            let (inp, tgt, mask) = batch_tensors(batch, bsz, seq, DType::F32, &self.dev)?;
+            for r0 in (0..bsz).step_by(rows) {
+                let n = rows.min(bsz - r0);
+                let (l, g) = loss_and_grads(&self.net, &self.vm, &inp.narrow(0, r0, n)?, &tgt.narrow(0, r0, n)?, &mask.narrow(0, r0, n)?, self.cfg.run.grad_checkpointing)?;
+                loss += l / n_micro;
+                for (name, t) in g {
+                    let sum = match grads.remove(&name) {
+                        Some(prev) => (prev + t)?,
+                        None => t,
+                    };
+                    grads.insert(name, sum);
+                }
+            }
+        }
+        Ok((loss, grads))
     }
 
     fn remember(&mut self, rec: serde_json::Value) {
@@ -758,6 +809,29 @@ fn write_pointer(root: &Path, which: &str, name: &str) -> Result<()> {
     let tmp = root.join(format!(".{which}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, name).map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, root.join(which)).map_err(io_err(root))
+}
+
+fn is_out_of_memory(e: &candle_core::Error) -> bool {
+    let m = e.to_string().to_ascii_lowercase();
+    m.contains("out of memory") || m.contains("out_of_memory")
+}
+
+/// Rough bytes of activations a micro-batch keeps for the backward pass (f32): per block
+/// about 40 D-wide tensors per token (norms, the 4D projection and its parts, the MDI gates,
+/// the scan, memory attention, the FFN's 4D up-projection and GELU), plus the logits and
+/// their log-softmax temporaries (about 4 V per token). With checkpointing, one block's
+/// worth plus each block's input.
+pub fn activation_bytes(cfg: &ModelConfig, rows: usize, seq: usize, checkpointing: bool) -> u64 {
+    let (d, v, l) = (cfg.d_model as u64, cfg.vocab_size as u64, cfg.n_layers as u64);
+    let per_token = if checkpointing { (l + 40) * d } else { l * 40 * d } + 4 * v;
+    4 * (rows * seq) as u64 * per_token
+}
+
+fn available_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())))
+        .map_or(u64::MAX, |kb| kb * 1000)
 }
 
 fn rss_mb() -> f64 {
