@@ -43,6 +43,24 @@ pub struct SplitOptions {
     pub seed: u64,
 }
 
+impl SplitOptions {
+    /// The defaults of `mmrec-data split`: 4 MiB records, one document per plain-text file,
+    /// 50 000 documents per shard in row groups of 2048, exact dedup only, no partition.
+    pub fn new(inputs: Vec<InputSpec>, tokenizer: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
+        SplitOptions {
+            inputs,
+            tokenizer: tokenizer.into(),
+            out: out.into(),
+            read: ReadOptions { field: None, max_bytes: 4 << 20, plain_split: crate::input::PlainSplit::File },
+            near_dup: None,
+            shard_docs: 50_000,
+            row_group_docs: 2048,
+            partition: Partition::WHOLE,
+            seed: 0,
+        }
+    }
+}
+
 /// Hooks for a progress display; the library itself never prints.
 pub trait Progress: Sync {
     fn phase(&self, _name: &'static str, _total_bytes: u64) {}

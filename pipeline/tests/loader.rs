@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use mmrec_pipeline::loader::{in_validation, parse_weights, Batch, Cursor, Loader, LoaderConfig, Split};
 use mmrec_pipeline::shard::{token_lists, ShardReader};
 use mmrec_pipeline::split::read_manifest;
-use mmrec_pipeline::{split, InputSpec, PlainSplit, ReadOptions, SplitOptions};
-use mmrec_schemas::{columns, Domain, Partition};
+use mmrec_pipeline::{split, InputSpec, SplitOptions};
+use mmrec_schemas::{columns, Domain};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
@@ -23,17 +23,7 @@ fn shards() -> PathBuf {
             .into_iter()
             .map(|(f, d)| InputSpec { path: c.join(f), declared: Some(d) })
             .collect();
-        let opts = SplitOptions {
-            inputs,
-            tokenizer: fixtures().join("tokenizer.json"),
-            out: dir.path().to_path_buf(),
-            read: ReadOptions { field: None, max_bytes: 1 << 20, plain_split: PlainSplit::File },
-            near_dup: None,
-            shard_docs: 40,
-            row_group_docs: 8,
-            partition: Partition::WHOLE,
-            seed: 0,
-        };
+        let opts = SplitOptions { shard_docs: 40, row_group_docs: 8, ..SplitOptions::new(inputs, fixtures().join("tokenizer.json"), dir.path()) };
         split(&opts, &()).unwrap();
         dir
     })

@@ -24,17 +24,7 @@ fn shards() -> PathBuf {
             .into_iter()
             .map(|(f, d)| mmrec_pipeline::InputSpec { path: c.join(f), declared: Some(d) })
             .collect();
-        let opts = mmrec_pipeline::SplitOptions {
-            inputs,
-            tokenizer: fixtures().join("tokenizer.json"),
-            out: dir.path().to_path_buf(),
-            read: mmrec_pipeline::ReadOptions { field: None, max_bytes: 1 << 20, plain_split: mmrec_pipeline::PlainSplit::File },
-            near_dup: None,
-            shard_docs: 1000,
-            row_group_docs: 16,
-            partition: mmrec_schemas::Partition::WHOLE,
-            seed: 0,
-        };
+        let opts = mmrec_pipeline::SplitOptions { shard_docs: 1000, row_group_docs: 16, ..mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), dir.path()) };
         mmrec_pipeline::split(&opts, &()).unwrap();
         dir
     })

@@ -57,12 +57,8 @@ enum Command {
     /// nothing deduplicates), then times `split` and the bare tokenizer at each thread
     /// count, and the Python script if --python is given, in the same run.
     Bench {
-        #[arg(long, num_args = 1.., value_name = "PATH")]
-        text: Vec<PathBuf>,
-        #[arg(long, num_args = 1.., value_name = "PATH")]
-        code: Vec<PathBuf>,
-        #[arg(long, num_args = 1.., value_name = "PATH")]
-        mixed: Vec<PathBuf>,
+        #[command(flatten)]
+        sources: DeclaredInputs,
         #[arg(long)]
         tokenizer: PathBuf,
         #[arg(long, default_value_t = 100)]
@@ -134,8 +130,9 @@ enum TokenizerCommand {
     },
 }
 
+/// Inputs whose domain the user declares.
 #[derive(clap::Args)]
-struct SplitArgs {
+struct DeclaredInputs {
     /// Inputs whose documents are prose.
     #[arg(long, num_args = 1.., value_name = "PATH")]
     text: Vec<PathBuf>,
@@ -145,6 +142,21 @@ struct SplitArgs {
     /// Inputs whose documents mix prose and code.
     #[arg(long, num_args = 1.., value_name = "PATH")]
     mixed: Vec<PathBuf>,
+}
+
+impl DeclaredInputs {
+    fn specs(self) -> Vec<InputSpec> {
+        [(self.text, Domain::Text), (self.code, Domain::Code), (self.mixed, Domain::Mixed)]
+            .into_iter()
+            .flat_map(|(paths, d)| paths.into_iter().map(move |path| InputSpec { path, declared: Some(d) }))
+            .collect()
+    }
+}
+
+#[derive(clap::Args)]
+struct SplitArgs {
+    #[command(flatten)]
+    declared: DeclaredInputs,
     /// Inputs classified per document (metadata first, then content).
     #[arg(long, num_args = 1.., value_name = "PATH")]
     auto: Vec<PathBuf>,
@@ -259,11 +271,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(if v.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Bench { text, code, mixed, tokenizer, min_mb, threads, repeats, python, python_script, out } => {
-            let sources: Vec<InputSpec> = [(text, Domain::Text), (code, Domain::Code), (mixed, Domain::Mixed)]
-                .into_iter()
-                .flat_map(|(paths, d)| paths.into_iter().map(move |path| InputSpec { path, declared: Some(d) }))
-                .collect();
+        Command::Bench { sources, tokenizer, min_mb, threads, repeats, python, python_script, out } => {
+            let sources = sources.specs();
             let work = mmrec_pipeline::bench::default_work_dir();
             eprintln!("building a corpus of at least {min_mb} MB in {}", work.display());
             let corpus = mmrec_pipeline::bench::build_corpus(&sources, min_mb * 1_000_000, &work.join("corpus"))?;
@@ -289,8 +298,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn split_command(a: SplitArgs) -> Result<ExitCode> {
-    let declared = [(a.text, Some(Domain::Text)), (a.code, Some(Domain::Code)), (a.mixed, Some(Domain::Mixed)), (a.auto, None)];
-    let inputs: Vec<InputSpec> = declared.into_iter().flat_map(|(paths, d)| paths.into_iter().map(move |path| InputSpec { path, declared: d })).collect();
+    let mut inputs = a.declared.specs();
+    inputs.extend(a.auto.into_iter().map(|path| InputSpec { path, declared: None }));
     if inputs.is_empty() {
         bail!("no inputs: give at least one of --text, --code, --mixed, --auto");
     }
