@@ -76,7 +76,7 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
         let domain = spec.declared.ok_or_else(|| Error::Invalid(format!("bench source {} needs a declared domain", spec.path.display())))?;
         let mut texts = Vec::new();
         for f in expand_inputs(std::slice::from_ref(spec))? {
-            texts.extend(read_file(&f, &opts)?.into_iter().filter_map(|r| match r {
+            texts.extend(read_file(&f, &opts)?.records.into_iter().filter_map(|r| match r {
                 Record::Doc(d) => Some(d.text),
                 Record::Bad(_) => None,
             }));
@@ -192,7 +192,7 @@ fn read_texts(corpus: &[InputSpec]) -> Result<Vec<String>> {
     let opts = ReadOptions { field: None, max_bytes: 64 << 20, plain_split: PlainSplit::File };
     let mut texts = Vec::new();
     for f in expand_inputs(corpus)? {
-        texts.extend(read_file(&f, &opts)?.into_iter().filter_map(|r| match r {
+        texts.extend(read_file(&f, &opts)?.records.into_iter().filter_map(|r| match r {
             Record::Doc(d) => Some(d.text),
             Record::Bad(_) => None,
         }));

@@ -106,12 +106,22 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// Read one input file into records, in file order.
-pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<Vec<Record>> {
+/// An input file's records, in file order, and the identity of its bytes on disk.
+pub struct ReadFile {
+    pub records: Vec<Record>,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+/// Read one input file into records. Its sha256 is taken from the bytes already read, so
+/// every input is read from disk once.
+pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
     let source: Arc<str> = Arc::from(file.path.to_string_lossy().as_ref());
-    let (inner_name, bytes) = read_decompressed(&file.path, opts.max_bytes, file.from_tree)?;
-    let Some(bytes) = bytes else {
-        return Ok(vec![bad(&source, 0, "too_large", format!("file is over --max-bytes {}", opts.max_bytes))]);
+    let (inner_name, raw) = read_decompressed(&file.path, opts.max_bytes, file.from_tree)?;
+    let Some(Raw { data: bytes, sha256, len }) = raw else {
+        let (sha256, len) = crate::atomic::file_sha256(&file.path)?;
+        let records = vec![bad(&source, 0, "too_large", format!("file is over --max-bytes {}", opts.max_bytes))];
+        return Ok(ReadFile { records, sha256, bytes: len });
     };
     let ext = extension(&inner_name);
     let records = if file.from_tree && !matches!(ext.as_str(), "jsonl" | "ndjson" | "parquet") {
@@ -124,7 +134,7 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<Vec<Record>> {
             _ => read_plain(&source, bytes, opts),
         }
     };
-    Ok(records
+    let records = records
         .into_iter()
         .map(|r| match r {
             Record::Doc(mut d) => {
@@ -136,17 +146,26 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<Vec<Record>> {
             }
             bad => bad,
         })
-        .collect())
+        .collect();
+    Ok(ReadFile { records, sha256, bytes: len })
+}
+
+/// A file's decompressed contents with the sha256 and length of its bytes on disk.
+struct Raw {
+    data: Vec<u8>,
+    sha256: String,
+    len: u64,
 }
 
 /// Returns the file name without a compression suffix, and the decompressed bytes, or None
 /// when a source-tree file is over the size limit (checked before reading it).
-fn read_decompressed(path: &Path, max_bytes: u64, from_tree: bool) -> Result<(String, Option<Vec<u8>>)> {
+fn read_decompressed(path: &Path, max_bytes: u64, from_tree: bool) -> Result<(String, Option<Raw>)> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     if from_tree && std::fs::metadata(path).at(path)?.len() > max_bytes {
         return Ok((name, None));
     }
     let raw = std::fs::read(path).at(path)?;
+    let (sha256, len) = (crate::tokenize::sha256_hex(&raw), raw.len() as u64);
     let (inner, bytes) = if let Some(stem) = name.strip_suffix(".gz") {
         let mut out = Vec::new();
         flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).at(path)?;
@@ -156,7 +175,7 @@ fn read_decompressed(path: &Path, max_bytes: u64, from_tree: bool) -> Result<(St
     } else {
         (name, raw)
     };
-    Ok((inner, Some(bytes)))
+    Ok((inner, Some(Raw { data: bytes, sha256, len })))
 }
 
 fn extension(name: &str) -> String {

@@ -117,11 +117,10 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let read: Vec<(Vec<Record>, InputInfo)> = files
         .par_iter()
         .map(|f| {
-            let records = read_file(f, &opts.read)?;
-            let (sha256, bytes) = file_sha256(&f.path)?;
-            progress.advance(bytes, 0, 0);
+            let read = read_file(f, &opts.read)?;
+            progress.advance(read.bytes, 0, 0);
             let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
-            Ok((records, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes, sha256, declared }))
+            Ok((read.records, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared }))
         })
         .collect::<Result<_>>()?;
 

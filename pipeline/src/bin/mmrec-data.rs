@@ -222,7 +222,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let opts = ReadOptions { field, max_bytes: u64::MAX, plain_split: PlainSplit::File };
             let mut texts = Vec::new();
             for f in &files {
-                for r in read_file(f, &opts)? {
+                for r in read_file(f, &opts)?.records {
                     if let Record::Doc(d) = r {
                         texts.push(d.text);
                     }
