@@ -23,6 +23,7 @@ pub mod bench;
 pub mod catalog;
 pub mod classify;
 pub mod dedup;
+mod gpt2_split;
 mod error;
 pub mod input;
 pub mod lang;

@@ -40,10 +40,12 @@ pub struct WrittenShard {
 }
 
 fn writer_properties(row_group_docs: usize) -> WriterProperties {
+    // zstd level 1 (Arrow's default level): on the shared corpora level 3 saves 9% of
+    // the bytes and costs 70% more pipeline time.
     // Dictionaries and min/max statistics pay off for the short repetitive columns only;
     // on `text` and `tokens` they cost write time and bytes for nothing.
     let mut b = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3).expect("zstd level 3 is valid")))
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("zstd level 1 is valid")))
         .set_max_row_group_row_count(Some(row_group_docs))
         .set_created_by(format!("mmrec-data {}", env!("CARGO_PKG_VERSION")))
         .set_dictionary_enabled(false);
@@ -56,25 +58,47 @@ fn writer_properties(row_group_docs: usize) -> WriterProperties {
     b.build()
 }
 
-/// Write rows to `path` atomically, one row group per `row_group_docs` rows.
-pub fn write_shard(path: &Path, rows: &[ShardRow], width: TokenWidth, row_group_docs: usize) -> Result<WrittenShard> {
-    let schema = shard_schema(width);
-    let tmp = temp_path(path);
-    let file = std::fs::File::create(&tmp).at(&tmp)?;
-    let pq_err = |e: parquet::errors::ParquetError| Error::Parquet { path: path.to_path_buf(), message: e.to_string() };
-    let mut writer = ArrowWriter::try_new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)), schema.clone(), Some(writer_properties(row_group_docs))).map_err(pq_err)?;
-    let mut tokens = 0u64;
-    for group in rows.chunks(row_group_docs.max(1)) {
-        let batch = to_batch(group, width, &schema)?;
-        tokens += group.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
-        writer.write(&batch).map_err(pq_err)?;
+/// Writes one shard atomically: row groups as they come, then checksum, sync and rename.
+pub struct ShardWriter {
+    path: std::path::PathBuf,
+    tmp: std::path::PathBuf,
+    schema: Arc<arrow_schema::Schema>,
+    width: TokenWidth,
+    writer: ArrowWriter<HashingWriter<std::io::BufWriter<std::fs::File>>>,
+    rows: u64,
+    tokens: u64,
+}
+
+impl ShardWriter {
+    /// Starts `path` under a temporary name; each `write` call becomes one row group.
+    pub fn create(path: &Path, width: TokenWidth, row_group_docs: usize) -> Result<Self> {
+        let schema = shard_schema(width);
+        let tmp = temp_path(path);
+        let file = std::fs::File::create(&tmp).at(&tmp)?;
+        let writer = ArrowWriter::try_new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)), schema.clone(), Some(writer_properties(row_group_docs))).map_err(|e| pq_err(path, e))?;
+        Ok(ShardWriter { path: path.to_path_buf(), tmp, schema, width, writer, rows: 0, tokens: 0 })
     }
-    let hashing = writer.into_inner().map_err(pq_err)?;
-    let (buf, sha256, bytes) = hashing.finish();
-    let file = buf.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
-    file.sync_all().at(&tmp)?;
-    std::fs::rename(&tmp, path).at(path)?;
-    Ok(WrittenShard { rows: rows.len() as u64, tokens, bytes, sha256 })
+
+    pub fn write(&mut self, rows: &[ShardRow]) -> Result<()> {
+        let batch = to_batch(rows, self.width, &self.schema)?;
+        self.writer.write(&batch).map_err(|e| pq_err(&self.path, e))?;
+        self.rows += rows.len() as u64;
+        self.tokens += rows.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
+        Ok(())
+    }
+
+    pub fn finish(self) -> Result<WrittenShard> {
+        let hashing = self.writer.into_inner().map_err(|e| pq_err(&self.path, e))?;
+        let (buf, sha256, bytes) = hashing.finish();
+        let file = buf.into_inner().map_err(|e| Error::Io { path: self.tmp.clone(), source: e.into_error() })?;
+        file.sync_all().at(&self.tmp)?;
+        std::fs::rename(&self.tmp, &self.path).at(&self.path)?;
+        Ok(WrittenShard { rows: self.rows, tokens: self.tokens, bytes, sha256 })
+    }
+}
+
+fn pq_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
+    Error::Parquet { path: path.to_path_buf(), message: e.to_string() }
 }
 
 fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Schema>) -> Result<RecordBatch> {

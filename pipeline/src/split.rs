@@ -22,7 +22,7 @@ use crate::classify::{classify, CLASSIFIER_NAME};
 use crate::dedup::{minhash, normalized_hash, ExactDedup, NearDedup};
 use crate::error::{Error, IoContext, Result};
 use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
-use crate::shard::{write_shard, ShardRow};
+use crate::shard::{ShardRow, ShardWriter};
 use crate::tokenize::LoadedTokenizer;
 
 pub const MANIFEST: &str = "manifest.json";
@@ -188,18 +188,30 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                 progress.advance(p.docs.iter().map(|&i| docs[i].text.len() as u64).sum(), p.docs.len() as u64, info.tokens);
                 return Ok((info, true));
             }
-            let rows: Vec<ShardRow> = p
-                .docs
-                .par_iter()
-                .map(|&i| {
-                    let d = &docs[i];
-                    let tokens = tok.encode(&d.text).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", d.id)))?;
-                    progress.advance(d.text.len() as u64, 1, tokens.len() as u64);
-                    Ok(ShardRow { id: &d.id, domain: p.domain, lang: d.lang.as_deref(), source: &d.source, text: &d.text, tokens, hash: hashes[i] })
-                })
-                .collect::<Result<_>>()?;
+            let tokenize = |group: &[usize]| -> Result<Vec<ShardRow>> {
+                group
+                    .par_iter()
+                    .map(|&i| {
+                        let d = &docs[i];
+                        let tokens = tok.encode(&d.text).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", d.id)))?;
+                        progress.advance(d.text.len() as u64, 1, tokens.len() as u64);
+                        Ok(ShardRow { id: &d.id, domain: p.domain, lang: d.lang.as_deref(), source: &d.source, text: &d.text, tokens, hash: hashes[i] })
+                    })
+                    .collect()
+            };
             std::fs::create_dir_all(path.parent().expect("shard paths have a domain directory")).at(&path)?;
-            let w = write_shard(&path, &rows, width, opts.row_group_docs)?;
+            let mut writer = ShardWriter::create(&path, width, opts.row_group_docs)?;
+            // Row group k is encoded and compressed while k + 1 is tokenized.
+            let mut ready: Option<Vec<ShardRow>> = None;
+            for group in p.docs.chunks(opts.row_group_docs.max(1)) {
+                let (next, written) = rayon::join(|| tokenize(group), || ready.take().map_or(Ok(()), |rows| writer.write(&rows)));
+                written?;
+                ready = Some(next?);
+            }
+            if let Some(rows) = ready {
+                writer.write(&rows)?;
+            }
+            let w = writer.finish()?;
             let info = ShardInfo { file: p.file.clone(), rows: w.rows, tokens: w.tokens, bytes: w.bytes, sha256: w.sha256 };
             let state = ShardState { fingerprint: p.fingerprint, info: info.clone() };
             write_atomic(&state_path(&state_dir, p), &serde_json::to_vec(&state).expect("state serialises"))?;

@@ -20,18 +20,70 @@ pub struct LoadedTokenizer {
     pub info: TokenizerInfo,
     /// Distinguishes tokenizers in the per-thread word caches.
     id: u64,
-    /// Truncation or padding would change ids: then only HF's own `encode` is exact.
-    plain: bool,
+    path: EncodePath,
+}
+
+/// How `encode` gets HF's ids, fastest exact way first.
+enum EncodePath {
+    /// GPT-2 style byte-level BPE without a normaliser (our trained tokenizers, GPT-2's):
+    /// `gpt2_split` cuts the text, the cache is keyed by each piece's raw bytes.
+    ByteLevel { add_prefix_space: bool, added_tokens: Vec<memchr::memmem::Finder<'static>> },
+    /// Any other tokenizer: HF's normaliser and pre-tokenizer, then cached model calls.
+    CachedWords,
+    /// Truncation, padding or BPE dropout change ids: only HF's own `encode` is exact.
+    Hf,
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
-/// Entries per thread (≈ 100 bytes each): enough for a corpus's frequent words.
+/// Entries per thread (≈ 40 bytes each): enough for a corpus's frequent words.
 const WORD_CACHE: usize = 1 << 18;
 
-thread_local! {
-    static WORDS: std::cell::RefCell<(u64, std::collections::HashMap<String, Vec<u32>>)> = std::cell::RefCell::new((0, std::collections::HashMap::new()));
+/// Word → ids for one tokenizer on one thread; the ids live in one arena.
+#[derive(Default)]
+struct WordCache {
+    owner: u64,
+    spans: ahash::AHashMap<Box<[u8]>, (u32, u32)>,
+    ids: Vec<u32>,
 }
+
+impl WordCache {
+    /// Appends the ids of `word` to `out`, running `tokenize` only on a miss.
+    fn extend(&mut self, word: &[u8], out: &mut Vec<u32>, tokenize: impl FnOnce() -> Result<Vec<u32>, String>) -> Result<(), String> {
+        if let Some(&(start, len)) = self.spans.get(word) {
+            out.extend_from_slice(&self.ids[start as usize..(start + len) as usize]);
+            return Ok(());
+        }
+        let ids = tokenize()?;
+        out.extend_from_slice(&ids);
+        if self.spans.len() < WORD_CACHE {
+            self.spans.insert(word.into(), (self.ids.len() as u32, ids.len() as u32));
+            self.ids.extend_from_slice(&ids);
+        }
+        Ok(())
+    }
+}
+
+thread_local! {
+    static WORDS: std::cell::RefCell<WordCache> = std::cell::RefCell::new(WordCache::default());
+}
+
+/// GPT-2's byte → character map (`bytes_to_unicode`): printable bytes stand for
+/// themselves, the rest are shifted past U+0100.
+static BYTE_CHARS: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::new(|| {
+    let mut chars = ['\0'; 256];
+    let mut shifted = 0;
+    for b in 0..=255u8 {
+        let printable = matches!(b, b'!'..=b'~' | 0xA1..=0xAC | 0xAE..=0xFF);
+        chars[b as usize] = if printable {
+            b as char
+        } else {
+            shifted += 1;
+            char::from_u32(255 + shifted).unwrap_or('\0')
+        };
+    }
+    chars
+});
 
 impl LoadedTokenizer {
     pub fn load(path: &Path) -> Result<Self> {
@@ -49,49 +101,85 @@ impl LoadedTokenizer {
             token_width: TokenWidth::for_vocab(vocab_size),
             special_tokens,
         };
-        let plain = tokenizer.get_truncation().is_none() && tokenizer.get_padding().is_none();
-        Ok(LoadedTokenizer { tokenizer, info, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), plain })
+        let path = encode_path(&tokenizer);
+        Ok(LoadedTokenizer { tokenizer, info, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), path })
     }
 
     /// Token ids of one document, without special tokens (the loader adds separators).
     ///
-    /// The same steps as HF's `encode` (added-token split and normalisation, then the
-    /// pre-tokenizer, then the model per word), minus what only costs: no `Encoding` (a
-    /// `String` per token, offsets, masks), and a per-thread word → ids cache so each
-    /// distinct word runs the BPE merges once. Equality with `encode` is tested on every
-    /// fixture document.
+    /// Exactly HF's `encode(text, false)` ids (tested on every fixture document and on
+    /// random text), minus what only costs: no `Encoding` (a `String` per token, offsets,
+    /// masks), no alignment bookkeeping, and a per-thread word → ids cache so each distinct
+    /// word runs the BPE merges once.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer};
-        if !self.plain {
-            return self.tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string());
-        }
-        let mut pre = self.tokenizer.get_added_vocabulary().extract_and_normalize(self.tokenizer.get_normalizer(), text);
-        if let Some(pt) = self.tokenizer.get_pre_tokenizer() {
-            pt.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
-        }
         let model = self.tokenizer.get_model();
-        WORDS.with(|cell| {
-            let (owner, cache) = &mut *cell.borrow_mut();
-            if *owner != self.id {
-                cache.clear();
-                *owner = self.id;
-            }
-            let mut ids = Vec::with_capacity(text.len() / 3);
-            for (word, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
-                if let Some(tokens) = tokens {
-                    ids.extend(tokens.iter().map(|t| t.id));
-                } else if let Some(cached) = cache.get(word) {
-                    ids.extend_from_slice(cached);
+        let model_ids = |word: &str| -> Result<Vec<u32>, String> { Ok(model.tokenize(word).map_err(|e| e.to_string())?.iter().map(|t| t.id).collect()) };
+        match &self.path {
+            EncodePath::ByteLevel { add_prefix_space, added_tokens } if !added_tokens.iter().any(|t| t.find(text.as_bytes()).is_some()) => {
+                let prefixed;
+                // HF drops empty splits before the pre-tokenizer could prefix a space.
+                let text = if *add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
+                    prefixed = format!(" {text}");
+                    &prefixed
                 } else {
-                    let word_ids: Vec<u32> = model.tokenize(word).map_err(|e| e.to_string())?.iter().map(|t| t.id).collect();
-                    ids.extend_from_slice(&word_ids);
-                    if cache.len() < WORD_CACHE {
-                        cache.insert(word.to_string(), word_ids);
-                    }
-                }
+                    text
+                };
+                self.with_cache(|cache| {
+                    let mut ids = Vec::with_capacity(text.len() / 3);
+                    let mut failed = Ok(());
+                    crate::gpt2_split::split(text, |piece| {
+                        if failed.is_ok() {
+                            failed = cache.extend(piece.as_bytes(), &mut ids, || model_ids(&piece.bytes().map(|b| BYTE_CHARS[b as usize]).collect::<String>()));
+                        }
+                    });
+                    failed.map(|()| ids)
+                })
             }
-            Ok(ids)
+            EncodePath::CachedWords => {
+                let mut pre = self.tokenizer.get_added_vocabulary().extract_and_normalize(self.tokenizer.get_normalizer(), text);
+                if let Some(pt) = self.tokenizer.get_pre_tokenizer() {
+                    pt.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
+                }
+                self.with_cache(|cache| {
+                    let mut ids = Vec::with_capacity(text.len() / 3);
+                    for (word, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
+                        match tokens {
+                            Some(tokens) => ids.extend(tokens.iter().map(|t| t.id)),
+                            None => cache.extend(word.as_bytes(), &mut ids, || model_ids(word))?,
+                        }
+                    }
+                    Ok(ids)
+                })
+            }
+            // Also a byte-level document containing an added token: rare, HF splits it out.
+            _ => self.tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string()),
+        }
+    }
+
+    fn with_cache<R>(&self, f: impl FnOnce(&mut WordCache) -> R) -> R {
+        WORDS.with(|cell| {
+            let mut cache = cell.borrow_mut();
+            if cache.owner != self.id {
+                *cache = WordCache { owner: self.id, ..WordCache::default() };
+            }
+            f(&mut cache)
         })
+    }
+}
+
+fn encode_path(tokenizer: &Tokenizer) -> EncodePath {
+    use tokenizers::{ModelWrapper, PreTokenizerWrapper};
+    let dropout = matches!(tokenizer.get_model(), ModelWrapper::BPE(bpe) if bpe.dropout.is_some_and(|p| p > 0.0));
+    if tokenizer.get_truncation().is_some() || tokenizer.get_padding().is_some() || dropout {
+        return EncodePath::Hf;
+    }
+    match (tokenizer.get_normalizer(), tokenizer.get_pre_tokenizer()) {
+        (None, Some(PreTokenizerWrapper::ByteLevel(byte_level))) if byte_level.use_regex => EncodePath::ByteLevel {
+            add_prefix_space: byte_level.add_prefix_space,
+            added_tokens: tokenizer.get_added_tokens_decoder().into_values().filter(|t| !t.content.is_empty()).map(|t| memchr::memmem::Finder::new(t.content.as_bytes()).into_owned()).collect(),
+        },
+        _ => EncodePath::CachedWords,
     }
 }
 

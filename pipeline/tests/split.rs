@@ -283,9 +283,11 @@ fn a_trained_tokenizer_has_the_specials_and_round_trips_text() {
     assert_eq!(t.tokenizer.decode(&ids, false).unwrap(), text);
 }
 
+/// The encoder's three paths (GPT-2 split, HF pre-tokenizer + word cache, HF's encode)
+/// against HF's `encode` on every fixture document, nine programming languages, special
+/// tokens inside text, and random text from every character class.
 #[test]
 fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
-    let tok = mmrec_pipeline::tokenize::LoadedTokenizer::load(&fixtures().join("tokenizer.json")).unwrap();
     let mut texts: Vec<String> = Vec::new();
     for f in ["wikitext.jsonl", "python_stdlib.jsonl", "chat.jsonl", "code_synthetic.jsonl"] {
         for line in std::fs::read_to_string(fixtures().join("corpora").join(f)).unwrap().lines() {
@@ -297,15 +299,36 @@ fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
             });
         }
     }
-    // Nine programming languages and several prose sources, and special tokens inside text.
     let raw = zstd::decode_all(std::fs::File::open(fixtures().join("classifier_eval.jsonl.zst")).unwrap()).unwrap();
     texts.extend(raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()));
     texts.push("one<|endoftext|>two <|pad|>  three\t\n<|endoftext|>".into());
-    for pass in 0..2 {
-        // The second pass is served from the warm word cache.
-        for t in &texts {
-            let want = tok.tokenizer.encode_fast(t.as_str(), false).unwrap().get_ids().to_vec();
-            assert_eq!(tok.encode(t).unwrap(), want, "pass {pass}: {}", &t[..t.len().min(80)]);
+    texts.push(String::new());
+    let palette: Vec<char> = "ab'stre lldm \t\n\u{a0}\u{3000}09½é\u{301}漢😀.,!\"<|>endoftext".chars().collect();
+    let mut state = 7u64;
+    for _ in 0..2000 {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let len = (state >> 40) as usize % 40;
+        texts.push((0..len).map(|k| palette[((state >> (k % 48)) as usize + k * 7) % palette.len()]).collect());
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer.json")).unwrap()).unwrap();
+    let mut prefixed = base.clone();
+    prefixed["pre_tokenizer"]["add_prefix_space"] = true.into();
+    let mut normalised = base.clone();
+    normalised["normalizer"] = serde_json::json!({"type": "NFKC"});
+    let mut truncated = base.clone();
+    truncated["truncation"] = serde_json::json!({"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0});
+    for (name, json) in [("byte-level", base), ("prefix-space", prefixed), ("normaliser", normalised), ("truncation", truncated)] {
+        let path = dir.path().join(format!("{name}.json"));
+        std::fs::write(&path, json.to_string()).unwrap();
+        let tok = mmrec_pipeline::tokenize::LoadedTokenizer::load(&path).unwrap();
+        for pass in 0..2 {
+            // The second pass is served from the warm word cache.
+            for t in &texts {
+                let want = tok.tokenizer.encode_fast(t.as_str(), false).unwrap().get_ids().to_vec();
+                assert_eq!(tok.encode(t).unwrap(), want, "{name}, pass {pass}: {:?}", &t[..t.floor_char_boundary(80)]);
+            }
         }
     }
 }
