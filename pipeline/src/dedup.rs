@@ -23,36 +23,51 @@ pub fn normalized_hash(text: &str) -> u64 {
     })
 }
 
-/// `text.split_whitespace().join(" ")`, a byte at a time where the text is ASCII.
+/// `text.split_whitespace().join(" ")`, with runs of word bytes found by table lookup.
 fn push_normalised(text: &str, out: &mut Vec<u8>) {
+    // 0: part of a word; 1: ASCII whitespace; 2: lead byte of a character that may be
+    // Unicode whitespace (U+0085, U+00A0, U+1680, U+2000–U+205F, U+3000).
+    const KIND: [u8; 256] = {
+        let mut k = [0u8; 256];
+        k[b' ' as usize] = 1;
+        k[b'\t' as usize] = 1;
+        k[b'\n' as usize] = 1;
+        k[0x0B] = 1;
+        k[0x0C] = 1;
+        k[b'\r' as usize] = 1;
+        k[0xC2] = 2;
+        k[0xE1] = 2;
+        k[0xE2] = 2;
+        k[0xE3] = 2;
+        k
+    };
     let bytes = text.as_bytes();
-    let mut word_start = None;
     let mut i = 0;
-    while i < bytes.len() {
-        let (is_space, len) = match bytes[i] {
-            b' ' | b'\t' | b'\n' | 0x0B | 0x0C | b'\r' => (true, 1),
-            b if b.is_ascii() => (false, 1),
-            _ => text[i..].chars().next().map_or((false, 1), |c| (c.is_whitespace(), c.len_utf8())),
-        };
-        match (is_space, word_start) {
-            (true, Some(start)) => {
-                if !out.is_empty() {
-                    out.push(b' ');
-                }
-                out.extend_from_slice(&bytes[start..i]);
-                word_start = None;
+    let mut word_start = 0;
+    let flush = |start: usize, end: usize, out: &mut Vec<u8>| {
+        if start < end {
+            if !out.is_empty() {
+                out.push(b' ');
             }
-            (false, None) => word_start = Some(i),
-            _ => {}
+            out.extend_from_slice(&bytes[start..end]);
         }
-        i += len;
-    }
-    if let Some(start) = word_start {
-        if !out.is_empty() {
-            out.push(b' ');
+    };
+    while i < bytes.len() {
+        i += bytes[i..].iter().position(|&b| KIND[b as usize] != 0).unwrap_or(bytes.len() - i);
+        let Some(&b) = bytes.get(i) else { break };
+        let space_len = match KIND[b as usize] {
+            1 => 1,
+            _ => text[i..].chars().next().filter(|c| c.is_whitespace()).map_or(0, char::len_utf8),
+        };
+        if space_len == 0 {
+            i += 1;
+            continue;
         }
-        out.extend_from_slice(&bytes[start..]);
+        flush(word_start, i, out);
+        i += space_len;
+        word_start = i;
     }
+    flush(word_start, bytes.len(), out);
 }
 
 /// Keeps the first document of every distinct hash.
@@ -191,7 +206,10 @@ mod tests {
     #[test]
     fn whitespace_changes_do_not_change_the_hash() {
         assert_eq!(normalized_hash("a  b\n\tc "), normalized_hash("a b c"));
-        for text in ["", " ", "a", " a\u{3000}b\u{a0} c\u{85}", "\u{b}x\u{1c}y\u{2028}", "é  ü\t漢"] {
+        let every_whitespace_neighbour = (0..0x3100u32).chain((0x3100..0x11_0000).step_by(97)).filter_map(char::from_u32).map(|c| format!("a{c}b {c}{c}c{c}"));
+        let samples = ["", " ", "a", " a\u{3000}b\u{a0} c\u{85}", "\u{b}x\u{1c}y\u{2028}", "é  ü\t漢"].map(String::from);
+        for text in samples.into_iter().chain(every_whitespace_neighbour) {
+            let text = text.as_str();
             let mut fast = Vec::new();
             push_normalised(text, &mut fast);
             assert_eq!(fast, text.split_whitespace().collect::<Vec<_>>().join(" ").into_bytes(), "{text:?}");

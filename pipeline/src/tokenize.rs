@@ -39,26 +39,47 @@ static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new
 /// Entries per thread (≈ 40 bytes each): enough for a corpus's frequent words.
 const WORD_CACHE: usize = 1 << 18;
 
-/// Word → ids for one tokenizer on one thread; the ids live in one arena.
+/// Word → ids for one tokenizer on one thread; the ids live in one arena. Words under 16
+/// bytes (nearly all) are keyed by a `u128` holding their bytes and length: hashing and
+/// comparing it is a few instructions, where a byte-slice key costs a `memcmp` call.
 #[derive(Default)]
 struct WordCache {
     owner: u64,
-    spans: ahash::AHashMap<Box<[u8]>, (u32, u32)>,
+    short: ahash::AHashMap<u128, (u32, u32)>,
+    long: ahash::AHashMap<Box<[u8]>, (u32, u32)>,
     ids: Vec<u32>,
+}
+
+fn short_key(word: &[u8]) -> Option<u128> {
+    (word.len() < 16).then(|| {
+        let mut key = [0u8; 16];
+        key[..word.len()].copy_from_slice(word);
+        key[15] = word.len() as u8;
+        u128::from_le_bytes(key)
+    })
 }
 
 impl WordCache {
     /// Appends the ids of `word` to `out`, running `tokenize` only on a miss.
     fn extend(&mut self, word: &[u8], out: &mut Vec<u32>, tokenize: impl FnOnce() -> Result<Vec<u32>, String>) -> Result<(), String> {
-        if let Some(&(start, len)) = self.spans.get(word) {
+        let key = short_key(word);
+        let hit = match key {
+            Some(k) => self.short.get(&k),
+            None => self.long.get(word),
+        };
+        if let Some(&(start, len)) = hit {
             out.extend_from_slice(&self.ids[start as usize..(start + len) as usize]);
             return Ok(());
         }
         let ids = tokenize()?;
         out.extend_from_slice(&ids);
-        if self.spans.len() < WORD_CACHE {
-            self.spans.insert(word.into(), (self.ids.len() as u32, ids.len() as u32));
+        if self.short.len() + self.long.len() < WORD_CACHE {
+            let span = (self.ids.len() as u32, ids.len() as u32);
             self.ids.extend_from_slice(&ids);
+            match key {
+                Some(k) => self.short.insert(k, span),
+                None => self.long.insert(word.into(), span),
+            };
         }
         Ok(())
     }
