@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Reproduces bench/results/transfer.json: mmrec-transfer base → expert on a ~150M-parameter
-# f32 model against `cp` (with and without fsync) and bench/transfer_reference.py
-# (safetensors + torch), best of 3 each, same machine, same run; and `inspect` on a
-# multi-GB file. Needs bench/.venv with torch and safetensors.
+# f32 model against `cp` and bench/transfer_reference.py (safetensors + torch), and with
+# --sync against `cp` + `sync`; best of 5 interleaved rounds, same machine, same run; and
+# `inspect` on a multi-GB file. Before every timed run the previous output is deleted and
+# all dirty pages are flushed (untimed), so no run pays for another's writeback.
+# Needs bench/.venv with torch and safetensors.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mmrec-target}"
@@ -12,31 +14,37 @@ w="${WORK:-/tmp/mmrec-transfer-bench}"
 mkdir -p "$w" bench/results
 [ -f "$w/base.safetensors" ] || "$bin/mmrec-train" init --preset large --vocab 8192 --out "$w/base.safetensors"
 cat "$w/base.safetensors" > /dev/null   # same page-cache state for everyone
-best() { # best wall seconds of 3 runs of "$@"
-  local b=999999
-  for _ in 1 2 3; do
-    local s=$(date +%s%N); "$@" > /dev/null 2>&1; local e=$(date +%s%N)
-    b=$(python3 -c "print(min($b, ($e - $s) / 1e9))")
-  done
-  echo "$b"
+declare -A best
+run() { # run NAME CMD...: one timed run, keeping the best per NAME
+  local name=$1; shift
+  rm -f "$w"/out-*.safetensors; sync
+  local s=$(date +%s%N); "$@" > /dev/null 2>&1; local e=$(date +%s%N)
+  best[$name]=$(python3 -c "print(min(${best[$name]:-999999}, ($e - $s) / 1e9))")
 }
-cp_s=$(best cp "$w/base.safetensors" "$w/cp.safetensors")
-cp_sync_s=$(best sh -c "cp '$w/base.safetensors' '$w/cp.safetensors' && sync '$w/cp.safetensors'")
-ours_s=$(best "$bin/mmrec-transfer" "$w/base.safetensors" --to expert --domain code --out "$w/expert.safetensors")
-py_s=$(best bench/.venv/bin/python bench/transfer_reference.py "$w/base.safetensors" "$w/py.safetensors")
+for _ in 1 2 3 4 5; do
+  run cp cp "$w/base.safetensors" "$w/out-cp.safetensors"
+  run ours "$bin/mmrec-transfer" "$w/base.safetensors" --to expert --domain code --out "$w/out-expert.safetensors"
+  run cp_sync sh -c "cp '$w/base.safetensors' '$w/out-cp.safetensors' && sync '$w/out-cp.safetensors'"
+  run ours_sync "$bin/mmrec-transfer" "$w/base.safetensors" --to expert --domain code --sync --out "$w/out-expert.safetensors"
+done
+for _ in 1 2; do
+  run py bench/.venv/bin/python bench/transfer_reference.py "$w/base.safetensors" "$w/out-py.safetensors"
+done
+cp_s=${best[cp]} cp_sync_s=${best[cp_sync]} ours_s=${best[ours]} ours_sync_s=${best[ours_sync]} py_s=${best[py]}
 # A multi-GB file: the large model with its 8 blocks repeated four times.
 [ -f "$w/big.safetensors" ] || "$bin/mmrec-transfer" "$w/base.safetensors" --to expert --domain code --layers 0-7,0-7,0-7,0-7 --out "$w/big.safetensors" > /dev/null
-inspect_s=$(best "$bin/mmrec-transfer" inspect "$w/big.safetensors")
-python3 - "$w" "$cp_s" "$cp_sync_s" "$ours_s" "$py_s" "$inspect_s" <<'PY' | tee bench/results/transfer.json
+for _ in 1 2 3; do run inspect "$bin/mmrec-transfer" inspect "$w/big.safetensors"; done
+inspect_s=${best[inspect]}
+python3 - "$w" "$cp_s" "$cp_sync_s" "$ours_s" "$ours_sync_s" "$py_s" "$inspect_s" <<'PY' | tee bench/results/transfer.json
 import json, os, sys, platform
-w, cp_s, cp_sync_s, ours, py, insp = sys.argv[1], *map(float, sys.argv[2:])
+w, cp_s, cp_sync_s, ours, ours_sync, py, insp = sys.argv[1], *map(float, sys.argv[2:])
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
 params = json.loads(os.popen(f"{os.environ.get('CARGO_TARGET_DIR')}/debug/mmrec-transfer inspect --json {w}/base.safetensors").read())["total_params"]
 print(json.dumps({
   "machine": {"cpu": cpu, "cores": os.cpu_count()}, "build": "dev profile, mmrec-transfer/sha2/half at opt-level 2",
   "params": params, "bytes": os.path.getsize(f"{w}/base.safetensors"),
-  "seconds": {"cp": cp_s, "cp_fsync": cp_sync_s, "mmrec_transfer": ours, "python_safetensors_torch": py},
-  "mmrec_transfer_vs_cp": ours / cp_s, "mmrec_transfer_vs_cp_fsync": ours / cp_sync_s, "python_vs_mmrec_transfer": py / ours,
+  "seconds": {"cp": cp_s, "mmrec_transfer": ours, "cp_then_sync": cp_sync_s, "mmrec_transfer_sync": ours_sync, "python_safetensors_torch": py},
+  "mmrec_transfer_vs_cp": ours / cp_s, "mmrec_transfer_sync_vs_cp_then_sync": ours_sync / cp_sync_s, "python_vs_mmrec_transfer": py / ours,
   "inspect": {"bytes": os.path.getsize(f"{w}/big.safetensors"), "seconds": insp},
 }, indent=1))
 PY

@@ -38,12 +38,12 @@ step split "$bin/mmrec-data" split --text "$CORPORA/wikitext.jsonl" --code "$COR
 step pretrain "$bin/mmrec-train" pretrain "${common[@]}" --out "$OUT/base" --set "model.preset=\"$PRESET\"" \
   --set "run.steps=$PRETRAIN_STEPS" --set "run.eval_every=$(( (PRETRAIN_STEPS + 3) / 4 ))" --set "run.ckpt_every=$(( (PRETRAIN_STEPS + 3) / 4 ))"
 for d in text code; do
-  step "transfer-$d" "$bin/mmrec-transfer" "$OUT/base/final.safetensors" --to expert --domain "$d" --out "$OUT/$d-init.safetensors"
+  step "transfer-$d" "$bin/mmrec-transfer" "$OUT/base/final.safetensors" --to expert --domain "$d" --sync --out "$OUT/$d-init.safetensors"
   step "finetune-$d" "$bin/mmrec-train" finetune --init "$OUT/$d-init.safetensors" "${common[@]}" --out "$OUT/$d" \
     --set "data.weights=\"$d=1\"" --set optim.lr=1e-4 --set optim.min_lr=1e-5 --set optim.warmup_steps=5 \
     --set "run.steps=$FINETUNE_STEPS" --set "run.eval_every=$(( (FINETUNE_STEPS + 1) / 2 ))" --set "run.ckpt_every=$(( (FINETUNE_STEPS + 1) / 2 ))"
 done
-step fuse "$bin/mmrec-transfer" fuse --text "$OUT/text/final.safetensors" --code "$OUT/code/final.safetensors" --method gated --out "$OUT/fused-init.safetensors"
+step fuse "$bin/mmrec-transfer" fuse --text "$OUT/text/final.safetensors" --code "$OUT/code/final.safetensors" --method gated --sync --out "$OUT/fused-init.safetensors"
 step fusion "$bin/mmrec-train" fusion --init "$OUT/fused-init.safetensors" "${common[@]}" --out "$OUT/fused" \
   --set optim.lr=1e-2 --set optim.min_lr=1e-3 --set optim.warmup_steps=2 \
   --set "run.steps=$FUSION_STEPS" --set "run.eval_every=$(( (FUSION_STEPS + 1) / 2 ))" --set "run.ckpt_every=$(( (FUSION_STEPS + 1) / 2 ))"

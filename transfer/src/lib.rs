@@ -267,7 +267,20 @@ pub struct ExpertOptions {
     pub dtype: Option<Dtype>,
     /// Pattern → policy for target tensors missing from the source.
     pub init: Vec<(String, InitPolicy)>,
-    pub dry_run: bool,
+    pub persist: Persist,
+}
+
+/// What happens to the output once every check has passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Persist {
+    /// Report only.
+    DryRun,
+    /// Written under a temporary name and renamed into place, as `cp` leaves it in the
+    /// page cache: readers and a killed run never see a partial file.
+    #[default]
+    Atomic,
+    /// Atomic, and flushed to disk before the rename: survives a power loss too.
+    Durable,
 }
 
 /// One tensor of the output and where its bytes come from.
@@ -370,7 +383,7 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
         lineage: serde_json::json!({"tool": tool_version(), "operation": "to-expert", "sources": [{"path": opts.source, "sha256": SHA_PLACEHOLDER}], "mapping": opts.layers.describe(), "dtype": opts.dtype.map(Dtype::name)}),
         fusion: None,
     };
-    finish(&[&header], rows, outputs, &out_meta, &opts.out, opts.dry_run, &header.metadata)
+    finish(&[&header], rows, outputs, &out_meta, &opts.out, opts.persist, &header.metadata)
 }
 
 #[derive(Debug, Clone)]
@@ -380,7 +393,7 @@ pub struct FuseOptions {
     pub method: FusionMethod,
     pub embed: EmbedChoice,
     pub out: PathBuf,
-    pub dry_run: bool,
+    pub persist: Persist,
 }
 
 /// Which embedding the fused model shares.
@@ -479,7 +492,7 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
         lineage: serde_json::json!({"tool": tool_version(), "operation": "fuse", "sources": [{"path": opts.text, "sha256": SHA_PLACEHOLDER}, {"path": opts.code, "sha256": SHA_PLACEHOLDER}], "method": opts.method, "embed": format!("{:?}", opts.embed).to_lowercase()}),
         fusion: Some(opts.method),
     };
-    finish(&[&ht, &hc], rows, outputs, &meta, &opts.out, opts.dry_run, &ht.metadata)
+    finish(&[&ht, &hc], rows, outputs, &meta, &opts.out, opts.persist, &ht.metadata)
 }
 
 fn check_freeze_patterns(patterns: &[String], expected: &[(String, Vec<usize>)]) -> Result<()> {
@@ -499,7 +512,7 @@ fn tool_version() -> String {
 
 /// Decide, then (unless dry-run) write: header with the sources' sha256 filled in after a
 /// parallel hash of each source, tensor bytes streamed from memory maps, temp + rename.
-fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &ModelMeta, out: &Path, dry_run: bool, source_metadata: &BTreeMap<String, String>) -> Result<Report> {
+fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &ModelMeta, out: &Path, persist: Persist, source_metadata: &BTreeMap<String, String>) -> Result<Report> {
     let frozen_names: std::collections::BTreeSet<&str> = rows.iter().filter(|r| r.frozen).map(|r| r.target.as_str()).collect();
     let (mut trainable, mut frozen) = (0u64, 0u64);
     for o in &outputs {
@@ -522,27 +535,26 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
         .iter()
         .map(|h| {
             let f = std::fs::File::open(&h.path).map_err(io_err(&h.path))?;
-            // SAFETY: read-only map of a file this process does not modify.
-            unsafe { memmap2::Mmap::map(&f) }.map_err(io_err(&h.path))
+            // SAFETY: read-only map of a file this process does not modify. Not populated up
+            // front: the writer and the hashing thread then fault pages in concurrently.
+            unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io_err(&h.path))
         })
         .collect::<Result<_>>()?;
-    // Values must be finite; narrowing conversions count what overflows.
     for o in &outputs {
         if let Plan::Copy { file, info } = &o.plan {
-            let bytes = &maps[*file][(sources[*file].data_offset + info.start) as usize..(sources[*file].data_offset + info.end) as usize];
-            if let Some(i) = first_non_finite(bytes, info.dtype) {
-                let summary = format!("tensor `{}` of {} has a non-finite value at element {i}", o.name, sources[*file].path.display());
-                return Err(Error::Rejected { summary, kind: Rejection::NonFinite, report: Box::new(report) });
-            }
             if o.dtype != info.dtype {
-                let n = count_overflows(bytes, info.dtype, o.dtype);
+                let n = count_overflows(slice(&maps, sources, *file, info), info.dtype, o.dtype);
                 if n > 0 {
                     report.overflows.insert(o.name.clone(), n);
                 }
             }
         }
     }
-    if dry_run {
+    let rejected_non_finite = |summary: String, report: Report| Error::Rejected { summary, kind: Rejection::NonFinite, report: Box::new(report) };
+    if persist == Persist::DryRun {
+        if let Some(summary) = outputs.iter().find_map(|o| non_finite(o, sources, &maps)) {
+            return Err(rejected_non_finite(summary, report));
+        }
         report.out = None;
         return Ok(report);
     }
@@ -565,16 +577,26 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
     }
     let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    let result = std::thread::scope(|s| -> Result<()> {
+    // Outer error: I/O; inner: the first non-finite tensor, found while writing (each
+    // tensor is checked just before it is copied, while its pages are hot).
+    let result = std::thread::scope(|s| -> Result<Result<(), String>> {
         // Hash the sources on another core while this one writes.
         let hashers: Vec<_> = maps.iter().map(|m| s.spawn(move || crate::hex(&Sha256::digest(&m[..])))).collect();
         let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
         f.write_all(&(hjson.len() as u64).to_le_bytes()).map_err(io_err(&tmp))?;
         f.write_all(hjson.as_bytes()).map_err(io_err(&tmp))?;
         for o in &outputs {
+            if let Some(summary) = non_finite(o, sources, &maps) {
+                return Ok(Err(summary));
+            }
             write_tensor(&mut f, o, sources, &maps).map_err(io_err(&tmp))?;
         }
         let mut f = f.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        if persist == Persist::Durable {
+            // Flush the tensors while the sources are still being hashed; only the header
+            // page is left for the final sync.
+            f.sync_data().map_err(io_err(&tmp))?;
+        }
         // Fill in each source's sha256 (same length as the placeholder: the header keeps
         // its size and every offset stays valid).
         let mut header_bytes = hjson.into_bytes();
@@ -586,12 +608,21 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
         }
         f.seek(SeekFrom::Start(8)).map_err(io_err(&tmp))?;
         f.write_all(&header_bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        Ok(())
+        if persist == Persist::Durable {
+            f.sync_all().map_err(io_err(&tmp))?;
+        }
+        Ok(Ok(()))
     });
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    match result {
+        Ok(Ok(())) => {}
+        failed => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(match failed {
+                Ok(Err(summary)) => rejected_non_finite(summary, report),
+                Err(e) => e,
+                Ok(Ok(())) => unreachable!(),
+            });
+        }
     }
     std::fs::rename(&tmp, out).map_err(io_err(out))?;
     report.written = true;
@@ -679,15 +710,48 @@ fn encode(v: f64, dtype: Dtype, out: &mut Vec<u8>) {
     }
 }
 
+/// The first non-finite value a copied or averaged tensor would carry over, as the
+/// rejection's summary.
+fn non_finite(o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> Option<String> {
+    let inputs: Vec<(usize, &TensorInfo)> = match &o.plan {
+        Plan::Copy { file, info } => vec![(*file, info)],
+        Plan::Mean { a, b } => vec![(a.0, &a.1), (b.0, &b.1)],
+        Plan::Init(_) | Plan::Values(_) => return None,
+    };
+    inputs.into_iter().find_map(|(file, info)| {
+        first_non_finite(slice(maps, sources, file, info), info.dtype).map(|i| format!("tensor `{}` of {} has a non-finite value at element {i}", o.name, sources[file].path.display()))
+    })
+}
+
+/// Index of the first inf or NaN. Blocks are screened branch-free on the exponent bits
+/// (all ones ⇔ inf or NaN, in every IEEE format) so the scan runs at memory speed; only
+/// a block that fails is decoded to find the element.
 fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
-    if !dtype.is_float() {
-        return None;
+    const BLOCK: usize = 4096;
+    // Written per width so that each folds to a vectorised OR over whole registers.
+    fn any16(block: &[u8], mask: u16) -> bool {
+        block.chunks_exact(2).fold(false, |acc, c| acc | (u16::from_le_bytes([c[0], c[1]]) & mask == mask))
     }
-    if dtype == Dtype::F32 {
-        // The common case, without the f64 round trip.
-        return bytes.chunks_exact(4).position(|c| !f32::from_le_bytes([c[0], c[1], c[2], c[3]]).is_finite());
+    fn any32(block: &[u8], mask: u32) -> bool {
+        block.chunks_exact(4).fold(false, |acc, c| acc | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & mask == mask))
     }
-    decode(bytes, dtype).position(|v| !v.is_finite())
+    fn any64(block: &[u8], mask: u64) -> bool {
+        block.chunks_exact(8).fold(false, |acc, c| acc | (u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) & mask == mask))
+    }
+    let size = dtype.size() as usize;
+    for (k, block) in bytes.chunks(size * BLOCK).enumerate() {
+        let suspect = match dtype {
+            Dtype::F32 => any32(block, 0x7f80_0000),
+            Dtype::F16 => any16(block, 0x7c00),
+            Dtype::BF16 => any16(block, 0x7f80),
+            Dtype::F64 => any64(block, 0x7ff0_0000_0000_0000),
+            _ => return None,
+        };
+        if suspect {
+            return decode(block, dtype).position(|v| !v.is_finite()).map(|i| k * BLOCK + i);
+        }
+    }
+    None
 }
 
 fn count_overflows(bytes: &[u8], from: Dtype, to: Dtype) -> u64 {
@@ -723,4 +787,29 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     }
     let metadata = h.metadata.iter().map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone())))).collect();
     Ok(Inspection { path: path.display().to_string(), bytes, total_params: h.tensors.values().map(TensorInfo::elements).sum(), tensors: h.tensors, params_by_module: by_module, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_first_non_finite_value_in_every_float_dtype() {
+        let n = 3 * 4096 + 17;
+        for dtype in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                let mut values: Vec<f64> = (0..n).map(|i| (i as f64 * 0.37).sin() * 1000.0).collect();
+                let mut bytes = Vec::new();
+                values.iter().for_each(|&v| encode(v, dtype, &mut bytes));
+                assert_eq!(first_non_finite(&bytes, dtype), None, "{dtype:?}");
+                for at in [0, 4095, 4096, n - 1] {
+                    values[at] = bad;
+                    bytes.clear();
+                    values.iter().for_each(|&v| encode(v, dtype, &mut bytes));
+                    assert_eq!(first_non_finite(&bytes, dtype), Some(at), "{dtype:?} {bad} at {at}");
+                    values[at] = 1.0;
+                }
+            }
+        }
+    }
 }

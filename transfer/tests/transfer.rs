@@ -141,6 +141,8 @@ fn mismatches_have_distinct_exit_codes_and_write_nothing() {
     let nan = base_file(dir.path(), "nan.safetensors", &[("norm.weight", Some(Tensor::new(&[f32::NAN; 32], &Device::Cpu).unwrap()))]);
     assert_eq!(run(&nan, &[]).status.code(), Some(6));
     assert!(!out.exists(), "nothing written on any refusal");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp")).collect();
+    assert!(leftovers.is_empty(), "a refused write removes its temporary file: {leftovers:?}");
     // With an explicit policy, the missing tensor is created and reported.
     let o = run(&missing, &["--allow-partial", "--init", "blocks.*.norm2.weight=ones", "--json"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -161,6 +163,13 @@ fn freeze_patterns_must_match_and_dry_runs_write_nothing() {
     let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--dry-run"]);
     assert!(o.status.success());
     assert!(!out.exists());
+    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--dry-run", "--sync"]);
+    assert_eq!(o.status.code(), Some(2), "--sync with --dry-run is a usage error");
+    // --sync adds only the flush: the same bytes as the default atomic write.
+    let synced = dir.path().join("synced.safetensors");
+    assert!(transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap()]).status.success());
+    assert!(transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", synced.to_str().unwrap(), "--sync"]).status.success());
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&synced).unwrap());
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 use mmrec_transfer::header::Dtype;
-use mmrec_transfer::{fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Report};
+use mmrec_transfer::{fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Persist, Report};
 use mmrec_trainer::FusionMethod;
 
 /// Exit codes: 0 done, 2 usage or I/O error, 3 shape mismatch, 4 missing tensors,
@@ -53,12 +53,33 @@ struct ExpertArgs {
     /// PATTERN=zeros|ones for tensors missing from the source (with --allow-partial).
     #[arg(long = "init", value_name = "PATTERN=POLICY")]
     init: Vec<String>,
-    /// Check and report only; write nothing.
-    #[arg(long)]
-    dry_run: bool,
+    #[command(flatten)]
+    write: WriteArgs,
     /// Print the report as JSON.
     #[arg(long, global = true)]
     json: bool,
+}
+
+#[derive(clap::Args)]
+struct WriteArgs {
+    /// Check and report only; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Flush the output to disk before renaming it into place, so that it survives a
+    /// power loss too (costs the disk's write time). Without it the output is still
+    /// atomic: a failed or killed run never leaves a partial file.
+    #[arg(long, conflicts_with = "dry_run")]
+    sync: bool,
+}
+
+impl WriteArgs {
+    fn persist(&self) -> Persist {
+        match (self.dry_run, self.sync) {
+            (true, _) => Persist::DryRun,
+            (false, true) => Persist::Durable,
+            (false, false) => Persist::Atomic,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -88,8 +109,8 @@ enum Command {
         embed: EmbedChoice,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long)]
-        dry_run: bool,
+        #[command(flatten)]
+        write: WriteArgs,
     },
     /// Header only (fast on any size): tensors, shapes, dtypes, parameters by module,
     /// metadata and lineage.
@@ -154,12 +175,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Some(Command::Fuse { text, code, method, embed, out, dry_run }) => {
+        Some(Command::Fuse { text, code, method, embed, out, write }) => {
             let method = match method {
                 Method::Concat => FusionMethod::Concat,
                 Method::Gated => FusionMethod::Gated,
             };
-            show(&fuse(&FuseOptions { text, code, method, embed, out, dry_run })?, json);
+            show(&fuse(&FuseOptions { text, code, method, embed, out, persist: write.persist() })?, json);
             Ok(())
         }
         None => {
@@ -196,7 +217,7 @@ fn run(cli: Cli) -> Result<()> {
                 OutDtype::Bf16 => Dtype::BF16,
                 OutDtype::F16 => Dtype::F16,
             });
-            show(&to_expert(&ExpertOptions { source, out, domain, layers, freeze: a.freeze, dtype, init, dry_run: a.dry_run })?, json);
+            show(&to_expert(&ExpertOptions { source, out, domain, layers, freeze: a.freeze, dtype, init, persist: a.write.persist() })?, json);
             Ok(())
         }
     }
