@@ -45,7 +45,7 @@ pub fn validate(dir: &Path) -> Result<Validation> {
                     tokens += toks;
                     v.problems.append(&mut problems);
                 }
-                Err(e) => v.problems.push(e.to_string()),
+                Err(e) => v.problems.push(crate::error::describe(&e)),
             }
         }
         v.rows += docs;
@@ -74,7 +74,7 @@ pub fn validate(dir: &Path) -> Result<Validation> {
         match count_lines(&dir.join(file)) {
             Ok(n) if n == expected => {}
             Ok(n) => v.problems.push(format!("{file}: {n} lines, manifest counts {expected}")),
-            Err(e) => v.problems.push(e.to_string()),
+            Err(e) => v.problems.push(crate::error::describe(&e)),
         }
     }
     Ok(v)

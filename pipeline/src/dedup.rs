@@ -23,13 +23,15 @@ pub fn normalized_hash(text: &str) -> u64 {
     })
 }
 
-/// `text.split_whitespace().join(" ")`, with runs of word bytes found by table lookup.
+/// `text.split_whitespace().join(" ")`. Text is mostly words and single spaces, which
+/// normalisation keeps: those stretches are copied whole, and only the whitespace that
+/// changes (runs, tabs, newlines, Unicode spaces) is looked at closely.
 fn push_normalised(text: &str, out: &mut Vec<u8>) {
-    // 0: part of a word; 1: ASCII whitespace; 2: lead byte of a character that may be
-    // Unicode whitespace (U+0085, U+00A0, U+1680, U+2000–U+205F, U+3000).
+    // 0: part of a word; 1: ASCII whitespace other than a space; 2: lead byte of a
+    // character that may be Unicode whitespace (U+0085, U+00A0, U+1680, U+2000–U+205F,
+    // U+3000); 3: a space, kept as it is when a word follows it.
     const KIND: [u8; 256] = {
         let mut k = [0u8; 256];
-        k[b' ' as usize] = 1;
         k[b'\t' as usize] = 1;
         k[b'\n' as usize] = 1;
         k[0x0B] = 1;
@@ -39,35 +41,36 @@ fn push_normalised(text: &str, out: &mut Vec<u8>) {
         k[0xE1] = 2;
         k[0xE2] = 2;
         k[0xE3] = 2;
+        k[b' ' as usize] = 3;
         k
     };
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    let mut word_start = 0;
-    let flush = |start: usize, end: usize, out: &mut Vec<u8>| {
-        if start < end {
-            if !out.is_empty() {
-                out.push(b' ');
-            }
-            out.extend_from_slice(&bytes[start..end]);
-        }
+    let text = text.trim();
+    let whitespace_len = |i: usize| match KIND[text.as_bytes()[i] as usize] {
+        0 => 0,
+        1 | 3 => 1,
+        _ => text[i..].chars().next().filter(|c| c.is_whitespace()).map_or(0, char::len_utf8),
     };
-    while i < bytes.len() {
+    let bytes = text.as_bytes();
+    let mut copied = 0;
+    let mut i = 0;
+    loop {
         i += bytes[i..].iter().position(|&b| KIND[b as usize] != 0).unwrap_or(bytes.len() - i);
         let Some(&b) = bytes.get(i) else { break };
-        let space_len = match KIND[b as usize] {
-            1 => 1,
-            _ => text[i..].chars().next().filter(|c| c.is_whitespace()).map_or(0, char::len_utf8),
-        };
-        if space_len == 0 {
+        let kind = KIND[b as usize];
+        let single_space = kind == 3 && bytes.get(i + 1).is_some_and(|&b| KIND[b as usize] == 0 || (KIND[b as usize] == 2 && whitespace_len(i + 1) == 0));
+        if single_space || whitespace_len(i) == 0 {
             i += 1;
             continue;
         }
-        flush(word_start, i, out);
-        i += space_len;
-        word_start = i;
+        // A run to collapse into one space (trimmed text: a word follows it).
+        out.extend_from_slice(&bytes[copied..i]);
+        out.push(b' ');
+        while i < bytes.len() && whitespace_len(i) > 0 {
+            i += whitespace_len(i);
+        }
+        copied = i;
     }
-    flush(word_start, bytes.len(), out);
+    out.extend_from_slice(&bytes[copied..]);
 }
 
 /// Keeps the first document of every distinct hash.
@@ -207,7 +210,7 @@ mod tests {
     fn whitespace_changes_do_not_change_the_hash() {
         assert_eq!(normalized_hash("a  b\n\tc "), normalized_hash("a b c"));
         let every_whitespace_neighbour = (0..0x3100u32).chain((0x3100..0x11_0000).step_by(97)).filter_map(char::from_u32).map(|c| format!("a{c}b {c}{c}c{c}"));
-        let samples = ["", " ", "a", " a\u{3000}b\u{a0} c\u{85}", "\u{b}x\u{1c}y\u{2028}", "é  ü\t漢"].map(String::from);
+        let samples = ["", " ", "a", "a  b", " a b ", "a \u{a0}b", "a\u{a0} b", "a é ¢", "a  \t b\n", "x \u{2003}", "\u{3000}", " a\u{3000}b\u{a0} c\u{85}", "\u{b}x\u{1c}y\u{2028}", "é  ü\t漢"].map(String::from);
         for text in samples.into_iter().chain(every_whitespace_neighbour) {
             let text = text.as_str();
             let mut fast = Vec::new();

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 /// to the quarantine file and the run continues.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("input {path} does not exist or cannot be read: {source}")]
+    #[error("input {path} does not exist or cannot be read")]
     MissingInput { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Parquet { path: PathBuf, message: String },
@@ -29,4 +29,17 @@ impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
         self.map_err(|source| Error::Io { path: path.into(), source })
     }
+}
+
+/// The error and its sources, `: `-separated (as anyhow's `{:#}` prints them), for errors
+/// kept as text, such as `validate`'s list of problems.
+pub(crate) fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }

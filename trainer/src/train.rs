@@ -151,7 +151,7 @@ pub enum Error {
     Model(#[from] io::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
 }
 

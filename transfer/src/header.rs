@@ -95,7 +95,7 @@ pub struct Header {
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeaderError {
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a valid safetensors file: {message}")]
     Invalid { path: PathBuf, message: String },

@@ -24,7 +24,7 @@ use sha2::{Digest, Sha256};
 pub enum Error {
     #[error(transparent)]
     Header(#[from] HeaderError),
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
     Usage(String),
