@@ -236,3 +236,20 @@ mod fuzz {
         }
     }
 }
+
+#[test]
+fn a_reader_that_goes_away_ends_the_output_quietly() {
+    // `mmrec-transfer inspect model | head -3`: the closed pipe must not cause a panic.
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_file(dir.path(), "base.safetensors", &[]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-transfer"))
+        .args(["inspect", base.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -205,6 +205,13 @@ struct SplitArgs {
 }
 
 fn main() -> ExitCode {
+    // Die quietly like other Unix tools when the reader goes away (`| head`), instead of
+    // panicking on the failed write.
+    #[cfg(unix)]
+    // SAFETY: called first thing, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {
