@@ -12,6 +12,9 @@ OUT="$out" CORPORA=fixtures/corpora PRESET=tiny VOCAB=2048 SEQ=64 BATCH=8 \
 bin="$CARGO_TARGET_DIR/debug"
 echo "== the shards, checked and summarised"
 "$bin/mmrec-data" validate "$out/shards"
-"$bin/mmrec-data" inspect "$out/shards" --samples 1 | head -30
+# Full listings go to files (a `| head` would end the tools early, which pipefail reports).
+"$bin/mmrec-data" inspect "$out/shards" --samples 1 > "$out/shards-inspect.txt"
+head -30 "$out/shards-inspect.txt"
 echo "== the fused model's header"
-"$bin/mmrec-transfer" inspect "$out/fused/final.safetensors" | head -12
+"$bin/mmrec-transfer" inspect "$out/fused/final.safetensors" > "$out/fused-inspect.txt"
+head -12 "$out/fused-inspect.txt"
