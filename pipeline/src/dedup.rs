@@ -79,7 +79,7 @@ fn next_irregular(bytes: &[u8], mut i: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     // High bit set in each byte below `n` (n ≤ 0x80); exact per byte, no carries across.
-    let below = |x: u64, n: u64| !((((x & !HIGH) + ONES * (0x80 - n)) | x)) & HIGH;
+    let below = |x: u64, n: u64| !(((x & !HIGH) + ONES * (0x80 - n)) | x) & HIGH;
     let load = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     while i + 9 <= bytes.len() {
         let (x, next) = (load(i), load(i + 1));
@@ -93,7 +93,7 @@ fn next_irregular(bytes: &[u8], mut i: usize) -> usize {
         }
         i += 8;
     }
-    i + bytes[i..].iter().position(|&b| b < 0x21 || b >= 0x80).unwrap_or(bytes.len() - i)
+    i + bytes[i..].iter().position(|&b| !(0x21..0x80).contains(&b)).unwrap_or(bytes.len() - i)
 }
 
 /// Keeps the first document of every distinct hash.

@@ -52,7 +52,7 @@ impl ModelConfig {
         if self.d_model < 4 || self.d_model % 4 != 0 {
             return Err(format!("d_model {} must be a positive multiple of 4 (the MDI MLPs are D/4 wide)", self.d_model));
         }
-        if self.chunk_sizes.iter().any(|&c| c == 0) || self.memory_window == 0 {
+        if self.chunk_sizes.contains(&0) || self.memory_window == 0 {
             return Err("chunk sizes and memory_window must be at least 1".into());
         }
         Ok(())

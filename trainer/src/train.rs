@@ -19,7 +19,7 @@ use crate::ModelConfig;
 
 /// Everything a run needs, as one plain struct: read from TOML, overridable field by field
 /// with `--set section.field=value`, printed at start and saved in every checkpoint.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     pub model: ModelSection,
@@ -135,11 +135,6 @@ impl Default for RunConfig {
     }
 }
 
-impl Default for TrainConfig {
-    fn default() -> Self {
-        TrainConfig { model: ModelSection::default(), data: DataConfig::default(), optim: OptimConfig::default(), run: RunConfig::default() }
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
