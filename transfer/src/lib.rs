@@ -613,16 +613,14 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
         }
         Ok(Ok(()))
     });
-    match result {
-        Ok(Ok(())) => {}
-        failed => {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(match failed {
-                Ok(Err(summary)) => rejected_non_finite(summary, report),
-                Err(e) => e,
-                Ok(Ok(())) => unreachable!(),
-            });
-        }
+    let failure = match result {
+        Ok(Ok(())) => None,
+        Ok(Err(summary)) => Some(rejected_non_finite(summary, report.clone())),
+        Err(e) => Some(e),
+    };
+    if let Some(e) = failure {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, out).map_err(io_err(out))?;
     report.written = true;
