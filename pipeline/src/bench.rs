@@ -4,14 +4,15 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use mmrec_schemas::{Domain, Partition};
+use mmrec_schemas::{Domain, NearDupSettings};
 use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
 use crate::input::{expand_inputs, read_file, InputSpec, PlainSplit, ReadOptions, Record};
-use crate::split::{split, SplitOptions};
+use crate::dedup::DEFAULT_NEAR_DUP;
+use crate::split::{split, SplitOptions, SplitReport};
 use crate::tokenize::LoadedTokenizer;
 
 #[derive(Debug, Serialize)]
@@ -38,6 +39,10 @@ pub struct BenchReport {
     pub corpus_docs: u64,
     pub corpus_tokens: u64,
     pub pipeline: Vec<Throughput>,
+    /// The same with `--near-dup` (default settings). The corpus is made of prefixed copies,
+    /// so nearly every document is removed as a near-duplicate: documents/s counts the
+    /// documents read, tokens/s the few written.
+    pub pipeline_near_dup: Vec<Throughput>,
     /// The pipeline's own encoder (word-cached) alone on the same documents.
     pub tokenizer_alone: Vec<Throughput>,
     /// HF tokenizers' `encode` alone on the same documents: the baseline the cache beats.
@@ -113,6 +118,7 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         corpus_docs: 0,
         corpus_tokens: 0,
         pipeline: Vec::new(),
+        pipeline_near_dup: Vec::new(),
         tokenizer_alone: Vec::new(),
         hf_encode_alone: Vec::new(),
         pipeline_vs_tokenizer: Vec::new(),
@@ -124,28 +130,25 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         let mut best_pipeline: Option<Throughput> = None;
         let mut best_tokenizer: Option<Throughput> = None;
         let mut best_hf: Option<Throughput> = None;
+        let mut best_near_dup: Option<Throughput> = None;
         for _ in 0..repeats.max(1) {
-        let out = work.join(format!("shards-{n}"));
-        let _ = std::fs::remove_dir_all(&out);
-        let opts = SplitOptions {
-            inputs: corpus.to_vec(),
-            tokenizer: tokenizer.to_path_buf(),
-            out: out.clone(),
-            read: ReadOptions { field: None, max_bytes: 64 << 20, plain_split: PlainSplit::File },
-            near_dup: None,
-            shard_docs: 50_000,
-            row_group_docs: 2048,
-            partition: Partition::WHOLE,
-            seed: 0,
-        };
-        let started = Instant::now();
-        let r = pool.install(|| split(&opts, &()))?;
-        let secs = started.elapsed().as_secs_f64();
-        let t = &r.manifest.totals;
-        report.corpus_docs = t.written;
-        report.corpus_tokens = t.tokens;
-        keep_fastest(&mut best_pipeline, Throughput::new(n, secs, report.corpus_bytes, t.written, t.tokens));
-        let _ = std::fs::remove_dir_all(&out);
+            let run_split = |near_dup: Option<NearDupSettings>| -> Result<(f64, SplitReport)> {
+                let out = work.join(format!("shards-{n}"));
+                let _ = std::fs::remove_dir_all(&out);
+                let opts = SplitOptions { near_dup, read: ReadOptions { field: None, max_bytes: 64 << 20, plain_split: PlainSplit::File }, ..SplitOptions::new(corpus.to_vec(), tokenizer.to_path_buf(), out.clone()) };
+                let started = Instant::now();
+                let r = pool.install(|| split(&opts, &()))?;
+                let secs = started.elapsed().as_secs_f64();
+                let _ = std::fs::remove_dir_all(&out);
+                Ok((secs, r))
+            };
+            let (secs, r) = run_split(None)?;
+            let t = &r.manifest.totals;
+            report.corpus_docs = t.written;
+            report.corpus_tokens = t.tokens;
+            keep_fastest(&mut best_pipeline, Throughput::new(n, secs, report.corpus_bytes, t.written, t.tokens));
+            let (secs, r) = run_split(Some(DEFAULT_NEAR_DUP))?;
+            keep_fastest(&mut best_near_dup, Throughput::new(n, secs, report.corpus_bytes, r.manifest.totals.records_in, r.manifest.totals.tokens));
 
         // The tokenizer alone on the same documents, already in memory, freshly loaded as
         // `split` loads it.
@@ -162,6 +165,7 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         }
         report.hf_encode_alone.extend(best_hf);
         report.pipeline.extend(best_pipeline);
+        report.pipeline_near_dup.extend(best_near_dup);
         report.tokenizer_alone.extend(best_tokenizer);
     }
     report.pipeline_vs_tokenizer = report.pipeline.iter().zip(&report.tokenizer_alone).map(|(p, t)| p.tokens_per_s / t.tokens_per_s).collect();
