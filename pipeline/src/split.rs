@@ -112,35 +112,49 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
 
     // Read and checksum every input (parallel over files; records stay in file order).
+    // Each file's documents are hashed and cut to this part as soon as they are parsed, so
+    // that a part holds only its own documents in memory.
     let input_bytes: u64 = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
     progress.phase("read", input_bytes);
-    let read: Vec<(Vec<Record>, InputInfo)> = files
+    let read: Vec<(Vec<(Document, u64)>, Vec<QuarantineRecord>, InputInfo)> = files
         .par_iter()
         .map(|f| {
             let read = read_file(f, &opts.read)?;
             progress.advance(read.bytes, 0, 0);
+            let mut bad = Vec::new();
+            let docs: Vec<Document> = read
+                .records
+                .into_iter()
+                .filter_map(|r| match r {
+                    Record::Doc(d) => Some(d),
+                    Record::Bad(q) => {
+                        if opts.partition.owns(xxh3_64(format!("{}:{}", q.file, q.line).as_bytes())) {
+                            bad.push(q);
+                        }
+                        None
+                    }
+                })
+                .collect();
+            // Partition by content hash, so that copies of a document always meet in one part.
+            let hashes: Vec<u64> = docs.par_iter().map(|d| normalized_hash(&d.text)).collect();
+            let owned = docs.into_iter().zip(hashes).filter(|(_, h)| opts.partition.owns(*h)).collect();
             let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
-            Ok((read.records, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared }))
+            Ok((owned, bad, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared }))
         })
         .collect::<Result<_>>()?;
 
     let mut inputs = Vec::with_capacity(read.len());
     let mut docs: Vec<Document> = Vec::new();
+    let mut hashes: Vec<u64> = Vec::new();
     let mut quarantine: Vec<QuarantineRecord> = Vec::new();
-    for (records, info) in read {
+    for (owned, bad, info) in read {
         inputs.push(info);
-        for r in records {
-            match r {
-                Record::Doc(d) => docs.push(d),
-                Record::Bad(q) if opts.partition.owns(xxh3_64(format!("{}:{}", q.file, q.line).as_bytes())) => quarantine.push(q),
-                Record::Bad(_) => {}
-            }
+        for (d, h) in owned {
+            docs.push(d);
+            hashes.push(h);
         }
+        quarantine.extend(bad);
     }
-
-    // Partition by content hash, so that copies of a document always meet in one part.
-    let hashes: Vec<u64> = docs.par_iter().map(|d| normalized_hash(&d.text)).collect();
-    let (docs, hashes): (Vec<Document>, Vec<u64>) = docs.into_iter().zip(hashes).filter(|(_, h)| opts.partition.owns(*h)).unzip();
     let records_in = (docs.len() + quarantine.len()) as u64;
 
     // Exact, then near duplicates; the first occurrence in input order is kept.
