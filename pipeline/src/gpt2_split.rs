@@ -73,11 +73,18 @@ fn char_at(text: &str, i: usize) -> Option<char> {
 
 /// End of the run of `class` characters starting at `i`.
 fn run_end(classes: &Classes, text: &str, mut i: usize, class: Class) -> usize {
-    while let Some(c) = char_at(text, i) {
-        if classes.of(c) != class {
+    let bytes = text.as_bytes();
+    while let Some(&b) = bytes.get(i) {
+        // ASCII a byte at a time; anything else as a whole character.
+        let (c_class, len) = if b.is_ascii() {
+            (classes.ascii[b as usize], 1)
+        } else {
+            char_at(text, i).map_or((Class::Other, 1), |c| (classes.lookup(c), c.len_utf8()))
+        };
+        if c_class != class {
             break;
         }
-        i += c.len_utf8();
+        i += len;
     }
     i
 }
