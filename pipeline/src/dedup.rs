@@ -27,11 +27,11 @@ pub fn normalized_hash(text: &str) -> u64 {
 /// normalisation keeps: those stretches are copied whole, and only the whitespace that
 /// changes (runs, tabs, newlines, Unicode spaces) is looked at closely.
 fn push_normalised(text: &str, out: &mut Vec<u8>) {
-    // 0: part of a word; 1: ASCII whitespace other than a space; 2: lead byte of a
-    // character that may be Unicode whitespace (U+0085, U+00A0, U+1680, U+2000–U+205F,
-    // U+3000); 3: a space, kept as it is when a word follows it.
+    // 0: part of a word; 1: ASCII whitespace; 2: lead byte of a character that may be
+    // Unicode whitespace (U+0085, U+00A0, U+1680, U+2000–U+205F, U+3000).
     const KIND: [u8; 256] = {
         let mut k = [0u8; 256];
+        k[b' ' as usize] = 1;
         k[b'\t' as usize] = 1;
         k[b'\n' as usize] = 1;
         k[0x0B] = 1;
@@ -41,13 +41,12 @@ fn push_normalised(text: &str, out: &mut Vec<u8>) {
         k[0xE1] = 2;
         k[0xE2] = 2;
         k[0xE3] = 2;
-        k[b' ' as usize] = 3;
         k
     };
     let text = text.trim();
     let whitespace_len = |i: usize| match KIND[text.as_bytes()[i] as usize] {
         0 => 0,
-        1 | 3 => 1,
+        1 => 1,
         _ => text[i..].chars().next().filter(|c| c.is_whitespace()).map_or(0, char::len_utf8),
     };
     let bytes = text.as_bytes();
@@ -56,18 +55,24 @@ fn push_normalised(text: &str, out: &mut Vec<u8>) {
     loop {
         i = next_irregular(bytes, i);
         let Some(&b) = bytes.get(i) else { break };
-        let kind = KIND[b as usize];
-        let single_space = kind == 3 && bytes.get(i + 1).is_some_and(|&b| KIND[b as usize] == 0 || (KIND[b as usize] == 2 && whitespace_len(i + 1) == 0));
-        if single_space || whitespace_len(i) == 0 {
+        let single_space = b == b' ' && i + 1 < bytes.len() && whitespace_len(i + 1) == 0;
+        let run_start = i;
+        if !single_space {
+            while i < bytes.len() {
+                match whitespace_len(i) {
+                    0 => break,
+                    len => i += len,
+                }
+            }
+        }
+        if i == run_start {
+            // A word byte, or a single space that normalisation keeps.
             i += 1;
             continue;
         }
         // A run to collapse into one space (trimmed text: a word follows it).
-        out.extend_from_slice(&bytes[copied..i]);
+        out.extend_from_slice(&bytes[copied..run_start]);
         out.push(b' ');
-        while i < bytes.len() && whitespace_len(i) > 0 {
-            i += whitespace_len(i);
-        }
         copied = i;
     }
     out.extend_from_slice(&bytes[copied..]);

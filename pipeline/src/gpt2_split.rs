@@ -56,32 +56,22 @@ impl Classes {
         }
     }
 
+    /// The class and UTF-8 length of the character at byte `i`; ASCII by table.
     #[inline]
-    fn of(&self, c: char) -> Class {
-        if c.is_ascii() {
-            self.ascii[c as usize]
+    fn at(&self, text: &str, i: usize) -> Option<(Class, usize)> {
+        let b = *text.as_bytes().get(i)?;
+        if b.is_ascii() {
+            Some((self.ascii[b as usize], 1))
         } else {
-            self.lookup(c)
+            text[i..].chars().next().map(|c| (self.lookup(c), c.len_utf8()))
         }
     }
 }
 
-#[inline]
-fn char_at(text: &str, i: usize) -> Option<char> {
-    text[i..].chars().next()
-}
-
 /// End of the run of `class` characters starting at `i`.
 fn run_end(classes: &Classes, text: &str, mut i: usize, class: Class) -> usize {
-    let bytes = text.as_bytes();
-    while let Some(&b) = bytes.get(i) {
-        // ASCII a byte at a time; anything else as a whole character.
-        let (c_class, len) = if b.is_ascii() {
-            (classes.ascii[b as usize], 1)
-        } else {
-            char_at(text, i).map_or((Class::Other, 1), |c| (classes.lookup(c), c.len_utf8()))
-        };
-        if c_class != class {
+    while let Some((c, len)) = classes.at(text, i) {
+        if c != class {
             break;
         }
         i += len;
@@ -102,15 +92,15 @@ fn contraction(rest: &[u8]) -> Option<usize> {
 pub fn split<'a>(text: &'a str, mut piece: impl FnMut(&'a str)) {
     let classes = &*CLASSES;
     let mut i = 0;
-    while let Some(c) = char_at(text, i) {
-        let after = i + c.len_utf8();
-        let class = classes.of(c);
-        let contracted = if c == '\'' { contraction(&text.as_bytes()[after..]) } else { None };
+    while let Some((class, len)) = classes.at(text, i) {
+        let byte = text.as_bytes()[i];
+        let after = i + len;
+        let contracted = if byte == b'\'' { contraction(&text.as_bytes()[after..]) } else { None };
         let end = match (contracted, class) {
             (Some(len), _) => after + len,
-            (None, Class::Space) => match char_at(text, after).map(|n| (n, classes.of(n))) {
+            (None, Class::Space) => match classes.at(text, after) {
                 // ` ?\p{L}+` and its siblings: a space joins the word after it.
-                Some((next, next_class)) if c == ' ' && next_class != Class::Space => run_end(classes, text, after + next.len_utf8(), next_class),
+                Some((next_class, next_len)) if byte == b' ' && next_class != Class::Space => run_end(classes, text, after + next_len, next_class),
                 _ => {
                     let ws_end = run_end(classes, text, i, Class::Space);
                     let last = text[..ws_end].chars().next_back().map_or(i, |l| ws_end - l.len_utf8());
