@@ -207,11 +207,7 @@ struct SplitArgs {
 fn main() -> ExitCode {
     // Die quietly like other Unix tools when the reader goes away (`| head`), instead of
     // panicking on the failed write.
-    #[cfg(unix)]
-    // SAFETY: called first thing, before any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    sigpipe::reset();
     match run(Cli::parse()) {
         Ok(code) => code,
         Err(e) => {

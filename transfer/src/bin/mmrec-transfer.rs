@@ -126,11 +126,7 @@ enum Method {
 fn main() -> ExitCode {
     // Die quietly like other Unix tools when the reader goes away (`| head`), instead of
     // panicking on the failed write.
-    #[cfg(unix)]
-    // SAFETY: called first thing, before any other thread exists.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-    }
+    sigpipe::reset();
     let cli = Cli::parse();
     let json = cli.expert.json;
     match run(cli) {
