@@ -61,13 +61,19 @@ impl AdamW {
 
     /// Global L2 norm of the gradients of the trainable parameters.
     pub fn grad_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-        let mut sq = 0.0;
+        // Summed where the gradients live, read back once: one device sync per step, not
+        // one per parameter tensor.
+        let mut sq: Option<Tensor> = None;
         for p in &self.params {
             if let Some(g) = grads.get(&p.name) {
-                sq += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let s = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
+                sq = Some(match sq {
+                    Some(total) => (total + s)?,
+                    None => s,
+                });
             }
         }
-        Ok(sq.sqrt())
+        Ok(sq.map_or(Ok(0.0), |t| t.to_scalar::<f64>())?.sqrt())
     }
 
     /// One update at learning rate `lr`, gradients scaled by `scale` (clipping and
