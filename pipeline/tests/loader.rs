@@ -15,20 +15,22 @@ fn fixtures() -> PathBuf {
 
 /// Shards of the fixture corpora with many small row groups, built once per test binary.
 fn shards() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    // Under the target dir, not a `TempDir`: a static is never dropped, so a temporary
+    // directory would outlive every run.
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("loader-test-shards");
+        let _ = std::fs::remove_dir_all(&dir);
         let c = fixtures().join("corpora");
         let inputs = [("wikitext.jsonl", Domain::Text), ("python_stdlib.jsonl", Domain::Code), ("chat.jsonl", Domain::Mixed)]
             .into_iter()
             .map(|(f, d)| InputSpec { path: c.join(f), declared: Some(d) })
             .collect();
-        let opts = SplitOptions { shard_docs: 40, row_group_docs: 8, ..SplitOptions::new(inputs, fixtures().join("tokenizer.json"), dir.path()) };
+        let opts = SplitOptions { shard_docs: 40, row_group_docs: 8, ..SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir) };
         split(&opts, &()).unwrap();
         dir
     })
-    .path()
-    .to_path_buf()
+    .clone()
 }
 
 fn cfg(workers: usize) -> LoaderConfig {

@@ -16,20 +16,22 @@ fn fixtures() -> PathBuf {
 
 /// Shards of the fixture corpora, built once per test binary.
 fn shards() -> PathBuf {
-    static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    // Under the target dir, not a `TempDir`: a static is never dropped, so a temporary
+    // directory would outlive every run.
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-test-shards");
+        let _ = std::fs::remove_dir_all(&dir);
         let c = fixtures().join("corpora");
         let inputs = [("wikitext.jsonl", mmrec_schemas::Domain::Text), ("python_stdlib.jsonl", mmrec_schemas::Domain::Code), ("chat.jsonl", mmrec_schemas::Domain::Mixed)]
             .into_iter()
             .map(|(f, d)| mmrec_pipeline::InputSpec { path: c.join(f), declared: Some(d) })
             .collect();
-        let opts = mmrec_pipeline::SplitOptions { shard_docs: 1000, row_group_docs: 16, ..mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), dir.path()) };
+        let opts = mmrec_pipeline::SplitOptions { shard_docs: 1000, row_group_docs: 16, ..mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir) };
         mmrec_pipeline::split(&opts, &()).unwrap();
         dir
     })
-    .path()
-    .to_path_buf()
+    .clone()
 }
 
 /// Small, fast settings every test starts from.
