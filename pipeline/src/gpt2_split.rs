@@ -88,8 +88,9 @@ fn contraction(rest: &[u8]) -> Option<usize> {
     }
 }
 
-/// Calls `piece` with each piece of `text`, in order; the pieces concatenate to `text`.
-pub fn split<'a>(text: &'a str, mut piece: impl FnMut(&'a str)) {
+/// Calls `piece` with the byte offset and text of each piece of `text`, in order; the
+/// pieces concatenate to `text`.
+pub fn split<'a>(text: &'a str, mut piece: impl FnMut(usize, &'a str)) {
     let classes = &*CLASSES;
     let mut i = 0;
     while let Some((class, len)) = classes.at(text, i) {
@@ -115,7 +116,7 @@ pub fn split<'a>(text: &'a str, mut piece: impl FnMut(&'a str)) {
             },
             _ => run_end(classes, text, after, class),
         };
-        piece(&text[i..end]);
+        piece(i, &text[i..end]);
         i = end;
     }
 }
@@ -126,7 +127,7 @@ mod tests {
 
     fn pieces(text: &str) -> Vec<&str> {
         let mut out = Vec::new();
-        split(text, |p| out.push(p));
+        split(text, |_, p| out.push(p));
         out
     }
 

@@ -128,10 +128,18 @@ fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Sch
         text.append_value(r.text);
         offsets.push(offsets.last().copied().unwrap_or(0) + r.tokens.len() as i32);
     }
-    let flat = rows.iter().flat_map(|r| r.tokens.iter().copied());
+    // One `extend` per row (a vectorised loop), not a `flat_map` over every token.
     let values: ArrayRef = match width {
-        TokenWidth::U16 => Arc::new(UInt16Array::from_iter_values(flat.map(|t| t as u16))),
-        TokenWidth::U32 => Arc::new(UInt32Array::from_iter_values(flat)),
+        TokenWidth::U16 => {
+            let mut flat = Vec::with_capacity(total);
+            rows.iter().for_each(|r| flat.extend(r.tokens.iter().map(|&t| t as u16)));
+            Arc::new(UInt16Array::from(flat))
+        }
+        TokenWidth::U32 => {
+            let mut flat = Vec::with_capacity(total);
+            rows.iter().for_each(|r| flat.extend_from_slice(&r.tokens));
+            Arc::new(UInt32Array::from(flat))
+        }
     };
     let tokens = ListArray::new(Arc::new(Field::new("item", width.data_type(), false)), OffsetBuffer::new(ScalarBuffer::from(offsets)), values, None);
     let n_tokens = UInt32Array::from_iter_values(rows.iter().map(|r| r.tokens.len() as u32));

@@ -59,16 +59,32 @@ fn short_key(word: &[u8]) -> Option<u128> {
     })
 }
 
+/// `short_key` of `text[start..start + len]`, read as one 16-byte load and masked where
+/// the text goes on that far: the variable-length copy above is a `memcpy` call per word.
+fn short_key_within(text: &[u8], start: usize, len: usize) -> Option<u128> {
+    match text.get(start..start + 16) {
+        Some(window) if len < 16 => {
+            let bytes = u128::from_le_bytes(window.try_into().expect("a 16-byte window"));
+            Some(bytes & ((1u128 << (8 * len)) - 1) | (len as u128) << 120)
+        }
+        _ => short_key(&text[start..start + len]),
+    }
+}
+
 impl WordCache {
-    /// Appends the ids of `word` to `out`, running `tokenize` only on a miss.
-    fn extend(&mut self, word: &[u8], out: &mut Vec<u32>, tokenize: impl FnOnce() -> Result<Vec<u32>, String>) -> Result<(), String> {
-        let key = short_key(word);
+    /// Appends the ids of `word` (whose `short_key` is `key`) to `out`, running `tokenize`
+    /// only on a miss.
+    fn extend(&mut self, word: &[u8], key: Option<u128>, out: &mut Vec<u32>, tokenize: impl FnOnce() -> Result<Vec<u32>, String>) -> Result<(), String> {
         let hit = match key {
             Some(k) => self.short.get(&k),
             None => self.long.get(word),
         };
         if let Some(&(start, len)) = hit {
-            out.extend_from_slice(&self.ids[start as usize..(start + len) as usize]);
+            // Most words are one token: a push, not a `memcpy` call.
+            match &self.ids[start as usize..(start + len) as usize] {
+                [id] => out.push(*id),
+                ids => out.extend_from_slice(ids),
+            }
             return Ok(());
         }
         let ids = tokenize()?;
@@ -149,9 +165,10 @@ impl LoadedTokenizer {
                 self.with_cache(|cache| {
                     let mut ids = Vec::with_capacity(text.len() / 3);
                     let mut failed = Ok(());
-                    crate::gpt2_split::split(text, |piece| {
+                    crate::gpt2_split::split(text, |start, piece| {
                         if failed.is_ok() {
-                            failed = cache.extend(piece.as_bytes(), &mut ids, || model_ids(&piece.bytes().map(|b| BYTE_CHARS[b as usize]).collect::<String>()));
+                            let key = short_key_within(text.as_bytes(), start, piece.len());
+                            failed = cache.extend(piece.as_bytes(), key, &mut ids, || model_ids(&piece.bytes().map(|b| BYTE_CHARS[b as usize]).collect::<String>()));
                         }
                     });
                     failed.map(|()| ids)
@@ -167,7 +184,7 @@ impl LoadedTokenizer {
                     for (word, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
                         match tokens {
                             Some(tokens) => ids.extend(tokens.iter().map(|t| t.id)),
-                            None => cache.extend(word.as_bytes(), &mut ids, || model_ids(word))?,
+                            None => cache.extend(word.as_bytes(), short_key(word.as_bytes()), &mut ids, || model_ids(word))?,
                         }
                     }
                     Ok(ids)
@@ -240,4 +257,20 @@ where
     tokenizer.save(&tmp, false).map_err(|e| tok_err(out, e))?;
     std::fs::rename(&tmp, out).at(out)?;
     Ok(out.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_key_within_text_is_the_short_key_of_the_word() {
+        let text = "0123456789abcdefghijklmnopqrstuvwxyz_é漢";
+        for start in 0..text.len() {
+            for len in 0..=(text.len() - start).min(20) {
+                let word = &text.as_bytes()[start..start + len];
+                assert_eq!(short_key_within(text.as_bytes(), start, len), short_key(word), "{start}+{len}");
+            }
+        }
+    }
 }
