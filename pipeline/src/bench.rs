@@ -154,13 +154,13 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         // `split` loads it.
         let tok = LoadedTokenizer::load(tokenizer)?;
         let started = Instant::now();
-        let tokens: u64 = pool.install(|| texts.par_iter().map(|t| tok.encode(t).map(|v| v.len() as u64).unwrap_or(0)).sum());
+        let tokens: u64 = pool.install(|| texts.par_iter().with_max_len(crate::DOCS_PER_TASK).map(|t| tok.encode(t).map(|v| v.len() as u64).unwrap_or(0)).sum());
         let secs = started.elapsed().as_secs_f64();
         keep_fastest(&mut best_tokenizer, Throughput::new(n, secs, report.corpus_bytes, texts.len() as u64, tokens));
 
         let tok = LoadedTokenizer::load(tokenizer)?;
         let started = Instant::now();
-        let tokens: u64 = pool.install(|| texts.par_iter().map(|t| tok.tokenizer.encode_fast(t.as_str(), false).map(|e| e.len() as u64).unwrap_or(0)).sum());
+        let tokens: u64 = pool.install(|| texts.par_iter().with_max_len(crate::DOCS_PER_TASK).map(|t| tok.tokenizer.encode_fast(t.as_str(), false).map(|e| e.len() as u64).unwrap_or(0)).sum());
         keep_fastest(&mut best_hf, Throughput::new(n, started.elapsed().as_secs_f64(), report.corpus_bytes, texts.len() as u64, tokens));
         }
         report.hf_encode_alone.extend(best_hf);

@@ -229,7 +229,7 @@ fn read_jsonl(source: &Arc<str>, bytes: &[u8], opts: &ReadOptions) -> Vec<Record
         .map(|(i, l)| (i as u64 + 1, l.strip_suffix(b"\r").unwrap_or(l)))
         .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
         .collect();
-    lines.into_par_iter().map(|(line, raw)| parse_json_line(source, line, raw, opts)).collect()
+    lines.into_par_iter().with_max_len(crate::DOCS_PER_TASK).map(|(line, raw)| parse_json_line(source, line, raw, opts)).collect()
 }
 
 fn parse_json_line(source: &Arc<str>, line: u64, raw: &[u8], opts: &ReadOptions) -> Record {

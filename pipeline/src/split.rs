@@ -24,6 +24,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
 use crate::shard::{ShardRow, ShardWriter};
 use crate::tokenize::LoadedTokenizer;
+use crate::DOCS_PER_TASK;
 
 pub const MANIFEST: &str = "manifest.json";
 pub const QUARANTINE: &str = "quarantine.jsonl";
@@ -136,7 +137,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                 })
                 .collect();
             // Partition by content hash, so that copies of a document always meet in one part.
-            let hashes: Vec<u64> = docs.par_iter().map(|d| normalized_hash(&d.text)).collect();
+            let hashes: Vec<u64> = docs.par_iter().with_max_len(DOCS_PER_TASK).map(|d| normalized_hash(&d.text)).collect();
             let owned = docs.into_iter().zip(hashes).filter(|(_, h)| opts.partition.owns(*h)).collect();
             let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
             Ok((owned, bad, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared }))
@@ -169,7 +170,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     }
     let exact_duplicates = duplicates.len() as u64;
     if let Some(nd) = &opts.near_dup {
-        let sigs: Vec<Vec<u32>> = keep.par_iter().map(|&i| minhash(&docs[i].text, nd, opts.seed)).collect();
+        let sigs: Vec<Vec<u32>> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| minhash(&docs[i].text, nd, opts.seed)).collect();
         let mut index = NearDedup::new(*nd);
         let mut kept = Vec::with_capacity(keep.len());
         for (i, sig) in keep.into_iter().zip(sigs) {
@@ -183,7 +184,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let near_duplicates = duplicates.len() as u64 - exact_duplicates;
 
     // Metadata first, content classifier for the rest.
-    let domains: Vec<Domain> = keep.par_iter().map(|&i| docs[i].domain_hint.unwrap_or_else(|| classify(&docs[i].text))).collect();
+    let domains: Vec<Domain> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| docs[i].domain_hint.unwrap_or_else(|| classify(&docs[i].text))).collect();
 
     let plan = plan_shards(opts, &tok, &docs, &keep, &domains);
     let state_dir = opts.out.join(STATE_DIR);
@@ -205,6 +206,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
             let tokenize = |group: &[usize]| -> Result<Vec<ShardRow>> {
                 group
                     .par_iter()
+                    .with_max_len(DOCS_PER_TASK)
                     .map(|&i| {
                         let d = &docs[i];
                         let tokens = tok.encode(&d.text).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", d.id)))?;
