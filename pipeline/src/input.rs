@@ -242,7 +242,7 @@ fn parse_json_line(source: &Arc<str>, line: u64, raw: &[u8], opts: &ReadOptions)
     };
     match value {
         Value::String(text) => make_doc(source, line, None, text, None, None, opts.max_bytes),
-        Value::Object(obj) => {
+        Value::Object(mut obj) => {
             let lang = obj.get("lang").and_then(Value::as_str).map(str::to_ascii_lowercase);
             let id = obj.get("id").or_else(|| obj.get("path")).and_then(|v| match v {
                 Value::String(s) => Some(s.clone()),
@@ -264,11 +264,10 @@ fn parse_json_line(source: &Arc<str>, line: u64, raw: &[u8], opts: &ReadOptions)
                     Some(f) => vec![f.as_str()],
                     None => vec!["text", "content"],
                 };
-                match fields.iter().find_map(|f| obj.get(*f)) {
-                    Some(Value::String(t)) => t.clone(),
-                    Some(other) => {
-                        return bad(source, line, "missing_field", format!("field {:?} is {}, not a string", fields[0], json_kind(other)))
-                    }
+                // Taken out of the parsed object, not copied: the text is most of the line.
+                match fields.iter().find_map(|f| obj.remove(*f).map(|v| (f, v))) {
+                    Some((_, Value::String(t))) => t,
+                    Some((f, other)) => return bad(source, line, "missing_field", format!("field {f:?} is {}, not a string", json_kind(&other))),
                     None => return bad(source, line, "missing_field", format!("object has none of the fields {fields:?} nor \"messages\"")),
                 }
             };

@@ -73,6 +73,7 @@ fn every_record_is_written_deduplicated_or_quarantined_with_its_line() {
     let quarantine = std::fs::read_to_string(dir.path().join("quarantine.jsonl")).unwrap();
     assert!(quarantine.contains(r#""line":2,"reason":"invalid_json""#), "{quarantine}");
     assert!(quarantine.contains(r#"blob.bin","line":0,"reason":"binary""#), "{quarantine}");
+    assert!(quarantine.contains(r#""line":4,"reason":"missing_field","detail":"field \"text\" is a number, not a string""#), "{quarantine}");
     // The three declared shapes land where declared; chat renders role markers.
     // Of the --auto records, bad.jsonl's prose line is text and its chat with a fenced
     // snippet is mixed; the tree's README (prose + fence) is mixed and its sources code.
