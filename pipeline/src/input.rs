@@ -223,8 +223,14 @@ fn make_doc(source: &Arc<str>, line: u64, id_suffix: Option<String>, text: Strin
 }
 
 fn read_jsonl(source: &Arc<str>, bytes: &[u8], opts: &ReadOptions) -> Vec<Record> {
-    let lines: Vec<(u64, &[u8])> = bytes
-        .split(|&b| b == b'\n')
+    let mut start = 0;
+    let ends = memchr::memchr_iter(b'\n', bytes).chain((!bytes.is_empty() && !bytes.ends_with(b"\n")).then_some(bytes.len()));
+    let lines: Vec<(u64, &[u8])> = ends
+        .map(|end| {
+            let line = &bytes[start..end];
+            start = end + 1;
+            line
+        })
         .enumerate()
         .map(|(i, l)| (i as u64 + 1, l.strip_suffix(b"\r").unwrap_or(l)))
         .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
