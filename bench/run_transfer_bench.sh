@@ -27,11 +27,19 @@ for _ in 1 2 3 4 5; do
   run cp_sync sh -c "cp '$w/base.safetensors' '$w/out-cp.safetensors' && sync '$w/out-cp.safetensors'"
   run ours_sync "$bin/mmrec-transfer" "$w/base.safetensors" --to expert --domain code --sync --out "$w/out-expert.safetensors"
 done
-# The floor under any transfer that records the source's sha256: hashing it alone
-# (OpenSSL's SHA-NI code through hashlib, over a memory map).
-for _ in 1 2 3; do
-  run sha256 python3 -c "import hashlib, mmap, sys; f = open(sys.argv[1], 'rb'); hashlib.sha256(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))" "$w/base.safetensors"
-done
+# The floor under any transfer that records the source's sha256: computing it, alone, over
+# the file already mapped and faulted in (OpenSSL's SHA-NI code through hashlib; best of 3,
+# timed inside the process so interpreter start-up is left out).
+best[sha256]=$(python3 - "$w/base.safetensors" <<'PY'
+import hashlib, mmap, sys, time
+f = open(sys.argv[1], "rb")
+m = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+hashlib.sha256(m)
+def timed():
+    s = time.perf_counter(); hashlib.sha256(m); return time.perf_counter() - s
+print(min(timed() for _ in range(3)))
+PY
+)
 for _ in 1 2; do
   run py bench/.venv/bin/python bench/transfer_reference.py "$w/base.safetensors" "$w/out-py.safetensors"
 done
@@ -48,8 +56,8 @@ params = json.loads(os.popen(f"{os.environ.get('CARGO_TARGET_DIR')}/debug/mmrec-
 print(json.dumps({
   "machine": {"cpu": cpu, "cores": os.cpu_count()}, "build": "dev profile, mmrec-transfer/sha2/half at opt-level 2",
   "params": params, "bytes": os.path.getsize(f"{w}/base.safetensors"),
-  "seconds": {"cp": cp_s, "mmrec_transfer": ours, "cp_then_sync": cp_sync_s, "mmrec_transfer_sync": ours_sync, "python_safetensors_torch": py, "sha256_of_source_alone": sha},
-  "mmrec_transfer_vs_cp": ours / cp_s, "mmrec_transfer_sync_vs_cp_then_sync": ours_sync / cp_sync_s, "python_vs_mmrec_transfer": py / ours, "sha256_alone_vs_cp": sha / cp_s,
+  "seconds": {"cp": cp_s, "mmrec_transfer": ours, "cp_then_sync": cp_sync_s, "mmrec_transfer_sync": ours_sync, "python_safetensors_torch": py, "sha256_compute_alone": sha},
+  "mmrec_transfer_vs_cp": ours / cp_s, "mmrec_transfer_sync_vs_cp_then_sync": ours_sync / cp_sync_s, "python_vs_mmrec_transfer": py / ours, "sha256_compute_vs_cp": sha / cp_s,
   "inspect": {"bytes": os.path.getsize(f"{w}/big.safetensors"), "seconds": insp},
 }, indent=1))
 PY
