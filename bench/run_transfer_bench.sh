@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Reproduces bench/results/transfer.json: mmrec-transfer base → expert on a ~150M-parameter
 # f32 model against `cp` and bench/transfer_reference.py (safetensors + torch), and with
-# --sync against `cp` + `sync`; best of 5 interleaved rounds, same machine, same run; and
-# `inspect` on a multi-GB file. Before every timed run the previous output is deleted and
+# --sync against `cp` + `sync`; best of 7 interleaved rounds, same machine, same run (this
+# VM's kernel time for allocating page-cache pages spikes by a second or more at random, for
+# `cp` as for the rest); and `inspect` on a multi-GB file. Before every timed run the previous output is deleted and
 # all dirty pages are flushed (untimed), so no run pays for another's writeback.
 # Needs bench/.venv with torch and safetensors.
 set -euo pipefail
@@ -21,7 +22,7 @@ run() { # run NAME CMD...: one timed run, keeping the best per NAME
   local s=$(date +%s%N); "$@" > /dev/null 2>&1; local e=$(date +%s%N)
   best[$name]=$(python3 -c "print(min(${best[$name]:-999999}, ($e - $s) / 1e9))")
 }
-for _ in 1 2 3 4 5; do
+for _ in 1 2 3 4 5 6 7; do
   run cp cp "$w/base.safetensors" "$w/out-cp.safetensors"
   run ours "$bin/mmrec-transfer" "$w/base.safetensors" --to expert --domain code --out "$w/out-expert.safetensors"
   run cp_sync sh -c "cp '$w/base.safetensors' '$w/out-cp.safetensors' && sync '$w/out-cp.safetensors'"
