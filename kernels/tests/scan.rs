@@ -101,9 +101,9 @@ fn check_backward(b: usize, t: usize, d: usize) {
             assert!((a[i] - f).abs() <= 1e-6 * (1.0 + f.abs()), "input {which} index {i}: analytic {} vs numeric {f}", a[i]);
         }
     }
-    for i in 0..b * d {
+    for (i, &a) in ah.iter().enumerate().take(b * d) {
         let f = fd(2, i);
-        assert!((ah[i] - f).abs() <= 1e-6 * (1.0 + f.abs()), "h0 index {i}: analytic {} vs numeric {f}", ah[i]);
+        assert!((a - f).abs() <= 1e-6 * (1.0 + f.abs()), "h0 index {i}: analytic {a} vs numeric {f}");
     }
 }
 

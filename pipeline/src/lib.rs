@@ -33,6 +33,8 @@ pub mod split;
 pub mod tokenize;
 
 pub use error::{Error, Result};
+pub use input::{InputSpec, PlainSplit, ReadOptions};
+pub use split::{split, Progress, SplitOptions, SplitReport};
 
 /// Documents per rayon task. Rayon cuts a slice into a few pieces of equal count and cuts
 /// a piece again only when another thread steals it; a piece already running is not cut.
@@ -40,5 +42,3 @@ pub use error::{Error, Result};
 /// one thread could finish its pieces and idle while the other works through the costly
 /// ones: encoding the bench corpus on two threads took 0.93 s that way, 0.65 s capped.
 pub(crate) const DOCS_PER_TASK: usize = 128;
-pub use input::{InputSpec, PlainSplit, ReadOptions};
-pub use split::{split, Progress, SplitOptions, SplitReport};

@@ -96,6 +96,14 @@ struct PlannedShard {
     fingerprint: u64,
 }
 
+/// What one input file gives this part: its documents with their dedup hashes, its
+/// quarantined records, and its manifest entry.
+struct FileShare {
+    docs: Vec<(Document, u64)>,
+    bad: Vec<QuarantineRecord>,
+    info: InputInfo,
+}
+
 /// Sidecar proving a shard was completed by a run with the same plan.
 #[derive(Debug, Serialize, Deserialize)]
 struct ShardState {
@@ -117,7 +125,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     // that a part holds only its own documents in memory.
     let input_bytes: u64 = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
     progress.phase("read", input_bytes);
-    let read: Vec<(Vec<(Document, u64)>, Vec<QuarantineRecord>, InputInfo)> = files
+    let read: Vec<FileShare> = files
         .par_iter()
         .map(|f| {
             let read = read_file(f, &opts.read)?;
@@ -140,7 +148,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
             let hashes: Vec<u64> = docs.par_iter().with_max_len(DOCS_PER_TASK).map(|d| normalized_hash(&d.text)).collect();
             let owned = docs.into_iter().zip(hashes).filter(|(_, h)| opts.partition.owns(*h)).collect();
             let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
-            Ok((owned, bad, InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared }))
+            Ok(FileShare { docs: owned, bad, info: InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared } })
         })
         .collect::<Result<_>>()?;
 
@@ -148,7 +156,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let mut docs: Vec<Document> = Vec::new();
     let mut hashes: Vec<u64> = Vec::new();
     let mut quarantine: Vec<QuarantineRecord> = Vec::new();
-    for (owned, bad, info) in read {
+    for FileShare { docs: owned, bad, info } in read {
         inputs.push(info);
         for (d, h) in owned {
             docs.push(d);

@@ -65,7 +65,7 @@ fn short_key_within(text: &[u8], start: usize, len: usize) -> Option<u128> {
     match text.get(start..start + 16) {
         Some(window) if len < 16 => {
             let bytes = u128::from_le_bytes(window.try_into().expect("a 16-byte window"));
-            Some(bytes & ((1u128 << (8 * len)) - 1) | (len as u128) << 120)
+            Some((bytes & ((1u128 << (8 * len)) - 1)) | ((len as u128) << 120))
         }
         _ => short_key(&text[start..start + len]),
     }
