@@ -11,6 +11,8 @@
 //!     near_dup: None,
 //!     shard_docs: 50_000,
 //!     row_group_docs: 2048,
+//!     shard_bytes: 256 << 20,
+//!     row_group_bytes: 8 << 20,
 //!     partition: Partition::WHOLE,
 //!     seed: 0,
 //! };

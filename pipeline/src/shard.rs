@@ -87,6 +87,9 @@ impl ShardWriter {
     pub fn write(&mut self, rows: &[ShardRow]) -> Result<()> {
         let batch = to_batch(rows, self.width, &self.schema)?;
         self.writer.write(&batch).map_err(|e| pq_err(&self.path, e))?;
+        // Close the row group here, not when the writer's row count fills: groups are also
+        // cut by bytes, so they can hold fewer rows than that.
+        self.writer.flush().map_err(|e| pq_err(&self.path, e))?;
         self.rows += rows.len() as u64;
         self.tokens += rows.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
         Ok(())
@@ -204,7 +207,8 @@ impl ShardReader {
         Error::Parquet { path: self.path.clone(), message }
     }
 
-    /// Iterate the named columns, one batch per row group (`row_groups` None = all).
+    /// Iterate the named columns of the given row groups (None = all). One row group comes
+    /// as one batch; several may share batches, since row groups differ in row count.
     pub fn batches(self, cols: &[&str], row_groups: Option<Vec<usize>>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
         let path = self.path.clone();
         let schema = self.builder.parquet_schema();

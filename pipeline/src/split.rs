@@ -40,13 +40,19 @@ pub struct SplitOptions {
     pub near_dup: Option<NearDupSettings>,
     pub shard_docs: usize,
     pub row_group_docs: usize,
+    /// Text bytes at which a shard or row group closes early: source files can be large, and
+    /// a row group is held in memory twice over (tokens, Arrow batch, encoded pages) while
+    /// it is written.
+    pub shard_bytes: u64,
+    pub row_group_bytes: u64,
     pub partition: Partition,
     pub seed: u64,
 }
 
 impl SplitOptions {
     /// The defaults of `mmrec-data split`: 4 MiB records, one document per plain-text file,
-    /// 50 000 documents per shard in row groups of 2048, exact dedup only, no partition.
+    /// shards of 50 000 documents or 256 MiB of text in row groups of 2048 documents or
+    /// 8 MiB of text, exact dedup only, no partition.
     pub fn new(inputs: Vec<InputSpec>, tokenizer: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         SplitOptions {
             inputs,
@@ -56,6 +62,8 @@ impl SplitOptions {
             near_dup: None,
             shard_docs: 50_000,
             row_group_docs: 2048,
+            shard_bytes: 256 << 20,
+            row_group_bytes: 8 << 20,
             partition: Partition::WHOLE,
             seed: 0,
         }
@@ -113,8 +121,8 @@ struct ShardState {
 
 pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport> {
     let started = Instant::now();
-    if opts.shard_docs == 0 || opts.row_group_docs == 0 {
-        return Err(Error::Invalid("--shard-docs and --row-group-docs must be at least 1".into()));
+    if opts.shard_docs == 0 || opts.row_group_docs == 0 || opts.shard_bytes == 0 || opts.row_group_bytes == 0 {
+        return Err(Error::Invalid("--shard-docs, --row-group-docs, --shard-mb and --row-group-mb must be above 0".into()));
     }
     let tok = LoadedTokenizer::load(&opts.tokenizer)?;
     let files = expand_inputs(&opts.inputs)?;
@@ -227,7 +235,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
             let mut writer = ShardWriter::create(&path, width, opts.row_group_docs)?;
             // Row group k is encoded and compressed while k + 1 is tokenized.
             let mut ready: Option<Vec<ShardRow>> = None;
-            for group in p.docs.chunks(opts.row_group_docs.max(1)) {
+            for group in bounded_runs(&p.docs, opts.row_group_docs, opts.row_group_bytes, |i| docs[i].text.len()) {
                 let (next, written) = rayon::join(|| tokenize(group), || ready.take().map_or(Ok(()), |rows| writer.write(&rows)));
                 written?;
                 ready = Some(next?);
@@ -282,6 +290,8 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
             max_bytes: opts.read.max_bytes,
             shard_docs: opts.shard_docs,
             row_group_docs: opts.row_group_docs,
+            shard_bytes: opts.shard_bytes,
+            row_group_bytes: opts.row_group_bytes,
             text_field: opts.read.field.clone(),
             seed: opts.seed,
             partition: opts.partition,
@@ -304,11 +314,12 @@ fn plan_shards(opts: &SplitOptions, tok: &LoadedTokenizer, docs: &[Document], ke
     let mut plan = Vec::new();
     for domain in Domain::ALL {
         let members: Vec<usize> = keep.iter().zip(domains).filter(|(_, d)| **d == domain).map(|(i, _)| *i).collect();
-        for (k, chunk) in members.chunks(opts.shard_docs).enumerate() {
+        for (k, chunk) in bounded_runs(&members, opts.shard_docs, opts.shard_bytes, |i| docs[i].text.len()).into_iter().enumerate() {
             let mut h = Xxh3::new();
             h.update(&SCHEMA_VERSION.to_le_bytes());
             h.update(tok.info.sha256.as_bytes());
             h.update(&(opts.row_group_docs as u64).to_le_bytes());
+            h.update(&opts.row_group_bytes.to_le_bytes());
             h.update(domain.as_str().as_bytes());
             for &i in chunk {
                 let d = &docs[i];
@@ -326,6 +337,25 @@ fn plan_shards(opts: &SplitOptions, tok: &LoadedTokenizer, docs: &[Document], ke
         }
     }
     plan
+}
+
+/// Consecutive runs of `items`, each closed before it would pass `max_items` items or
+/// `max_bytes` bytes; an item larger than `max_bytes` makes a run of its own.
+fn bounded_runs(items: &[usize], max_items: usize, max_bytes: u64, bytes_of: impl Fn(usize) -> usize) -> Vec<&[usize]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (k, &item) in items.iter().enumerate() {
+        let b = bytes_of(item) as u64;
+        if k > start && (k - start == max_items || bytes + b > max_bytes) {
+            runs.push(&items[start..k]);
+            (start, bytes) = (k, 0);
+        }
+        bytes += b;
+    }
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
+    runs
 }
 
 fn state_path(state_dir: &Path, p: &PlannedShard) -> PathBuf {
@@ -386,4 +416,21 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
         return Err(Error::Manifest { path, message: format!("schema_version {} is newer than this tool's {SCHEMA_VERSION}", m.schema_version) });
     }
     Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded_runs;
+
+    #[test]
+    fn runs_close_before_either_bound_would_be_passed() {
+        let sizes = [3usize, 4, 1, 9, 2, 2, 2, 2, 2];
+        let items: Vec<usize> = (0..sizes.len()).collect();
+        let runs = |max_items, max_bytes| bounded_runs(&items, max_items, max_bytes, |i| sizes[i]).into_iter().map(<[usize]>::to_vec).collect::<Vec<_>>();
+        // 8 bytes: 3+4+1 fits exactly; 9 alone is over and still gets a run of its own.
+        assert_eq!(runs(100, 8), [vec![0, 1, 2], vec![3], vec![4, 5, 6, 7], vec![8]]);
+        assert_eq!(runs(2, 100), [vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8]]);
+        assert_eq!(runs(3, 5), [vec![0], vec![1, 2], vec![3], vec![4, 5], vec![6, 7], vec![8]]);
+        assert!(bounded_runs(&[], 1, 1, |_| 0).is_empty());
+    }
 }

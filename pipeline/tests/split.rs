@@ -333,3 +333,48 @@ fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
         }
     }
 }
+
+#[test]
+fn shards_and_row_groups_close_at_their_text_byte_bounds() {
+    use arrow_array::cast::AsArray;
+    use arrow_array::Array;
+    use mmrec_pipeline::shard::ShardReader;
+    let dir = tempfile::tempdir().unwrap();
+    let inputs = vec![mmrec_pipeline::InputSpec { path: corpus("python_stdlib.jsonl").into(), declared: Some(Domain::Code) }];
+    let (group_max, shard_max) = (16u64 << 10, 64u64 << 10);
+    let opts = mmrec_pipeline::SplitOptions { row_group_bytes: group_max, shard_bytes: shard_max, ..mmrec_pipeline::SplitOptions::new(inputs, tokenizer(), dir.path()) };
+    let report = mmrec_pipeline::split(&opts, &()).unwrap();
+    let shards = &report.manifest.domains[&Domain::Code];
+    let mut groups = 0;
+    for s in shards {
+        let path = dir.path().join(&s.file);
+        let mut shard_bytes = 0;
+        for g in 0..ShardReader::open(&path).unwrap().num_row_groups() {
+            let batches: Vec<_> = ShardReader::open(&path).unwrap().batches(&[mmrec_schemas::columns::TEXT], Some(vec![g])).unwrap().map(Result::unwrap).collect();
+            assert_eq!(batches.len(), 1, "one row group, one batch");
+            let text = batches[0].column(0).as_string::<i64>();
+            let bytes: u64 = text.iter().map(|t| t.unwrap().len() as u64).sum();
+            assert!(bytes <= group_max || text.len() == 1, "{}: row group {g} holds {bytes} bytes in {} rows", s.file, text.len());
+            shard_bytes += bytes;
+            groups += 1;
+        }
+        assert!(shard_bytes <= shard_max || s.rows == 1, "{} holds {shard_bytes} bytes", s.file);
+    }
+    // The fixture's 40 files (194 KB) need several shards and several groups per shard.
+    assert!(shards.len() >= 3 && groups >= 2 * shards.len(), "{} shards, {groups} row groups", shards.len());
+    assert_eq!(report.manifest.settings.row_group_bytes, group_max);
+    assert!(validate(dir.path()).unwrap().ok());
+}
+
+#[test]
+fn byte_bounds_are_given_in_mib_and_must_be_above_zero() {
+    // Through the binary's flags: MiB bounds, checked against the defaults' manifest.
+    let dir = tempfile::tempdir().unwrap();
+    let (py, tok, out) = (corpus("python_stdlib.jsonl"), tokenizer(), dir.path().to_string_lossy().into_owned());
+    assert!(mmrec_data(&["split", "--code", &py, "--tokenizer", &tok, "--out", &out, "--shard-mb", "1", "--row-group-mb", "1"]).status.success());
+    let m = read_manifest(dir.path()).unwrap();
+    assert_eq!((m.settings.shard_bytes, m.settings.row_group_bytes), (1 << 20, 1 << 20));
+    let zero = mmrec_data(&["split", "--code", &py, "--tokenizer", &tok, "--out", &out, "--row-group-mb", "0"]);
+    assert!(!zero.status.success());
+    assert!(String::from_utf8_lossy(&zero.stderr).contains("--row-group-mb"));
+}

@@ -195,6 +195,12 @@ pub struct Settings {
     pub max_bytes: u64,
     pub shard_docs: usize,
     pub row_group_docs: usize,
+    /// Text bytes at which a shard, or a row group, is closed before its document count is
+    /// reached (0 in manifests written before these bounds existed: none).
+    #[serde(default)]
+    pub shard_bytes: u64,
+    #[serde(default)]
+    pub row_group_bytes: u64,
     pub text_field: Option<String>,
     pub seed: u64,
     /// `i/n`: this manifest covers partition `i` of `n` (`0/1` for an unpartitioned run).

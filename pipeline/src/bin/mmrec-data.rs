@@ -181,12 +181,19 @@ struct SplitArgs {
     /// Estimated Jaccard similarity at which a document counts as a near-duplicate.
     #[arg(long, default_value_t = DEFAULT_NEAR_DUP.threshold)]
     near_dup_threshold: f64,
-    /// Documents per shard file.
+    /// Documents per shard file, at most.
     #[arg(long, default_value_t = 50_000)]
     shard_docs: usize,
-    /// Documents per Parquet row group.
+    /// MiB of text per shard file, at most (a larger document gets a shard of its own).
+    #[arg(long, default_value_t = 256)]
+    shard_mb: u64,
+    /// Documents per Parquet row group, at most.
     #[arg(long, default_value_t = 2048)]
     row_group_docs: usize,
+    /// MiB of text per row group, at most. A row group is held in memory while it is
+    /// written (about three times its text), two at a time per shard being written.
+    #[arg(long, default_value_t = 8)]
+    row_group_mb: u64,
     /// Process only partition i of n (by document hash), e.g. 0/4, for multi-machine runs.
     #[arg(long, default_value = "0/1")]
     part: Partition,
@@ -317,6 +324,8 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
         near_dup: a.near_dup.then_some(NearDupSettings { threshold: a.near_dup_threshold, ..DEFAULT_NEAR_DUP }),
         shard_docs: a.shard_docs,
         row_group_docs: a.row_group_docs,
+        shard_bytes: a.shard_mb << 20,
+        row_group_bytes: a.row_group_mb << 20,
         partition: a.part,
         seed: a.seed,
     };
