@@ -540,18 +540,21 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
             unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io_err(&h.path))
         })
         .collect::<Result<_>>()?;
-    for o in &outputs {
-        if let Plan::Copy { file, info } = &o.plan {
-            if o.dtype != info.dtype {
-                let n = count_overflows(slice(&maps, sources, *file, info), info.dtype, o.dtype);
-                if n > 0 {
-                    report.overflows.insert(o.name.clone(), n);
+    let rejected_non_finite = |summary: String, report: Report| Error::Rejected { summary, kind: Rejection::NonFinite, report: Box::new(report) };
+    if persist == Persist::DryRun {
+        // What a write would count while converting, counted into a scratch buffer.
+        let mut scratch = Vec::new();
+        for o in &outputs {
+            if let Plan::Copy { file, info } = &o.plan {
+                if o.dtype != info.dtype {
+                    scratch.clear();
+                    let n = convert(slice(&maps, sources, *file, info), info.dtype, o.dtype, &mut scratch);
+                    if n > 0 {
+                        report.overflows.insert(o.name.clone(), n);
+                    }
                 }
             }
         }
-    }
-    let rejected_non_finite = |summary: String, report: Report| Error::Rejected { summary, kind: Rejection::NonFinite, report: Box::new(report) };
-    if persist == Persist::DryRun {
         if let Some(summary) = outputs.iter().find_map(|o| non_finite(o, sources, &maps)) {
             return Err(rejected_non_finite(summary, report));
         }
@@ -589,7 +592,10 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
             if let Some(summary) = non_finite(o, sources, &maps) {
                 return Ok(Err(summary));
             }
-            write_tensor(&mut f, o, sources, &maps).map_err(io_err(&tmp))?;
+            let overflows = write_tensor(&mut f, o, sources, &maps).map_err(io_err(&tmp))?;
+            if overflows > 0 {
+                report.overflows.insert(o.name.clone(), overflows);
+            }
         }
         let mut f = f.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
         if persist == Persist::Durable {
@@ -642,21 +648,21 @@ fn slice<'a>(maps: &'a [memmap2::Mmap], sources: &[&Header], file: usize, info: 
     &maps[file][(base + info.start) as usize..(base + info.end) as usize]
 }
 
-fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> std::io::Result<()> {
+/// Writes one output tensor; returns how many of its values overflowed to ±inf in a
+/// dtype conversion.
+fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> std::io::Result<u64> {
     let n = o.shape.iter().product::<u64>() as usize;
     match &o.plan {
-        Plan::Copy { file, info } if info.dtype == o.dtype => f.write_all(slice(maps, sources, *file, info)),
+        Plan::Copy { file, info } if info.dtype == o.dtype => f.write_all(slice(maps, sources, *file, info)).map(|()| 0),
         Plan::Copy { file, info } => {
-            let bytes = slice(maps, sources, *file, info);
             let mut buf = Vec::with_capacity(1 << 20);
-            for chunk in bytes.chunks(info.dtype.size() as usize * 65536) {
+            let mut overflows = 0;
+            for chunk in slice(maps, sources, *file, info).chunks(info.dtype.size() as usize * 65536) {
                 buf.clear();
-                for v in decode(chunk, info.dtype) {
-                    encode(v, o.dtype, &mut buf);
-                }
+                overflows += convert(chunk, info.dtype, o.dtype, &mut buf);
                 f.write_all(&buf)?;
             }
-            Ok(())
+            Ok(overflows)
         }
         Plan::Init(p) => {
             let v = match p {
@@ -667,7 +673,7 @@ fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[mem
             for _ in 0..n {
                 encode(v, o.dtype, &mut buf);
             }
-            f.write_all(&buf)
+            f.write_all(&buf).map(|()| 0)
         }
         Plan::Mean { a, b } => {
             let (x, y) = (slice(maps, sources, a.0, &a.1), slice(maps, sources, b.0, &b.1));
@@ -675,9 +681,74 @@ fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[mem
             for (p, q) in decode(x, Dtype::F32).zip(decode(y, Dtype::F32)) {
                 encode(0.5 * (p + q), Dtype::F32, &mut buf);
             }
-            f.write_all(&buf)
+            f.write_all(&buf).map(|()| 0)
         }
-        Plan::Values(v) => f.write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()),
+        Plan::Values(v) => f.write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).map(|()| 0),
+    }
+}
+
+/// Appends `bytes` of `from` converted to `to` (round to nearest even) to `out`; returns how
+/// many finite values became ±inf. f32 ↔ f16/bf16, the conversions users ask for, get loops
+/// of their own: through `decode`/`encode` each value would pass a dtype dispatch twice
+/// and an f64, about ten times slower.
+fn convert(bytes: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) -> u64 {
+    use half::slice::HalfFloatSliceExt;
+    // Blocks of 1024 values through `half`'s slice conversions, which check the CPU once and
+    // use its F16C instructions where it has them; the blocks live on the stack (a
+    // tensor-sized buffer would cost a fresh allocation and its page faults per chunk), and
+    // bytes go in and out with plain loops (the source may sit at any alignment).
+    const BLOCK: usize = 1024;
+    fn narrow<H: Copy + Default>(bytes: &[u8], out: &mut Vec<u8>, convert: impl Fn(&mut [H], &[f32]), to_bits: impl Fn(H) -> u16, inf: u16) -> u64 {
+        let (mut values, mut halves) = ([0f32; BLOCK], [H::default(); BLOCK]);
+        let mut overflows = 0;
+        out.reserve(bytes.len() / 2);
+        for block in bytes.chunks(4 * BLOCK) {
+            let n = block.len() / 4;
+            for (v, c) in values.iter_mut().zip(block.chunks_exact(4)) {
+                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+            convert(&mut halves[..n], &values[..n]);
+            let start = out.len();
+            out.resize(start + 2 * n, 0);
+            for ((o, &h), v) in out[start..].chunks_exact_mut(2).zip(&halves[..n]).zip(&values[..n]) {
+                let bits = to_bits(h);
+                overflows += u64::from(bits & 0x7fff == inf && v.is_finite());
+                o.copy_from_slice(&bits.to_le_bytes());
+            }
+        }
+        overflows
+    }
+    fn widen<H: Copy + Default>(bytes: &[u8], out: &mut Vec<u8>, from_bits: impl Fn(u16) -> H, convert: impl Fn(&[H], &mut [f32])) -> u64 {
+        let (mut halves, mut values) = ([H::default(); BLOCK], [0f32; BLOCK]);
+        out.reserve(bytes.len() * 2);
+        for block in bytes.chunks(2 * BLOCK) {
+            let n = block.len() / 2;
+            for (h, c) in halves.iter_mut().zip(block.chunks_exact(2)) {
+                *h = from_bits(u16::from_le_bytes([c[0], c[1]]));
+            }
+            convert(&halves[..n], &mut values[..n]);
+            let start = out.len();
+            out.resize(start + 4 * n, 0);
+            for (o, v) in out[start..].chunks_exact_mut(4).zip(&values[..n]) {
+                o.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        0
+    }
+    match (from, to) {
+        (Dtype::F32, Dtype::BF16) => narrow(bytes, out, |h: &mut [u16], v: &[f32]| h.iter_mut().zip(v).for_each(|(h, &v)| *h = bf16_bits(v)), |h| h, 0x7f80),
+        (Dtype::F32, Dtype::F16) => narrow(bytes, out, <[half::f16]>::convert_from_f32_slice, half::f16::to_bits, 0x7c00),
+        (Dtype::BF16, Dtype::F32) => widen(bytes, out, half::bf16::from_bits, <[half::bf16]>::convert_to_f32_slice),
+        (Dtype::F16, Dtype::F32) => widen(bytes, out, half::f16::from_bits, <[half::f16]>::convert_to_f32_slice),
+        _ => {
+            let mut overflows = 0;
+            for v in decode(bytes, from) {
+                let start = out.len();
+                encode(v, to, out);
+                overflows += u64::from(v.is_finite() && decode(&out[start..], to).next().is_some_and(f64::is_infinite));
+            }
+            overflows
+        }
     }
 }
 
@@ -700,14 +771,40 @@ fn encode(v: f64, dtype: Dtype, out: &mut Vec<u8>) {
     match dtype {
         Dtype::F64 => out.extend_from_slice(&v.to_le_bytes()),
         Dtype::F32 => out.extend_from_slice(&(v as f32).to_le_bytes()),
-        Dtype::F16 => out.extend_from_slice(&half::f16::from_f64(v).to_le_bytes()),
-        Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f64(v).to_le_bytes()),
+        Dtype::F16 => out.extend_from_slice(&half::f16::from_f32(f32_round_to_odd(v)).to_le_bytes()),
+        Dtype::BF16 => out.extend_from_slice(&half::bf16::from_f32(f32_round_to_odd(v)).to_le_bytes()),
         Dtype::I64 => out.extend_from_slice(&(v as i64).to_le_bytes()),
         Dtype::I32 => out.extend_from_slice(&(v as i32).to_le_bytes()),
         Dtype::I16 => out.extend_from_slice(&(v as i16).to_le_bytes()),
         Dtype::I8 => out.push(v as i8 as u8),
         Dtype::U8 | Dtype::Bool => out.push(v as u8),
     }
+}
+
+/// f32 → bf16 bits, rounded to nearest even (NaN stays a quiet NaN), without a branch so
+/// that the loop vectorises: `half`'s version branches per value, and x86 CPUs before
+/// AVX512-BF16 have no instruction for it.
+fn bf16_bits(v: f32) -> u16 {
+    let b = v.to_bits();
+    let rounded = (b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16;
+    if v.is_nan() {
+        (b >> 16) as u16 | 0x0040
+    } else {
+        rounded
+    }
+}
+
+/// `v` as an f32 rounded to odd (toward zero, then the last bit set when inexact), so that
+/// rounding that to f16 or bf16 (13 and 16 bits narrower) lands where rounding `v` directly
+/// would. `half`'s own f64 → bf16 ignores the bits below its rounding bit: 0x7f648004 as
+/// an f64 came out 0x7f64 instead of 0x7f65.
+fn f32_round_to_odd(v: f64) -> f32 {
+    let f = v as f32;
+    if !f.is_finite() || f as f64 == v {
+        return f;
+    }
+    let toward_zero = if (f as f64).abs() > v.abs() { f32::from_bits(f.to_bits() - 1) } else { f };
+    f32::from_bits(toward_zero.to_bits() | 1)
 }
 
 /// The first non-finite value a copied or averaged tensor would carry over, as the
@@ -754,16 +851,6 @@ fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
     None
 }
 
-fn count_overflows(bytes: &[u8], from: Dtype, to: Dtype) -> u64 {
-    let max = match to {
-        Dtype::F16 => half::f16::MAX.to_f64(),
-        Dtype::BF16 => half::bf16::MAX.to_f64(),
-        Dtype::F32 => f32::MAX as f64,
-        _ => f64::MAX,
-    };
-    decode(bytes, from).filter(|v| v.abs() > max).count() as u64
-}
-
 /// `inspect`: the header only: tensors, parameter counts by module, metadata.
 #[derive(Debug, Serialize)]
 pub struct Inspection {
@@ -792,6 +879,88 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether the 16-bit float `bits` is `v` rounded to nearest, ties to even, checked in
+    /// f64 (where every value involved is exact) against the neighbouring magnitudes.
+    fn is_nearest(v: f64, bits: u16, to_f64: fn(u16) -> f64, inf_magnitude: u16) -> bool {
+        let (magnitude, negative) = (bits & 0x7fff, bits & 0x8000 != 0);
+        if negative != v.is_sign_negative() {
+            return false;
+        }
+        let target = v.abs();
+        // Halfway between the largest finite value and the next step: from there on (a tie
+        // rounds to the even side, which is infinity) a value overflows.
+        let max = to_f64(inf_magnitude - 1);
+        let overflow_at = max + (max - to_f64(inf_magnitude - 2)) / 2.0;
+        if magnitude == inf_magnitude || target >= overflow_at {
+            return magnitude == inf_magnitude && target >= overflow_at;
+        }
+        let d = (target - to_f64(magnitude)).abs();
+        [magnitude.checked_sub(1), Some(magnitude + 1).filter(|&n| n < inf_magnitude)].into_iter().flatten().all(|n| {
+            let dn = (target - to_f64(n)).abs();
+            d < dn || (d == dn && magnitude % 2 == 0)
+        })
+    }
+
+    #[test]
+    fn narrowing_rounds_to_nearest_even_and_counts_exact_overflows() {
+        // Edges (largest finite values, halfway cases around each format's overflow
+        // threshold, subnormals, signed zeros) and 200 000 random finite bit patterns.
+        let mut values: Vec<f32> = vec![0.0, -0.0, 1.0, -1.0, f32::MAX, f32::MIN_POSITIVE, 1e-45, 65504.0, 65519.0, 65520.0, -65520.0, 6e-8, 3e-8, 3.3895e38, 3.3896e38, 1.0 + f32::EPSILON, f32::from_bits(0x7f64_8004), f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)];
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        while values.len() < 200_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let v = f32::from_bits(state as u32);
+            if v.is_finite() {
+                values.push(v);
+            }
+        }
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        type Format = (Dtype, fn(u16) -> f64, u16);
+        let formats: [Format; 2] = [(Dtype::BF16, |b| half::bf16::from_bits(b).to_f64(), 0x7f80), (Dtype::F16, |b| half::f16::from_bits(b).to_f64(), 0x7c00)];
+        for (to, to_f64, inf_magnitude) in formats {
+            let mut out = Vec::new();
+            let overflows = convert(&bytes, Dtype::F32, to, &mut out);
+            let mut expected_overflows = 0;
+            for (v, c) in values.iter().zip(out.chunks_exact(2)) {
+                let bits = u16::from_le_bytes([c[0], c[1]]);
+                assert!(is_nearest(*v as f64, bits, to_f64, inf_magnitude), "f32 → {to:?}: {v:e} ({:#010x}) gave {bits:#06x}", v.to_bits());
+                expected_overflows += u64::from(bits & 0x7fff == inf_magnitude);
+            }
+            assert_eq!(overflows, expected_overflows, "f32 → {to:?}");
+            // Widening back is exact.
+            let mut back = Vec::new();
+            assert_eq!(convert(&out, to, Dtype::F32, &mut back), 0);
+            for (c, b) in out.chunks_exact(2).zip(back.chunks_exact(4)) {
+                let wide = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                assert_eq!(wide as f64, to_f64(u16::from_le_bytes([c[0], c[1]])));
+            }
+        }
+        // From f64 (the generic path: initial values, means, f64 sources) the same, on
+        // random values spread over both formats' ranges and on the f32 edges above.
+        let mut wide: Vec<f64> = values.iter().take(1000).map(|&v| v as f64).collect();
+        while wide.len() < 100_000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let (mantissa, exponent) = (state >> 12, (state % 300) as i32 - 150);
+            wide.push(f64::from_bits(0x3ff0_0000_0000_0000 | mantissa) * 2f64.powi(exponent) * if state & 1 == 0 { 1.0 } else { -1.0 });
+        }
+        for (to, to_f64, inf_magnitude) in formats {
+            for &v in &wide {
+                let mut out = Vec::new();
+                encode(v, to, &mut out);
+                let bits = u16::from_le_bytes([out[0], out[1]]);
+                assert!(is_nearest(v, bits, to_f64, inf_magnitude), "f64 → {to:?}: {v:e} ({:#018x}) gave {bits:#06x}", v.to_bits());
+            }
+        }
+        // 65519 still rounds to f16's largest value; 65520 and -1e6 overflow.
+        let mut out = Vec::new();
+        let edge: Vec<u8> = [65519f32, 65520.0, -1e6].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(convert(&edge, Dtype::F32, Dtype::F16, &mut out), 2);
+    }
 
     #[test]
     fn finds_the_first_non_finite_value_in_every_float_dtype() {
