@@ -4,14 +4,15 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::UInt32Type;
-use arrow_array::Array;
+use arrow_array::types::{UInt16Type, UInt32Type};
+use arrow_array::{Array, ListArray};
+use arrow_schema::DataType;
 use mmrec_schemas::{columns, Domain, Manifest, Partition, ShardInfo, Totals};
 use serde::Serialize;
 
 use crate::atomic::{file_sha256, write_atomic};
 use crate::error::{Error, IoContext, Result};
-use crate::shard::{token_lists, ShardReader};
+use crate::shard::ShardReader;
 use crate::split::{read_manifest, write_manifest, DUPLICATES, QUARANTINE};
 
 #[derive(Debug, Default, Serialize)]
@@ -31,15 +32,18 @@ impl Validation {
 /// Check a shard directory against its manifest: checksums, schema, per-row invariants,
 /// and that every count adds up. Problems are collected, not stopped at.
 pub fn validate(dir: &Path) -> Result<Validation> {
+    use rayon::prelude::*;
     let m = read_manifest(dir)?;
     let mut v = Validation::default();
+    // Shards are checked in parallel, then reported in manifest order.
+    let listed: Vec<(Domain, &ShardInfo)> = m.domains.iter().flat_map(|(d, shards)| shards.iter().map(move |s| (*d, s))).collect();
+    let mut checked = listed.par_iter().map(|(domain, s)| check_shard(&dir.join(&s.file), *domain, s, m.tokenizer.vocab_size as u32)).collect::<Vec<_>>().into_iter();
     for (domain, shards) in &m.domains {
         let mut docs = 0u64;
         let mut tokens = 0u64;
-        for s in shards {
+        for _ in shards {
             v.shards += 1;
-            let path = dir.join(&s.file);
-            match check_shard(&path, *domain, s, m.tokenizer.vocab_size as u32) {
+            match checked.next().expect("one result per listed shard") {
                 Ok((rows, toks, mut problems)) => {
                     docs += rows;
                     tokens += toks;
@@ -81,40 +85,85 @@ pub fn validate(dir: &Path) -> Result<Validation> {
 }
 
 fn check_shard(path: &Path, domain: Domain, s: &ShardInfo, vocab: u32) -> Result<(u64, u64, Vec<String>)> {
-    let mut problems = Vec::new();
+    use rayon::prelude::*;
     let name = path.display();
-    let (sha, bytes) = file_sha256(path)?;
+    let groups = ShardReader::open(path)?.num_row_groups();
+    // The checksum and the row groups in parallel: a shard can be most of a directory.
+    let (sum, checked) = rayon::join(
+        || file_sha256(path),
+        || (0..groups).into_par_iter().map(|g| check_row_group(path, g, domain, vocab)).collect::<Result<Vec<_>>>(),
+    );
+    let (sha, bytes) = sum?;
+    let mut problems = Vec::new();
     if sha != s.sha256 || bytes != s.bytes {
         problems.push(format!("{name}: sha256/size {sha}/{bytes} does not match the manifest's {}/{}", s.sha256, s.bytes));
     }
-    let reader = ShardReader::open(path)?;
-    reader.token_width()?;
-    let mut rows = 0u64;
-    let mut tokens = 0u64;
-    for batch in reader.batches(&[columns::DOMAIN, columns::TOKENS, columns::N_TOKENS], None)? {
-        let batch = batch?;
-        let domains = batch.column(0).as_string::<i32>();
-        let lists = token_lists(batch.column(1).as_ref());
-        let counts = batch.column(2).as_primitive::<UInt32Type>();
-        for (i, toks) in lists.iter().enumerate() {
-            let row = rows + i as u64;
-            if domains.value(i) != domain.as_str() {
-                problems.push(format!("{name}: row {row} has domain {:?} in the {domain} directory", domains.value(i)));
-            }
-            if counts.value(i) as usize != toks.len() {
-                problems.push(format!("{name}: row {row} n_tokens {} but {} tokens", counts.value(i), toks.len()));
-            }
-            if let Some(t) = toks.iter().find(|&&t| t >= vocab) {
-                problems.push(format!("{name}: row {row} has token id {t} outside the vocabulary ({vocab})"));
-            }
-            tokens += toks.len() as u64;
-        }
-        rows += batch.num_rows() as u64;
+    let (mut rows, mut tokens) = (0u64, 0u64);
+    for group in checked? {
+        problems.extend(group.problems.into_iter().map(|(row, what)| format!("{name}: row {} {what}", rows + row)));
+        rows += group.rows;
+        tokens += group.tokens;
     }
     if rows != s.rows || tokens != s.tokens {
         problems.push(format!("{name}: holds {rows} rows / {tokens} tokens, manifest says {} / {}", s.rows, s.tokens));
     }
     Ok((rows, tokens, problems))
+}
+
+/// What checking one row group found.
+struct GroupCheck {
+    rows: u64,
+    tokens: u64,
+    /// Row within the group, and what is wrong with it.
+    problems: Vec<(u64, String)>,
+}
+
+fn check_row_group(path: &Path, group: usize, domain: Domain, vocab: u32) -> Result<GroupCheck> {
+    let reader = ShardReader::open(path)?;
+    reader.token_width()?;
+    let (mut rows, mut tokens, mut problems) = (0u64, 0u64, Vec::new());
+    for batch in reader.batches(&[columns::DOMAIN, columns::TOKENS, columns::N_TOKENS], Some(vec![group]))? {
+        let batch = batch?;
+        let domains = batch.column(0).as_string::<i32>();
+        let lists = batch.column(1).as_list::<i32>();
+        let counts = batch.column(2).as_primitive::<UInt32Type>();
+        // Lengths from the list offsets and ids straight from the values buffer: no
+        // per-row copies of the tokens.
+        for (i, (w, &count)) in lists.value_offsets().windows(2).zip(counts.values()).enumerate() {
+            let row = rows + i as u64;
+            if domains.value(i) != domain.as_str() {
+                problems.push((row, format!("has domain {:?} in the {domain} directory", domains.value(i))));
+            }
+            let len = (w[1] - w[0]) as u64;
+            if count as u64 != len {
+                problems.push((row, format!("n_tokens {count} but {len} tokens")));
+            }
+            tokens += len;
+        }
+        for (i, t) in out_of_vocabulary(lists, vocab) {
+            problems.push((rows + i as u64, format!("has token id {t} outside the vocabulary ({vocab})")));
+        }
+        rows += batch.num_rows() as u64;
+    }
+    Ok(GroupCheck { rows, tokens, problems })
+}
+
+/// Rows of a `tokens` column holding an id ≥ `vocab`, with the first such id of each. One
+/// vectorised pass over all ids; rows are searched only when it finds one.
+fn out_of_vocabulary(lists: &ListArray, vocab: u32) -> Vec<(usize, u32)> {
+    fn scan<T: Copy + Into<u32>>(ids: &[T], offsets: &[i32], vocab: u32) -> Vec<(usize, u32)> {
+        let (first, last) = (offsets[0] as usize, offsets[offsets.len() - 1] as usize);
+        if ids[first..last].iter().all(|&t| t.into() < vocab) {
+            return Vec::new();
+        }
+        let row_ids = |w: &[i32]| ids[w[0] as usize..w[1] as usize].iter().map(|&t| t.into());
+        offsets.windows(2).enumerate().filter_map(|(row, w)| row_ids(w).find(|&t| t >= vocab).map(|t| (row, t))).collect()
+    }
+    let values = lists.values();
+    match values.data_type() {
+        DataType::UInt16 => scan(values.as_primitive::<UInt16Type>().values(), lists.value_offsets(), vocab),
+        _ => scan(values.as_primitive::<UInt32Type>().values(), lists.value_offsets(), vocab),
+    }
 }
 
 fn unlisted_files(dir: &Path, domain: Domain, shards: &[ShardInfo]) -> Vec<String> {

@@ -378,3 +378,22 @@ fn byte_bounds_are_given_in_mib_and_must_be_above_zero() {
     assert!(!zero.status.success());
     assert!(String::from_utf8_lossy(&zero.stderr).contains("--row-group-mb"));
 }
+
+#[test]
+fn validate_reports_rows_in_the_wrong_domain_and_ids_outside_the_vocabulary() {
+    use mmrec_pipeline::shard::{ShardRow, ShardWriter};
+    let dir = tempfile::tempdir().unwrap();
+    assert!(split_fixtures(dir.path(), &[]).status.success());
+    let m = read_manifest(dir.path()).unwrap();
+    let vocab = m.tokenizer.vocab_size;
+    let shard = dir.path().join(&m.domains[&Domain::Text][0].file);
+    let row = |domain, tokens| ShardRow { id: "forged", domain, lang: None, source: "forged", text: "forged", tokens, hash: 0 };
+    let rows = [row(Domain::Code, vec![5]), row(Domain::Text, vec![5, 6]), row(Domain::Text, vec![5, vocab as u32 + 7, 6])];
+    let mut w = ShardWriter::create(&shard, m.tokenizer.token_width, 16).unwrap();
+    w.write(&rows).unwrap();
+    w.finish().unwrap();
+    let problems = validate(dir.path()).unwrap().problems.join("\n");
+    assert!(problems.contains(r#"row 0 has domain "code" in the text directory"#), "{problems}");
+    assert!(problems.contains(&format!("row 2 has token id {} outside the vocabulary ({vocab})", vocab + 7)), "{problems}");
+    assert!(!problems.contains("row 1 has"), "{problems}");
+}
