@@ -122,29 +122,41 @@ impl ExactDedup {
 
 pub const DEFAULT_NEAR_DUP: NearDupSettings = NearDupSettings { threshold: 0.8, num_perm: 128, bands: 16, shingle_words: 3 };
 
-/// MinHash signature over word shingles; `seed` picks the hash family.
-///
-/// Digit runs are folded to `0` first (as CCNet does): copies that differ only in a
-/// counter, a date or a line number are the near-duplicates worth catching, and in short
-/// documents one changed number would otherwise sink the similarity below any threshold.
-pub fn minhash(text: &str, s: &NearDupSettings, seed: u64) -> Vec<u32> {
-    let folded = fold_digits(text);
-    let words: Vec<&str> = folded.split_whitespace().collect();
-    let k = s.shingle_words.max(1);
-    let mut sig = vec![u32::MAX; s.num_perm];
-    let (a, b): (Vec<u64>, Vec<u64>) = (0..s.num_perm).map(|i| perm_coeffs(seed, i)).unzip();
-    let mut shingle = Vec::with_capacity(64);
-    let count = if words.len() >= k { words.len() - k + 1 } else { 1 };
-    for start in 0..count {
-        shingle.clear();
-        for w in &words[start..(start + k).min(words.len())] {
-            shingle.extend_from_slice(w.as_bytes());
-            shingle.push(b' ');
-        }
-        let base = xxh3_64(&shingle);
-        remix_into(&mut sig, &a, &b, base);
+/// MinHash over word shingles, with one run's hash family: `num_perm` "a·h + b" pairs
+/// drawn from the seed once, not per document.
+pub struct MinHasher {
+    shingle_words: usize,
+    a: Vec<u64>,
+    b: Vec<u64>,
+}
+
+impl MinHasher {
+    pub fn new(s: &NearDupSettings, seed: u64) -> Self {
+        let (a, b) = (0..s.num_perm).map(|i| perm_coeffs(seed, i)).unzip();
+        MinHasher { shingle_words: s.shingle_words.max(1), a, b }
     }
-    sig
+
+    /// The signature of `text`. Digit runs are folded to `0` first (as CCNet does): copies
+    /// that differ only in a counter, a date or a line number are the near-duplicates worth
+    /// catching, and in short documents one changed number would otherwise sink the
+    /// similarity below any threshold.
+    pub fn signature(&self, text: &str) -> Vec<u32> {
+        let folded = fold_digits(text);
+        let words: Vec<&str> = folded.split_whitespace().collect();
+        let k = self.shingle_words;
+        let mut sig = vec![u32::MAX; self.a.len()];
+        let mut shingle = Vec::with_capacity(64);
+        let count = if words.len() >= k { words.len() - k + 1 } else { 1 };
+        for start in 0..count {
+            shingle.clear();
+            for w in &words[start..(start + k).min(words.len())] {
+                shingle.extend_from_slice(w.as_bytes());
+                shingle.push(b' ');
+            }
+            remix_into(&mut sig, &self.a, &self.b, xxh3_64(&shingle));
+        }
+        sig
+    }
 }
 
 /// One 64-bit hash per shingle, then cheap per-permutation remixes of it: the standard
@@ -276,8 +288,9 @@ mod tests {
     #[test]
     fn copies_differing_only_in_a_counter_are_near_duplicates() {
         let s = DEFAULT_NEAR_DUP;
-        let a = minhash("for i in range(10):\n    print(i)\n# Sample 4\n", &s, 0);
-        let b = minhash("for i in range(10):\n    print(i)\n# Sample 129\n", &s, 0);
+        let h = MinHasher::new(&s, 0);
+        let a = h.signature("for i in range(10):\n    print(i)\n# Sample 4\n");
+        let b = h.signature("for i in range(10):\n    print(i)\n# Sample 129\n");
         assert_eq!(jaccard_estimate(&a, &b), 1.0);
     }
 
@@ -303,7 +316,8 @@ mod tests {
         let b: String = (0..200).map(|i| word(if i < 190 { 'w' } else { 'x' }, i)).collect();
         let c: String = (0..200).map(|i| word('z', i)).collect();
         let s = DEFAULT_NEAR_DUP;
-        let (sa, sb, sc) = (minhash(&a, &s, 0), minhash(&b, &s, 0), minhash(&c, &s, 0));
+        let h = MinHasher::new(&s, 0);
+        let (sa, sb, sc) = (h.signature(&a), h.signature(&b), h.signature(&c));
         assert!(jaccard_estimate(&sa, &sb) > 0.8);
         assert!(jaccard_estimate(&sa, &sc) < 0.1);
         let mut idx = NearDedup::new(s);

@@ -19,7 +19,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use crate::atomic::{file_sha256, is_temp_name, write_atomic};
 use crate::classify::{classify, CLASSIFIER_NAME};
-use crate::dedup::{minhash, normalized_hash, ExactDedup, NearDedup};
+use crate::dedup::{normalized_hash, ExactDedup, MinHasher, NearDedup};
 use crate::error::{Error, IoContext, Result};
 use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
 use crate::shard::{ShardRow, ShardWriter};
@@ -186,7 +186,8 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     }
     let exact_duplicates = duplicates.len() as u64;
     if let Some(nd) = &opts.near_dup {
-        let sigs: Vec<Vec<u32>> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| minhash(&docs[i].text, nd, opts.seed)).collect();
+        let hasher = MinHasher::new(nd, opts.seed);
+        let sigs: Vec<Vec<u32>> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| hasher.signature(&docs[i].text)).collect();
         let mut index = NearDedup::new(*nd);
         let mut kept = Vec::with_capacity(keep.len());
         for (i, sig) in keep.into_iter().zip(sigs) {
