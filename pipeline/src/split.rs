@@ -233,7 +233,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                     .collect()
             };
             std::fs::create_dir_all(path.parent().expect("shard paths have a domain directory")).at(&path)?;
-            let mut writer = ShardWriter::create(&path, width, opts.row_group_docs)?;
+            let mut writer = ShardWriter::create(&path, width)?;
             // Row group k is encoded and compressed while k + 1 is tokenized.
             let mut ready: Option<Vec<ShardRow>> = None;
             for group in bounded_runs(&p.docs, opts.row_group_docs, opts.row_group_bytes, |i| docs[i].text.len()) {

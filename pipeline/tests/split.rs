@@ -389,7 +389,7 @@ fn validate_reports_rows_in_the_wrong_domain_and_ids_outside_the_vocabulary() {
     let shard = dir.path().join(&m.domains[&Domain::Text][0].file);
     let row = |domain, tokens| ShardRow { id: "forged", domain, lang: None, source: "forged", text: "forged", tokens, hash: 0 };
     let rows = [row(Domain::Code, vec![5]), row(Domain::Text, vec![5, 6]), row(Domain::Text, vec![5, vocab as u32 + 7, 6])];
-    let mut w = ShardWriter::create(&shard, m.tokenizer.token_width, 16).unwrap();
+    let mut w = ShardWriter::create(&shard, m.tokenizer.token_width).unwrap();
     w.write(&rows).unwrap();
     w.finish().unwrap();
     let problems = validate(dir.path()).unwrap().problems.join("\n");
