@@ -87,7 +87,9 @@ pub fn validate(dir: &Path) -> Result<Validation> {
 fn check_shard(path: &Path, domain: Domain, s: &ShardInfo, vocab: u32) -> Result<(u64, u64, Vec<String>)> {
     use rayon::prelude::*;
     let name = path.display();
-    let groups = ShardReader::open(path)?.num_row_groups();
+    let reader = ShardReader::open(path)?;
+    reader.token_width()?;
+    let groups = reader.num_row_groups();
     // The checksum and the row groups in parallel: a shard can be most of a directory.
     let (sum, checked) = rayon::join(
         || file_sha256(path),
@@ -118,9 +120,9 @@ struct GroupCheck {
     problems: Vec<(u64, String)>,
 }
 
+/// Reads one row group of a shard whose schema `check_shard` has checked.
 fn check_row_group(path: &Path, group: usize, domain: Domain, vocab: u32) -> Result<GroupCheck> {
     let reader = ShardReader::open(path)?;
-    reader.token_width()?;
     let (mut rows, mut tokens, mut problems) = (0u64, 0u64, Vec::new());
     for batch in reader.batches(&[columns::DOMAIN, columns::TOKENS, columns::N_TOKENS], Some(vec![group]))? {
         let batch = batch?;
