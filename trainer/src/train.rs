@@ -135,7 +135,6 @@ impl Default for RunConfig {
     }
 }
 
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("config: {0}")]
