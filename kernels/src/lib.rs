@@ -14,18 +14,29 @@
 //! ```
 
 pub mod cpu;
+pub mod loss;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, IndexOp, Layout, Shape, Tensor};
+use rayon::prelude::*;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor};
 
 pub use cpu::Direction;
 
 /// `h = scan(γ, u, h0)` over [B, T, D] with h0 [B, D]; returns all states and the final
-/// one (the state to carry into the next segment).
+/// one (the state to carry into the next segment). f32 and bf16 on CUDA (f32 arithmetic),
+/// f32 and f64 on the CPU, where 16-bit inputs are scanned in f32.
 pub fn scan(gamma: &Tensor, u: &Tensor, h0: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let (_, t, _) = gamma.dims3()?;
     if u.dims() != gamma.dims() {
         candle_core::bail!("scan: u {:?} and γ {:?} must have the same shape", u.dims(), gamma.dims());
+    }
+    let dtype = gamma.dtype();
+    if gamma.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
+        let wide = |x: &Tensor| x.to_dtype(DType::F32);
+        let (h, last) = scan(&wide(gamma)?, &wide(u)?, &wide(h0)?)?;
+        return Ok((h.to_dtype(dtype)?, last.to_dtype(dtype)?));
     }
     let h = gamma.contiguous()?.apply_op3(&u.contiguous()?, &h0.contiguous()?, Scan)?;
     let last = if t == 0 { h0.clone() } else { h.i((.., t - 1, ..))? };
@@ -40,6 +51,13 @@ pub struct Scan;
 #[derive(Clone, Copy, Debug)]
 pub struct ScanAdjoint;
 
+/// The whole backward of [`Scan`] in one pass over (dy, γ, h): the adjoint g (which is
+/// ∂L/∂u) and ∂L/∂γ_t = g_t ⊙ h_{t-1}, stacked as [2, B, T, D]. `h0` supplies h_{-1}.
+#[derive(Clone, Debug)]
+pub struct ScanBackward {
+    pub h0: Tensor,
+}
+
 fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
@@ -48,15 +66,7 @@ fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what
 }
 
 fn run_cpu(gamma: (&CpuStorage, &Layout), u: (&CpuStorage, &Layout), init: Option<(&CpuStorage, &Layout)>, dir: Direction) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (b, t, d) = gamma.1.shape().dims3()?;
-    if u.1.shape() != gamma.1.shape() {
-        candle_core::bail!("scan: shapes {:?} and {:?} differ", u.1.shape(), gamma.1.shape());
-    }
-    if let Some((_, l)) = init {
-        if l.shape().dims() != [b, d] {
-            candle_core::bail!("scan: h0 is {:?}, expected [{b}, {d}]", l.shape());
-        }
-    }
+    let (b, t, d) = check_shapes(gamma.1, u.1, init.map(|(_, l)| l))?;
     macro_rules! go {
         ($t:ty, $variant:ident) => {{
             let g = contiguous::<$t>(gamma.0, gamma.1, "γ")?;
@@ -89,13 +99,79 @@ impl CustomOp3 for Scan {
         run_cpu((s1, l1), (s2, l2), Some((s3, l3)), Direction::Forward)
     }
 
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = check_shapes(l1, l2, Some(l3))?;
+        Ok((cuda::launch(cuda::Kernel::Forward, &[(s1, l1), (s2, l2), (s3, l3)], dims)?, Shape::from(dims)))
+    }
+
     fn bwd(&self, gamma: &Tensor, _u: &Tensor, h0: &Tensor, h: &Tensor, dh: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (_, t, _) = gamma.dims3()?;
-        let g = dh.contiguous()?.apply_op2_no_bwd(gamma, &ScanAdjoint)?;
-        let h_prev = Tensor::cat(&[&h0.unsqueeze(1)?, &h.narrow(1, 0, t - 1)?], 1)?;
-        let dgamma = (&g * h_prev)?;
+        let both = dh.contiguous()?.apply_op3_no_bwd(gamma, h, &ScanBackward { h0: h0.clone() })?;
+        let (g, dgamma) = (both.i(0)?, both.i(1)?);
         let dh0 = (gamma.i((.., 0, ..))? * g.i((.., 0, ..))?)?;
         Ok((Some(dgamma), Some(g), Some(dh0)))
+    }
+}
+
+/// [B, T, D] from γ's layout, checking u (and h0 [B, D]) against it.
+fn check_shapes(gamma: &Layout, u: &Layout, h0: Option<&Layout>) -> candle_core::Result<(usize, usize, usize)> {
+    let (b, t, d) = gamma.shape().dims3()?;
+    if u.shape() != gamma.shape() {
+        candle_core::bail!("scan: shapes {:?} and {:?} differ", u.shape(), gamma.shape());
+    }
+    if let Some(l) = h0 {
+        if l.shape().dims() != [b, d] {
+            candle_core::bail!("scan: h0 is {:?}, expected [{b}, {d}]", l.shape());
+        }
+    }
+    Ok((b, t, d))
+}
+
+impl CustomOp3 for ScanBackward {
+    fn name(&self) -> &'static str {
+        "mmrec-scan-backward"
+    }
+
+    /// Inputs (dy, γ, h).
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (b, t, d) = check_shapes(l2, l1, None)?;
+        let (g, _) = run_cpu((s2, l2), (s1, l1), None, Direction::Backward)?;
+        let h0 = self.h0.contiguous()?.flatten_all()?;
+        macro_rules! go {
+            ($t:ty, $variant:ident) => {{
+                let g = g.as_slice::<$t>()?;
+                let h = contiguous::<$t>(s3, l3, "h")?;
+                let h0 = h0.to_vec1::<$t>()?;
+                let mut out = g.to_vec();
+                out.resize(2 * g.len(), 0 as $t);
+                let (_, dgamma) = out.split_at_mut(g.len());
+                // dγ_t = g_t h_{t-1}, one D-row per task, h_{-1} from h0.
+                dgamma.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
+                    let (bi, at) = (r / t, r * d);
+                    let prev = if r % t == 0 { &h0[bi * d..(bi + 1) * d] } else { &h[at - d..at] };
+                    for ((o, &gv), &p) in row.iter_mut().zip(&g[at..at + d]).zip(prev) {
+                        *o = gv * p;
+                    }
+                });
+                CpuStorage::$variant(out)
+            }};
+        }
+        let out = match g {
+            CpuStorage::F32(_) => go!(f32, F32),
+            CpuStorage::F64(_) => go!(f64, F64),
+            other => candle_core::bail!("scan backward: unsupported dtype {:?} on CPU", other.dtype()),
+        };
+        Ok((out, Shape::from((2, b, t, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = check_shapes(l2, l1, None)?;
+        let h0 = self.h0.contiguous()?;
+        let (h0_storage, h0_layout) = h0.storage_and_layout();
+        let candle_core::Storage::Cuda(h0_cuda) = &*h0_storage else { candle_core::bail!("scan backward: h0 is not on the GPU") };
+        let out = cuda::launch(cuda::Kernel::Backward, &[(s1, l1), (s2, l2), (s3, l3), (h0_cuda, h0_layout)], dims)?;
+        Ok((out, Shape::from((2, dims.0, dims.1, dims.2))))
     }
 }
 
@@ -107,6 +183,12 @@ impl CustomOp2 for ScanAdjoint {
     /// Inputs (dy, γ): the reverse scan of the upstream gradient.
     fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         run_cpu((s2, l2), (s1, l1), None, Direction::Backward)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = check_shapes(l2, l1, None)?;
+        Ok((cuda::launch(cuda::Kernel::Adjoint, &[(s1, l1), (s2, l2)], dims)?, Shape::from(dims)))
     }
 }
 

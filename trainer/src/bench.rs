@@ -184,3 +184,144 @@ pub fn cpu_name() -> String {
     let name = info.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown CPU".into());
     format!("{name}, {} cores", std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
+
+/// `mmrec-train bench --device cuda`: the scan against a device-to-device copy, and the
+/// model's forward and full training step (forward, backward, AdamW) per preset.
+#[derive(Debug, Serialize)]
+pub struct DeviceBench {
+    pub device: String,
+    pub gpu: String,
+    pub candle: &'static str,
+    pub precision: crate::train::Precision,
+    /// Read + write bandwidth of a 1 GiB device-to-device copy, measured in this run.
+    pub copy_gb_per_s: f64,
+    pub scan: Vec<ScanFigure>,
+    pub model: Vec<StepFigure>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct StepFigure {
+    pub preset: String,
+    pub batch: usize,
+    pub seq_len: usize,
+    pub vocab: usize,
+    pub parameters: usize,
+    pub forward_ms: f64,
+    pub forward_tokens_per_s: f64,
+    /// Forward, backward and the AdamW update, as the trainer runs them.
+    pub train_step_ms: f64,
+    pub train_step_tokens_per_s: f64,
+    /// Spread of the step times: [fastest, slowest] ms.
+    pub train_step_range_ms: [f64; 2],
+    pub peak_memory_gib: f64,
+    /// Matmul FLOPs per token of a training step (3× forward) × tokens/s over the dense
+    /// bf16 peak of the H100/H200 (989 TFLOP/s).
+    pub mfu: f64,
+}
+
+/// Median and range of `reps` runs of `f` on `dev`, in seconds, each run synchronised.
+fn timed(dev: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
+    for _ in 0..warmup {
+        f()?;
+    }
+    dev.synchronize()?;
+    let mut times = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let t = Instant::now();
+        f()?;
+        dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    Ok((times[times.len() / 2], times[0], times[times.len() - 1]))
+}
+
+fn device_copy_gb_per_s(dev: &Device) -> Result<f64> {
+    let src = Tensor::rand(0f32, 1.0, 256 << 20, dev)?;
+    let (secs, _, _) = timed(dev, 3, 20, || src.copy().map(|_| ()))?;
+    Ok(2.0 * (src.elem_count() * 4) as f64 / secs / 1e9)
+}
+
+/// Forward: read γ, u, write h (3 arrays). Backward (fused): read dy, γ, h, write du, dγ (5).
+fn device_scan_figure(dev: &Device, shape: [usize; 3], backward: bool, copy: f64) -> Result<ScanFigure> {
+    let [b, t, d] = shape;
+    let gamma = Tensor::rand(0.9f32, 1.0, (b, t, d), dev)?;
+    let u = Tensor::randn(0f32, 1.0, (b, t, d), dev)?;
+    let h0 = Tensor::randn(0f32, 1.0, (b, d), dev)?;
+    let (secs, arrays) = if backward {
+        let op = mmrec_kernels::ScanBackward { h0 };
+        let h = mmrec_kernels::scan(&gamma, &u, &op.h0)?.0;
+        (timed(dev, 3, 20, || u.apply_op3_no_bwd(&gamma, &h, &op).map(|_| ()))?.0, 5.0)
+    } else {
+        (timed(dev, 3, 20, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?.0, 3.0)
+    };
+    let gb = arrays * (b * t * d * 4) as f64 / secs / 1e9;
+    Ok(ScanFigure { shape, direction: if backward { "backward (fused)" } else { "forward" }, ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / copy })
+}
+
+/// Matmul FLOPs of one training step per token: 3× the forward's 2·(weights touched).
+pub fn train_flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
+    let d = cfg.d_model as f64;
+    let per_block = 2.0 * (4.0 * d * d + 2.0 * (d * d / 4.0) * 2.0 + 2.0 * d * d + 2.0 * d * cfg.ffn_dim() as f64);
+    let entries = cfg.n_slots as f64 + cfg.chunk_sizes.iter().map(|&c| (seq_len / c) as f64).sum::<f64>();
+    let memory = 2.0 * 2.0 * entries * d;
+    3.0 * (cfg.n_layers as f64 * (per_block + memory) + 2.0 * d * cfg.vocab_size as f64)
+}
+
+fn step_figure(dev: &Device, preset: &str, vocab: usize, batch: usize, seq_len: usize, precision: crate::train::Precision) -> Result<StepFigure> {
+    use crate::train::{loss_and_grads, Net, OptimConfig};
+    let cfg = ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+    let vm = VarMap::new();
+    let net = Net::Single(MMRecModel::new(&cfg, crate::model::seeded_builder(&vm, 0, DType::F32, dev))?);
+    initialise(&vm, &cfg)?;
+    let trainable: Vec<(String, candle_core::Var)> = vm.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let parameters = trainable.iter().map(|(_, v)| v.elem_count()).sum();
+    let mut opt = crate::optim::AdamW::new(trainable, cfg.n_layers, OptimConfig::default())?;
+    // Distinct random batches: the speed does not depend on the token values.
+    let batches = (0..4).map(|_| Tensor::rand(0f32, vocab as f32, (batch, seq_len + 1), dev)?.to_dtype(DType::U32)).collect::<Result<Vec<_>>>()?;
+    let mask = Tensor::ones((batch, seq_len), DType::F32, dev)?;
+    let mut i = 0;
+    let mut next = || {
+        i += 1;
+        let b = &batches[i % batches.len()];
+        Ok::<_, candle_core::Error>((b.narrow(1, 0, seq_len)?, b.narrow(1, 1, seq_len)?))
+    };
+    let fwd = timed(dev, 2, 10, || {
+        let (inp, _) = next()?;
+        net.in_precision(&vm, precision, dev)?.logits(&inp, false).map(|_| ())
+    })?;
+    crate::device::reset_peak_memory(dev)?;
+    let step = timed(dev, 3, 20, || {
+        let (inp, tgt) = next()?;
+        let (_, grads) = loss_and_grads(&net.in_precision(&vm, precision, dev)?, &vm, &inp, &tgt, &mask, false)?;
+        opt.step(&grads, 1e-4, 1.0)
+    })?;
+    let peak = crate::device::peak_memory(dev)?.map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64);
+    let tokens = (batch * seq_len) as f64;
+    Ok(StepFigure {
+        preset: preset.into(),
+        batch,
+        seq_len,
+        vocab,
+        parameters,
+        forward_ms: fwd.0 * 1e3,
+        forward_tokens_per_s: tokens / fwd.0,
+        train_step_ms: step.0 * 1e3,
+        train_step_tokens_per_s: tokens / step.0,
+        train_step_range_ms: [step.1 * 1e3, step.2 * 1e3],
+        peak_memory_gib: peak,
+        mfu: train_flops_per_token(&cfg, seq_len) * tokens / step.0 / 989e12,
+    })
+}
+
+pub fn device_bench(dev: &Device, presets: &[String], vocab: usize, batch: usize, seq_len: usize, precision: crate::train::Precision) -> Result<DeviceBench> {
+    let copy = device_copy_gb_per_s(dev)?;
+    let mut scan = Vec::new();
+    // Large B·D (training shapes, and larger than the L2), then small B·D with long T.
+    for shape in [[32, 1024, 512], [16, 4096, 1024], [1, 65_536, 256], [2, 65_536, 512]] {
+        scan.push(device_scan_figure(dev, shape, false, copy)?);
+        scan.push(device_scan_figure(dev, shape, true, copy)?);
+    }
+    let model = presets.iter().filter(|p| !p.is_empty()).map(|p| step_figure(dev, p, vocab, batch, seq_len, precision)).collect::<Result<_>>()?;
+    Ok(DeviceBench { device: crate::device::name(dev), gpu: crate::device::gpu_name(dev), candle: "0.11.1", precision, copy_gb_per_s: copy, scan, model })
+}

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod device;
 pub mod io;
 pub mod model;
 pub mod optim;

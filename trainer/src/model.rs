@@ -14,7 +14,7 @@
 //! ```
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
-use candle_nn::{linear, Embedding, Init, Linear, VarBuilder};
+use candle_nn::{Embedding, Init, Linear, VarBuilder};
 
 use crate::config::ModelConfig;
 
@@ -31,22 +31,58 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
+    /// The statistics in at least f32 whatever the activations' dtype (DESIGN §6).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        x.broadcast_div(&(ms + 1e-6)?.sqrt()?)?.broadcast_mul(&self.weight)
+        let xw = widen(x)?;
+        let ms = xw.sqr()?.mean_keepdim(D::Minus1)?;
+        xw.broadcast_div(&(ms + 1e-6)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(&self.weight)
+    }
+}
+
+/// 16-bit activations as f32 for the parts DESIGN §6 keeps in f32 (γ, the scan, norms,
+/// softmax, loss); f32 and f64 unchanged.
+pub fn widen(x: &Tensor) -> Result<Tensor> {
+    x.to_dtype(wide_dtype(x.dtype()))
+}
+
+pub fn wide_dtype(dtype: DType) -> DType {
+    match dtype {
+        DType::BF16 | DType::F16 => DType::F32,
+        other => other,
+    }
+}
+
+/// A linear layer applied as one 2-D matmul over all leading dimensions. candle's
+/// `Linear` multiplies a [B, T, D] input by a weight broadcast per batch row, and its
+/// backward then materialises B weight-sized gradients and sums them.
+#[derive(Clone, Debug)]
+pub struct Dense(pub Linear);
+
+pub fn dense(d_in: usize, d_out: usize, vb: VarBuilder) -> Result<Dense> {
+    candle_nn::linear(d_in, d_out, vb).map(Dense)
+}
+
+impl Module for Dense {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims();
+        let (rows, d_in) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
+        let y = self.0.forward(&x.reshape((rows, d_in))?)?;
+        let mut out = dims.to_vec();
+        *out.last_mut().expect("a tensor with dimensions") = y.dim(1)?;
+        y.reshape(out)
     }
 }
 
 /// `Lin(a→b) → GELU → Lin(b→c)`.
 #[derive(Clone, Debug)]
 pub struct Mlp {
-    fc1: Linear,
-    fc2: Linear,
+    fc1: Dense,
+    fc2: Dense,
 }
 
 impl Mlp {
     fn new(d_in: usize, d_hidden: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Mlp { fc1: linear(d_in, d_hidden, vb.pp("fc1"))?, fc2: linear(d_hidden, d_out, vb.pp("fc2"))? })
+        Ok(Mlp { fc1: dense(d_in, d_hidden, vb.pp("fc1"))?, fc2: dense(d_hidden, d_out, vb.pp("fc2"))? })
     }
 
     /// An MDI gate MLP: small last weights so that, at initialisation, the gate is set by
@@ -54,8 +90,8 @@ impl Mlp {
     fn gate(d: usize, last_bias: Init, vb: VarBuilder) -> Result<Self> {
         let fc2 = vb.pp("fc2");
         Ok(Mlp {
-            fc1: linear(d, d / 4, vb.pp("fc1"))?,
-            fc2: Linear::new(fc2.get_with_hints((d, d / 4), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?, Some(fc2.get_with_hints(d, "bias", last_bias)?)),
+            fc1: dense(d, d / 4, vb.pp("fc1"))?,
+            fc2: Dense(Linear::new(fc2.get_with_hints((d, d / 4), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?, Some(fc2.get_with_hints(d, "bias", last_bias)?))),
         })
     }
 }
@@ -114,16 +150,16 @@ pub struct LevelState {
 #[derive(Clone, Debug)]
 pub struct MMRecBlock {
     norm1: RmsNorm,
-    in_proj: Linear,
+    in_proj: Dense,
     mdi_z: Mlp,
     mdi_k: Mlp,
     slots: Tensor,
-    kv: Linear,
-    mem_out: Linear,
-    out_proj: Linear,
+    kv: Dense,
+    mem_out: Dense,
+    out_proj: Dense,
     norm2: RmsNorm,
-    ffn_up: Linear,
-    ffn_down: Linear,
+    ffn_up: Dense,
+    ffn_down: Dense,
     uboo: Option<Mlp>,
     cfg: ModelConfig,
 }
@@ -143,17 +179,17 @@ impl MMRecBlock {
         let mdi = vb.pp("mdi");
         Ok(MMRecBlock {
             norm1: RmsNorm::new(d, vb.pp("norm1"))?,
-            in_proj: linear(d, 4 * d, vb.pp("in_proj"))?,
+            in_proj: dense(d, 4 * d, vb.pp("in_proj"))?,
             mdi_z: Mlp::gate(d, Init::Const(0.0), mdi.pp("z"))?,
             // +6: the k factor starts near 1, leaving the decay to the z factor.
             mdi_k: Mlp::gate(d, Init::Const(6.0), mdi.pp("k"))?,
             slots: vb.pp("memory").get_with_hints((cfg.n_slots, d), "slots", Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            kv: linear(d, 2 * d, vb.pp("memory").pp("kv"))?,
-            mem_out: linear(d, d, vb.pp("memory").pp("out"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            kv: dense(d, 2 * d, vb.pp("memory").pp("kv"))?,
+            mem_out: dense(d, d, vb.pp("memory").pp("out"))?,
+            out_proj: dense(d, d, vb.pp("out_proj"))?,
             norm2: RmsNorm::new(d, vb.pp("norm2"))?,
-            ffn_up: linear(d, cfg.ffn_dim(), vb.pp("ffn").pp("up"))?,
-            ffn_down: linear(cfg.ffn_dim(), d, vb.pp("ffn").pp("down"))?,
+            ffn_up: dense(d, cfg.ffn_dim(), vb.pp("ffn").pp("up"))?,
+            ffn_down: dense(cfg.ffn_dim(), d, vb.pp("ffn").pp("down"))?,
             uboo: if cfg.uboo_weight > 0.0 { Some(Mlp::new(d, d, d, vb.pp("uboo"))?) } else { None },
             cfg: cfg.clone(),
         })
@@ -167,7 +203,8 @@ impl MMRecBlock {
             .iter()
             .map(|_| Ok(LevelState { first: 0, summaries: Tensor::zeros((b, 0, d), dtype, dev)?, partial: Tensor::zeros((b, d), dtype, dev)? }))
             .collect::<Result<_>>()?;
-        Ok(BlockState { pos: 0, h: Tensor::zeros((b, d), dtype, dev)?, levels })
+        // The scan's carried state is at least f32 (DESIGN §6).
+        Ok(BlockState { pos: 0, h: Tensor::zeros((b, d), wide_dtype(dtype), dev)?, levels })
     }
 
     fn project(&self, x: &Tensor, how: Projection) -> Result<Tensor> {
@@ -175,9 +212,9 @@ impl MMRecBlock {
             Projection::Fused => self.in_proj.forward(x),
             Projection::Unfused => {
                 let d = self.cfg.d_model;
-                let (w, b) = (self.in_proj.weight(), self.in_proj.bias().expect("in_proj has a bias"));
+                let (w, b) = (self.in_proj.0.weight(), self.in_proj.0.bias().expect("in_proj has a bias"));
                 let parts = (0..4)
-                    .map(|i| Linear::new(w.narrow(0, i * d, d)?, Some(b.narrow(0, i * d, d)?)).forward(x))
+                    .map(|i| Dense(Linear::new(w.narrow(0, i * d, d)?, Some(b.narrow(0, i * d, d)?))).forward(x))
                     .collect::<Result<Vec<_>>>()?;
                 Tensor::cat(&parts, D::Minus1)
             }
@@ -190,10 +227,15 @@ impl MMRecBlock {
         let d = self.cfg.d_model;
         let xn = self.norm1.forward(x)?;
         let qkzg = self.project(&xn, how)?;
-        let (q, k, z, g) = (qkzg.narrow(2, 0, d)?, qkzg.narrow(2, d, d)?, qkzg.narrow(2, 2 * d, d)?, qkzg.narrow(2, 3 * d, d)?);
-        let gamma = (candle_nn::ops::sigmoid(&self.mdi_z.forward(&z)?)? * candle_nn::ops::sigmoid(&self.mdi_k.forward(&k)?)?)?.clamp(1e-6, 1.0 - 1e-6)?;
-        let u = ((1.0 - &gamma)? * candle_nn::ops::sigmoid(&g)?)?.mul(&z)?;
+        // k and z feed matmuls, which on CUDA need rows laid out contiguously.
+        let (q, k, z, g) = (qkzg.narrow(2, 0, d)?, qkzg.narrow(2, d, d)?.contiguous()?, qkzg.narrow(2, 2 * d, d)?.contiguous()?, qkzg.narrow(2, 3 * d, d)?);
+        // γ, u and the scan in f32 when activations are bf16: there every γ above about
+        // 0.998 would round to 1 (DESIGN §6).
+        let sigmoid = |t: &Tensor| candle_nn::ops::sigmoid(&widen(t)?);
+        let gamma = (sigmoid(&self.mdi_z.forward(&z)?)? * sigmoid(&self.mdi_k.forward(&k)?)?)?.clamp(1e-6, 1.0 - 1e-6)?;
+        let u = ((1.0 - &gamma)? * sigmoid(&g)?)?.mul(&widen(&z)?)?;
         let (h, h_last) = mmrec_kernels::scan(&gamma, &u, &state.h)?;
+        let h = h.to_dtype(x.dtype())?;
         let (c, levels) = self.memory(&q, &h, state)?;
         let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, self.cfg.dropout, train)?)?;
         let f = dropout(&self.ffn_up.forward(&self.norm2.forward(&r)?)?.gelu_erf()?, self.cfg.dropout, train)?;
@@ -236,10 +278,16 @@ impl MMRecBlock {
             // adds that segment's running sum.
             let mut all = vec![old.summaries.clone()];
             let mut start = (p0 / cs) * cs;
-            while start + cs <= p0 + t {
-                let sum = if start < p0 { (seg_sum(p0, start + cs)? + &old.partial)? } else { seg_sum(start, start + cs)? };
-                all.push((sum / cs as f64)?.unsqueeze(1)?);
+            if start < p0 && start + cs <= p0 + t {
+                all.push(((seg_sum(p0, start + cs)? + &old.partial)? / cs as f64)?.unsqueeze(1)?);
                 start += cs;
+            }
+            // Every chunk lying wholly in this segment in one reshape and one mean: a
+            // narrow per chunk cost a full-size gradient buffer per chunk in backward.
+            let whole = if start >= p0 { (p0 + t - start) / cs } else { 0 };
+            if whole > 0 {
+                all.push(h.narrow(1, start - p0, whole * cs)?.reshape((b, whole, cs, d))?.mean(2)?);
+                start += whole * cs;
             }
             let all = Tensor::cat(&all, 1)?;
             let n_all = all.dim(1)?;
@@ -267,14 +315,39 @@ impl MMRecBlock {
         let heads = |x: &Tensor, n: usize| x.reshape((b, n, n_heads, dh))?.transpose(1, 2)?.contiguous();
         let (k, v) = (heads(&kv.narrow(2, 0, d)?, n_e)?, heads(&kv.narrow(2, d, d)?, n_e)?);
         let qh = heads(q, t)?;
-        let mask: Vec<f32> = visible.iter().flatten().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
-        let mask = Tensor::from_vec(mask, (t, n_e), h.device())?.to_dtype(h.dtype())?;
+        let mask = visibility_mask(visible.into_iter().flatten().collect(), (t, n_e), h.dtype(), h.device())?;
         let scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
-        // The composed softmax: candle 0.11's fused `softmax_last_dim` drops its gradient.
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        // The composed softmax (candle 0.11's fused `softmax_last_dim` drops its gradient),
+        // in at least f32 (DESIGN §6).
+        let attn = candle_nn::ops::softmax(&widen(&scores)?, D::Minus1)?.to_dtype(h.dtype())?;
         let ctx = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((self.mem_out.forward(&ctx)?, new_levels))
     }
+}
+
+/// The additive attention mask (0 visible, −∞ hidden) for a visibility pattern, cached per
+/// device: a host-to-device copy from pageable memory waits for the GPU's queue to drain,
+/// and every block of every step asks for the same few patterns.
+fn visibility_mask(visible: Vec<bool>, shape: (usize, usize), dtype: DType, dev: &Device) -> Result<Tensor> {
+    type Key = (String, DType, (usize, usize), Vec<bool>);
+    static CACHE: std::sync::Mutex<Vec<(Key, Tensor)>> = std::sync::Mutex::new(Vec::new());
+    let device = match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(c) => format!("{:?}", c.id()),
+        other => format!("{:?}", other.location()),
+    };
+    let key = (device, dtype, shape, visible);
+    let mut cache = CACHE.lock().expect("mask cache lock");
+    if let Some((_, t)) = cache.iter().find(|(k, _)| *k == key) {
+        return Ok(t.clone());
+    }
+    let values: Vec<f32> = key.3.iter().map(|&v| if v { 0.0 } else { f32::NEG_INFINITY }).collect();
+    let mask = Tensor::from_vec(values, shape, dev)?.to_dtype(dtype)?;
+    if cache.len() >= 64 {
+        cache.remove(0);
+    }
+    cache.push((key, mask.clone()));
+    Ok(mask)
 }
 
 fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
@@ -336,7 +409,7 @@ impl MMRecModel {
     }
 
     /// Logits [B, T, V] for tokens [B, T], the state after them, and the UBÖO loss
-    /// (already weighted). `state` None starts a sequence.
+    /// (already weighted, in at least f32). `state` None starts a sequence.
     pub fn forward(&self, tokens: &Tensor, state: Option<&[BlockState]>, train: bool) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
         self.forward_with(tokens, state, train, Projection::Fused)
     }
@@ -353,7 +426,7 @@ impl MMRecModel {
         };
         let x = self.embed.forward(tokens)?;
         let (y, states, aux) = self.stack.forward(&x, state, train, how)?;
-        Ok((tied_logits(&y, self.embed.embeddings())?, states, (aux * self.cfg.uboo_weight)?))
+        Ok((tied_logits(&y, self.embed.embeddings())?, states, (widen(&aux)? * self.cfg.uboo_weight)?))
     }
 }
 
@@ -373,11 +446,9 @@ pub fn tied_logits(y: &Tensor, embed: &Tensor) -> Result<Tensor> {
 /// where `mask` [B, T] is 1 (padding targets are 0 there).
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
-    let picked = logp.gather(&targets.reshape((b * t, 1))?, 1)?.squeeze(1)?;
-    let mask = mask.reshape(b * t)?.to_dtype(picked.dtype())?;
-    let n = mask.sum_all()?;
-    ((picked * &mask)?.sum_all()?.neg()? / n.maximum(1.0)?)?.reshape(())
+    let nll = mmrec_kernels::loss::cross_entropy_rows(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?, &mask.reshape(b * t)?)?;
+    let n = mask.to_dtype(nll.dtype())?.sum_all()?;
+    (nll.sum_all()? / n.maximum(1.0)?)?.reshape(())
 }
 
 /// How the fused model combines the experts' outputs per token.
@@ -397,7 +468,7 @@ pub struct FusedModel {
     pub embed: Embedding,
     pub text: BlockStack,
     pub code: BlockStack,
-    pub fusion: Linear,
+    pub fusion: Dense,
     pub method: FusionMethod,
     pub cfg: ModelConfig,
     /// Fusion training: the experts' outputs are constants, so backward stops at them
@@ -413,9 +484,9 @@ impl FusedModel {
             FusionMethod::Concat => {
                 // [½I, ½I] is set by `initialise`: the fused model starts as the average.
                 let vbf = vb.pp("fusion").pp("proj");
-                Linear::new(vbf.get_with_hints((d, 2 * d), "weight", Init::Const(0.0))?, Some(vbf.get_with_hints(d, "bias", Init::Const(0.0))?))
+                Dense(Linear::new(vbf.get_with_hints((d, 2 * d), "weight", Init::Const(0.0))?, Some(vbf.get_with_hints(d, "bias", Init::Const(0.0))?)))
             }
-            FusionMethod::Gated => linear(2 * d, 2, vb.pp("fusion").pp("router"))?,
+            FusionMethod::Gated => dense(2 * d, 2, vb.pp("fusion").pp("router"))?,
         };
         Ok(FusedModel {
             embed: tied_embedding(cfg, vb.pp("embed"))?,
@@ -522,6 +593,36 @@ impl SplitMix {
         let u1 = 1.0 - self.uniform();
         let u2 = self.uniform();
         (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    }
+}
+
+/// A VarBuilder over existing variables that hands each one out cast to `dtype`: the
+/// model built from it computes in `dtype` (bf16 mixed precision) while gradients flow
+/// back through the casts to the f32 master weights. Build the model anew each step: the
+/// casts are taken when the model is built.
+pub fn cast_builder(varmap: &candle_nn::VarMap, dtype: DType, dev: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(CastVars(varmap.clone())), dtype, dev.clone())
+}
+
+struct CastVars(candle_nn::VarMap);
+
+impl candle_nn::var_builder::SimpleBackend for CastVars {
+    fn get(&self, s: candle_core::Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        let t = self.get_unchecked(name, dtype, dev)?;
+        if t.shape() != &s {
+            candle_core::bail!("{name}: shape {:?} requested, {:?} exists", s, t.shape());
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
+        let data = self.0.data().lock().expect("varmap lock");
+        let var = data.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        var.as_tensor().to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.data().lock().expect("varmap lock").contains_key(name)
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use candle_core::{DType, Device, IndexOp, Tensor, Var, D};
+use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use mmrec_pipeline::loader::{Batch, Cursor, Loader, LoaderConfig, Split};
 use serde::{Deserialize, Serialize};
@@ -89,9 +89,30 @@ pub struct RunConfig {
     pub keep_last: usize,
     pub log_every: u64,
     pub grad_checkpointing: bool,
-    /// Memory (MB) a micro-batch's activations may take; 0: what the system has available
-    /// at start. Over it, the micro-batch is halved and accumulation doubled.
+    /// Memory (MB) a micro-batch's activations may take; 0: what the device has free at
+    /// start. Over it, the micro-batch is halved and accumulation doubled.
     pub memory_limit_mb: u64,
+    /// `f32`, or `bf16`: bf16 matmuls and activations over f32 master weights, moments,
+    /// scan and reductions (DESIGN §6).
+    pub precision: Precision,
+}
+
+/// The dtype the model computes in; weights and optimiser state are f32 either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl Default for ModelSection {
@@ -131,7 +152,7 @@ impl Default for OptimConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false, memory_limit_mb: 0 }
+        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false, memory_limit_mb: 0, precision: Precision::F32 }
     }
 }
 
@@ -198,6 +219,7 @@ impl TrainConfig {
 }
 
 /// The model being trained: a single stack (base or expert) or the fused model.
+#[derive(Clone)]
 pub enum Net {
     Single(MMRecModel),
     Fused(FusedModel),
@@ -211,13 +233,26 @@ impl Net {
         }
     }
 
+    /// The same model computing in `precision`: itself for f32; for bf16, built anew over
+    /// bf16 casts of the f32 variables in `vm` (call once per step: the casts are taken now).
+    pub fn in_precision(&self, vm: &VarMap, precision: Precision, dev: &Device) -> candle_core::Result<Net> {
+        if precision == Precision::F32 {
+            return Ok(self.clone());
+        }
+        let vb = crate::model::cast_builder(vm, precision.dtype(), dev);
+        Ok(match self {
+            Net::Single(m) => Net::Single(MMRecModel::new(&m.cfg, vb)?),
+            Net::Fused(m) => Net::Fused(FusedModel { experts_frozen: m.experts_frozen, ..FusedModel::new(&m.cfg, m.method, vb)? }),
+        })
+    }
+
     /// Logits and the weighted auxiliary loss.
     pub fn logits(&self, tokens: &Tensor, train: bool) -> candle_core::Result<(Tensor, Tensor)> {
         match self {
             Net::Single(m) => m.forward(tokens, None, train).map(|(l, _, aux)| (l, aux)),
             Net::Fused(m) => {
                 let (l, _) = m.forward(tokens, train)?;
-                let zero = Tensor::zeros((), l.dtype(), l.device())?;
+                let zero = Tensor::zeros((), crate::model::wide_dtype(l.dtype()), l.device())?;
                 Ok((l, zero))
             }
         }
@@ -227,11 +262,9 @@ impl Net {
 /// Per-row summed negative log-likelihood and target counts, for per-domain evaluation.
 pub fn row_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
     let (b, t, v) = logits.dims3()?;
-    let logp = candle_nn::ops::log_softmax(&logits.reshape((b * t, v))?, D::Minus1)?;
-    let nll = logp.gather(&targets.reshape((b * t, 1))?, 1)?.squeeze(1)?.neg()?.reshape((b, t))?;
-    let mask = mask.to_dtype(nll.dtype())?;
-    let sums = (nll * &mask)?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-    let counts = mask.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let nll = mmrec_kernels::loss::cross_entropy_rows(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?, &mask.reshape(b * t)?)?;
+    let sums = nll.reshape((b, t))?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let counts = mask.to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
     Ok((sums, counts))
 }
 
@@ -487,7 +520,8 @@ impl Session {
 
     /// Mean validation loss per domain (and overall), at most `max_batches` per domain.
     pub fn evaluate(&self, max_batches: usize) -> Result<BTreeMap<String, f64>> {
-        evaluate_net(&self.net, &self.cfg.data.dirs, &self.loader_config(Split::Validation)?, max_batches, &self.dev)
+        let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
+        evaluate_net(&net, &self.cfg.data.dirs, &self.loader_config(Split::Validation)?, max_batches, &self.dev)
     }
 
     /// The training loop. Stops at `run.steps` / `run.token_budget`, on early stopping, or
@@ -499,7 +533,7 @@ impl Session {
         let log_path = cfg.run.out.join("metrics.jsonl");
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
         let mut loader = Loader::open(&cfg.data.dirs, self.loader_config(Split::Train)?, self.state.cursor.clone())?;
-        let limit = if cfg.run.memory_limit_mb > 0 { cfg.run.memory_limit_mb * 1_000_000 } else { available_memory() };
+        let limit = if cfg.run.memory_limit_mb > 0 { cfg.run.memory_limit_mb * 1_000_000 } else { crate::device::free_memory(&self.dev) };
         while bsz / self.state.micro_splits > 1 && activation_bytes(self.net.config(), bsz.div_ceil(self.state.micro_splits), seq, cfg.run.grad_checkpointing) > limit {
             self.state.micro_splits *= 2;
         }
@@ -605,7 +639,8 @@ impl Session {
             let (inp, tgt, mask) = batch_tensors(batch, bsz, seq, DType::F32, &self.dev)?;
             for r0 in (0..bsz).step_by(rows) {
                 let n = rows.min(bsz - r0);
-                let (l, g) = loss_and_grads(&self.net, &self.vm, &inp.narrow(0, r0, n)?, &tgt.narrow(0, r0, n)?, &mask.narrow(0, r0, n)?, self.cfg.run.grad_checkpointing)?;
+                let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
+                let (l, g) = loss_and_grads(&net, &self.vm, &inp.narrow(0, r0, n)?, &tgt.narrow(0, r0, n)?, &mask.narrow(0, r0, n)?, self.cfg.run.grad_checkpointing)?;
                 loss += l / n_micro;
                 for (name, t) in g {
                     let sum = match grads.remove(&name) {
@@ -819,13 +854,6 @@ pub fn activation_bytes(cfg: &ModelConfig, rows: usize, seq: usize, checkpointin
     let (d, v, l) = (cfg.d_model as u64, cfg.vocab_size as u64, cfg.n_layers as u64);
     let per_token = if checkpointing { (l + 40) * d } else { l * 40 * d } + 4 * v;
     4 * (rows * seq) as u64 * per_token
-}
-
-fn available_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())))
-        .map_or(u64::MAX, |kb| kb * 1000)
 }
 
 fn rss_mb() -> f64 {

@@ -10,13 +10,18 @@ use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmrec_pipeline::loader::{LoaderConfig, Split};
-use mmrec_trainer::train::{evaluate_net, load_net, Init, Session, TrainConfig};
+use clap::ValueEnum;
+use mmrec_trainer::train::{evaluate_net, load_net, Init, Precision, Session, TrainConfig};
 
 #[derive(Parser)]
 #[command(name = "mmrec-train", version, about = "Train, evaluate and benchmark MM-Rec models")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Where to run: cpu, cuda (GPU 0), cuda:N, or auto (a GPU when this binary has CUDA
+    /// and one is present, else the CPU).
+    #[arg(long, global = true, default_value = "auto")]
+    device: String,
 }
 
 #[derive(Subcommand)]
@@ -71,9 +76,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// CPU benchmark: scan GB/s against memcpy and a naive candle loop, and model
-    /// forward / train-step tokens/s per preset. Writes JSON.
+    /// Benchmark. CPU: scan GB/s against memcpy and a naive candle loop, model forward /
+    /// forward+backward tokens/s per preset. GPU: scan GB/s against a device copy, model
+    /// forward and full training step (with AdamW) tokens/s, peak memory and MFU. Writes JSON.
     Bench {
+        /// Compute precision of the GPU model figures.
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
         #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
         presets: Vec<String>,
         #[arg(long, default_value_t = 8192)]
@@ -107,6 +116,9 @@ struct RunArgs {
     /// Print one JSON line per step instead of a progress bar.
     #[arg(long)]
     json: bool,
+    /// Compute precision (shorthand for run.precision): f32, or bf16 mixed precision.
+    #[arg(long, value_enum)]
+    precision: Option<Precision>,
 }
 
 fn main() -> ExitCode {
@@ -123,7 +135,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let dev = Device::Cpu;
+    let dev = mmrec_trainer::device::parse(&cli.device).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
@@ -157,9 +169,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({params} parameters)", out.display());
             Ok(())
         }
-        Command::Bench { presets, vocab, batch, seq_len, out } => {
-            let report = mmrec_trainer::bench::cpu_bench(&presets, vocab, batch, seq_len)?;
-            let json = serde_json::to_string_pretty(&report)?;
+        Command::Bench { precision, presets, vocab, batch, seq_len, out } => {
+            let json = if dev.is_cpu() {
+                serde_json::to_string_pretty(&mmrec_trainer::bench::cpu_bench(&presets, vocab, batch, seq_len)?)?
+            } else {
+                serde_json::to_string_pretty(&mmrec_trainer::bench::device_bench(&dev, &presets, vocab, batch, seq_len, precision)?)?
+            };
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");
             Ok(())
@@ -175,6 +190,9 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<()> {
     }
     if let Some(out) = &args.out {
         overrides.push(format!("run.out={:?}", out.to_string_lossy()));
+    }
+    if let Some(p) = args.precision {
+        overrides.push(format!("run.precision={:?}", p.to_possible_value().expect("no skipped variants").get_name()));
     }
     let cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
     let mut session = Session::new(cfg, init, args.resume, dev)?;

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runs on a GPU machine (no Rust needed): the GPU tests, the benchmarks against PyTorch and
+# a short training run, from the binaries scripts/build-cuda.sh packed.
+#
+# Usage: scripts/gpu-check.sh [CARRY] [RESULTS]   (defaults .carry/cuda and bench/results/gpu)
+# CARRY holds bin/*.gz and optionally wheels/ (accelerated-scan for the PyTorch reference)
+# and jit-cache.tar (the CUDA JIT cache of an earlier run: saves ~20 s of start-up).
+# Every result is written under RESULTS: test logs, JSON benchmarks, the training metrics.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+carry="${1:-.carry/cuda}"
+results="${2:-bench/results/gpu}"
+PRESETS="${PRESETS:-small,medium}"
+mkdir -p "$results" /tmp/mmrec-bin
+for f in "$carry"/bin/*.gz; do gunzip -c "$f" >"/tmp/mmrec-bin/$(basename "$f" .gz)"; done
+chmod +x /tmp/mmrec-bin/*
+export PATH=/tmp/mmrec-bin:$PATH CUDA_CACHE_PATH=/tmp/mmrec-jit
+mkdir -p "$CUDA_CACHE_PATH"
+[[ -f "$carry/jit-cache.tar" ]] && tar -xf "$carry/jit-cache.tar" -C "$CUDA_CACHE_PATH"
+if ls "$carry"/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --target /tmp/mmrec-site "$carry"/wheels/*.whl && export PYTHONPATH=/tmp/mmrec-site
+fi
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$results/gpu.txt" 2>&1
+for t in /tmp/mmrec-bin/cuda_*; do
+  echo "== $(basename "$t")"
+  "$t" --test-threads=1 2>&1 | tee "$results/test-$(basename "$t").log" | grep -E "^test |test result|panicked|error" || status=1
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+done
+
+echo "== benchmarks: ours (f32, bf16) and PyTorch (eager, torch.compile), same GPU, same run"
+shape=(--batch 32 --seq-len 1024 --vocab 8192)
+for p in f32 bf16; do
+  mmrec-train bench --device cuda --precision $p --presets "${PRESETS:-small,medium}" "${shape[@]}" \
+    --out "$results/bench-$p.json" >/dev/null || status=1
+done
+for preset in ${PRESETS//,/ }; do
+  # One process per mode: a CUDA error in one must not take the other's figures with it.
+  for mode in eager compile; do
+    python3 bench/torch_mmrec.py --preset "$preset" "${shape[@]}" --modes $mode \
+      --out "$results/torch-$preset-$mode.json" >/dev/null 2>"$results/torch-$preset-$mode.log" || status=1
+  done
+done
+python3 bench/gpu_report.py "$results" | tee "$results/summary.txt" || status=1
+
+echo "== training on the fixtures: bf16 on the GPU, then the checkpoint resumed on the CPU"
+work=/tmp/mmrec-train-check
+rm -rf "$work" && mkdir -p "$work"
+mmrec-data split --text fixtures/corpora/wikitext.jsonl --code fixtures/corpora/python_stdlib.jsonl \
+  --mixed fixtures/corpora/chat.jsonl --tokenizer fixtures/tokenizer.json --out "$work/shards" >/dev/null || status=1
+run=(--data "$work/shards" --json --set data.seq_len=256 --set data.batch_size=16 --set run.eval_every=100)
+mmrec-train pretrain --device cuda --precision bf16 "${run[@]}" --out "$work/gpu" --set 'model.preset="small"' \
+  --set run.steps=300 >"$results/train-gpu.jsonl" || status=1
+# Train 40 steps on the GPU keeping every checkpoint, point `latest` back at step 20, and
+# resume on the CPU: its steps 21-40 must retrace the GPU's (f32 on both).
+mmrec-train pretrain --device cuda "${run[@]}" --out "$work/cross" --set run.steps=40 --set run.ckpt_every=10 \
+  --set run.keep_last=5 >"$results/cross-gpu.jsonl" || status=1
+if [[ -d "$work/cross/checkpoints/step-00000020" ]]; then
+  echo step-00000020 >"$work/cross/checkpoints/latest"
+  mmrec-train pretrain --device cpu "${run[@]}" --out "$work/cross" --resume >"$results/cross-resumed-on-cpu.jsonl" || status=1
+fi
+tar -cf "$results/jit-cache.tar" -C "$CUDA_CACHE_PATH" . 2>/dev/null
+exit $status
