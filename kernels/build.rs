@@ -13,7 +13,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     // sm_90 (Hopper) unless told otherwise; the PTX is JIT-compiled for newer GPUs too.
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "90".into());
-    for name in ["scan", "loss"] {
+    for name in ["scan", "loss", "fused"] {
         let src = format!("src/cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let status = Command::new("nvcc")

@@ -186,3 +186,206 @@ fn launch_rows<T: DeviceRepr, O: CudaDType + DeviceRepr>(name: &str, (x, t, r, (
     }
     Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
 }
+
+const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+/// Must match NORM_THREADS and MAX_PER_THREAD in fused.cu.
+const NORM_THREADS: u32 = 256;
+pub const NORM_MAX_WIDTH: usize = 256 * 8;
+
+/// Run `$body` with `$t` the Rust type of `$dtype` (f32 or bf16).
+macro_rules! with_float {
+    ($dtype:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("{}: {other:?} is not supported on CUDA (f32 or bf16)", $what),
+        }
+    };
+}
+
+fn suffix(dtype: DType) -> &'static str {
+    if dtype == DType::BF16 {
+        "bf16"
+    } else {
+        "f32"
+    }
+}
+
+/// Enough blocks to fill an H100/H200 several times over, fewer when there is less work.
+fn blocks(work: usize, per_block: usize) -> u32 {
+    work.div_ceil(per_block).clamp(1, 132 * 8) as u32
+}
+
+/// RMSNorm forward over rows of x [N, D] with weight w [D].
+pub fn rms_norm(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), (n, d): (usize, usize)) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    with_float!(x.0.dtype(), "rmsnorm", |T| {
+        let (xv, wv) = (contiguous_view::<T>(x.0, x.1, "rmsnorm: x")?, contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?);
+        // SAFETY: every row is written by the block that takes it.
+        let y = unsafe { dev.alloc::<T>(n * d)? };
+        let func = dev.get_or_load_custom_func(&format!("mmrec_rmsnorm_fwd_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let (ni, di) = (n as i32, d as i32);
+        let mut args = func.builder();
+        args.arg(&xv).arg(&wv).arg(&y).arg(&ni).arg(&di);
+        launch_norm(args, n)?;
+        Ok(CudaStorage::wrap_cuda_slice(y, dev))
+    })
+}
+
+/// RMSNorm backward: dx [N, D] in x's dtype, or (`weight`) dw [D] in f32.
+pub fn rms_norm_grad(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout), (n, d): (usize, usize), weight: bool) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    with_float!(x.0.dtype(), "rmsnorm backward", |T| {
+        let (xv, wv, dyv) = (contiguous_view::<T>(x.0, x.1, "rmsnorm: x")?, contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?, contiguous_view::<T>(dy.0, dy.1, "rmsnorm: dy")?);
+        let func = dev.get_or_load_custom_func(&format!("mmrec_rmsnorm_bwd_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let (ni, di, null) = (n as i32, d as i32, 0usize);
+        let mut args = func.builder();
+        args.arg(&xv).arg(&wv).arg(&dyv);
+        if weight {
+            let dw = dev.alloc_zeros::<f32>(d)?;
+            args.arg(&null).arg(&dw).arg(&ni).arg(&di);
+            launch_norm(args, n)?;
+            Ok(CudaStorage::wrap_cuda_slice(dw, dev))
+        } else {
+            // SAFETY: every row is written by the block that takes it.
+            let dx = unsafe { dev.alloc::<T>(n * d)? };
+            args.arg(&dx).arg(&null).arg(&ni).arg(&di);
+            launch_norm(args, n)?;
+            Ok(CudaStorage::wrap_cuda_slice(dx, dev))
+        }
+    })
+}
+
+fn launch_norm(mut args: candle_core::cuda_backend::cudarc::driver::LaunchArgs, rows: usize) -> Result<()> {
+    if rows == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig { grid_dim: (blocks(rows, 1).min(132 * 4), 1, 1), block_dim: (NORM_THREADS, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the caller pushed the arguments of an rmsnorm kernel in fused.cu.
+    unsafe { args.launch(cfg) }.w().map(|_| ())
+}
+
+/// The MDI gate: (a, b [N, D], projection p [N, 4D]) → [γ; u], 2·N·D f32. With `grad`
+/// ([dγ; du], f32) the backward instead: [da | db | 0 | 0 | dz | dg] per row, N·6D in
+/// a's dtype.
+pub fn gate(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), p: (&CudaStorage, &Layout), grad: Option<(&CudaStorage, &Layout)>, (n, d): (usize, usize)) -> Result<CudaStorage> {
+    let dev = a.0.device().clone();
+    with_float!(a.0.dtype(), "gate", |T| {
+        let (av, bv, pv) = (contiguous_view::<T>(a.0, a.1, "gate: a")?, contiguous_view::<T>(b.0, b.1, "gate: b")?, contiguous_view::<T>(p.0, p.1, "gate: projection")?);
+        let (ni, di) = (n as i32, d as i32);
+        let cfg = LaunchConfig { grid_dim: (blocks(n * d, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let kind = if grad.is_some() { "bwd" } else { "fwd" };
+        let func = dev.get_or_load_custom_func(&format!("mmrec_gate_{kind}_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let mut args = func.builder();
+        args.arg(&av).arg(&bv).arg(&pv);
+        match grad {
+            None => {
+                // SAFETY: the grid-stride loop writes every element.
+                let out = unsafe { dev.alloc::<f32>(2 * n * d)? };
+                args.arg(&out).arg(&ni).arg(&di);
+                if n * d > 0 {
+                    // SAFETY: the argument list matches mmrec_gate_fwd in fused.cu.
+                    unsafe { args.launch(cfg) }.w()?;
+                }
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+            Some(g) => {
+                let gv = contiguous_view::<f32>(g.0, g.1, "gate: gradient")?;
+                // SAFETY: the grid-stride loop writes all six blocks of every row.
+                let out = unsafe { dev.alloc::<T>(6 * n * d)? };
+                args.arg(&gv).arg(&out).arg(&ni).arg(&di);
+                if n * d > 0 {
+                    // SAFETY: the argument list matches mmrec_gate_bwd in fused.cu.
+                    unsafe { args.launch(cfg) }.w()?;
+                }
+                Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            }
+        }
+    })
+}
+
+/// AdamW's moment update in place on `moments` [2, n] f32 from the gradient [n] f32.
+pub fn adamw_moments(moments: (&mut CudaStorage, &Layout), grad: (&CudaStorage, &Layout), (b1, b2, scale): (f32, f32, f32)) -> Result<()> {
+    let dev = moments.0.device().clone();
+    let n = moments.1.shape().elem_count() / 2;
+    let gv = contiguous_view::<f32>(grad.0, grad.1, "adamw: gradient")?;
+    let Some((lo, hi)) = moments.1.contiguous_offsets() else { candle_core::bail!("adamw: moments must be contiguous") };
+    let mut mv = moments.0.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
+    let func = dev.get_or_load_custom_func("mmrec_adamw_moments", "mmrec_fused", FUSED_PTX)?;
+    let n64 = n as u64;
+    let mut args = func.builder();
+    args.arg(&mut mv).arg(&gv).arg(&n64).arg(&b1).arg(&b2).arg(&scale);
+    launch_elementwise(args, n)
+}
+
+/// AdamW's parameter update in place on `theta` [n] f32 from `moments` [2, n].
+pub fn adamw_apply(theta: (&mut CudaStorage, &Layout), moments: (&CudaStorage, &Layout), (lr, decay, c1, c2, eps): (f32, f32, f32, f32, f32)) -> Result<()> {
+    let dev = theta.0.device().clone();
+    let n = theta.1.shape().elem_count();
+    let mv = contiguous_view::<f32>(moments.0, moments.1, "adamw: moments")?;
+    let Some((lo, hi)) = theta.1.contiguous_offsets() else { candle_core::bail!("adamw: parameters must be contiguous") };
+    let mut th = theta.0.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
+    let func = dev.get_or_load_custom_func("mmrec_adamw_apply", "mmrec_fused", FUSED_PTX)?;
+    let n64 = n as u64;
+    let mut args = func.builder();
+    args.arg(&mut th).arg(&mv).arg(&n64).arg(&lr).arg(&decay).arg(&c1).arg(&c2).arg(&eps);
+    launch_elementwise(args, n)
+}
+
+fn launch_elementwise(mut args: candle_core::cuda_backend::cudarc::driver::LaunchArgs, n: usize) -> Result<()> {
+    if n == 0 {
+        return Ok(());
+    }
+    let cfg = LaunchConfig { grid_dim: (blocks(n, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: the caller pushed the arguments of a grid-stride kernel in fused.cu.
+    unsafe { args.launch(cfg) }.w().map(|_| ())
+}
+
+/// GELU (erf) of x, or with `dy` the gradient dy ⊙ GELU'(x); in x's dtype.
+pub fn gelu(x: (&CudaStorage, &Layout), dy: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    let n = x.1.shape().elem_count();
+    with_float!(x.0.dtype(), "gelu", |T| {
+        let xv = contiguous_view::<T>(x.0, x.1, "gelu: x")?;
+        let dyv = dy.map(|(s, l)| contiguous_view::<T>(s, l, "gelu: dy")).transpose()?;
+        // SAFETY: the grid-stride loop writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(&format!("mmrec_gelu_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let (n64, null) = (n as u64, 0usize);
+        let mut args = func.builder();
+        args.arg(&xv);
+        match &dyv {
+            Some(v) => args.arg(v),
+            None => args.arg(&null),
+        };
+        args.arg(&out).arg(&n64);
+        launch_elementwise(args, n)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
+
+/// The embedding's backward: dtable [V, D] f32 from ids [N] (u32) and dy [N, D].
+pub fn embedding_grad(ids: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout), (n, d, v): (usize, usize, usize)) -> Result<CudaStorage> {
+    let dev = dy.0.device().clone();
+    with_float!(dy.0.dtype(), "embedding backward", |T| {
+        let idv = contiguous_view::<u32>(ids.0, ids.1, "embedding: ids")?;
+        let dyv = contiguous_view::<T>(dy.0, dy.1, "embedding: dy")?;
+        let out = dev.alloc_zeros::<f32>(v * d)?;
+        if n > 0 && d > 0 {
+            let func = dev.get_or_load_custom_func(&format!("mmrec_embedding_bwd_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+            let (ni, di, vi) = (n as i32, d as i32, v as i32);
+            let mut args = func.builder();
+            args.arg(&idv).arg(&dyv).arg(&out).arg(&ni).arg(&di).arg(&vi);
+            let cfg = LaunchConfig { grid_dim: (blocks(n, 1), 1, 1), block_dim: (d.next_power_of_two().clamp(32, 256) as u32, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: the argument list matches mmrec_embedding_bwd in fused.cu.
+            unsafe { args.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}

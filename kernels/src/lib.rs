@@ -13,7 +13,9 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+pub mod adamw;
 pub mod cpu;
+pub mod fused;
 pub mod loss;
 #[cfg(feature = "cuda")]
 pub mod cuda;

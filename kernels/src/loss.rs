@@ -78,7 +78,7 @@ fn forward_cpu<T: WithDType, R: WithDType>(x: &[T], targets: &[u32], mask: &[R],
 }
 
 fn backward_cpu<T: WithDType, R: WithDType>(x: &[T], targets: &[u32], coef_lse: &[R], v: usize) -> Vec<T> {
-    let mut out = vec![T::zero(); x.len()];
+    let mut out = vec![T::from_f64(0.0); x.len()];
     out.par_chunks_mut(v.max(1)).zip(x.par_chunks(v.max(1))).enumerate().for_each(|(r, (dx, row))| {
         let (coef, l) = (coef_lse[2 * r].to_f64(), coef_lse[2 * r + 1].to_f64());
         for (j, (d, xj)) in dx.iter_mut().zip(row).enumerate() {

@@ -214,6 +214,9 @@ pub struct StepFigure {
     /// Spread of the step times: [fastest, slowest] ms.
     pub train_step_range_ms: [f64; 2],
     pub peak_memory_gib: f64,
+    /// Median ms of each part of a step, each synchronised on its own: building the bf16
+    /// casts, forward with the loss, backward, the gradient norm, the AdamW update.
+    pub breakdown_ms: std::collections::BTreeMap<&'static str, f64>,
     /// Matmul FLOPs per token of a training step (3× forward) × tokens/s over the dense
     /// bf16 peak of the H100/H200 (989 TFLOP/s).
     pub mfu: f64,
@@ -297,6 +300,7 @@ fn step_figure(dev: &Device, preset: &str, vocab: usize, batch: usize, seq_len: 
         opt.step(&grads, 1e-4, 1.0)
     })?;
     let peak = crate::device::peak_memory(dev)?.map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64);
+    let breakdown = step_breakdown(dev, &net, &vm, &mut opt, precision, &mut next, &mask)?;
     let tokens = (batch * seq_len) as f64;
     Ok(StepFigure {
         preset: preset.into(),
@@ -310,8 +314,49 @@ fn step_figure(dev: &Device, preset: &str, vocab: usize, batch: usize, seq_len: 
         train_step_tokens_per_s: tokens / step.0,
         train_step_range_ms: [step.1 * 1e3, step.2 * 1e3],
         peak_memory_gib: peak,
+        breakdown_ms: breakdown,
         mfu: train_flops_per_token(&cfg, seq_len) * tokens / step.0 / 989e12,
     })
+}
+
+/// Where a training step's time goes: each part timed alone (median of 10, synchronised).
+fn step_breakdown(
+    dev: &Device,
+    net: &crate::train::Net,
+    vm: &VarMap,
+    opt: &mut crate::optim::AdamW,
+    precision: crate::train::Precision,
+    next: &mut dyn FnMut() -> Result<(Tensor, Tensor)>,
+    mask: &Tensor,
+) -> Result<std::collections::BTreeMap<&'static str, f64>> {
+    let mut parts: std::collections::BTreeMap<&'static str, Vec<f64>> = Default::default();
+    let mut lap = |name: &'static str, since: &mut Instant| -> Result<()> {
+        dev.synchronize()?;
+        parts.entry(name).or_default().push(since.elapsed().as_secs_f64() * 1e3);
+        *since = Instant::now();
+        Ok(())
+    };
+    for _ in 0..10 {
+        let (inp, tgt) = next()?;
+        dev.synchronize()?;
+        let mut t = Instant::now();
+        let cast = net.in_precision(vm, precision, dev)?;
+        lap("casts", &mut t)?;
+        let (logits, aux) = cast.logits(&inp, true)?;
+        let loss = (crate::model::masked_cross_entropy(&logits, &tgt, mask)? + aux)?;
+        lap("forward", &mut t)?;
+        let store = loss.backward()?;
+        lap("backward", &mut t)?;
+        let grads: std::collections::BTreeMap<String, Tensor> = opt.params.iter().filter_map(|p| store.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone()))).collect();
+        opt.grad_norm(&grads)?;
+        lap("grad_norm", &mut t)?;
+        opt.step(&grads, 1e-4, 1.0)?;
+        lap("adamw", &mut t)?;
+    }
+    Ok(parts.into_iter().map(|(k, mut v)| {
+        v.sort_by(f64::total_cmp);
+        (k, v[v.len() / 2])
+    }).collect())
 }
 
 pub fn device_bench(dev: &Device, presets: &[String], vocab: usize, batch: usize, seq_len: usize, precision: crate::train::Precision) -> Result<DeviceBench> {

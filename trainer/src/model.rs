@@ -31,11 +31,9 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
-    /// The statistics in at least f32 whatever the activations' dtype (DESIGN §6).
+    /// One fused op each way, statistics in at least f32 (DESIGN §6).
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let xw = widen(x)?;
-        let ms = xw.sqr()?.mean_keepdim(D::Minus1)?;
-        xw.broadcast_div(&(ms + 1e-6)?.sqrt()?)?.to_dtype(x.dtype())?.broadcast_mul(&self.weight)
+        mmrec_kernels::fused::rms_norm(x, &self.weight)
     }
 }
 
@@ -66,7 +64,14 @@ impl Module for Dense {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims();
         let (rows, d_in) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
-        let y = self.0.forward(&x.reshape((rows, d_in))?)?;
+        let x = x.reshape((rows, d_in))?;
+        let y = match (x.device().is_cuda(), self.0.bias()) {
+            // On CUDA the bias enters as a rank-1 matmul, ones [N, 1] × b [1, D]: the
+            // backward of a broadcast add reduces over rows with one thread per column
+            // and strided (uncoalesced) reads, while this one is a cuBLAS product.
+            (true, Some(b)) => (x.matmul(&self.0.weight().t()?)? + Tensor::ones((rows, 1), b.dtype(), b.device())?.matmul(&b.unsqueeze(0)?)?)?,
+            _ => self.0.forward(&x)?,
+        };
         let mut out = dims.to_vec();
         *out.last_mut().expect("a tensor with dimensions") = y.dim(1)?;
         y.reshape(out)
@@ -123,7 +128,7 @@ pub fn initialise(varmap: &candle_nn::VarMap, cfg: &ModelConfig) -> Result<()> {
 
 impl Module for Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)
+        self.fc2.forward(&mmrec_kernels::fused::gelu(&self.fc1.forward(x)?)?)
     }
 }
 
@@ -228,17 +233,16 @@ impl MMRecBlock {
         let xn = self.norm1.forward(x)?;
         let qkzg = self.project(&xn, how)?;
         // k and z feed matmuls, which on CUDA need rows laid out contiguously.
-        let (q, k, z, g) = (qkzg.narrow(2, 0, d)?, qkzg.narrow(2, d, d)?.contiguous()?, qkzg.narrow(2, 2 * d, d)?.contiguous()?, qkzg.narrow(2, 3 * d, d)?);
-        // γ, u and the scan in f32 when activations are bf16: there every γ above about
-        // 0.998 would round to 1 (DESIGN §6).
-        let sigmoid = |t: &Tensor| candle_nn::ops::sigmoid(&widen(t)?);
-        let gamma = (sigmoid(&self.mdi_z.forward(&z)?)? * sigmoid(&self.mdi_k.forward(&k)?)?)?.clamp(1e-6, 1.0 - 1e-6)?;
-        let u = ((1.0 - &gamma)? * sigmoid(&g)?)?.mul(&widen(&z)?)?;
+        let (q, k, z) = (qkzg.narrow(2, 0, d)?, qkzg.narrow(2, d, d)?.contiguous()?, qkzg.narrow(2, 2 * d, d)?.contiguous()?);
+        // γ = clamp(σ(MLP_z(z)) σ(MLP_k(k))), u = (1 − γ) σ(g) z as one fused op, and the
+        // scan, in f32 when activations are bf16: there every γ above about 0.998 would
+        // round to 1 (DESIGN §6).
+        let (gamma, u) = mmrec_kernels::fused::mdi_gate(&self.mdi_z.forward(&z)?, &self.mdi_k.forward(&k)?, &qkzg)?;
         let (h, h_last) = mmrec_kernels::scan(&gamma, &u, &state.h)?;
         let h = h.to_dtype(x.dtype())?;
         let (c, levels) = self.memory(&q, &h, state)?;
         let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, self.cfg.dropout, train)?)?;
-        let f = dropout(&self.ffn_up.forward(&self.norm2.forward(&r)?)?.gelu_erf()?, self.cfg.dropout, train)?;
+        let f = dropout(&mmrec_kernels::fused::gelu(&self.ffn_up.forward(&self.norm2.forward(&r)?)?)?, self.cfg.dropout, train)?;
         let y = (&r + dropout(&self.ffn_down.forward(&f)?, self.cfg.dropout, train)?)?;
         let aux = self.uboo_loss(&h)?;
         let t = x.dim(1)?;
@@ -424,7 +428,7 @@ impl MMRecModel {
                 &fresh
             }
         };
-        let x = self.embed.forward(tokens)?;
+        let x = mmrec_kernels::fused::embedding(self.embed.embeddings(), tokens)?;
         let (y, states, aux) = self.stack.forward(&x, state, train, how)?;
         Ok((tied_logits(&y, self.embed.embeddings())?, states, (widen(&aux)? * self.cfg.uboo_weight)?))
     }
@@ -502,7 +506,7 @@ impl FusedModel {
     /// Logits [B, T, V] and the per-token expert weights ([B, T, 2] for `gated`).
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
         let b = tokens.dim(0)?;
-        let x = self.embed.forward(tokens)?;
+        let x = mmrec_kernels::fused::embedding(self.embed.embeddings(), tokens)?;
         let dt = x.dtype();
         let (yt, _, _) = self.text.forward(&x, &self.text.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
         let (yc, _, _) = self.code.forward(&x, &self.code.initial_state(b, dt, x.device())?, train, Projection::Fused)?;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{DType, IndexOp, Result, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
 use crate::train::OptimConfig;
@@ -14,8 +14,26 @@ pub struct Param {
     pub var: Var,
     pub lr_mult: f64,
     pub decay: bool,
-    pub m: Tensor,
-    pub v: Tensor,
+    /// [2, n]: the first moment, then the second, updated in place.
+    pub moments: Tensor,
+}
+
+impl Param {
+    /// The first moment, shaped like the parameter (a view of `moments`).
+    pub fn m(&self) -> Result<Tensor> {
+        self.moments.i(0)?.reshape(self.var.shape())
+    }
+
+    /// The second moment, shaped like the parameter (a view of `moments`).
+    pub fn v(&self) -> Result<Tensor> {
+        self.moments.i(1)?.reshape(self.var.shape())
+    }
+
+    /// Replace both moments (as read from a checkpoint).
+    pub fn set_moments(&mut self, m: &Tensor, v: &Tensor) -> Result<()> {
+        self.moments = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?.to_dtype(DType::F32)?.to_device(self.var.device())?;
+        Ok(())
+    }
 }
 
 pub struct AdamW {
@@ -52,8 +70,8 @@ impl AdamW {
         let params = trainable
             .into_iter()
             .map(|(name, var)| {
-                let zeros = var.as_tensor().zeros_like()?;
-                Ok(Param { lr_mult: lr_multiplier(&name, n_layers, &cfg), decay: decays(&name, var.rank()), name, m: zeros.clone(), v: zeros, var })
+                let moments = Tensor::zeros((2, var.elem_count()), DType::F32, var.device())?;
+                Ok(Param { lr_mult: lr_multiplier(&name, n_layers, &cfg), decay: decays(&name, var.rank()), name, moments, var })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW { params, t: 0, cfg })
@@ -77,21 +95,17 @@ impl AdamW {
     }
 
     /// One update at learning rate `lr`, gradients scaled by `scale` (clipping and
-    /// accumulation folded into one factor).
+    /// accumulation folded into one factor): two in-place kernels per tensor.
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, scale: f64) -> Result<()> {
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
-        let (c1, c2) = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
+        let corrections = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
         for p in &mut self.params {
             let Some(g) = grads.get(&p.name) else { continue };
-            let g = (g * scale)?;
-            p.m = ((&p.m * b1)? + (&g * (1.0 - b1))?)?;
-            p.v = ((&p.v * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-            let update = ((&p.m / c1)? / ((&p.v / c2)?.sqrt()? + self.cfg.eps)?)?;
+            mmrec_kernels::adamw::moments(&p.moments, &g.to_dtype(DType::F32)?, b1, b2, scale)?;
             let lr_p = lr * p.lr_mult;
-            let theta = p.var.as_tensor();
-            let decayed = if p.decay { (theta * (1.0 - lr_p * self.cfg.weight_decay))? } else { theta.clone() };
-            p.var.set(&(decayed - (update * lr_p)?)?)?;
+            let decay = if p.decay { 1.0 - lr_p * self.cfg.weight_decay } else { 1.0 };
+            mmrec_kernels::adamw::apply(p.var.as_tensor(), &p.moments, lr_p, decay, corrections, self.cfg.eps)?;
         }
         Ok(())
     }

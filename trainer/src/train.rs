@@ -306,7 +306,7 @@ pub fn loss_and_grads(net: &Net, vm: &VarMap, inp: &Tensor, tgt: &Tensor, mask: 
     let b = inp.dim(0)?;
     let states = stack.initial_state(b, model.embed.embeddings().dtype(), inp.device())?;
     // Forward, keeping only block inputs.
-    let mut inputs = vec![candle_nn::Module::forward(&model.embed, inp)?.detach()];
+    let mut inputs = vec![mmrec_kernels::fused::embedding(model.embed.embeddings(), inp)?.detach()];
     for (blk, s) in stack.blocks.iter().zip(&states) {
         let (y, _, _) = blk.forward(inputs.last().expect("an input"), s, true, Projection::Fused)?;
         inputs.push(y.detach());
@@ -329,7 +329,7 @@ pub fn loss_and_grads(net: &Net, vm: &VarMap, inp: &Tensor, tgt: &Tensor, mask: 
         collect(&store, &mut grads)?;
         g = store.get(x.as_tensor()).expect("a block depends on its input").clone();
     }
-    let x0 = candle_nn::Module::forward(&model.embed, inp)?;
+    let x0 = mmrec_kernels::fused::embedding(model.embed.embeddings(), inp)?;
     collect(&(x0 * g)?.sum_all()?.backward()?, &mut grads)?;
     Ok((loss, grads))
 }
@@ -682,8 +682,8 @@ impl Session {
         self.export(&tmp.join("model.safetensors"))?;
         let mut moments = Vec::with_capacity(2 * self.opt.params.len());
         for p in &self.opt.params {
-            moments.push((format!("m.{}", p.name), p.m.clone()));
-            moments.push((format!("v.{}", p.name), p.v.clone()));
+            moments.push((format!("m.{}", p.name), p.m()?));
+            moments.push((format!("v.{}", p.name), p.v()?));
         }
         io::save(&tmp.join("optimizer.safetensors"), &moments, &ModelMeta { frozen: vec![], lineage: serde_json::Value::Null, ..self.meta.clone() })?;
         if best {
@@ -823,8 +823,7 @@ fn load_moments(opt: &mut AdamW, path: &Path, dev: &Device) -> Result<()> {
     let tensors = candle_core::safetensors::load(path, dev)?;
     for p in &mut opt.params {
         let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| Error::Config(format!("{}: `{k}` is missing", path.display())));
-        p.m = get(format!("m.{}", p.name))?;
-        p.v = get(format!("v.{}", p.name))?;
+        p.set_moments(&get(format!("m.{}", p.name))?, &get(format!("v.{}", p.name))?)?;
     }
     Ok(())
 }

@@ -1,16 +1,11 @@
 //! The fused cross-entropy on the GPU against the CPU path (itself checked against the
 //! composed definition and finite differences in loss.rs), f32 and bf16 logits, at the
 //! training shape's vocabulary. Built only with `--features cuda`.
-#![cfg(feature = "cuda")]
 
+use super::gpu;
 use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::loss::cross_entropy_rows;
 
-fn gpu() -> Device {
-    let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU");
-    mmrec_kernels::cuda::keep_freed_memory(dev.as_cuda_device().unwrap()).unwrap();
-    dev
-}
 
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
     let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());

@@ -2,17 +2,12 @@
 //! reference, the fused backward against the CPU path (itself checked against finite
 //! differences in scan.rs), for random inputs, γ near 1, long T and odd sizes, in f32 and
 //! bf16. Built only with `--features cuda`; run by scripts/gpu-check.sh.
-#![cfg(feature = "cuda")]
 
+use super::gpu;
 use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::{reference_scan, scan};
 use rand::{Rng, SeedableRng};
 
-fn gpu() -> Device {
-    let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU");
-    mmrec_kernels::cuda::keep_freed_memory(dev.as_cuda_device().unwrap()).unwrap();
-    dev
-}
 
 fn random(n: usize, lo: f64, hi: f64, rng: &mut rand::rngs::StdRng) -> Vec<f64> {
     (0..n).map(|_| rng.random_range(lo..hi)).collect()

@@ -1,0 +1,221 @@
+// Element-wise chains of the MM-Rec block fused into one pass each, forward and backward
+// (DESIGN §1 steps 1, 3-4; §6 for the precisions). candle ran each of these as 8-25
+// separate kernels over [B, T, D] tensors, which made them most of a training step.
+//
+// RMSNorm: y = w ⊙ x / r, r = sqrt(mean(x²) + 1e-6), statistics in f32. Backward:
+// dx = (w ⊙ dy − n · mean(w ⊙ dy ⊙ n)) / r with n = x / r, and dw = Σ_rows dy ⊙ n.
+//
+// MDI gate: γ = clamp(σ(a) σ(b), 1e-6, 1 − 1e-6), u = (1 − γ) σ(g) z, with a, b the two
+// gate MLPs' outputs and z, g columns 2D.. and 3D.. of the fused projection [q k z g]; γ
+// and u in f32 whatever the inputs' dtype (bf16 would round every γ above ~0.998 to 1).
+
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define NORM_THREADS 256
+#define MAX_PER_THREAD 8  // D ≤ 2048
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[NORM_THREADS / 32];
+    __shared__ float total;
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
+    __syncthreads();
+    if (threadIdx.x < 32) {
+        v = threadIdx.x < NORM_THREADS / 32 ? partial[threadIdx.x] : 0.f;
+        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
+        if (threadIdx.x == 0) total = v;
+    }
+    __syncthreads();
+    float out = total;
+    __syncthreads();  // `total` and `partial` are reused by the next call
+    return out;
+}
+
+// Rows are handed out block-strided so that dw can be accumulated per block in registers.
+template <typename T>
+__device__ void rmsnorm_forward(const T *x, const T *w, T *y, int N, int D) {
+    for (int r = blockIdx.x; r < N; r += gridDim.x) {
+        const T *xr = x + (size_t)r * D;
+        float v[MAX_PER_THREAD], ss = 0.f;
+#pragma unroll
+        for (int k = 0; k < MAX_PER_THREAD; ++k) {
+            int j = threadIdx.x + k * NORM_THREADS;
+            v[k] = j < D ? to_f(xr[j]) : 0.f;
+            ss += v[k] * v[k];
+        }
+        float inv = rsqrtf(block_sum(ss) / D + 1e-6f);
+#pragma unroll
+        for (int k = 0; k < MAX_PER_THREAD; ++k) {
+            int j = threadIdx.x + k * NORM_THREADS;
+            if (j < D) y[(size_t)r * D + j] = from_f<T>(v[k] * inv * to_f(w[j]));
+        }
+    }
+}
+
+// dx into dx, or (with dx null) dw's per-block sums atomically added into dw (f32, zeroed
+// by the caller): two launches, since the two outputs differ in dtype and shape.
+template <typename T>
+__device__ void rmsnorm_backward(const T *x, const T *w, const T *dy, T *dx, float *dw, int N, int D) {
+    float dw_acc[MAX_PER_THREAD];
+#pragma unroll
+    for (int k = 0; k < MAX_PER_THREAD; ++k) dw_acc[k] = 0.f;
+    for (int r = blockIdx.x; r < N; r += gridDim.x) {
+        const T *xr = x + (size_t)r * D, *dyr = dy + (size_t)r * D;
+        float v[MAX_PER_THREAD], g[MAX_PER_THREAD], wg[MAX_PER_THREAD], ss = 0.f, dot = 0.f;
+#pragma unroll
+        for (int k = 0; k < MAX_PER_THREAD; ++k) {
+            int j = threadIdx.x + k * NORM_THREADS;
+            bool in = j < D;
+            v[k] = in ? to_f(xr[j]) : 0.f;
+            g[k] = in ? to_f(dyr[j]) : 0.f;
+            wg[k] = in ? g[k] * to_f(w[j]) : 0.f;
+            ss += v[k] * v[k];
+            dot += wg[k] * v[k];
+        }
+        float inv = rsqrtf(block_sum(ss) / D + 1e-6f);
+        float mean_wgn = block_sum(dot) * inv / D;  // mean(w ⊙ dy ⊙ n)
+#pragma unroll
+        for (int k = 0; k < MAX_PER_THREAD; ++k) {
+            int j = threadIdx.x + k * NORM_THREADS;
+            dw_acc[k] += g[k] * v[k] * inv;
+            if (dx && j < D) dx[(size_t)r * D + j] = from_f<T>((wg[k] - v[k] * inv * mean_wgn) * inv);
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < MAX_PER_THREAD; ++k) {
+        int j = threadIdx.x + k * NORM_THREADS;
+        if (dw && j < D) atomicAdd(&dw[j], dw_acc[k]);
+    }
+}
+
+__device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
+
+#define GAMMA_LO 1e-6f
+#define GAMMA_HI (1.f - 1e-6f)
+
+// a, b: [N, D]; p: the projection [N, 4D]. out: γ [N, D] then u [N, D], f32.
+template <typename T>
+__device__ void gate_forward(const T *a, const T *b, const T *p, float *out, int N, int D) {
+    size_t n = (size_t)N * D;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / D, c = i % D;
+        float z = to_f(p[r * 4 * D + 2 * D + c]), g = to_f(p[r * 4 * D + 3 * D + c]);
+        float gamma = fminf(fmaxf(sigmoid(to_f(a[i])) * sigmoid(to_f(b[i])), GAMMA_LO), GAMMA_HI);
+        out[i] = gamma;
+        out[n + i] = (1.f - gamma) * sigmoid(g) * z;
+    }
+}
+
+// grad: dγ [N, D] then du [N, D] (f32). out [N, 6D] per row: da | db | dq = 0 | dk = 0 | dz | dg.
+template <typename T>
+__device__ void gate_backward(const T *a, const T *b, const T *p, const float *grad, T *out, int N, int D) {
+    size_t n = (size_t)N * D;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / D, c = i % D;
+        float z = to_f(p[r * 4 * D + 2 * D + c]), sg = sigmoid(to_f(p[r * 4 * D + 3 * D + c]));
+        float sa = sigmoid(to_f(a[i])), sb = sigmoid(to_f(b[i]));
+        float raw = sa * sb, gamma = fminf(fmaxf(raw, GAMMA_LO), GAMMA_HI);
+        float dgamma = grad[i], du = grad[n + i];
+        float draw = (raw >= GAMMA_LO && raw <= GAMMA_HI) ? dgamma - du * sg * z : 0.f;
+        T *o = out + r * 6 * D;
+        o[c] = from_f<T>(draw * sb * sa * (1.f - sa));
+        o[D + c] = from_f<T>(draw * sa * sb * (1.f - sb));
+        o[2 * D + c] = from_f<T>(0.f);
+        o[3 * D + c] = from_f<T>(0.f);
+        o[4 * D + c] = from_f<T>(du * (1.f - gamma) * sg);
+        o[5 * D + c] = from_f<T>(du * (1.f - gamma) * z * sg * (1.f - sg));
+    }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                        \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                        \
+        mmrec_rmsnorm_fwd_##SUFFIX(const T *x, const T *w, T *y, int N, int D) {                      \
+        rmsnorm_forward<T>(x, w, y, N, D);                                                            \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                        \
+        mmrec_rmsnorm_bwd_##SUFFIX(const T *x, const T *w, const T *dy, T *dx, float *dw, int N, int D) { \
+        rmsnorm_backward<T>(x, w, dy, dx, dw, N, D);                                                  \
+    }                                                                                                 \
+    extern "C" __global__ void mmrec_gate_fwd_##SUFFIX(const T *a, const T *b, const T *p, float *out,  \
+                                                       int N, int D) {                                \
+        gate_forward<T>(a, b, p, out, N, D);                                                          \
+    }                                                                                                 \
+    extern "C" __global__ void mmrec_gate_bwd_##SUFFIX(const T *a, const T *b, const T *p,             \
+                                                       const float *grad, T *out, int N, int D) {     \
+        gate_backward<T>(a, b, p, grad, out, N, D);                                                   \
+    }
+
+INSTANTIATE(float, f32)
+INSTANTIATE(__nv_bfloat16, bf16)
+
+// AdamW in two in-place passes over f32 tensors (the trainer's master weights and moments),
+// instead of fifteen allocating element-wise ops per parameter tensor.
+// moments [2, n] (m then v), g [n]: m ← β1 m + (1 − β1) s g, v ← β2 v + (1 − β2) (s g)².
+extern "C" __global__ void mmrec_adamw_moments(float *mv, const float *g, unsigned long long n, float b1,
+                                               float b2, float scale) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float gi = g[i] * scale;
+        mv[i] = b1 * mv[i] + (1.f - b1) * gi;
+        mv[n + i] = b2 * mv[n + i] + (1.f - b2) * gi * gi;
+    }
+}
+
+// θ ← θ · decay − lr · (m / c1) / (sqrt(v / c2) + ε).
+extern "C" __global__ void mmrec_adamw_apply(float *theta, const float *mv, unsigned long long n, float lr,
+                                             float decay, float c1, float c2, float eps) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float update = (mv[i] / c1) / (sqrtf(mv[n + i] / c2) + eps);
+        theta[i] = theta[i] * decay - lr * update;
+    }
+}
+
+// GELU (erf form), y = x Φ(x), and its derivative Φ(x) + x φ(x), in f32 per element.
+template <typename T>
+__device__ void gelu(const T *x, const T *dy, T *out, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        float v = to_f(x[i]);
+        float cdf = 0.5f * (1.f + erff(v * 0.70710678118654752f));
+        if (dy) {
+            float pdf = 0.39894228040143268f * __expf(-0.5f * v * v);
+            out[i] = from_f<T>(to_f(dy[i]) * (cdf + v * pdf));
+        } else {
+            out[i] = from_f<T>(v * cdf);
+        }
+    }
+}
+
+#define INSTANTIATE_GELU(T, SUFFIX)                                                                   \
+    extern "C" __global__ void mmrec_gelu_##SUFFIX(const T *x, const T *dy, T *out, unsigned long long n) { \
+        gelu<T>(x, dy, out, n);                                                                       \
+    }
+
+INSTANTIATE_GELU(float, f32)
+INSTANTIATE_GELU(__nv_bfloat16, bf16)
+
+// The embedding's backward: dtable[ids[r]] += dy[r] for every row r, accumulated in f32 with
+// atomics, one block per row. (candle's index_add walked all N rows sequentially in each of
+// only D threads: 32 768 dependent read-modify-writes per thread at the `medium` shape.)
+template <typename T>
+__device__ void embedding_backward(const uint32_t *ids, const T *dy, float *dtable, int N, int D, int V) {
+    for (int r = blockIdx.x; r < N; r += gridDim.x) {
+        uint32_t id = ids[r];
+        if (id >= (uint32_t)V) continue;  // refused on the host before the forward ran
+        for (int j = threadIdx.x; j < D; j += blockDim.x) atomicAdd(&dtable[(size_t)id * D + j], to_f(dy[(size_t)r * D + j]));
+    }
+}
+
+#define INSTANTIATE_EMBEDDING(T, SUFFIX)                                                              \
+    extern "C" __global__ void mmrec_embedding_bwd_##SUFFIX(const uint32_t *ids, const T *dy, float *dtable, \
+                                                            int N, int D, int V) {                    \
+        embedding_backward<T>(ids, dy, dtable, N, D, V);                                              \
+    }
+
+INSTANTIATE_EMBEDDING(float, f32)
+INSTANTIATE_EMBEDDING(__nv_bfloat16, bf16)

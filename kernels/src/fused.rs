@@ -1,0 +1,431 @@
+//! The block's element-wise chains as single ops with their own backward (DESIGN §1 steps 1
+//! and 3-4): RMSNorm, and the MDI gate with the gated input. On the GPU each is one kernel
+//! each way (`cuda/fused.cu`); candle's composed ops ran them as 8-25 kernels over
+//! [B, T, D] tensors. The CPU versions compute in f64 and are the reference the GPU is
+//! tested against; both are checked against the composed definitions and finite
+//! differences in `tests/fused.rs`.
+//!
+//! ```
+//! use candle_core::{Device, Tensor};
+//! let x = Tensor::new(&[[3f32, 4.0]], &Device::Cpu)?;
+//! let w = Tensor::new(&[1f32, 2.0], &Device::Cpu)?;
+//! let y = mmrec_kernels::fused::rms_norm(&x, &w)?.to_vec2::<f32>()?;
+//! let r = (12.5f32 + 1e-6).sqrt();
+//! assert!((y[0][0] - 3.0 / r).abs() < 1e-6 && (y[0][1] - 8.0 / r).abs() < 1e-6);
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+const EPS: f64 = 1e-6;
+const GAMMA_LO: f64 = 1e-6;
+const GAMMA_HI: f64 = 1.0 - 1e-6;
+
+/// `w ⊙ x / sqrt(mean(x²) + 1e-6)` over the last dimension, statistics in at least f32.
+pub fn rms_norm(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let d = x.dim(candle_core::D::Minus1)?;
+    let y = x.contiguous()?.reshape(((), d))?.apply_op2(&w.contiguous()?, RmsNorm)?;
+    y.reshape(x.shape())
+}
+
+/// `(γ, u)` for a block: `γ = clamp(σ(a) σ(b), 1e-6, 1 − 1e-6)`, `u = (1 − γ) σ(g) z` where
+/// a, b [B, T, D] are the gate MLPs' outputs and z, g are columns 2D.. and 3D.. of the
+/// projection `qkzg` [B, T, 4D]. γ and u come out in at least f32 (DESIGN §6).
+pub fn mdi_gate(a: &Tensor, b: &Tensor, qkzg: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (bs, t, d) = a.dims3()?;
+    let rows = |x: &Tensor, w: usize| x.contiguous()?.reshape((bs * t, w));
+    let both = rows(a, d)?.apply_op3(&rows(b, d)?, &rows(qkzg, 4 * d)?, MdiGate)?;
+    Ok((both.i(0)?.reshape((bs, t, d))?, both.i(1)?.reshape((bs, t, d))?))
+}
+
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("{what} must be contiguous"),
+    }
+}
+
+/// Run `$body` with `$t` the element type of a CPU storage (f32, f64, bf16).
+macro_rules! with_cpu_float {
+    ($s:expr, $what:expr, |$t:ident| $body:expr) => {
+        match $s {
+            CpuStorage::F32(_) => {
+                type $t = f32;
+                $body
+            }
+            CpuStorage::F64(_) => {
+                type $t = f64;
+                $body
+            }
+            CpuStorage::BF16(_) => {
+                type $t = half::bf16;
+                $body
+            }
+            other => candle_core::bail!("{}: unsupported dtype {:?}", $what, other.dtype()),
+        }
+    };
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RmsNorm;
+
+/// RMSNorm's backward: the input's gradient, or the weight's (summed over rows, f32).
+#[derive(Clone, Copy, Debug)]
+enum RmsNormGrad {
+    Input,
+    Weight,
+}
+
+fn norm_dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (n, d) = x.shape().dims2()?;
+    if w.shape().dims() != [d] {
+        candle_core::bail!("rmsnorm: weight {:?} does not match rows of width {d}", w.shape());
+    }
+    #[cfg(feature = "cuda")]
+    if d > crate::cuda::NORM_MAX_WIDTH {
+        candle_core::bail!("rmsnorm: width {d} is over the fused kernel's {}", crate::cuda::NORM_MAX_WIDTH);
+    }
+    Ok((n, d))
+}
+
+/// 1 / sqrt(mean(x²) + eps) of a row, in f64.
+fn inv_rms<T: WithDType>(row: &[T]) -> f64 {
+    1.0 / (row.iter().map(|v| v.to_f64().powi(2)).sum::<f64>() / row.len().max(1) as f64 + EPS).sqrt()
+}
+
+impl CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "mmrec-rmsnorm"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = norm_dims(l1, l2)?;
+        let out = with_cpu_float!(s1, "rmsnorm", |T| {
+            let (x, w) = (slice::<T>(s1, l1, "rmsnorm: x")?, slice::<T>(s2, l2, "rmsnorm: weight")?);
+            let mut y = vec![T::from_f64(0.0); n * d];
+            y.par_chunks_mut(d.max(1)).zip(x.par_chunks(d.max(1))).for_each(|(yr, xr)| {
+                let inv = inv_rms(xr);
+                for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = T::from_f64(xv.to_f64() * inv * wv.to_f64());
+                }
+            });
+            T::to_cpu_storage_owned(y)
+        });
+        Ok((out, Shape::from((n, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let dims = norm_dims(l1, l2)?;
+        Ok((crate::cuda::rms_norm((s1, l1), (s2, l2), dims)?, Shape::from(dims)))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormGrad::Input)?;
+        let dw = x.apply_op3_no_bwd(w, &dy, &RmsNormGrad::Weight)?.to_dtype(w.dtype())?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+impl CustomOp3 for RmsNormGrad {
+    fn name(&self) -> &'static str {
+        "mmrec-rmsnorm-backward"
+    }
+
+    /// Inputs (x, w, dy).
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = norm_dims(l1, l2)?;
+        with_cpu_float!(s1, "rmsnorm backward", |T| {
+            let (x, w, dy) = (slice::<T>(s1, l1, "x")?, slice::<T>(s2, l2, "weight")?, slice::<T>(s3, l3, "dy")?);
+            let rows = x.par_chunks(d.max(1)).zip(dy.par_chunks(d.max(1)));
+            match self {
+                RmsNormGrad::Input => {
+                    let mut dx = vec![T::from_f64(0.0); n * d];
+                    dx.par_chunks_mut(d.max(1)).zip(rows).for_each(|(out, (xr, gr))| {
+                        let inv = inv_rms(xr);
+                        let mean_wgn = xr.iter().zip(gr).zip(w).map(|((xv, g), wv)| g.to_f64() * wv.to_f64() * xv.to_f64() * inv).sum::<f64>() / d as f64;
+                        for (((o, xv), g), wv) in out.iter_mut().zip(xr).zip(gr).zip(w) {
+                            *o = T::from_f64((g.to_f64() * wv.to_f64() - xv.to_f64() * inv * mean_wgn) * inv);
+                        }
+                    });
+                    Ok((T::to_cpu_storage_owned(dx), Shape::from((n, d))))
+                }
+                RmsNormGrad::Weight => {
+                    let dw = rows
+                        .map(|(xr, gr)| {
+                            let inv = inv_rms(xr);
+                            xr.iter().zip(gr).map(|(xv, g)| g.to_f64() * xv.to_f64() * inv).collect::<Vec<f64>>()
+                        })
+                        .reduce(|| vec![0.0; d], |a, b| a.iter().zip(&b).map(|(p, q)| p + q).collect());
+                    Ok((CpuStorage::F64(dw), Shape::from(d)))
+                }
+            }
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, d) = norm_dims(l1, l2)?;
+        let weight = matches!(self, RmsNormGrad::Weight);
+        let out = crate::cuda::rms_norm_grad((s1, l1), (s2, l2), (s3, l3), (n, d), weight)?;
+        Ok((out, if weight { Shape::from(d) } else { Shape::from((n, d)) }))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct MdiGate;
+
+/// The gate's backward; holds the upstream gradient [2, N, D] (dγ; du), f32.
+#[derive(Clone, Debug)]
+struct MdiGateGrad {
+    grad: Tensor,
+}
+
+fn gate_dims(a: &Layout, b: &Layout, p: &Layout) -> candle_core::Result<(usize, usize)> {
+    let (n, d) = a.shape().dims2()?;
+    if b.shape() != a.shape() || p.shape().dims() != [n, 4 * d] {
+        candle_core::bail!("mdi gate: a {:?}, b {:?} and projection {:?} disagree", a.shape(), b.shape(), p.shape());
+    }
+    Ok((n, d))
+}
+
+fn sigmoid(x: f64) -> f64 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Per element: (a, b, z, g) → (γ, u) and, given (dγ, du), (da, db, dz, dg).
+fn gate_at(a: f64, b: f64, z: f64, g: f64) -> (f64, f64, f64, f64, f64) {
+    let (sa, sb, sg) = (sigmoid(a), sigmoid(b), sigmoid(g));
+    let gamma = (sa * sb).clamp(GAMMA_LO, GAMMA_HI);
+    (gamma, (1.0 - gamma) * sg * z, sa, sb, sg)
+}
+
+impl CustomOp3 for MdiGate {
+    fn name(&self) -> &'static str {
+        "mmrec-mdi-gate"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = gate_dims(l1, l2, l3)?;
+        let out = with_cpu_float!(s1, "mdi gate", |T| {
+            let (a, b, p) = (slice::<T>(s1, l1, "a")?, slice::<T>(s2, l2, "b")?, slice::<T>(s3, l3, "projection")?);
+            let (gamma, u): (Vec<f64>, Vec<f64>) = (0..n * d)
+                .into_par_iter()
+                .map(|i| {
+                    let (r, c) = (i / d, i % d);
+                    let (gamma, u, ..) = gate_at(a[i].to_f64(), b[i].to_f64(), p[r * 4 * d + 2 * d + c].to_f64(), p[r * 4 * d + 3 * d + c].to_f64());
+                    (gamma, u)
+                })
+                .unzip();
+            // γ and u in at least f32 (f64 for f64 inputs).
+            if T::DTYPE == DType::F64 {
+                CpuStorage::F64([gamma, u].concat())
+            } else {
+                CpuStorage::F32(gamma.into_iter().chain(u).map(|v| v as f32).collect())
+            }
+        });
+        Ok((out, Shape::from((2, n, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, d) = gate_dims(l1, l2, l3)?;
+        Ok((crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), None, (n, d))?, Shape::from((2, n, d))))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, p: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let d = a.dim(1)?;
+        let all = a.apply_op3_no_bwd(b, p, &MdiGateGrad { grad: grad.contiguous()? })?;
+        Ok((Some(all.narrow(1, 0, d)?), Some(all.narrow(1, d, d)?), Some(all.narrow(1, 2 * d, 4 * d)?)))
+    }
+}
+
+impl CustomOp3 for MdiGateGrad {
+    fn name(&self) -> &'static str {
+        "mmrec-mdi-gate-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (n, d) = gate_dims(l1, l2, l3)?;
+        let grad = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let out = with_cpu_float!(s1, "mdi gate backward", |T| {
+            let (a, b, p) = (slice::<T>(s1, l1, "a")?, slice::<T>(s2, l2, "b")?, slice::<T>(s3, l3, "projection")?);
+            let mut out = vec![T::from_f64(0.0); 6 * n * d];
+            out.par_chunks_mut(6 * d.max(1)).enumerate().for_each(|(r, o)| {
+                for c in 0..d {
+                    let i = r * d + c;
+                    let (z, g) = (p[r * 4 * d + 2 * d + c].to_f64(), p[r * 4 * d + 3 * d + c].to_f64());
+                    let (gamma, _, sa, sb, sg) = gate_at(a[i].to_f64(), b[i].to_f64(), z, g);
+                    let (dgamma, du) = (grad[i], grad[n * d + i]);
+                    let raw = sa * sb;
+                    let draw = if (GAMMA_LO..=GAMMA_HI).contains(&raw) { dgamma - du * sg * z } else { 0.0 };
+                    o[c] = T::from_f64(draw * sb * sa * (1.0 - sa));
+                    o[d + c] = T::from_f64(draw * sa * sb * (1.0 - sb));
+                    o[4 * d + c] = T::from_f64(du * (1.0 - gamma) * sg);
+                    o[5 * d + c] = T::from_f64(du * (1.0 - gamma) * z * sg * (1.0 - sg));
+                }
+            });
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, Shape::from((n, 6 * d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, d) = gate_dims(l1, l2, l3)?;
+        let grad = self.grad.to_dtype(DType::F32)?;
+        let (storage, layout) = grad.storage_and_layout();
+        let candle_core::Storage::Cuda(g) = &*storage else { candle_core::bail!("mdi gate backward: the gradient is not on the GPU") };
+        Ok((crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), Some((g, layout)), (n, d))?, Shape::from((n, 6 * d))))
+    }
+}
+
+/// GELU in its erf form, `x Φ(x)`, with a one-pass backward (candle's composed backward
+/// ran eight element-wise ops over the FFN's 4D-wide activations).
+pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Gelu)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Gelu;
+
+/// dy ⊙ GELU'(x), inputs (x, dy).
+#[derive(Clone, Copy, Debug)]
+struct GeluGrad;
+
+fn normal_cdf(x: f64) -> f64 {
+    0.5 * (1.0 + candle_core::cpu::erf::erf_f64(x / std::f64::consts::SQRT_2))
+}
+
+fn map_cpu(s: &CpuStorage, l: &Layout, dy: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
+    let out = with_cpu_float!(s, "gelu", |T| {
+        let x = slice::<T>(s, l, "gelu: x")?;
+        let out: Vec<T> = match dy {
+            None => x.par_iter().map(|v| T::from_f64(v.to_f64() * normal_cdf(v.to_f64()))).collect(),
+            Some((ds, dl)) => {
+                let dy = slice::<T>(ds, dl, "gelu: dy")?;
+                x.par_iter()
+                    .zip(dy)
+                    .map(|(v, g)| {
+                        let v = v.to_f64();
+                        let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                        T::from_f64(g.to_f64() * (normal_cdf(v) + v * pdf))
+                    })
+                    .collect()
+            }
+        };
+        T::to_cpu_storage_owned(out)
+    });
+    Ok((out, l.shape().clone()))
+}
+
+impl candle_core::CustomOp1 for Gelu {
+    fn name(&self) -> &'static str {
+        "mmrec-gelu"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        map_cpu(s, l, None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::gelu((s, l), None)?, l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        x.apply_op2_no_bwd(&dy.contiguous()?, &GeluGrad).map(Some)
+    }
+}
+
+impl CustomOp2 for GeluGrad {
+    fn name(&self) -> &'static str {
+        "mmrec-gelu-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        map_cpu(s1, l1, Some((s2, l2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::gelu((s1, l1), Some((s2, l2)))?, l1.shape().clone()))
+    }
+}
+
+/// Rows of `table` [V, D] for `ids` (u32, any shape, each below V): `[…ids, D]`. Its backward adds each
+/// row's gradient into the table's gradient in one parallel pass (candle's `index_add`
+/// ran it as D threads each walking all N ids).
+pub fn embedding(table: &Tensor, ids: &Tensor) -> candle_core::Result<Tensor> {
+    let (v, d) = table.dims2()?;
+    let flat = ids.flatten_all()?.to_dtype(DType::U32)?.contiguous()?;
+    let rows = table.contiguous()?.apply_op2(&flat, Embedding { vocab: v })?;
+    let mut shape = ids.dims().to_vec();
+    shape.push(d);
+    rows.reshape(shape)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Embedding {
+    vocab: usize,
+}
+
+/// (ids, dy) → dtable [V, D] in f32 (f64 for f64 tables); V from the op.
+#[derive(Clone, Copy, Debug)]
+struct EmbeddingGrad {
+    vocab: usize,
+}
+
+impl CustomOp2 for Embedding {
+    fn name(&self) -> &'static str {
+        "mmrec-embedding"
+    }
+
+    /// Inputs (table, ids): a gather, as candle's index_select does it.
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l1.shape().dims2()?.1;
+        Ok((s1.index_select(s2, l1, l2, 0)?, Shape::from((l2.shape().elem_count(), d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let d = l1.shape().dims2()?.1;
+        Ok((s1.index_select(s2, l1, l2, 0)?, Shape::from((l2.shape().elem_count(), d))))
+    }
+
+    fn bwd(&self, table: &Tensor, ids: &Tensor, _rows: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = ids.apply_op2_no_bwd(&dy.contiguous()?, &EmbeddingGrad { vocab: self.vocab })?;
+        Ok((Some(grad.to_dtype(table.dtype())?), None))
+    }
+}
+
+impl CustomOp2 for EmbeddingGrad {
+    fn name(&self) -> &'static str {
+        "mmrec-embedding-backward"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ids = slice::<u32>(s1, l1, "embedding: ids")?;
+        let (n, d) = l2.shape().dims2()?;
+        let out = with_cpu_float!(s2, "embedding backward", |T| {
+            let dy = slice::<T>(s2, l2, "embedding: dy")?;
+            let mut out = vec![0f64; self.vocab * d];
+            for (r, &id) in ids.iter().enumerate().take(n) {
+                for (o, g) in out[id as usize * d..(id as usize + 1) * d].iter_mut().zip(&dy[r * d..(r + 1) * d]) {
+                    *o += g.to_f64();
+                }
+            }
+            CpuStorage::F64(out)
+        });
+        Ok((out, Shape::from((self.vocab, d))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (n, d) = l2.shape().dims2()?;
+        Ok((crate::cuda::embedding_grad((s1, l1), (s2, l2), (n, d, self.vocab))?, Shape::from((self.vocab, d))))
+    }
+}
