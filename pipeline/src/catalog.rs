@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::atomic::{file_sha256, write_atomic};
 use crate::error::{Error, IoContext, Result};
 use crate::shard::ShardReader;
+use crate::global_dedup::{apply_removals, global_removals, read_signatures, SIGNATURES};
 use crate::split::{read_manifest, write_manifest, DUPLICATES, QUARANTINE};
 
 #[derive(Debug, Default, Serialize)]
@@ -231,7 +232,10 @@ pub fn inspect(dir: &Path, per_domain: usize, chars: usize) -> Result<Inspection
 
 /// Combine the directories of a partitioned run (`--part i/n` for every i) into one:
 /// shards are hard-linked (copied across file systems), logs concatenated in part order,
-/// and counts summed. Refuses parts that disagree on tokenizer, inputs or settings.
+/// and counts summed. With `--near-dup`, near-duplicates are then removed across parts
+/// from the parts' signatures, rewriting the shards that lose documents, so the result
+/// holds exactly the documents one run would keep. Refuses parts that disagree on
+/// tokenizer, inputs or settings.
 pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
     let mut manifests: Vec<(PathBuf, Manifest)> = parts.iter().map(|p| Ok((p.clone(), read_manifest(p)?))).collect::<Result<_>>()?;
     manifests.sort_by_key(|(_, m)| m.settings.partition.index);
@@ -303,6 +307,11 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
     }
     for (file, bytes) in logs {
         write_atomic(&out.join(file), &bytes)?;
+    }
+    // Parts of a near-deduplicated run left that to the merge (see `global_dedup`).
+    if let (Some(nd), true) = (first.settings.near_dup, n > 1) {
+        let signatures = manifests.iter().map(|(dir, _)| read_signatures(&dir.join(SIGNATURES)).map(|(_, records)| records)).collect::<Result<Vec<_>>>()?;
+        apply_removals(out, &mut merged, &global_removals(nd, &signatures))?;
     }
     write_manifest(out, &merged)?;
     Ok(merged)

@@ -25,6 +25,7 @@ pub mod bench;
 pub mod catalog;
 pub mod classify;
 pub mod dedup;
+pub mod global_dedup;
 mod gpt2_split;
 mod error;
 pub mod input;

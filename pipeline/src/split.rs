@@ -5,7 +5,7 @@
 //! shard whose file still matches the checksum recorded when it was finished is kept, and
 //! every other one is (re)written.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -20,6 +20,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::atomic::{file_sha256, is_temp_name, write_atomic};
 use crate::classify::{classify, CLASSIFIER_NAME};
 use crate::dedup::{normalized_hash, ExactDedup, MinHasher, NearDedup};
+use crate::global_dedup::{order_key, write_signatures, SignatureRecord, SIGNATURES};
 use crate::error::{Error, IoContext, Result};
 use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
 use crate::shard::{ShardRow, ShardWriter};
@@ -107,7 +108,8 @@ struct PlannedShard {
 /// What one input file gives this part: its documents with their dedup hashes, its
 /// quarantined records, and its manifest entry.
 struct FileShare {
-    docs: Vec<(Document, u64)>,
+    /// This part's documents with their content hash and input-order key.
+    docs: Vec<(Document, u64, u64)>,
     bad: Vec<QuarantineRecord>,
     info: InputInfo,
 }
@@ -135,7 +137,8 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     progress.phase("read", input_bytes);
     let read: Vec<FileShare> = files
         .par_iter()
-        .map(|f| {
+        .enumerate()
+        .map(|(file_index, f)| {
             let read = read_file(f, &opts.read)?;
             progress.advance(read.bytes, 0, 0);
             let mut bad = Vec::new();
@@ -154,7 +157,9 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                 .collect();
             // Partition by content hash, so that copies of a document always meet in one part.
             let hashes: Vec<u64> = docs.par_iter().with_max_len(DOCS_PER_TASK).map(|d| normalized_hash(&d.text)).collect();
-            let owned = docs.into_iter().zip(hashes).filter(|(_, h)| opts.partition.owns(*h)).collect();
+            // Each document's place in the input order goes with it: a partitioned run's
+            // global near-dedup replays the single run's order from it.
+            let owned = docs.into_iter().zip(hashes).enumerate().filter(|(_, (_, h))| opts.partition.owns(*h)).map(|(k, (d, h))| (d, h, order_key(file_index, k))).collect();
             let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
             Ok(FileShare { docs: owned, bad, info: InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared } })
         })
@@ -163,12 +168,14 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let mut inputs = Vec::with_capacity(read.len());
     let mut docs: Vec<Document> = Vec::new();
     let mut hashes: Vec<u64> = Vec::new();
+    let mut orders: Vec<u64> = Vec::new();
     let mut quarantine: Vec<QuarantineRecord> = Vec::new();
     for FileShare { docs: owned, bad, info } in read {
         inputs.push(info);
-        for (d, h) in owned {
+        for (d, h, o) in owned {
             docs.push(d);
             hashes.push(h);
+            orders.push(o);
         }
         quarantine.extend(bad);
     }
@@ -185,18 +192,17 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
         }
     }
     let exact_duplicates = duplicates.len() as u64;
+    // One part of several cannot see the others' documents: it keeps its near-duplicates
+    // and leaves their signatures for `merge`, which removes them across all parts.
+    let mut deferred: Option<Vec<Vec<u32>>> = None;
     if let Some(nd) = &opts.near_dup {
         let hasher = MinHasher::new(nd, opts.seed);
         let sigs: Vec<Vec<u32>> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| hasher.signature(&docs[i].text)).collect();
-        let mut index = NearDedup::new(*nd);
-        let mut kept = Vec::with_capacity(keep.len());
-        for (i, sig) in keep.into_iter().zip(sigs) {
-            match index.insert(i, sig) {
-                None => kept.push(i),
-                Some(first) => duplicates.push(DuplicateRecord { id: docs[i].id.clone(), kind: "near".into(), kept: docs[first].id.clone() }),
-            }
+        if opts.partition.count > 1 {
+            deferred = Some(sigs);
+        } else {
+            keep = near_dedup(*nd, keep, sigs, &docs, &mut duplicates);
         }
-        keep = kept;
     }
     let near_duplicates = duplicates.len() as u64 - exact_duplicates;
 
@@ -204,6 +210,9 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let domains: Vec<Domain> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| docs[i].domain_hint.unwrap_or_else(|| classify(&docs[i].text))).collect();
 
     let plan = plan_shards(opts, &tok, &docs, &keep, &domains);
+    if let (Some(sigs), Some(nd)) = (deferred, &opts.near_dup) {
+        write_part_signatures(opts, nd.num_perm, &plan, &docs, &orders, keep.iter().copied().zip(sigs).collect())?;
+    }
     let state_dir = opts.out.join(STATE_DIR);
     std::fs::create_dir_all(&state_dir).at(&state_dir)?;
     remove_stale(opts, &plan)?;
@@ -338,6 +347,32 @@ fn plan_shards(opts: &SplitOptions, tok: &LoadedTokenizer, docs: &[Document], ke
         }
     }
     plan
+}
+
+/// Greedy near-dedup in input order over `keep` (with `sigs` aligned to it): the rule a
+/// single run applies, and `merge` applies across parts.
+fn near_dedup(nd: NearDupSettings, keep: Vec<usize>, sigs: Vec<Vec<u32>>, docs: &[Document], duplicates: &mut Vec<DuplicateRecord>) -> Vec<usize> {
+    let mut index = NearDedup::new(nd);
+    let mut kept = Vec::with_capacity(keep.len());
+    for (i, sig) in keep.into_iter().zip(sigs) {
+        match index.insert(i, sig) {
+            None => kept.push(i),
+            Some(first) => duplicates.push(DuplicateRecord { id: docs[i].id.clone(), kind: "near".into(), kept: docs[first].id.clone() }),
+        }
+    }
+    kept
+}
+
+/// A part's signature file: each written document's input-order key, shard and row.
+fn write_part_signatures(opts: &SplitOptions, num_perm: usize, plan: &[PlannedShard], docs: &[Document], orders: &[u64], mut sigs: HashMap<usize, Vec<u32>>) -> Result<()> {
+    let mut records = Vec::with_capacity(sigs.len());
+    for p in plan {
+        for (row, &i) in p.docs.iter().enumerate() {
+            let signature = sigs.remove(&i).expect("every planned document was signed");
+            records.push(SignatureRecord { order: orders[i], shard: p.file.clone(), row: row as u32, id: docs[i].id.clone(), signature });
+        }
+    }
+    write_signatures(&opts.out.join(SIGNATURES), num_perm, &records)
 }
 
 /// Consecutive runs of `items`, each closed before it would pass `max_items` items or

@@ -397,3 +397,60 @@ fn validate_reports_rows_in_the_wrong_domain_and_ids_outside_the_vocabulary() {
     assert!(problems.contains(&format!("row 2 has token id {} outside the vocabulary ({vocab})", vocab + 7)), "{problems}");
     assert!(!problems.contains("row 1 has"), "{problems}");
 }
+
+/// Every document's content hash in a shard directory, from its shards.
+fn document_hashes(dir: &Path) -> std::collections::BTreeSet<u64> {
+    let m = read_manifest(dir).unwrap();
+    let mut hashes = std::collections::BTreeSet::new();
+    for s in m.domains.values().flatten() {
+        for b in mmrec_pipeline::shard::ShardReader::open(&dir.join(&s.file)).unwrap().batches(&["hash"], None).unwrap() {
+            let b = b.unwrap();
+            let col = arrow_array::cast::AsArray::as_primitive::<arrow_array::types::UInt64Type>(b.column(0));
+            for &h in col.values() {
+                assert!(hashes.insert(h), "document {h:x} appears twice");
+            }
+        }
+    }
+    hashes
+}
+
+#[test]
+fn near_duplicates_are_removed_across_parts_exactly_as_one_run_removes_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = dir.path().join("whole");
+    assert!(split_fixtures(&whole, &["--near-dup"]).status.success());
+    let w = read_manifest(&whole).unwrap();
+    assert!(w.totals.near_duplicates > 100, "the fixtures hold near-duplicates (the synthetic snippets)");
+    let want = document_hashes(&whole);
+    for n in 1..=3u32 {
+        let parts: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("n{n}-part{i}"))).collect();
+        for (i, p) in parts.iter().enumerate() {
+            assert!(split_fixtures(p, &["--near-dup", "--part", &format!("{i}/{n}")]).status.success());
+        }
+        let merged = dir.path().join(format!("n{n}-merged"));
+        let mut args = vec!["merge".to_string(), "--out".into(), merged.to_string_lossy().into()];
+        args.extend(parts.iter().map(|p| p.to_string_lossy().into_owned()));
+        assert!(mmrec_data(&args.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+        let m = read_manifest(&merged).unwrap();
+        assert_eq!(m.totals, w.totals, "{n} parts");
+        assert_eq!(document_hashes(&merged), want, "{n} parts keep other documents than one run");
+        assert!(validate(&merged).unwrap().ok(), "{n} parts: the rewritten shards validate");
+        let logged = std::fs::read_to_string(merged.join("duplicates.jsonl")).unwrap().lines().count() as u64;
+        assert_eq!(logged, m.totals.exact_duplicates + m.totals.near_duplicates);
+        if n == 3 {
+            // The test means something only if near-duplicates fell into different parts.
+            let part_of: BTreeMap<String, usize> = parts
+                .iter()
+                .enumerate()
+                .flat_map(|(i, p)| mmrec_pipeline::global_dedup::read_signatures(&p.join("near_dup_signatures.bin")).unwrap().1.into_iter().map(move |r| (r.id, i)))
+                .collect();
+            let crossing = std::fs::read_to_string(merged.join("duplicates.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+                .filter(|d| d["kind"] == "near" && part_of.get(d["id"].as_str().unwrap()) != part_of.get(d["kept"].as_str().unwrap()))
+                .count();
+            assert!(crossing > 50, "only {crossing} near-duplicates crossed parts");
+        }
+    }
+}

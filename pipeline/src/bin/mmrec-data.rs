@@ -101,7 +101,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Combine the output directories of a partitioned run (--part i/n for every i).
+    /// Combine the output directories of a partitioned run (--part i/n for every i); with
+    /// --near-dup parts, also remove near-duplicates across parts (rewriting the shards
+    /// that lose documents).
     Merge {
         /// The part directories, in any order.
         #[arg(required = true)]
@@ -301,7 +303,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Merge { parts, out } => {
             let m = merge(&parts, &out)?;
-            println!("merged {} parts into {}: {} documents, {} tokens", parts.len(), out.display(), m.totals.written, m.totals.tokens);
+            println!("merged {} parts into {}: {} documents, {} tokens; {} exact + {} near duplicates removed in all", parts.len(), out.display(), m.totals.written, m.totals.tokens, m.totals.exact_duplicates, m.totals.near_duplicates);
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -357,6 +359,10 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
             mb / report.seconds,
             t.tokens as f64 / report.seconds,
         );
+        let settings = &report.manifest.settings;
+        if settings.near_dup.is_some() && settings.partition.count > 1 {
+            eprintln!("near-duplicates across parts are removed by `mmrec-data merge` (signatures in {})", report.out.join(mmrec_pipeline::global_dedup::SIGNATURES).display());
+        }
     }
     if a.strict && t.quarantined > 0 {
         eprintln!("error: --strict: {} records were quarantined", t.quarantined);
