@@ -45,7 +45,12 @@ impl ModelConfig {
         4 * self.d_model
     }
 
+    /// Every constraint the model code relies on, checked on every config read from a
+    /// file, so a bad one is an error naming the field instead of a panic deep inside.
     pub fn validate(&self) -> Result<(), String> {
+        if self.vocab_size == 0 || self.n_heads == 0 || self.n_slots == 0 {
+            return Err(format!("vocab_size ({}), n_heads ({}) and n_slots ({}) must be at least 1", self.vocab_size, self.n_heads, self.n_slots));
+        }
         if self.d_model % self.n_heads != 0 {
             return Err(format!("d_model {} is not a multiple of n_heads {}", self.d_model, self.n_heads));
         }
@@ -54,6 +59,12 @@ impl ModelConfig {
         }
         if self.chunk_sizes.contains(&0) || self.memory_window == 0 {
             return Err("chunk sizes and memory_window must be at least 1".into());
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return Err(format!("dropout {} must be in [0, 1)", self.dropout));
+        }
+        if !(self.uboo_weight >= 0.0 && self.uboo_weight.is_finite()) {
+            return Err(format!("uboo_weight {} must be a finite number ≥ 0", self.uboo_weight));
         }
         Ok(())
     }

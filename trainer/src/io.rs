@@ -72,10 +72,12 @@ impl ModelMeta {
             return Err(err(format!("schema_version {version} is newer than this tool's {}", mmrec_schemas::SCHEMA_VERSION)));
         }
         let json = |k: &str| -> Result<serde_json::Value> { serde_json::from_str(get(k)?).map_err(|e| err(format!("metadata `{k}` is not valid JSON: {e}"))) };
+        let config: crate::ModelConfig = serde_json::from_value(json("config")?).map_err(|e| err(format!("metadata `config`: {e}")))?;
+        config.validate().map_err(|e| err(format!("metadata `config`: {e}")))?;
         Ok(ModelMeta {
             role: serde_json::from_value(serde_json::Value::String(get("role")?.clone())).map_err(|e| err(format!("metadata `role`: {e}")))?,
             domain: m.get("domain").cloned(),
-            config: serde_json::from_value(json("config")?).map_err(|e| err(format!("metadata `config`: {e}")))?,
+            config,
             frozen: serde_json::from_value(json("frozen")?).map_err(|e| err(format!("metadata `frozen`: {e}")))?,
             lineage: m.get("lineage").map(|l| serde_json::from_str(l)).transpose().map_err(|e| err(format!("metadata `lineage`: {e}")))?.unwrap_or(serde_json::Value::Null),
             fusion: m.get("fusion").map(|f| serde_json::from_value(serde_json::Value::String(f.clone()))).transpose().map_err(|e| err(format!("metadata `fusion`: {e}")))?,

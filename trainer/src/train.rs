@@ -123,7 +123,7 @@ impl Default for ModelSection {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dirs: vec![], weights: "text=1,code=1,mixed=1".into(), seq_len: 256, batch_size: 8, workers: 2, val_permille: 20, seed: 0 }
+        DataConfig { dirs: vec![], weights: "text=0.4,code=0.4,mixed=0.2".into(), seq_len: 256, batch_size: 8, workers: 2, val_permille: 20, seed: 0 }
     }
 }
 
@@ -180,13 +180,48 @@ impl TrainConfig {
     /// Read a TOML file (or defaults) and apply `section.field=value` overrides, each
     /// parsed as TOML (so `3e-4`, `true`, `"text"` and `["a", "b"]` all work).
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let mut doc: toml::Table = match path {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).map_err(io_err(p))?;
-                text.parse().map_err(|e| Error::Config(format!("{}: {e}", p.display())))?
-            }
-            None => toml::Table::new(),
+        Self::load_onto(toml::Table::new(), path, overrides)
+    }
+
+    /// The config to resume with: the checkpoint's, with this invocation's file and
+    /// overrides on top. Fields that decide what is being trained (the model, the data's
+    /// shape and mix, the batch) must not change; steps, cadences, learning rates, the
+    /// output directory and the precision may.
+    pub fn for_resume(saved: &TrainConfig, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        let base = toml::Table::try_from(saved).map_err(|e| Error::Config(format!("the checkpoint's config: {e}")))?;
+        let cfg = Self::load_onto(base, path, overrides)?;
+        let fixed = |c: &TrainConfig| {
+            [
+                ("model", toml::to_string(&c.model).unwrap_or_default()),
+                ("data.seq_len", c.data.seq_len.to_string()),
+                ("data.batch_size", c.data.batch_size.to_string()),
+                ("data.weights", c.data.weights.clone()),
+                ("data.seed", c.data.seed.to_string()),
+                ("data.val_permille", c.data.val_permille.to_string()),
+                ("optim.grad_accum", c.optim.grad_accum.to_string()),
+            ]
         };
+        for ((field, was), (_, now)) in fixed(saved).into_iter().zip(fixed(&cfg)) {
+            if was != now {
+                return Err(Error::Config(format!("--resume cannot change {field} (the checkpoint has {}, this run asks for {}): start a new run, or fine-tune from the checkpoint's model", was.trim(), now.trim())));
+            }
+        }
+        Ok(cfg)
+    }
+
+    fn load_onto(mut doc: toml::Table, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
+        if let Some(p) = path {
+            let text = std::fs::read_to_string(p).map_err(io_err(p))?;
+            let file: toml::Table = text.parse().map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+            for (section, values) in file {
+                match (doc.get_mut(&section).and_then(toml::Value::as_table_mut), values) {
+                    (Some(table), toml::Value::Table(values)) => table.extend(values),
+                    (_, values) => {
+                        doc.insert(section, values);
+                    }
+                }
+            }
+        }
         for o in overrides {
             let (key, value) = o.split_once('=').ok_or_else(|| Error::Config(format!("override {o:?} must look like section.field=value")))?;
             let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::Config(format!("override key {key:?} must be section.field, e.g. optim.lr")))?;
@@ -209,6 +244,21 @@ impl TrainConfig {
         }
         if self.run.steps == 0 && self.run.token_budget == 0 {
             return bad("set run.steps or run.token_budget");
+        }
+        if self.data.val_permille > 1000 {
+            return bad(&format!("data.val_permille {} is over 1000 (it is a share in per mille)", self.data.val_permille));
+        }
+        if !(self.optim.plateau_factor > 0.0 && self.optim.plateau_factor <= 1.0) {
+            return bad(&format!("optim.plateau_factor {} must be in (0, 1]", self.optim.plateau_factor));
+        }
+        if self.optim.grad_clip.is_nan() || self.optim.grad_clip < 0.0 {
+            return bad(&format!("optim.grad_clip {} must be ≥ 0 (0 turns clipping off)", self.optim.grad_clip));
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return bad(&format!("model.dropout {} must be in [0, 1)", self.model.dropout));
+        }
+        if !(self.optim.eps > 0.0 && (0.0..1.0).contains(&self.optim.beta1) && (0.0..1.0).contains(&self.optim.beta2)) {
+            return bad("need optim.eps > 0 and optim.beta1, optim.beta2 in [0, 1)");
         }
         Ok(())
     }
@@ -418,13 +468,10 @@ impl Session {
     pub fn new(cfg: TrainConfig, init: Init, resume: bool, dev: &Device) -> Result<Self> {
         let ckpt_dir = cfg.run.out.join(CHECKPOINTS);
         let latest = if resume { read_pointer(&ckpt_dir, "latest") } else { None };
-        let (cfg, resumed_state) = match &latest {
-            Some(name) => {
-                let path = ckpt_dir.join(name).join("state.json");
-                let st: TrainState = serde_json::from_slice(&std::fs::read(&path).map_err(io_err(&path))?).map_err(|e| Error::Config(format!("{}: {e}", path.display())))?;
-                (st.config.clone(), Some(st))
-            }
-            None => (cfg, None),
+        // `cfg` is already the one to resume with (see `TrainConfig::for_resume`).
+        let resumed_state = match &latest {
+            Some(name) => Some(TrainState { config: cfg.clone(), ..read_state(&ckpt_dir.join(name))? }),
+            None => None,
         };
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
@@ -530,7 +577,9 @@ impl Session {
         let cfg = self.cfg.clone();
         let (bsz, seq) = (cfg.data.batch_size, cfg.data.seq_len);
         std::fs::create_dir_all(&cfg.run.out).map_err(io_err(&cfg.run.out))?;
+        remove_stale_checkpoint_dirs(&cfg.run.out.join(CHECKPOINTS))?;
         let log_path = cfg.run.out.join("metrics.jsonl");
+        truncate_metrics(&log_path, self.state.step)?;
         let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
         let mut loader = Loader::open(&cfg.data.dirs, self.loader_config(Split::Train)?, self.state.cursor.clone())?;
         let limit = if cfg.run.memory_limit_mb > 0 { cfg.run.memory_limit_mb * 1_000_000 } else { crate::device::free_memory(&self.dev) };
@@ -624,7 +673,11 @@ impl Session {
         }
         self.save_checkpoint(false)?;
         let final_path = cfg.run.out.join("final.safetensors");
-        self.export(&final_path)?;
+        // A signal stops a run part-way: the checkpoint is there to resume from, and no
+        // `final` may suggest a finished model.
+        if !stop.load(Ordering::Relaxed) {
+            self.export(&final_path)?;
+        }
         Ok(Summary { steps: self.state.step, tokens: self.state.tokens_seen, seconds: started.elapsed().as_secs_f64(), stopped_early, interrupted: stop.load(Ordering::Relaxed), best_val: self.state.schedule.best_val, final_model: final_path })
     }
 
@@ -692,8 +745,15 @@ impl Session {
         let state_path = tmp.join("state.json");
         std::fs::write(&state_path, serde_json::to_vec_pretty(&self.state).expect("state serialises")).map_err(io_err(&state_path))?;
         let dest = root.join(&name);
-        let _ = std::fs::remove_dir_all(&dest);
+        // Re-saving a step (a resumed finished run does): move the old copy aside first and
+        // remove it only once the new one is in place, so a kill at any point leaves a
+        // complete checkpoint for `read_pointer` to find.
+        let old = root.join(format!(".old-{name}-{}", std::process::id()));
+        let replaced = std::fs::rename(&dest, &old).is_ok();
         std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        if replaced {
+            let _ = std::fs::remove_dir_all(&old);
+        }
         write_pointer(&root, "latest", &name)?;
         if best {
             write_pointer(&root, "best", &name)?;
@@ -828,9 +888,62 @@ fn load_moments(opt: &mut AdamW, path: &Path, dev: &Device) -> Result<()> {
     Ok(())
 }
 
+/// Half-written (`.tmp-step-*`) and superseded (`.old-step-*`) checkpoint directories left
+/// by killed runs.
+fn remove_stale_checkpoint_dirs(root: &Path) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    for e in entries.filter_map(|e| e.ok()) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
+            std::fs::remove_dir_all(e.path()).map_err(io_err(&e.path()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Drop the records of steps after `step` (the checkpoint a run resumes from): a resumed
+/// run logs them again, and each step should appear once.
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let keep: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|r| r.get("step").and_then(|s| s.as_u64())).is_none_or(|s| s <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if keep.len() != text.len() {
+        let tmp = path.with_extension("jsonl.tmp");
+        std::fs::write(&tmp, keep).map_err(io_err(&tmp))?;
+        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+    }
+    Ok(())
+}
+
+/// The checkpoint `which` (`latest`, `best`) names, if it is complete. For `latest`, when
+/// the pointer is missing or names an incomplete directory (a kill mid-save), the newest
+/// complete checkpoint instead: a resume never restarts from step 0 while one exists.
 pub fn read_pointer(root: &Path, which: &str) -> Option<String> {
-    let name = std::fs::read_to_string(root.join(which)).ok()?.trim().to_string();
-    root.join(&name).join("state.json").exists().then_some(name)
+    let complete = |name: &str| root.join(name).join("state.json").exists();
+    let named = std::fs::read_to_string(root.join(which)).ok().map(|s| s.trim().to_string());
+    if let Some(name) = named.filter(|n| complete(n)) {
+        return Some(name);
+    }
+    if which != "latest" {
+        return None;
+    }
+    let mut steps: Vec<String> = std::fs::read_dir(root).ok()?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-") && complete(n)).collect();
+    steps.sort();
+    steps.pop()
+}
+
+fn read_state(dir: &Path) -> Result<TrainState> {
+    let path = dir.join("state.json");
+    serde_json::from_slice(&std::fs::read(&path).map_err(io_err(&path))?).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+/// The config saved in the latest checkpoint under `out`, if there is one.
+pub fn saved_config(out: &Path) -> Result<Option<TrainConfig>> {
+    let root = out.join(CHECKPOINTS);
+    read_pointer(&root, "latest").map(|name| read_state(&root.join(name)).map(|st| st.config)).transpose()
 }
 
 fn write_pointer(root: &Path, which: &str, name: &str) -> Result<()> {

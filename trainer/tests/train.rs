@@ -107,7 +107,7 @@ fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_one_step_for_s
 }
 
 #[test]
-fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
+fn sigterm_saves_a_checkpoint_writes_no_final_model_and_exits_143() {
     let dir = tempfile::tempdir().unwrap();
     let args = base_args(dir.path(), 100_000);
     let child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
@@ -117,8 +117,9 @@ fn sigterm_saves_a_checkpoint_and_exits_cleanly() {
     }
     unsafe { libc_kill(child.id() as i32, 15) };
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(143), "a script must not take an interrupted run for a finished one");
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
+    assert!(!dir.path().join("final.safetensors").exists(), "no final model for a partial run");
     let latest = std::fs::read_to_string(dir.path().join("checkpoints/latest")).unwrap();
     let steps = losses(dir.path()).len();
     assert_eq!(latest.trim(), format!("step-{steps:08}"), "the checkpoint is at the last step taken");
@@ -217,6 +218,68 @@ fn config_errors_name_the_field() {
     let cfg = TrainConfig::load(None, &["optim.lr=1e-4".into(), "optim.min_lr=1e-5".into(), "data.weights=\"code=1\"".into()]).unwrap();
     assert_eq!((cfg.optim.lr, cfg.data.weights.as_str()), (1e-4, "code=1"));
     assert!(TrainConfig::load(None, &["optim.min_lr=1".into()]).is_err(), "min_lr above lr is refused");
+    for (bad, field) in [("data.val_permille=2000", "val_permille"), ("optim.plateau_factor=0", "plateau_factor"), ("optim.grad_clip=-1", "grad_clip"), ("model.dropout=1.5", "dropout")] {
+        let err = TrainConfig::load(None, &[bad.into()]).unwrap_err().to_string();
+        assert!(err.contains(field), "{bad}: {err}");
+    }
+    assert_eq!(TrainConfig::default().data.weights, "text=0.4,code=0.4,mixed=0.2", "the default the README documents");
+}
+
+#[test]
+fn a_model_file_whose_config_is_invalid_is_refused_with_a_message_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ModelConfig::preset("tiny", 64).unwrap();
+    let vm = VarMap::new();
+    MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let path = dir.path().join("bad.safetensors");
+    let meta = ModelMeta { role: Role::Base, domain: None, config: ModelConfig { n_heads: 0, ..cfg }, frozen: vec![], lineage: serde_json::json!({}), fusion: None };
+    save(&path, &varmap_tensors(&vm), &meta).unwrap();
+    let out = mmrec_train("eval", &["--model".into(), path.to_string_lossy().into(), "--data".into(), shards().to_string_lossy().into()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("n_heads"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn resume_follows_out_and_lets_set_extend_the_run_but_not_change_the_model() {
+    let (first, moved) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut args = base_args(first.path(), 6);
+    args.extend(["--set".into(), "run.ckpt_every=3".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let before = std::fs::read(first.path().join("metrics.jsonl")).unwrap();
+    // A copy of the finished run, resumed with more steps, works in the copy only.
+    let copy = moved.path().join("run");
+    std::process::Command::new("cp").args(["-r", first.path().to_str().unwrap(), copy.to_str().unwrap()]).status().unwrap();
+    let mut resume = base_args(&copy, 10);
+    resume.extend(["--set".into(), "run.ckpt_every=3".into(), "--resume".into()]);
+    let out = mmrec_train("pretrain", &resume);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("from step 6"), "{}", String::from_utf8_lossy(&out.stderr));
+    let steps: Vec<u64> = std::fs::read_to_string(copy.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().map(|_| 0)).collect();
+    assert_eq!(steps.len(), 10, "steps 1-10, each logged once");
+    assert_eq!(std::fs::read(first.path().join("metrics.jsonl")).unwrap(), before, "the original run is untouched");
+    // What is being trained cannot change on resume.
+    let mut changed = base_args(&copy, 12);
+    changed.extend(["--set".into(), "data.seq_len=64".into(), "--resume".into()]);
+    let out = mmrec_train("pretrain", &changed);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("data.seq_len"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_kill_during_a_checkpoint_swap_resumes_from_the_newest_complete_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 6);
+    args.extend(["--set".into(), "run.ckpt_every=3".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    // As a kill between the two renames of a re-save leaves it: `latest` names a step
+    // that is not there, beside a half-written temporary directory.
+    let root = dir.path().join("checkpoints");
+    std::fs::remove_dir_all(root.join("step-00000006")).unwrap();
+    std::fs::create_dir_all(root.join(".tmp-step-00000006-99999")).unwrap();
+    args.push("--resume".into());
+    let out = mmrec_train("pretrain", &args);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("from step 3"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!root.join(".tmp-step-00000006-99999").exists(), "stale temporary checkpoints are removed");
+    assert_eq!(losses(dir.path()).len(), 6);
 }
 
 #[test]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
@@ -126,7 +126,7 @@ fn main() -> ExitCode {
     // panicking on the failed write.
     sigpipe::reset();
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -134,7 +134,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli) -> Result<ExitCode> {
     let dev = mmrec_trainer::device::parse(&cli.device).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
@@ -155,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                     println!("  {d:<6} loss {l:.4}  perplexity {:>9.2}  unigram {:.4}", l.exp(), unigram.get(d).copied().unwrap_or(f64::NAN));
                 }
             }
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Init { preset, vocab, seed, out } => {
             let cfg = mmrec_trainer::ModelConfig::preset(&preset, vocab).ok_or_else(|| anyhow::anyhow!("unknown preset {preset:?} (tiny, small, medium, large)"))?;
@@ -167,7 +167,7 @@ fn run(cli: Cli) -> Result<()> {
             let meta = mmrec_trainer::io::ModelMeta { role: mmrec_trainer::io::Role::Base, domain: None, config: cfg, frozen: vec![], lineage: serde_json::json!({"tool": format!("mmrec-train {}", env!("CARGO_PKG_VERSION")), "init_seed": seed}), fusion: None };
             mmrec_trainer::io::save(&out, &tensors, &meta)?;
             eprintln!("wrote {} ({params} parameters)", out.display());
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench { precision, presets, vocab, batch, seq_len, out } => {
             let json = if dev.is_cpu() {
@@ -177,12 +177,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
     }
 }
 
-fn train(args: RunArgs, init: Init, dev: &Device) -> Result<()> {
+fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
     let mut overrides = args.set.clone();
     if !args.data.is_empty() {
         let list: Vec<String> = args.data.iter().map(|d| format!("{:?}", d.to_string_lossy())).collect();
@@ -194,12 +194,21 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<()> {
     if let Some(p) = args.precision {
         overrides.push(format!("run.precision={:?}", p.to_possible_value().expect("no skipped variants").get_name()));
     }
-    let cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
+    if args.resume {
+        // Resume from the directory this run names, with its config and this run's
+        // overrides on top (changes to what is being trained are refused).
+        if let Some(saved) = mmrec_trainer::train::saved_config(&cfg.run.out)? {
+            cfg = TrainConfig::for_resume(&saved, args.config.as_deref(), &overrides)?;
+        }
+    }
     let mut session = Session::new(cfg, init, args.resume, dev)?;
     eprintln!("# {} from step {} ({} trainable tensors, frozen: {:?})\n{}", session.state.mode, session.state.step, session.opt.params.len(), session.meta.frozen, session.cfg.to_toml());
     let stop = Arc::new(AtomicBool::new(false));
+    let signal = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize).context("installing the signal handler")?;
     }
     let total = session.cfg.run.steps;
     let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
@@ -229,7 +238,11 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<()> {
         if summary.stopped_early { " (stopped early)" } else { "" },
         if summary.interrupted { " (interrupted: checkpoint saved, --resume continues)" } else { "" },
         summary.best_val.map_or("-".into(), |v| format!("{v:.4}")),
-        summary.final_model.display()
+        if summary.interrupted { "none written (interrupted)".into() } else { summary.final_model.display().to_string() }
     );
-    Ok(())
+    // Interrupted work is not success: 128 + the signal, as shells report it.
+    Ok(match signal.load(Ordering::Relaxed) {
+        0 => ExitCode::SUCCESS,
+        sig => ExitCode::from(128 + sig as u8),
+    })
 }
