@@ -131,6 +131,12 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header, He
     let data_len = file_len.checked_sub(data_offset).ok_or_else(|| invalid(path, "header longer than the file".into()))?;
     let text = std::str::from_utf8(buf).map_err(|_| invalid(path, "header is not UTF-8".into()))?;
     let value: Value = serde_json::from_str(text.trim_end_matches(' ')).map_err(|e| invalid(path, format!("header is not JSON: {e}")))?;
+    // A JSON object keeps the last of repeated keys; a forged file could hide a tensor that
+    // way, and the safetensors crate (which `eval` loads through) refuses them.
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = object_keys(text.trim_end_matches(' ')).map_err(|e| invalid(path, format!("header is not JSON: {e}")))?.into_iter().find(|k| !seen.insert(k.clone())) {
+        return Err(invalid(path, format!("tensor `{dup}` appears twice in the header")));
+    }
     let obj = value.as_object().ok_or_else(|| invalid(path, "header is not a JSON object".into()))?;
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
@@ -168,12 +174,49 @@ pub fn parse_header(path: &Path, buf: &[u8], file_len: u64) -> Result<Header, He
         }
         tensors.insert(name.clone(), TensorInfo { dtype, shape, start, end });
     }
+    // The data section must be exactly the tensors, back to back (as safetensors requires):
+    // no overlap, no gap, nothing after the last one.
     let mut ranges: Vec<(u64, u64, &str)> = tensors.iter().map(|(n, t)| (t.start, t.end, n.as_str())).collect();
     ranges.sort();
-    for w in ranges.windows(2) {
-        if w[1].0 < w[0].1 {
-            return Err(invalid(path, format!("tensors `{}` and `{}` overlap", w[0].2, w[1].2)));
+    let mut expected = (0u64, "the start of the data section");
+    for &(start, end, name) in &ranges {
+        if start < expected.0 {
+            return Err(invalid(path, format!("tensors `{}` and `{name}` overlap", expected.1)));
         }
+        if start > expected.0 {
+            return Err(invalid(path, format!("{} unclaimed bytes between {} and tensor `{name}`", start - expected.0, expected.1)));
+        }
+        expected = (end, name);
+    }
+    if expected.0 != data_len {
+        return Err(invalid(path, format!("{} trailing bytes after the last tensor", data_len - expected.0)));
     }
     Ok(Header { path: path.to_path_buf(), data_offset, tensors, metadata })
+}
+
+/// The keys of a JSON object in order, repeats included (serde_json's map keeps only the
+/// last of each).
+fn object_keys(text: &str) -> Result<Vec<String>, serde_json::Error> {
+    struct Keys(Vec<String>);
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Keys;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+            let mut keys = Vec::new();
+            while let Some(k) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                keys.push(k);
+            }
+            Ok(Keys(keys))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_str::<Keys>(text).map(|k| k.0)
 }

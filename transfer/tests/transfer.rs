@@ -213,6 +213,25 @@ fn forged_or_truncated_files_are_refused_with_a_clear_error() {
     assert!(err.contains("overlap"), "{err}");
     let wrong_size = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
     assert!(parse_header(Path::new("x"), wrong_size, 100).unwrap_err().to_string().contains("needs 12 bytes"));
+    // A repeated key would let a forged file replace a tensor; bytes nothing claims are
+    // refused as the safetensors crate refuses them.
+    let twice = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    let err = parse_header(Path::new("x"), twice, 8 + twice.len() as u64 + 8).unwrap_err().to_string();
+    assert!(err.contains("`a` appears twice"), "{err}");
+    let one = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+    assert!(parse_header(Path::new("x"), one, 8 + one.len() as u64 + 4).is_ok());
+    let err = parse_header(Path::new("x"), one, 8 + one.len() as u64 + 9).unwrap_err().to_string();
+    assert!(err.contains("5 trailing bytes"), "{err}");
+    let gap = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+    assert!(parse_header(Path::new("x"), gap, 8 + gap.len() as u64 + 8).unwrap_err().to_string().contains("unclaimed"));
+    // Through the binary: `inspect` refuses a file with bytes appended.
+    let mut padded = bytes.clone();
+    padded.extend_from_slice(&[0u8; 16]);
+    let p = dir.path().join("padded.safetensors");
+    std::fs::write(&p, padded).unwrap();
+    let o = transfer(&["inspect", p.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("16 trailing bytes"), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 mod fuzz {
