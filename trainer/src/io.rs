@@ -1,6 +1,6 @@
 //! Model files: safetensors with the `__metadata__` of DESIGN.md §2, written atomically.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -100,11 +100,32 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Resu
         .collect::<Result<_, _>>()
         .map_err(|e| Error::Format { path: path.to_path_buf(), message: e.to_string() })?;
     let bytes = safetensors::tensor::serialize(views, Some(meta.to_map())).map_err(|e| Error::Format { path: path.to_path_buf(), message: e.to_string() })?;
+    let bytes = with_sorted_metadata(bytes).map_err(|message| Error::Format { path: path.to_path_buf(), message })?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The same file with `__metadata__`'s keys in sorted order: safetensors writes them in a
+/// HashMap's order, which changes from run to run, and identical runs should give
+/// identical files.
+fn with_sorted_metadata(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "no header length".to_string())?) as usize;
+    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    if let Some(serde_json::Value::Object(meta)) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = meta.into_iter().collect();
+        header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| e.to_string())?);
+    }
+    let mut text = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
+    // The data section stays 8-byte aligned, as safetensors pads it.
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend((text.len() as u64).to_le_bytes());
+    out.extend(text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<(Vec<u8>, safetensors::Dtype)> {

@@ -220,3 +220,20 @@ fn bf16_mixed_precision_keeps_tiny_updates_in_the_f32_master_weights() {
     assert!(in_f32 > 0.9, "only {in_f32} of the f32 weights moved");
     assert!(in_bf16 < 0.05, "{in_bf16} of the weights changed in bf16: the update should vanish there");
 }
+
+#[test]
+fn saving_the_same_model_twice_gives_identical_files() {
+    let cfg = small_cfg(50, 16);
+    let (vm, _) = build(&cfg, DType::F32);
+    let dir = tempfile::tempdir().unwrap();
+    let meta = ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: vec!["embed.*".into()], lineage: serde_json::json!({"a": 1, "b": [2, 3]}), fusion: None };
+    let files: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let p = dir.path().join(format!("m{i}.safetensors"));
+            save(&p, &varmap_tensors(&vm), &meta).unwrap();
+            std::fs::read(&p).unwrap()
+        })
+        .collect();
+    assert!(files.windows(2).all(|w| w[0] == w[1]), "metadata order must not vary between saves");
+    assert_eq!(read_meta(&dir.path().join("m0.safetensors")).unwrap().domain.as_deref(), Some("code"));
+}
