@@ -41,6 +41,9 @@ pub struct ModelMeta {
     pub lineage: serde_json::Value,
     /// For fused files: how the experts are combined.
     pub fusion: Option<FusionMethod>,
+    /// sha256 of the tokenizer the model was trained with (from the shards' manifest), so
+    /// data made with another tokenizer is refused; None in files from before it was kept.
+    pub tokenizer: Option<String>,
 }
 
 impl ModelMeta {
@@ -57,6 +60,9 @@ impl ModelMeta {
         m.insert("lineage".into(), self.lineage.to_string());
         if let Some(f) = self.fusion {
             m.insert("fusion".into(), serde_json::to_value(f).expect("fusion").as_str().expect("string").into());
+        }
+        if let Some(t) = &self.tokenizer {
+            m.insert("tokenizer".into(), t.clone());
         }
         m
     }
@@ -81,6 +87,7 @@ impl ModelMeta {
             frozen: serde_json::from_value(json("frozen")?).map_err(|e| err(format!("metadata `frozen`: {e}")))?,
             lineage: m.get("lineage").map(|l| serde_json::from_str(l)).transpose().map_err(|e| err(format!("metadata `lineage`: {e}")))?.unwrap_or(serde_json::Value::Null),
             fusion: m.get("fusion").map(|f| serde_json::from_value(serde_json::Value::String(f.clone()))).transpose().map_err(|e| err(format!("metadata `fusion`: {e}")))?,
+            tokenizer: m.get("tokenizer").cloned(),
         })
     }
 }

@@ -95,6 +95,8 @@ pub struct RunConfig {
     /// `f32`, or `bf16`: bf16 matmuls and activations over f32 master weights, moments,
     /// scan and reductions (DESIGN §6).
     pub precision: Precision,
+    /// Fine-tune or fuse on shards of another tokenizer of the same size (normally refused).
+    pub allow_tokenizer_mismatch: bool,
 }
 
 /// The dtype the model computes in; weights and optimiser state are f32 either way.
@@ -152,7 +154,7 @@ impl Default for OptimConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false, memory_limit_mb: 0, precision: Precision::F32 }
+        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false, memory_limit_mb: 0, precision: Precision::F32, allow_tokenizer_mismatch: false }
     }
 }
 
@@ -477,13 +479,13 @@ impl Session {
         let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
         let (net, meta) = match &init {
             Init::Fresh => {
-                let vocab = data_vocab(&cfg.data.dirs)?;
+                let (tokenizer, vocab) = data_tokenizer(&cfg.data.dirs)?;
                 let mut mc = ModelConfig::preset(&cfg.model.preset, vocab).ok_or_else(|| Error::Config(format!("unknown preset {:?} (tiny, small, medium)", cfg.model.preset)))?;
                 mc.dropout = cfg.model.dropout;
                 mc.uboo_weight = cfg.model.uboo_weight;
                 let net = Net::Single(MMRecModel::new(&mc, crate::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev))?);
                 initialise(&vm, &mc)?;
-                (net, ModelMeta { role: Role::Base, domain: None, config: mc, frozen: vec![], lineage: serde_json::json!({}), fusion: None })
+                (net, ModelMeta { role: Role::Base, domain: None, config: mc, frozen: vec![], lineage: serde_json::json!({}), fusion: None, tokenizer: Some(tokenizer) })
             }
             Init::Model(path) => {
                 let meta = io::read_meta(path)?;
@@ -504,10 +506,11 @@ impl Session {
                 (Net::Fused(fused), meta)
             }
         };
-        let data_vocab = data_vocab(&cfg.data.dirs)?;
-        if data_vocab != net.config().vocab_size {
-            return Err(Error::Config(format!("the model has a vocabulary of {} but the shards' tokenizer has {data_vocab}", net.config().vocab_size)));
-        }
+        let source = match &init {
+            Init::Model(p) | Init::Fused(p) => p.clone(),
+            Init::Fresh => cfg.run.out.clone(),
+        };
+        check_tokenizer(&meta, &source, &cfg.data.dirs, cfg.run.allow_tokenizer_mismatch)?;
         let trainable: Vec<(String, Var)> = {
             let data = vm.data().lock().expect("varmap lock");
             let mut v: Vec<(String, Var)> = data.iter().filter(|(n, _)| !is_frozen(n, &meta.frozen)).map(|(n, v)| (n.clone(), v.clone())).collect();
@@ -860,9 +863,35 @@ pub fn unigram_entropy(dirs: &[PathBuf], base: &LoaderConfig, max_batches: usize
     Ok(out)
 }
 
-fn data_vocab(dirs: &[PathBuf]) -> Result<usize> {
+/// The shards' tokenizer: (sha256, vocabulary size), which every directory must share.
+pub fn data_tokenizer(dirs: &[PathBuf]) -> Result<(String, usize)> {
     let first = dirs.first().ok_or_else(|| Error::Config("data.dirs is empty: give shard directories (--data DIR)".into()))?;
-    Ok(mmrec_pipeline::split::read_manifest(first)?.tokenizer.vocab_size)
+    let t = mmrec_pipeline::split::read_manifest(first)?.tokenizer;
+    for d in &dirs[1..] {
+        let other = mmrec_pipeline::split::read_manifest(d)?.tokenizer;
+        if other.sha256 != t.sha256 {
+            return Err(Error::Config(format!("{} and {} were made with different tokenizers ({} and {})", first.display(), d.display(), t.sha256, other.sha256)));
+        }
+    }
+    Ok((t.sha256, t.vocab_size))
+}
+
+/// Refuse to train or evaluate a model on shards of another tokenizer: a different
+/// vocabulary size always (the ids would not fit, or mean nothing), a different tokenizer
+/// of the same size unless `allow_mismatch` (a model file that predates the recorded
+/// tokenizer is checked by size alone).
+pub fn check_tokenizer(meta: &ModelMeta, model: &Path, dirs: &[PathBuf], allow_mismatch: bool) -> Result<()> {
+    let (sha, vocab) = data_tokenizer(dirs)?;
+    if meta.config.vocab_size != vocab {
+        return Err(Error::Config(format!("{} has a vocabulary of {} but the shards' tokenizer has {vocab}", model.display(), meta.config.vocab_size)));
+    }
+    match &meta.tokenizer {
+        Some(t) if *t != sha && !allow_mismatch => Err(Error::Config(format!(
+            "{} was trained with tokenizer {t}, the shards were made with {sha}: the same ids would mean other text (--allow-tokenizer-mismatch to go on anyway)",
+            model.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// Load a safetensors file into existing variables, naming any missing or misshapen tensor.

@@ -146,7 +146,7 @@ fn saved_models_load_by_memory_map_with_metadata_and_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig::preset("tiny", 120).unwrap();
     let (vm, model) = build(&cfg, DType::F32);
-    let meta = ModelMeta { role: Role::Base, domain: None, config: cfg.clone(), frozen: vec![], lineage: serde_json::json!({"tool": "test"}), fusion: None };
+    let meta = ModelMeta { role: Role::Base, domain: None, config: cfg.clone(), frozen: vec![], lineage: serde_json::json!({"tool": "test"}), fusion: None, tokenizer: None };
     let path = dir.path().join("base.safetensors");
     save(&path, &varmap_tensors(&vm), &meta).unwrap();
     assert_eq!(read_meta(&path).unwrap(), meta);
@@ -182,7 +182,7 @@ fn fused_models_of_identical_experts_reproduce_the_expert() {
             }
         }
         let path = dir.path().join("fused.safetensors");
-        let meta = ModelMeta { role: Role::Fused, domain: None, config: cfg.clone(), frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(method) };
+        let meta = ModelMeta { role: Role::Fused, domain: None, config: cfg.clone(), frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(method), tokenizer: None };
         save(&path, &tensors, &meta).unwrap();
         let (fused, _) = load_fused(&path, &Device::Cpu).unwrap();
         let got = fused.forward(&Tensor::from_slice(&toks, (1, 50), &Device::Cpu).unwrap(), false).unwrap().0;
@@ -226,7 +226,7 @@ fn saving_the_same_model_twice_gives_identical_files() {
     let cfg = small_cfg(50, 16);
     let (vm, _) = build(&cfg, DType::F32);
     let dir = tempfile::tempdir().unwrap();
-    let meta = ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: vec!["embed.*".into()], lineage: serde_json::json!({"a": 1, "b": [2, 3]}), fusion: None };
+    let meta = ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: vec!["embed.*".into()], lineage: serde_json::json!({"a": 1, "b": [2, 3]}), fusion: None, tokenizer: None };
     let files: Vec<Vec<u8>> = (0..4)
         .map(|i| {
             let p = dir.path().join(format!("m{i}.safetensors"));

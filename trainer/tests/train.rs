@@ -140,7 +140,7 @@ fn finetuning_never_changes_frozen_tensors() {
     initialise(&vm, &cfg).unwrap();
     let frozen = vec!["embed.*".to_string(), "blocks.{0-0}.*".to_string()];
     let init = dir.path().join("expert.safetensors");
-    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: frozen.clone(), lineage: serde_json::Value::Null, fusion: None }).unwrap();
+    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: frozen.clone(), lineage: serde_json::Value::Null, fusion: None, tokenizer: None }).unwrap();
     let out = dir.path().join("run");
     let mut args = base_args(&out, 5);
     args.extend(["--init".into(), init.to_string_lossy().into_owned(), "--set".into(), "optim.lr=1e-2".into()]);
@@ -232,7 +232,7 @@ fn a_model_file_whose_config_is_invalid_is_refused_with_a_message_not_a_panic() 
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let path = dir.path().join("bad.safetensors");
-    let meta = ModelMeta { role: Role::Base, domain: None, config: ModelConfig { n_heads: 0, ..cfg }, frozen: vec![], lineage: serde_json::json!({}), fusion: None };
+    let meta = ModelMeta { role: Role::Base, domain: None, config: ModelConfig { n_heads: 0, ..cfg }, frozen: vec![], lineage: serde_json::json!({}), fusion: None, tokenizer: None };
     save(&path, &varmap_tensors(&vm), &meta).unwrap();
     let out = mmrec_train("eval", &["--model".into(), path.to_string_lossy().into(), "--data".into(), shards().to_string_lossy().into()]);
     assert_eq!(out.status.code(), Some(2));
@@ -291,7 +291,7 @@ fn fusion_training_changes_only_the_fusion_layer() {
     mmrec_trainer::FusedModel::new(&cfg, mmrec_trainer::FusionMethod::Gated, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg).unwrap();
     let init = dir.path().join("fused.safetensors");
-    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Fused, domain: None, config: cfg, frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(mmrec_trainer::FusionMethod::Gated) }).unwrap();
+    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Fused, domain: None, config: cfg, frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(mmrec_trainer::FusionMethod::Gated), tokenizer: None }).unwrap();
     let out = dir.path().join("run");
     let mut args = base_args(&out, 4);
     args.extend(["--init".into(), init.to_string_lossy().into_owned(), "--set".into(), "optim.lr=1e-2".into()]);
@@ -324,4 +324,44 @@ fn a_micro_batch_over_the_memory_limit_is_halved_with_the_same_effective_batch()
         // Same data and the same gradient, summed in another order.
         assert!((la - b[step]).abs() < 1e-4, "step {step}: {la} vs {}", b[step]);
     }
+}
+
+#[test]
+fn models_record_their_tokenizer_and_refuse_shards_of_another() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(mmrec_train("pretrain", &base_args(dir.path(), 2)).status.success());
+    let (sha, vocab) = mmrec_trainer::train::data_tokenizer(&[shards()]).unwrap();
+    let trained = dir.path().join("final.safetensors");
+    assert_eq!(mmrec_trainer::io::read_meta(&trained).unwrap().tokenizer.as_deref(), Some(sha.as_str()));
+    // The same weights claiming another tokenizer of the same size, then another size.
+    let cfg = ModelConfig::preset("tiny", vocab).unwrap();
+    let vm = VarMap::new();
+    MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    let write = |name: &str, config: ModelConfig| {
+        let p = dir.path().join(name);
+        save(&p, &varmap_tensors(&vm), &ModelMeta { role: Role::Base, domain: None, config, frozen: vec![], lineage: serde_json::Value::Null, fusion: None, tokenizer: Some("0".repeat(64)) }).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let other = write("other-tokenizer.safetensors", cfg.clone());
+    let eval = |model: &str, extra: &[&str]| {
+        let mut args: Vec<String> = ["--model", model, "--data", &shards().to_string_lossy(), "--seq-len", "32", "--batch-size", "2", "--max-batches", "1"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        mmrec_train("eval", &args)
+    };
+    let out = eval(&other, &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("was trained with tokenizer"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(eval(&other, &["--allow-tokenizer-mismatch"]).status.success());
+    let mut finetune = base_args(&dir.path().join("ft"), 1);
+    finetune.extend(["--init".into(), other.clone()]);
+    assert!(!mmrec_train("finetune", &finetune).status.success(), "fine-tuning on another tokenizer's shards is refused");
+    // Another vocabulary size is refused even when asked to go on: the ids would not fit.
+    let vm_big = VarMap::new();
+    let big_cfg = ModelConfig { vocab_size: vocab + 10, ..cfg };
+    MMRecModel::new(&big_cfg, VarBuilder::from_varmap(&vm_big, DType::F32, &Device::Cpu)).unwrap();
+    let big = dir.path().join("big.safetensors");
+    save(&big, &varmap_tensors(&vm_big), &ModelMeta { role: Role::Base, domain: None, config: big_cfg, frozen: vec![], lineage: serde_json::Value::Null, fusion: None, tokenizer: Some(sha) }).unwrap();
+    let out = eval(big.to_str().unwrap(), &["--allow-tokenizer-mismatch"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("has a vocabulary of {}", vocab + 10)), "{}", String::from_utf8_lossy(&out.stderr));
 }

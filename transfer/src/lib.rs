@@ -382,6 +382,7 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
         frozen: opts.freeze.clone(),
         lineage: serde_json::json!({"tool": tool_version(), "operation": "to-expert", "sources": [{"path": opts.source, "sha256": SHA_PLACEHOLDER}], "mapping": opts.layers.describe(), "dtype": opts.dtype.map(Dtype::name)}),
         fusion: None,
+        tokenizer: meta.tokenizer.clone(),
     };
     finish(&[&header], rows, outputs, &out_meta, &opts.out, opts.persist, &header.metadata)
 }
@@ -491,6 +492,7 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
         frozen: vec!["embed.*".into(), "experts.*".into()],
         lineage: serde_json::json!({"tool": tool_version(), "operation": "fuse", "sources": [{"path": opts.text, "sha256": SHA_PLACEHOLDER}, {"path": opts.code, "sha256": SHA_PLACEHOLDER}], "method": opts.method, "embed": format!("{:?}", opts.embed).to_lowercase()}),
         fusion: Some(opts.method),
+        tokenizer: mt.tokenizer.clone(),
     };
     finish(&[&ht, &hc], rows, outputs, &meta, &opts.out, opts.persist, &ht.metadata)
 }

@@ -26,7 +26,7 @@ fn base_file(dir: &Path, name: &str, edit: &[(&str, Option<Tensor>)]) -> PathBuf
         }
     }
     let path = dir.join(name);
-    save(&path, &tensors, &ModelMeta { role: Role::Base, domain: None, config: cfg(), frozen: vec![], lineage: serde_json::json!({}), fusion: None }).unwrap();
+    save(&path, &tensors, &ModelMeta { role: Role::Base, domain: None, config: cfg(), frozen: vec![], lineage: serde_json::json!({}), fusion: None, tokenizer: None }).unwrap();
     path
 }
 

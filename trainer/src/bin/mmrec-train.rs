@@ -75,6 +75,10 @@ enum Command {
         max_batches: usize,
         #[arg(long)]
         json: bool,
+        /// Evaluate although the model was trained with another tokenizer (of the same
+        /// size) than the shards were made with.
+        #[arg(long)]
+        allow_tokenizer_mismatch: bool,
     },
     /// Benchmark. CPU: scan GB/s against memcpy and a naive candle loop, model forward /
     /// forward+backward tokens/s per preset. GPU: scan GB/s against a device copy, model
@@ -119,6 +123,10 @@ struct RunArgs {
     /// Compute precision (shorthand for run.precision): f32, or bf16 mixed precision.
     #[arg(long, value_enum)]
     precision: Option<Precision>,
+    /// Go on although the model was trained with another tokenizer (of the same size) than
+    /// the shards were made with (shorthand for run.allow_tokenizer_mismatch).
+    #[arg(long)]
+    allow_tokenizer_mismatch: bool,
 }
 
 fn main() -> ExitCode {
@@ -140,7 +148,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
-        Command::Eval { model, data, seq_len, batch_size, val_permille, domains, max_batches, json } => {
+        Command::Eval { model, data, seq_len, batch_size, val_permille, domains, max_batches, json, allow_tokenizer_mismatch } => {
+            let meta = mmrec_trainer::io::read_meta(&model)?;
+            mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
             let net = load_net(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
             let weights = mmrec_pipeline::loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
             let cfg = LoaderConfig { seq_len, batch_size, val_permille, weights, split: Split::Validation, workers: 2, ..LoaderConfig::default() };
@@ -164,7 +174,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             mmrec_trainer::initialise(&vm, &cfg)?;
             let tensors = mmrec_trainer::io::varmap_tensors(&vm);
             let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
-            let meta = mmrec_trainer::io::ModelMeta { role: mmrec_trainer::io::Role::Base, domain: None, config: cfg, frozen: vec![], lineage: serde_json::json!({"tool": format!("mmrec-train {}", env!("CARGO_PKG_VERSION")), "init_seed": seed}), fusion: None };
+            let meta = mmrec_trainer::io::ModelMeta { role: mmrec_trainer::io::Role::Base, domain: None, config: cfg, frozen: vec![], lineage: serde_json::json!({"tool": format!("mmrec-train {}", env!("CARGO_PKG_VERSION")), "init_seed": seed}), fusion: None, tokenizer: None };
             mmrec_trainer::io::save(&out, &tensors, &meta)?;
             eprintln!("wrote {} ({params} parameters)", out.display());
             Ok(ExitCode::SUCCESS)
@@ -190,6 +200,9 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
     }
     if let Some(out) = &args.out {
         overrides.push(format!("run.out={:?}", out.to_string_lossy()));
+    }
+    if args.allow_tokenizer_mismatch {
+        overrides.push("run.allow_tokenizer_mismatch=true".into());
     }
     if let Some(p) = args.precision {
         overrides.push(format!("run.precision={:?}", p.to_possible_value().expect("no skipped variants").get_name()));
