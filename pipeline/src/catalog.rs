@@ -274,6 +274,11 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
             std::fs::create_dir_all(out.join(domain.as_str())).at(out)?;
             for s in shards {
                 let (src, dst) = (dir.join(&s.file), out.join(&s.file));
+                // Verified while merging: a corrupt part must not be linked into the result.
+                let (sha256, _) = file_sha256(&src)?;
+                if sha256 != s.sha256 {
+                    return Err(Error::Manifest { path: dir.join(crate::split::MANIFEST), message: format!("shard {} has sha256 {sha256}, the manifest says {} (corrupt or replaced)", s.file, s.sha256) });
+                }
                 if std::fs::hard_link(&src, &dst).is_err() {
                     let tmp = crate::atomic::temp_path(&dst);
                     std::fs::copy(&src, &tmp).at(&src)?;

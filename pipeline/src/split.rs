@@ -451,6 +451,12 @@ pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     if m.schema_version > SCHEMA_VERSION {
         return Err(Error::Manifest { path, message: format!("schema_version {} is newer than this tool's {SCHEMA_VERSION}", m.schema_version) });
     }
+    // Shard paths are relative and stay inside the directory: a forged entry such as
+    // `../../x.parquet` would make merge write, and validate read, outside it.
+    let escapes = |f: &str| Path::new(f).components().any(|c| !matches!(c, std::path::Component::Normal(_)));
+    if let Some(s) = m.domains.values().flatten().find(|s| s.file.is_empty() || escapes(&s.file)) {
+        return Err(Error::Manifest { path, message: format!("shard path {:?} must be relative and inside the directory", s.file) });
+    }
     Ok(m)
 }
 

@@ -126,7 +126,9 @@ impl LoadedTokenizer {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|source| Error::MissingInput { path: path.to_path_buf(), source })?;
         let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, e))?;
-        let vocab_size = tokenizer.get_vocab_size(true);
+        // The id space, not the entry count: ids may have gaps or start high, and the
+        // token width must hold the highest one.
+        let vocab_size = tokenizer.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1).max(tokenizer.get_vocab_size(true));
         let special_tokens: BTreeMap<String, u32> = [EOT, PAD]
             .iter()
             .filter_map(|t| tokenizer.token_to_id(t).map(|id| (t.to_string(), id)))

@@ -454,3 +454,75 @@ fn near_duplicates_are_removed_across_parts_exactly_as_one_run_removes_them() {
         }
     }
 }
+
+#[test]
+fn token_ids_above_65535_from_a_small_vocabulary_are_stored_whole() {
+    // Seven entries, but ids up to 65 540: the width must follow the highest id.
+    let dir = tempfile::tempdir().unwrap();
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"[UNK]": 0, "a": 1, "b": 2, "c": 3, "d": 4, "hello": 65_537, "world": 65_540}, "unk_token": "[UNK]"}
+    });
+    let tok_path = dir.path().join("tokenizer.json");
+    std::fs::write(&tok_path, serde_json::to_vec(&tok).unwrap()).unwrap();
+    let input = dir.path().join("hello.jsonl");
+    std::fs::write(&input, "\"hello world\"\n").unwrap();
+    let out = dir.path().join("s");
+    assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", tok_path.to_str().unwrap(), "--out", out.to_str().unwrap()]).status.success());
+    let m = read_manifest(&out).unwrap();
+    assert_eq!((m.tokenizer.vocab_size, m.tokenizer.token_width), (65_541, mmrec_schemas::TokenWidth::U32));
+    let shard = &m.domains[&Domain::Text][0].file;
+    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(shard)).unwrap().batches(&["tokens"], None).unwrap().next().unwrap().unwrap();
+    assert_eq!(mmrec_pipeline::shard::token_lists(batch.column(0).as_ref()), vec![vec![65_537, 65_540]]);
+    assert!(validate(&out).unwrap().ok());
+}
+
+#[test]
+fn shard_paths_leaving_the_directory_are_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = dir.path().join("s");
+    assert!(split_fixtures(&s, &[]).status.success());
+    let manifest = s.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let first = read_manifest(&s).unwrap().domains[&Domain::Text][0].file.clone();
+    for forged in ["../../../x.parquet", "/tmp/x.parquet"] {
+        std::fs::write(&manifest, text.replacen(&format!("\"{first}\""), &format!("{forged:?}"), 1)).unwrap();
+        for args in [vec!["validate", s.to_str().unwrap()], vec!["inspect", s.to_str().unwrap()]] {
+            let out = mmrec_data(&args);
+            assert!(!out.status.success(), "{args:?} accepted {forged}");
+            assert!(String::from_utf8_lossy(&out.stderr).contains("must be relative and inside the directory"), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+}
+
+#[test]
+fn merge_refuses_a_corrupt_part_shard_and_writes_no_manifest() {
+    let dir = tempfile::tempdir().unwrap();
+    let parts: Vec<PathBuf> = (0..2).map(|i| dir.path().join(format!("p{i}"))).collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(split_fixtures(p, &["--part", &format!("{i}/2")]).status.success());
+    }
+    let victim = parts[1].join(&read_manifest(&parts[1]).unwrap().domains[&Domain::Code][0].file);
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&victim, bytes).unwrap();
+    let merged = dir.path().join("merged");
+    let out = mmrec_data(&["merge", "--out", merged.to_str().unwrap(), parts[0].to_str().unwrap(), parts[1].to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt or replaced"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!merged.join("manifest.json").exists());
+}
+
+#[test]
+fn tokenizer_training_reports_the_size_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("tok.json");
+    let o = mmrec_data(&["tokenizer", "train", "--vocab-size", "50000", "--out", out.to_str().unwrap(), &corpus("chat.jsonl")]);
+    assert!(o.status.success());
+    let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out).unwrap().info.vocab_size;
+    assert!(written < 50_000);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains(&format!("trained a {written}-entry")) && err.contains("asked for 50000"), "{err}");
+}

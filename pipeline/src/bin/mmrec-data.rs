@@ -242,7 +242,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let n = texts.len();
             train_bpe(texts.into_iter(), vocab_size, min_frequency, &out).with_context(|| format!("training a tokenizer into {}", out.display()))?;
-            eprintln!("trained a {vocab_size}-entry byte-level BPE on {n} documents from {} files: {}", files.len(), out.display());
+            // The trainer stops early when the corpus has fewer merges to offer: report
+            // what was written, not what was asked for.
+            let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out)?.info.vocab_size;
+            let short = if written < vocab_size { format!(" (asked for {vocab_size}: the corpus offers no more merges at --min-frequency {min_frequency})") } else { String::new() };
+            eprintln!("trained a {written}-entry byte-level BPE{short} on {n} documents from {} files: {}", files.len(), out.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Split(args) => split_command(args),
