@@ -80,7 +80,7 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
     for spec in sources {
         let domain = spec.declared.ok_or_else(|| Error::Invalid(format!("bench source {} needs a declared domain", spec.path.display())))?;
         let mut texts = Vec::new();
-        for f in expand_inputs(std::slice::from_ref(spec))? {
+        for f in expand_inputs(std::slice::from_ref(spec), false)? {
             texts.extend(read_file(&f, &opts)?.records.into_iter().filter_map(|r| match r {
                 Record::Doc(d) => Some(d.text),
                 Record::Bad(_) => None,
@@ -195,7 +195,7 @@ const BENCH_READ: ReadOptions = ReadOptions { field: None, max_bytes: 64 << 20, 
 
 fn read_texts(corpus: &[InputSpec]) -> Result<Vec<String>> {
     let mut texts = Vec::new();
-    for f in expand_inputs(corpus)? {
+    for f in expand_inputs(corpus, false)? {
         texts.extend(read_file(&f, &BENCH_READ)?.records.into_iter().filter_map(|r| match r {
             Record::Doc(d) => Some(d.text),
             Record::Bad(_) => None,

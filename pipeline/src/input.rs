@@ -64,31 +64,49 @@ pub struct InputFile {
     pub declared: Option<Domain>,
     /// Read as a source file (one document, language from extension) rather than by format.
     pub from_tree: bool,
+    /// Found in a directory but not read: (quarantine reason, detail).
+    pub skip: Option<(&'static str, String)>,
 }
 
-/// Expand inputs into files in a deterministic order. A missing input is an error before
-/// anything is written.
-pub fn expand_inputs(specs: &[InputSpec]) -> Result<Vec<InputFile>> {
+/// Expand inputs into files in a deterministic order. A missing input, or one that is
+/// neither a regular file nor a directory, is an error before anything is written. Inside
+/// directories, what cannot be read as a file (symbolic links unless `follow_symlinks`,
+/// links in a loop, FIFOs, sockets, devices) is listed with the reason it is skipped, to
+/// be counted and quarantined like a bad record.
+pub fn expand_inputs(specs: &[InputSpec], follow_symlinks: bool) -> Result<Vec<InputFile>> {
     let mut files = Vec::new();
     for spec in specs {
         let meta = std::fs::metadata(&spec.path)
             .map_err(|source| Error::MissingInput { path: spec.path.clone(), source })?;
         if meta.is_dir() {
             let mut found = Vec::new();
-            walk(&spec.path, &mut found)?;
-            found.sort();
-            files.extend(found.into_iter().map(|path| InputFile { path, declared: spec.declared, from_tree: true }));
-        } else {
+            let mut ancestors = vec![std::fs::canonicalize(&spec.path).at(&spec.path)?];
+            walk(&spec.path, follow_symlinks, &mut ancestors, &mut found)?;
+            found.sort_by(|a: &(PathBuf, _), b| a.0.cmp(&b.0));
+            files.extend(found.into_iter().map(|(path, skip)| InputFile { path, declared: spec.declared, from_tree: true, skip }));
+        } else if meta.is_file() {
             std::fs::File::open(&spec.path)
                 .map_err(|source| Error::MissingInput { path: spec.path.clone(), source })?;
-            files.push(InputFile { path: spec.path.clone(), declared: spec.declared, from_tree: false });
+            files.push(InputFile { path: spec.path.clone(), declared: spec.declared, from_tree: false, skip: None });
+        } else {
+            // Reading a FIFO would wait for a writer forever.
+            return Err(Error::Invalid(format!("input {} is not a regular file or a directory (a FIFO, socket or device)", spec.path.display())));
         }
     }
     Ok(files)
 }
 
-fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).at(dir)? {
+type Found = (PathBuf, Option<(&'static str, String)>);
+
+fn walk(dir: &Path, follow: bool, ancestors: &mut Vec<PathBuf>, out: &mut Vec<Found>) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            out.push((dir.to_path_buf(), Some(("unreadable", format!("directory cannot be listed: {e}")))));
+            return Ok(());
+        }
+    };
+    for entry in entries {
         let entry = entry.at(dir)?;
         let name = entry.file_name();
         // Version-control and tool directories hold no corpus text.
@@ -97,10 +115,34 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         }
         let path = entry.path();
         let kind = entry.file_type().at(&path)?;
-        if kind.is_dir() {
-            walk(&path, out)?;
-        } else if kind.is_file() {
-            out.push(path);
+        let target = if kind.is_symlink() {
+            if !follow {
+                out.push((path, Some(("symlink", "a symbolic link, not followed (--follow-symlinks reads what it points to)".into()))));
+                continue;
+            }
+            match std::fs::metadata(&path) {
+                Ok(m) => m.file_type(),
+                Err(e) => {
+                    out.push((path, Some(("broken_symlink", format!("a symbolic link to nothing readable: {e}")))));
+                    continue;
+                }
+            }
+        } else {
+            kind
+        };
+        if target.is_dir() {
+            let canonical = std::fs::canonicalize(&path).at(&path)?;
+            if ancestors.contains(&canonical) {
+                out.push((path, Some(("symlink_loop", format!("leads back to {}", canonical.display())))));
+                continue;
+            }
+            ancestors.push(canonical);
+            walk(&path, follow, ancestors, out)?;
+            ancestors.pop();
+        } else if target.is_file() {
+            out.push((path, None));
+        } else {
+            out.push((path, Some(("not_a_regular_file", "a FIFO, socket or device".into()))));
         }
     }
     Ok(())
@@ -117,7 +159,19 @@ pub struct ReadFile {
 /// every input is read from disk once.
 pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
     let source: Arc<str> = Arc::from(file.path.to_string_lossy().as_ref());
-    let (inner_name, raw) = read_decompressed(&file.path, opts.max_bytes, file.from_tree)?;
+    let unread = |reason: &str, detail: String| ReadFile { records: vec![bad(&source, 0, reason, detail)], sha256: String::new(), bytes: 0 };
+    if let Some((reason, detail)) = &file.skip {
+        return Ok(unread(reason, detail.clone()));
+    }
+    let (inner_name, raw) = match read_decompressed(&file.path, opts.max_bytes, file.from_tree) {
+        Ok(r) => r,
+        // One unreadable or corrupt file inside a directory is quarantined, not fatal.
+        Err(e) if file.from_tree => {
+            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>();
+            return Ok(unread("unreadable", chain.join(": ")));
+        }
+        Err(e) => return Err(e),
+    };
     let Some(Raw { data: bytes, sha256, len }) = raw else {
         let (sha256, len) = crate::atomic::file_sha256(&file.path)?;
         let records = vec![bad(&source, 0, "too_large", format!("file is over --max-bytes {}", opts.max_bytes))];

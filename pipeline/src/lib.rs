@@ -1,21 +1,11 @@
 //! Raw corpora to validated, classified, tokenized Parquet shards (DESIGN.md §4).
 //!
 //! ```no_run
-//! use mmrec_pipeline::{split, InputSpec, ReadOptions, PlainSplit, SplitOptions};
-//! use mmrec_schemas::{Domain, Partition};
-//! let opts = SplitOptions {
-//!     inputs: vec![InputSpec { path: "wiki.jsonl".into(), declared: Some(Domain::Text) }],
-//!     tokenizer: "tokenizer.json".into(),
-//!     out: "shards".into(),
-//!     read: ReadOptions { field: None, max_bytes: 1 << 20, plain_split: PlainSplit::File },
-//!     near_dup: None,
-//!     shard_docs: 50_000,
-//!     row_group_docs: 2048,
-//!     shard_bytes: 256 << 20,
-//!     row_group_bytes: 8 << 20,
-//!     partition: Partition::WHOLE,
-//!     seed: 0,
-//! };
+//! use mmrec_pipeline::{split, InputSpec, SplitOptions};
+//! use mmrec_schemas::Domain;
+//! let inputs = vec![InputSpec { path: "wiki.jsonl".into(), declared: Some(Domain::Text) }];
+//! // The CLI's defaults; every field is public to change.
+//! let opts = SplitOptions { shard_docs: 10_000, ..SplitOptions::new(inputs, "tokenizer.json", "shards") };
 //! let report = split(&opts, &()).unwrap();
 //! assert!(report.manifest.totals.balances());
 //! ```

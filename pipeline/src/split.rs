@@ -48,6 +48,9 @@ pub struct SplitOptions {
     pub row_group_bytes: u64,
     pub partition: Partition,
     pub seed: u64,
+    /// Read what symbolic links inside input directories point to (off: they are
+    /// quarantined as `symlink`).
+    pub follow_symlinks: bool,
 }
 
 impl SplitOptions {
@@ -67,6 +70,7 @@ impl SplitOptions {
             row_group_bytes: 8 << 20,
             partition: Partition::WHOLE,
             seed: 0,
+            follow_symlinks: false,
         }
     }
 }
@@ -127,7 +131,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
         return Err(Error::Invalid("--shard-docs, --row-group-docs, --shard-mb and --row-group-mb must be above 0".into()));
     }
     let tok = LoadedTokenizer::load(&opts.tokenizer)?;
-    let files = expand_inputs(&opts.inputs)?;
+    let files = expand_inputs(&opts.inputs, opts.follow_symlinks)?;
     std::fs::create_dir_all(&opts.out).at(&opts.out)?;
 
     // Read and checksum every input (parallel over files; records stay in file order).

@@ -526,3 +526,50 @@ fn tokenizer_training_reports_the_size_it_wrote() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("trained a {written}-entry")) && err.contains("asked for 50000"), "{err}");
 }
+
+/// Quarantine reasons of a run, counted.
+fn quarantine_reasons(dir: &Path) -> BTreeMap<String, usize> {
+    let mut reasons = BTreeMap::new();
+    for l in std::fs::read_to_string(dir.join("quarantine.jsonl")).unwrap().lines() {
+        *reasons.entry(serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string()).or_default() += 1;
+    }
+    reasons
+}
+
+#[test]
+fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::copy(fixtures().join("tree/adler2_algo.rs"), tree.join("sub/algo.rs")).unwrap();
+    std::os::unix::fs::symlink(tree.join("sub/algo.rs"), tree.join("link.rs")).unwrap();
+    std::os::unix::fs::symlink(&tree, tree.join("sub/loop")).unwrap();
+    std::fs::write(tree.join("broken.jsonl.gz"), b"not gzip at all").unwrap();
+    let fifo = tree.join("pipe");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let tok = tokenizer();
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["split", "--auto", tree.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        mmrec_data(&args)
+    };
+    let plain = dir.path().join("plain");
+    assert!(run(&plain, &[]).status.success());
+    let m = read_manifest(&plain).unwrap();
+    assert!(m.totals.balances());
+    assert_eq!((m.totals.written, m.totals.records_in), (1, 5));
+    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink", 2), ("unreadable", 1)].map(|(r, n)| (r.to_string(), n)).into();
+    assert_eq!(quarantine_reasons(&plain), want);
+    // Followed, the link to a file is read (an exact duplicate of its target) and the
+    // link back up the tree is a loop.
+    let followed = dir.path().join("followed");
+    assert!(run(&followed, &["--follow-symlinks"]).status.success());
+    let m = read_manifest(&followed).unwrap();
+    assert_eq!((m.totals.written, m.totals.exact_duplicates), (1, 1));
+    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink_loop", 1), ("unreadable", 1)].map(|(r, n)| (r.to_string(), n)).into();
+    assert_eq!(quarantine_reasons(&followed), want);
+    // A FIFO given as an input is refused at once instead of waiting for a writer.
+    let out = mmrec_data(&["split", "--text", fifo.to_str().unwrap(), "--tokenizer", &tok, "--out", dir.path().join("f").to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -174,6 +174,10 @@ struct SplitArgs {
     /// Documents and source files larger than this many bytes are quarantined.
     #[arg(long, default_value_t = 4 << 20)]
     max_bytes: u64,
+    /// Read what symbolic links inside input directories point to (default: quarantine
+    /// them as `symlink`; links that loop are quarantined either way).
+    #[arg(long)]
+    follow_symlinks: bool,
     /// How plain-text files are cut into documents.
     #[arg(long, value_enum, default_value_t = PlainSplit::File)]
     plain_split: PlainSplit,
@@ -230,7 +234,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Tokenizer(TokenizerCommand::Train { vocab_size, min_frequency, out, field, inputs }) => {
             let specs: Vec<InputSpec> = inputs.into_iter().map(|path| InputSpec { path, declared: None }).collect();
-            let files = expand_inputs(&specs)?;
+            let files = expand_inputs(&specs, false)?;
             let opts = ReadOptions { field, max_bytes: u64::MAX, plain_split: PlainSplit::File };
             let mut texts = Vec::new();
             for f in &files {
@@ -334,6 +338,7 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
         row_group_bytes: a.row_group_mb << 20,
         partition: a.part,
         seed: a.seed,
+        follow_symlinks: a.follow_symlinks,
     };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(0)).build()?;
     let bar = Bar::new(!a.json && std::io::stderr().is_terminal());
