@@ -70,9 +70,19 @@ pub struct ShardWriter {
     tmp: std::path::PathBuf,
     schema: Arc<arrow_schema::Schema>,
     width: TokenWidth,
-    writer: ArrowWriter<HashingWriter<std::io::BufWriter<std::fs::File>>>,
+    /// None once finished (or failed in `finish`).
+    writer: Option<ArrowWriter<HashingWriter<std::io::BufWriter<std::fs::File>>>>,
     rows: u64,
     tokens: u64,
+}
+
+/// A writer dropped before `finish` (an error elsewhere) takes its temporary file with it.
+impl Drop for ShardWriter {
+    fn drop(&mut self) {
+        if self.writer.is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 impl ShardWriter {
@@ -82,21 +92,31 @@ impl ShardWriter {
         let tmp = temp_path(path);
         let file = std::fs::File::create(&tmp).at(&tmp)?;
         let writer = ArrowWriter::try_new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)), schema.clone(), Some(writer_properties())).map_err(|e| pq_err(path, e))?;
-        Ok(ShardWriter { path: path.to_path_buf(), tmp, schema, width, writer, rows: 0, tokens: 0 })
+        Ok(ShardWriter { path: path.to_path_buf(), tmp, schema, width, writer: Some(writer), rows: 0, tokens: 0 })
     }
 
     pub fn write(&mut self, rows: &[ShardRow]) -> Result<()> {
         let batch = to_batch(rows, self.width, &self.schema)?;
-        self.writer.write(&batch).map_err(|e| pq_err(&self.path, e))?;
+        let writer = self.writer.as_mut().expect("a writer is open until finish");
+        writer.write(&batch).map_err(|e| pq_err(&self.path, e))?;
         // The caller sizes row groups (by documents and text bytes): close this one now.
-        self.writer.flush().map_err(|e| pq_err(&self.path, e))?;
+        writer.flush().map_err(|e| pq_err(&self.path, e))?;
         self.rows += rows.len() as u64;
         self.tokens += rows.iter().map(|r| r.tokens.len() as u64).sum::<u64>();
         Ok(())
     }
 
-    pub fn finish(self) -> Result<WrittenShard> {
-        let hashing = self.writer.into_inner().map_err(|e| pq_err(&self.path, e))?;
+    pub fn finish(mut self) -> Result<WrittenShard> {
+        let result = self.complete();
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        result
+    }
+
+    fn complete(&mut self) -> Result<WrittenShard> {
+        let writer = self.writer.take().expect("a writer is open until finish");
+        let hashing = writer.into_inner().map_err(|e| pq_err(&self.path, e))?;
         let (buf, sha256, bytes) = hashing.finish();
         let file = buf.into_inner().map_err(|e| Error::Io { path: self.tmp.clone(), source: e.into_error() })?;
         file.sync_all().at(&self.tmp)?;

@@ -417,6 +417,12 @@ fn completed(state_dir: &Path, p: &PlannedShard, path: &Path) -> Result<Option<S
 /// Delete leftovers a killed or different earlier run left in this part's namespace:
 /// temporary files, and shards that are not in the current plan.
 fn remove_stale(opts: &SplitOptions, plan: &[PlannedShard]) -> Result<()> {
+    // An earlier run's manifest goes first: if this run fails after replacing some
+    // shards, no manifest may describe the mix of old and new ones.
+    match std::fs::remove_file(opts.out.join(MANIFEST)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Io { path: opts.out.join(MANIFEST), source: e }),
+        _ => {}
+    }
     let prefix = format!("part-{:05}-", opts.partition.index);
     for domain in Domain::ALL {
         let dir = opts.out.join(domain.as_str());

@@ -30,8 +30,6 @@ enum EncodePath {
     ByteLevel { add_prefix_space: bool, added_tokens: Vec<memchr::memmem::Finder<'static>> },
     /// Any other tokenizer: HF's normaliser and pre-tokenizer, then cached model calls.
     CachedWords,
-    /// Truncation, padding or BPE dropout change ids: only HF's own `encode` is exact.
-    Hf,
 }
 
 static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -125,7 +123,11 @@ static BYTE_CHARS: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::new(|
 impl LoadedTokenizer {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|source| Error::MissingInput { path: path.to_path_buf(), source })?;
-        let tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, e))?;
+        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, e))?;
+        refuse_lossy_settings(path, &tokenizer)?;
+        // Corpus text that happens to spell `<|endoftext|>` or `<|pad|>` is text: only the
+        // loader inserts separators, so special tokens are never matched in documents.
+        tokenizer.set_encode_special_tokens(true);
         // The id space, not the entry count: ids may have gaps or start high, and the
         // token width must hold the highest one.
         let vocab_size = tokenizer.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1).max(tokenizer.get_vocab_size(true));
@@ -208,12 +210,25 @@ impl LoadedTokenizer {
     }
 }
 
-fn encode_path(tokenizer: &Tokenizer) -> EncodePath {
-    use tokenizers::{ModelWrapper, PreTokenizerWrapper};
-    let dropout = matches!(tokenizer.get_model(), ModelWrapper::BPE(bpe) if bpe.dropout.is_some_and(|p| p > 0.0));
-    if tokenizer.get_truncation().is_some() || tokenizer.get_padding().is_some() || dropout {
-        return EncodePath::Hf;
+/// Settings that make ids depend on chance or lose text: shards must hold every token of
+/// every document, identically on every run.
+fn refuse_lossy_settings(path: &Path, tokenizer: &Tokenizer) -> Result<()> {
+    if let Some(t) = tokenizer.get_truncation() {
+        return Err(tok_err(path, format!("sets truncation (max_length {}): each document would be cut while its whole text is stored; remove `truncation` from the file", t.max_length)));
     }
+    if tokenizer.get_padding().is_some() {
+        return Err(tok_err(path, "sets padding: pad ids would be appended to documents; remove `padding` from the file"));
+    }
+    if let tokenizers::ModelWrapper::BPE(bpe) = tokenizer.get_model() {
+        if let Some(p) = bpe.dropout.filter(|&p| p > 0.0) {
+            return Err(tok_err(path, format!("uses BPE dropout {p}: two runs on the same corpus would write different shards; set `model.dropout` to null")));
+        }
+    }
+    Ok(())
+}
+
+fn encode_path(tokenizer: &Tokenizer) -> EncodePath {
+    use tokenizers::PreTokenizerWrapper;
     match (tokenizer.get_normalizer(), tokenizer.get_pre_tokenizer()) {
         (None, Some(PreTokenizerWrapper::ByteLevel(byte_level))) if byte_level.use_regex => EncodePath::ByteLevel {
             add_prefix_space: byte_level.add_prefix_space,

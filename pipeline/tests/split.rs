@@ -318,9 +318,9 @@ fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
     prefixed["pre_tokenizer"]["add_prefix_space"] = true.into();
     let mut normalised = base.clone();
     normalised["normalizer"] = serde_json::json!({"type": "NFKC"});
-    let mut truncated = base.clone();
-    truncated["truncation"] = serde_json::json!({"direction": "Right", "max_length": 5, "strategy": "LongestFirst", "stride": 0});
-    for (name, json) in [("byte-level", base), ("prefix-space", prefixed), ("normaliser", normalised), ("truncation", truncated)] {
+    // Special-token strings in the texts above are encoded as text on both sides (the
+    // loader sets HF's `encode_special_tokens`); truncation, padding and dropout are refused.
+    for (name, json) in [("byte-level", base), ("prefix-space", prefixed), ("normaliser", normalised)] {
         let path = dir.path().join(format!("{name}.json"));
         std::fs::write(&path, json.to_string()).unwrap();
         let tok = mmrec_pipeline::tokenize::LoadedTokenizer::load(&path).unwrap();
@@ -572,4 +572,64 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     let out = mmrec_data(&["split", "--text", fifo.to_str().unwrap(), "--tokenizer", &tok, "--out", dir.path().join("f").to_str().unwrap()]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn a_failed_re_run_leaves_no_manifest_describing_replaced_shards_and_no_temp_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    assert!(split_fixtures(&out, &[]).status.success());
+    // Re-run with other settings into the same directory, failing part-way: the `mixed`
+    // domain's directory is a file, so its shards cannot be written.
+    std::fs::remove_dir_all(out.join("mixed")).unwrap();
+    std::fs::write(out.join("mixed"), b"in the way").unwrap();
+    let failed = split_fixtures(&out, &["--row-group-docs", "3"]);
+    assert!(!failed.status.success());
+    assert!(!out.join("manifest.json").exists(), "the old manifest would describe shards this run replaced");
+    assert!(!mmrec_data(&["inspect", out.to_str().unwrap()]).status.success());
+    let leftovers: Vec<String> = ["text", "code"]
+        .iter()
+        .flat_map(|d| std::fs::read_dir(out.join(d)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()))
+        .filter(|n| n.contains(".tmp-"))
+        .collect();
+    assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+}
+
+#[test]
+fn tokenizers_that_truncate_pad_or_drop_out_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let base: serde_json::Value = serde_json::from_slice(&std::fs::read(tokenizer()).unwrap()).unwrap();
+    let cases = [
+        ("truncation", serde_json::json!({"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0})),
+        ("padding", serde_json::json!({"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": null, "pad_id": 1, "pad_type_id": 0, "pad_token": "<|pad|>"})),
+        ("dropout", serde_json::json!(0.1)),
+    ];
+    for (setting, value) in cases {
+        let mut t = base.clone();
+        if setting == "dropout" {
+            t["model"]["dropout"] = value;
+        } else {
+            t[setting] = value;
+        }
+        let path = dir.path().join(format!("{setting}.json"));
+        std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
+        let out = mmrec_data(&["split", "--text", &corpus("wikitext.jsonl"), "--tokenizer", path.to_str().unwrap(), "--out", dir.path().join(setting).to_str().unwrap()]);
+        assert!(!out.status.success(), "{setting} accepted");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(setting), "{setting}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+}
+
+#[test]
+fn special_token_strings_in_documents_are_encoded_as_text() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("specials.jsonl");
+    std::fs::write(&input, "\"before <|endoftext|> middle <|pad|> after\"\n").unwrap();
+    let out = dir.path().join("s");
+    assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", &tokenizer(), "--out", out.to_str().unwrap()]).status.success());
+    let m = read_manifest(&out).unwrap();
+    let specials: Vec<u32> = m.tokenizer.special_tokens.values().copied().collect();
+    assert_eq!(specials.len(), 2);
+    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(&m.domains[&Domain::Text][0].file)).unwrap().batches(&["tokens"], None).unwrap().next().unwrap().unwrap();
+    let ids = &mmrec_pipeline::shard::token_lists(batch.column(0).as_ref())[0];
+    assert!(ids.len() > 6 && !ids.iter().any(|i| specials.contains(i)), "a document injected a special id: {ids:?}");
 }
