@@ -209,6 +209,9 @@ pub fn inspect(dir: &Path, per_domain: usize, chars: usize) -> Result<Inspection
                 break;
             }
             let reader = ShardReader::open(&dir.join(&s.file))?;
+            if reader.num_row_groups() == 0 {
+                continue;
+            }
             for batch in reader.batches(&[columns::ID, columns::LANG, columns::TEXT, columns::N_TOKENS], Some(vec![0]))? {
                 let batch = batch?;
                 let ids = batch.column(0).as_string::<i32>();

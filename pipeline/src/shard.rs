@@ -215,7 +215,7 @@ impl ShardReader {
         let expected = shard_schema(width);
         for field in expected.fields() {
             match schema.field_with_name(field.name()) {
-                Ok(f) if f.data_type() == field.data_type() => {}
+                Ok(f) if compatible(f.data_type(), field.data_type()) => {}
                 Ok(f) => return Err(self.err(format!("column `{}` is {}, expected {}", field.name(), f.data_type(), field.data_type()))),
                 Err(_) => return Err(self.err(format!("column `{}` is missing", field.name()))),
             }
@@ -244,8 +244,39 @@ impl ShardReader {
             b = b.with_row_groups(groups);
         }
         let reader = b.build().map_err(|e| Error::Parquet { path: path.clone(), message: e.to_string() })?;
-        Ok(reader.map(move |r| r.map_err(|e| Error::Parquet { path: path.clone(), message: format!("corrupt row group: {e}") })))
+        Ok(reader.map(move |r| r.map(canonical_strings).map_err(|e| Error::Parquet { path: path.clone(), message: format!("corrupt row group: {e}") })))
     }
+}
+
+/// Whether a column of type `found` can be read as `expected`: string columns in either
+/// offset width, and lists whatever their item field is named (pyarrow says `element`,
+/// arrow-rs `item`).
+fn compatible(found: &DataType, expected: &DataType) -> bool {
+    match (found, expected) {
+        (DataType::Utf8 | DataType::LargeUtf8, DataType::Utf8 | DataType::LargeUtf8) => true,
+        (DataType::List(a), DataType::List(b)) => a.data_type() == b.data_type(),
+        (a, b) => a == b,
+    }
+}
+
+/// The batch with `text` as large strings and every other string column as plain strings,
+/// the widths this crate writes, so readers can rely on them whoever wrote the shard.
+fn canonical_strings(batch: RecordBatch) -> RecordBatch {
+    use arrow_array::{LargeStringArray, StringArray};
+    let schema = batch.schema();
+    let mut fields = Vec::with_capacity(batch.num_columns());
+    let mut cols: Vec<ArrayRef> = Vec::with_capacity(batch.num_columns());
+    for (field, col) in schema.fields().iter().zip(batch.columns()) {
+        let large = field.name() == columns::TEXT;
+        let col: ArrayRef = match (col.data_type(), large) {
+            (DataType::Utf8, true) => Arc::new(col.as_string::<i32>().iter().collect::<LargeStringArray>()),
+            (DataType::LargeUtf8, false) => Arc::new(col.as_string::<i64>().iter().collect::<StringArray>()),
+            _ => col.clone(),
+        };
+        fields.push(Field::new(field.name(), col.data_type().clone(), field.is_nullable()));
+        cols.push(col);
+    }
+    RecordBatch::try_new(Arc::new(arrow_schema::Schema::new(fields)), cols).expect("same columns, same lengths")
 }
 
 /// Token lists of a `tokens` column, whatever its width, as u32.

@@ -633,3 +633,65 @@ fn special_token_strings_in_documents_are_encoded_as_text() {
     let ids = &mmrec_pipeline::shard::token_lists(batch.column(0).as_ref())[0];
     assert!(ids.len() > 6 && !ids.iter().any(|i| specials.contains(i)), "a document injected a special id: {ids:?}");
 }
+
+/// Rewrite the shard `file` of `dir` as another writer might have: `text` as a plain
+/// (32-bit offset) string and the token list's item named `element`, as pyarrow writes
+/// them. With `empty_copy`, write the same schema with no row group at all to `empty_copy`
+/// and list it as a shard of its own. The manifest is updated.
+fn rewrite_foreign(dir: &Path, file: &str, empty_copy: Option<&str>) {
+    use arrow_array::cast::AsArray;
+    use std::sync::Arc;
+    let path = dir.join(file);
+    let batch = mmrec_pipeline::shard::ShardReader::open(&path).unwrap().batches(&["id", "domain", "lang", "source", "text", "tokens", "n_tokens", "hash"], None).unwrap().next().unwrap().unwrap();
+    let text: arrow_array::StringArray = batch.column(4).as_string::<i64>().iter().collect();
+    let tokens = batch.column(5).as_list::<i32>();
+    let item = arrow_schema::Field::new("element", tokens.values().data_type().clone(), true);
+    let tokens = arrow_array::ListArray::new(Arc::new(item.clone()), tokens.offsets().clone(), tokens.values().clone(), None);
+    let mut fields: Vec<arrow_schema::Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields[4] = arrow_schema::Field::new("text", arrow_schema::DataType::Utf8, false);
+    fields[5] = arrow_schema::Field::new("tokens", arrow_schema::DataType::List(Arc::new(item)), false);
+    let schema = Arc::new(arrow_schema::Schema::new(fields));
+    let mut cols = batch.columns().to_vec();
+    cols[4] = Arc::new(text);
+    cols[5] = Arc::new(tokens);
+    let batch = arrow_array::RecordBatch::try_new(schema.clone(), cols).unwrap();
+    let write = |path: &Path, rows: bool| {
+        let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema.clone(), None).unwrap();
+        if rows {
+            w.write(&batch).unwrap();
+        }
+        w.close().unwrap();
+        let bytes = std::fs::read(path).unwrap();
+        (mmrec_pipeline::tokenize::sha256_hex(&bytes), bytes.len() as u64)
+    };
+    let mut m = read_manifest(dir).unwrap();
+    let (sha256, bytes) = write(&path, true);
+    let domain = m.domains.iter_mut().find(|(_, v)| v.iter().any(|s| s.file == file)).unwrap().1;
+    let entry = domain.iter_mut().find(|s| s.file == file).unwrap();
+    (entry.sha256, entry.bytes) = (sha256, bytes);
+    if let Some(copy) = empty_copy {
+        let (sha256, bytes) = write(&dir.join(copy), false);
+        domain.push(mmrec_schemas::ShardInfo { file: copy.into(), rows: 0, tokens: 0, bytes, sha256 });
+    }
+    mmrec_pipeline::split::write_manifest(dir, &m).unwrap();
+}
+
+#[test]
+fn shards_written_by_other_tools_are_read_by_validate_inspect_and_the_loader() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    assert!(split_fixtures(&out, &["--shard-docs", "50"]).status.success());
+    let m = read_manifest(&out).unwrap();
+    rewrite_foreign(&out, &m.domains[&Domain::Text][0].file, Some("text/part-00000-99999.parquet"));
+    for args in [vec!["validate", out.to_str().unwrap()], vec!["inspect", out.to_str().unwrap(), "--samples", "2"]] {
+        let o = mmrec_data(&args);
+        assert!(o.status.code().is_some_and(|c| c != 101), "{args:?} panicked: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let report = validate(&out).unwrap();
+    assert!(report.ok(), "{report:?}");
+    let cfg = mmrec_pipeline::loader::LoaderConfig { seq_len: 64, batch_size: 4, ..mmrec_pipeline::loader::LoaderConfig::default() };
+    let mut loader = mmrec_pipeline::loader::Loader::open(&[out], cfg, None).unwrap();
+    for _ in 0..20 {
+        loader.next_batch().unwrap().unwrap();
+    }
+}
