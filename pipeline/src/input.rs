@@ -163,7 +163,7 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
     if let Some((reason, detail)) = &file.skip {
         return Ok(unread(reason, detail.clone()));
     }
-    let (inner_name, raw) = match read_decompressed(&file.path, opts.max_bytes, file.from_tree) {
+    let (inner_name, raw) = match read_decompressed(&file.path, opts, file.from_tree) {
         Ok(r) => r,
         // One unreadable or corrupt file inside a directory is quarantined, not fatal.
         Err(e) if file.from_tree => {
@@ -172,7 +172,7 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
         }
         Err(e) => return Err(e),
     };
-    let Some(Raw { data: bytes, sha256, len }) = raw else {
+    let Some(Raw { data: bytes, sha256, len, oversized }) = raw else {
         let (sha256, len) = crate::atomic::file_sha256(&file.path)?;
         let records = vec![bad(&source, 0, "too_large", format!("file is over --max-bytes {}", opts.max_bytes))];
         return Ok(ReadFile { records, sha256, bytes: len });
@@ -188,6 +188,9 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
             _ => read_plain(&source, bytes, opts),
         }
     };
+    let dropped = oversized.into_iter().map(|(line, n)| bad(&source, line, "too_large", format!("line of {n} bytes is over the limit for --max-bytes {} (dropped while decompressing)", opts.max_bytes)));
+    // After the file's own records: their order is the documents' order.
+    let records: Vec<Record> = records.into_iter().chain(dropped).collect();
     let records = records
         .into_iter()
         .map(|r| match r {
@@ -209,27 +212,107 @@ struct Raw {
     data: Vec<u8>,
     sha256: String,
     len: u64,
+    /// Lines dropped while decompressing for being over the limit: (line, bytes).
+    oversized: Vec<(u64, u64)>,
 }
 
 /// Returns the file name without a compression suffix, and the decompressed bytes, or None
 /// when a source-tree file is over the size limit (checked before reading it).
-fn read_decompressed(path: &Path, max_bytes: u64, from_tree: bool) -> Result<(String, Option<Raw>)> {
+fn read_decompressed(path: &Path, opts: &ReadOptions, from_tree: bool) -> Result<(String, Option<Raw>)> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    if from_tree && std::fs::metadata(path).at(path)?.len() > max_bytes {
+    if from_tree && std::fs::metadata(path).at(path)?.len() > opts.max_bytes {
         return Ok((name, None));
     }
     let raw = std::fs::read(path).at(path)?;
     let (sha256, len) = (crate::tokenize::sha256_hex(&raw), raw.len() as u64);
-    let (inner, bytes) = if let Some(stem) = name.strip_suffix(".gz") {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(&raw[..]).read_to_end(&mut out).at(path)?;
-        (stem.to_string(), out)
-    } else if let Some(stem) = name.strip_suffix(".zst") {
-        (stem.to_string(), zstd::decode_all(&raw[..]).at(path)?)
-    } else {
-        (name, raw)
+    let decoded = |stem: &str, reader: Box<dyn Read + '_>| -> Result<(String, Option<Raw>)> {
+        // Bounded while decompressing: a few KB of zstd can expand to gigabytes.
+        let (data, oversized, whole_too_large) = read_bounded(reader, bound_for(stem, from_tree, opts)).at(path)?;
+        Ok((stem.to_string(), (!whole_too_large).then_some(Raw { data, sha256: sha256.clone(), len, oversized })))
     };
-    Ok((inner, Some(Raw { data: bytes, sha256, len })))
+    if let Some(stem) = name.strip_suffix(".gz") {
+        decoded(stem, Box::new(flate2::read::MultiGzDecoder::new(&raw[..])))
+    } else if let Some(stem) = name.strip_suffix(".zst") {
+        decoded(stem, Box::new(zstd::Decoder::new(&raw[..]).at(path)?))
+    } else {
+        Ok((name, Some(Raw { data: raw, sha256, len, oversized: Vec::new() })))
+    }
+}
+
+/// How much of a decompressed stream is kept.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Bound {
+    /// One document: at most this many bytes in all.
+    Total(u64),
+    /// One record a line: lines over this many bytes are dropped (and reported).
+    PerLine(u64),
+    Unbounded,
+}
+
+fn bound_for(inner_name: &str, from_tree: bool, opts: &ReadOptions) -> Bound {
+    match extension(inner_name).as_str() {
+        // A JSON line also holds quoting and other fields: the text itself is checked
+        // against --max-bytes once parsed.
+        "jsonl" | "ndjson" | "json" => Bound::PerLine(opts.max_bytes.saturating_mul(2).saturating_add(4096)),
+        "parquet" => Bound::Unbounded,
+        _ if from_tree || lang::from_extension(inner_name).is_some() || opts.plain_split == PlainSplit::File => Bound::Total(opts.max_bytes),
+        _ => Bound::PerLine(opts.max_bytes),
+    }
+}
+
+/// Read `r` to the end within `bound`: the bytes kept, the lines dropped as too long (line
+/// number, length; their newlines are kept so numbering holds), and whether a `Total`
+/// bound was passed (then nothing is kept).
+fn read_bounded(mut r: impl Read, bound: Bound) -> std::io::Result<(Vec<u8>, Vec<(u64, u64)>, bool)> {
+    let mut out = Vec::new();
+    let limit = match bound {
+        Bound::Unbounded => {
+            r.read_to_end(&mut out)?;
+            return Ok((out, Vec::new(), false));
+        }
+        Bound::Total(n) => {
+            r.take(n.saturating_add(1)).read_to_end(&mut out)?;
+            let over = out.len() as u64 > n;
+            return Ok((if over { Vec::new() } else { out }, Vec::new(), over));
+        }
+        Bound::PerLine(n) => n,
+    };
+    let (mut buf, mut oversized) = (vec![0u8; 1 << 16], Vec::new());
+    let (mut line, mut len, mut dropping) = (1u64, 0u64, false);
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        let mut chunk = &buf[..k];
+        while !chunk.is_empty() {
+            let end = memchr::memchr(b'\n', chunk);
+            let piece = &chunk[..end.unwrap_or(chunk.len())];
+            len += piece.len() as u64;
+            if !dropping && len > limit {
+                // Forget what was kept of this line; skip the rest of it.
+                out.truncate(out.len() - (len - piece.len() as u64) as usize);
+                dropping = true;
+            } else if !dropping {
+                out.extend_from_slice(piece);
+            }
+            match end {
+                Some(i) => {
+                    if std::mem::take(&mut dropping) {
+                        oversized.push((line, len));
+                    }
+                    out.push(b'\n');
+                    (line, len) = (line + 1, 0);
+                    chunk = &chunk[i + 1..];
+                }
+                None => chunk = &[],
+            }
+        }
+    }
+    if dropping {
+        oversized.push((line, len));
+    }
+    Ok((out, oversized, false))
 }
 
 fn extension(name: &str) -> String {

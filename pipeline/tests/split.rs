@@ -695,3 +695,43 @@ fn shards_written_by_other_tools_are_read_by_validate_inspect_and_the_loader() {
         loader.next_batch().unwrap().unwrap();
     }
 }
+
+#[test]
+fn decompression_bombs_are_cut_off_while_streaming_and_quarantined() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    // Line 2 of this JSONL decompresses to 4 GiB: over any record limit, and over the
+    // 3 GiB of address space the run is given below, so it must never be held whole.
+    let bomb = dir.path().join("bomb.jsonl.zst");
+    let mut enc = zstd::Encoder::new(std::fs::File::create(&bomb).unwrap(), 1).unwrap();
+    enc.write_all(b"\"a first document\"\n\"").unwrap();
+    let block = vec![b'a'; 1 << 20];
+    for _ in 0..4096 {
+        enc.write_all(&block).unwrap();
+    }
+    enc.write_all(b"\"\n\"a last document\"\n").unwrap();
+    enc.finish().unwrap();
+    assert!(std::fs::metadata(&bomb).unwrap().len() < 1 << 20, "a bomb is small on disk");
+    // A source tree file that decompresses past --max-bytes.
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(tree.join("big.py.gz")).unwrap(), flate2::Compression::fast());
+    gz.write_all(&vec![b'#'; 8 << 20]).unwrap();
+    gz.finish().unwrap();
+    let out = dir.path().join("s");
+    let cmd = format!(
+        "ulimit -v 3145728; exec '{}' split --text '{}' --auto '{}' --tokenizer '{}' --out '{}'",
+        env!("CARGO_BIN_EXE_mmrec-data"),
+        bomb.display(),
+        tree.display(),
+        tokenizer(),
+        out.display()
+    );
+    let o = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = read_manifest(&out).unwrap();
+    assert_eq!((m.totals.written, m.totals.quarantined), (2, 2));
+    let q = std::fs::read_to_string(out.join("quarantine.jsonl")).unwrap();
+    assert!(q.contains(r#""line":2,"reason":"too_large""#), "{q}");
+    assert!(q.contains("big.py.gz") && q.lines().all(|l| l.contains("too_large")), "{q}");
+}
