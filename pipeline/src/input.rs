@@ -263,7 +263,10 @@ fn bound_for(inner_name: &str, from_tree: bool, opts: &ReadOptions) -> Bound {
 /// Read `r` to the end within `bound`: the bytes kept, the lines dropped as too long (line
 /// number, length; their newlines are kept so numbering holds), and whether a `Total`
 /// bound was passed (then nothing is kept).
-fn read_bounded(mut r: impl Read, bound: Bound) -> std::io::Result<(Vec<u8>, Vec<(u64, u64)>, bool)> {
+/// What [`read_bounded`] kept: the bytes, the dropped lines, whether the total was passed.
+type Bounded = (Vec<u8>, Vec<(u64, u64)>, bool);
+
+fn read_bounded(mut r: impl Read, bound: Bound) -> std::io::Result<Bounded> {
     let mut out = Vec::new();
     let limit = match bound {
         Bound::Unbounded => {
