@@ -227,9 +227,13 @@ impl ShardReader {
         Error::Parquet { path: self.path.clone(), message }
     }
 
-    /// Iterate the named columns of the given row groups (None = all). One row group comes
-    /// as one batch; several may share batches, since row groups differ in row count.
+    /// Iterate the named columns (in the order named) of the given row groups (None = all).
+    /// One row group comes as one batch; several may share batches, since row groups differ
+    /// in row count.
     pub fn batches(self, cols: &[&str], row_groups: Option<Vec<usize>>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+        // Readers downcast columns to the shard schema's types: a file whose schema is not
+        // a shard's is an error here, not a panic there.
+        self.token_width()?;
         let path = self.path.clone();
         let schema = self.builder.parquet_schema();
         let arrow_schema = self.builder.schema().clone();
@@ -244,7 +248,13 @@ impl ShardReader {
             b = b.with_row_groups(groups);
         }
         let reader = b.build().map_err(|e| Error::Parquet { path: path.clone(), message: e.to_string() })?;
-        Ok(reader.map(move |r| r.map(canonical_strings).map_err(|e| Error::Parquet { path: path.clone(), message: format!("corrupt row group: {e}") })))
+        // A projection yields columns in the file's order; callers get the order they asked.
+        let wanted: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        let in_order = move |b: RecordBatch| {
+            let idx: Vec<usize> = wanted.iter().map(|c| b.schema().index_of(c).expect("projected above")).collect();
+            b.project(&idx)
+        };
+        Ok(reader.map(move |r| r.and_then(|b| in_order(canonical_strings(b))).map_err(|e| Error::Parquet { path: path.clone(), message: format!("corrupt row group: {e}") })))
     }
 }
 

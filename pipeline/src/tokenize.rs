@@ -123,7 +123,13 @@ static BYTE_CHARS: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::new(|
 impl LoadedTokenizer {
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path).map_err(|source| Error::MissingInput { path: path.to_path_buf(), source })?;
-        let mut tokenizer = Tokenizer::from_bytes(&bytes).map_err(|e| tok_err(path, e))?;
+        // tokenizers 0.23 panics on some malformed files (an `unwrap` in its decoder's
+        // deserializer, found by tests/hostile.rs): a bad file is an error, not a crash.
+        let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes)).map_err(|p| {
+            let why = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied()).unwrap_or("no message");
+            tok_err(path, format!("not a valid tokenizer.json (the tokenizers library failed: {why})"))
+        })?;
+        let mut tokenizer = parsed.map_err(|e| tok_err(path, e))?;
         refuse_lossy_settings(path, &tokenizer)?;
         // Corpus text that happens to spell `<|endoftext|>` or `<|pad|>` is text: only the
         // loader inserts separators, so special tokens are never matched in documents.
