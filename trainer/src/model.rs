@@ -167,6 +167,9 @@ pub struct MMRecBlock {
     ffn_down: Dense,
     uboo: Option<Mlp>,
     cfg: ModelConfig,
+    /// A hash of the block's name (`blocks.3`, `experts.code.blocks.3`): its dropout masks'
+    /// own stream.
+    key: u64,
 }
 
 /// Which projection path computes `[q, k, z, g]`: the same weights either way.
@@ -197,6 +200,7 @@ impl MMRecBlock {
             ffn_down: dense(cfg.ffn_dim(), d, vb.pp("ffn").pp("down"))?,
             uboo: if cfg.uboo_weight > 0.0 { Some(Mlp::new(d, d, d, vb.pp("uboo"))?) } else { None },
             cfg: cfg.clone(),
+            key: name_hash(&vb.prefix()),
         })
     }
 
@@ -241,9 +245,10 @@ impl MMRecBlock {
         let (h, h_last) = mmrec_kernels::scan(&gamma, &u, &state.h)?;
         let h = h.to_dtype(x.dtype())?;
         let (c, levels) = self.memory(&q, &h, state)?;
-        let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, self.cfg.dropout, train)?)?;
-        let f = dropout(&mmrec_kernels::fused::gelu(&self.ffn_up.forward(&self.norm2.forward(&r)?)?)?, self.cfg.dropout, train)?;
-        let y = (&r + dropout(&self.ffn_down.forward(&f)?, self.cfg.dropout, train)?)?;
+        let p = self.cfg.dropout;
+        let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, p, train, (self.key, 0))?)?;
+        let f = dropout(&mmrec_kernels::fused::gelu(&self.ffn_up.forward(&self.norm2.forward(&r)?)?)?, p, train, (self.key, 1))?;
+        let y = (&r + dropout(&self.ffn_down.forward(&f)?, p, train, (self.key, 2))?)?;
         let aux = self.uboo_loss(&h)?;
         let t = x.dim(1)?;
         Ok((y, BlockState { pos: state.pos + t, h: h_last, levels }, aux))
@@ -354,12 +359,30 @@ fn visibility_mask(visible: Vec<bool>, shape: (usize, usize), dtype: DType, dev:
     Ok(mask)
 }
 
-fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p)
-    } else {
-        Ok(x.clone())
+thread_local! {
+    /// The seed dropout masks of the current step are drawn from (see [`set_dropout_seed`]).
+    static DROPOUT_SEED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Seed the dropout masks of the forward passes that follow on this thread. The trainer
+/// sets it from (model seed, step, micro-batch) before each step, so masks repeat exactly
+/// on a resumed run, and a recomputed block (gradient checkpointing) draws the same ones.
+pub fn set_dropout_seed(seed: u64) {
+    DROPOUT_SEED.with(|s| s.set(seed));
+}
+
+/// Inverted dropout with a mask that is a function of (step seed, block, site, element):
+/// candle's dropout draws from an unseeded generator, so runs could not repeat.
+fn dropout(x: &Tensor, p: f32, train: bool, key: (u64, u64)) -> Result<Tensor> {
+    if !(train && p > 0.0) {
+        return Ok(x.clone());
     }
+    let seed = DROPOUT_SEED.with(|s| s.get()) ^ key.0.rotate_left(17) ^ key.1.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let threshold = (p as f64 * (1u64 << 53) as f64) as u64;
+    let keep = 1.0 / (1.0 - p);
+    // Drawn on the host: exact and device-independent; only runs with dropout pay for it.
+    let mask: Vec<f32> = (0..x.elem_count() as u64).map(|i| if SplitMix(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)).next() >> 11 < threshold { 0.0 } else { keep }).collect();
+    x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
 /// A stack of blocks with its final norm: the part experts own.
@@ -547,7 +570,7 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
             }
             return Ok(v.as_tensor().clone());
         }
-        let mut rng = SplitMix(self.seed ^ name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3)));
+        let mut rng = SplitMix(self.seed ^ name_hash(name));
         let n = s.elem_count();
         let values: Vec<f64> = match h {
             Init::Const(c) => vec![c; n],
@@ -574,6 +597,11 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
     fn contains_tensor(&self, name: &str) -> bool {
         self.varmap.data().lock().expect("varmap lock").contains_key(name)
     }
+}
+
+/// FNV-1a of a tensor or module name: a stable per-name stream for seeded draws.
+fn name_hash(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
 }
 
 struct SplitMix(u64);

@@ -164,7 +164,15 @@ fn finetuning_never_changes_frozen_tensors() {
 
 #[test]
 fn gradient_checkpointing_gives_the_same_gradients() {
-    let cfg = ModelConfig { vocab_size: 40, d_model: 16, n_layers: 3, n_heads: 2, n_slots: 3, chunk_sizes: vec![4, 8], memory_window: 2, dropout: 0.0, uboo_weight: 0.1 };
+    for dropout in [0.0, 0.3] {
+        checkpointing_matches(dropout);
+    }
+}
+
+/// With dropout, the recomputed blocks must draw the masks the first pass drew.
+fn checkpointing_matches(dropout: f32) {
+    mmrec_trainer::model::set_dropout_seed(99);
+    let cfg = ModelConfig { vocab_size: 40, d_model: 16, n_layers: 3, n_heads: 2, n_slots: 3, chunk_sizes: vec![4, 8], memory_window: 2, dropout, uboo_weight: 0.1 };
     let vm = VarMap::new();
     let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg).unwrap();
@@ -364,4 +372,31 @@ fn models_record_their_tokenizer_and_refuse_shards_of_another() {
     let out = eval(big.to_str().unwrap(), &["--allow-tokenizer-mismatch"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("has a vocabulary of {}", vocab + 10)), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn runs_with_dropout_repeat_and_resume_exactly() {
+    let (first, second, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let args = |dir: &Path| {
+        let mut a = base_args(dir, 16);
+        a.extend(["--set".into(), "model.dropout=0.2".into(), "--set".into(), "run.ckpt_every=4".into()]);
+        a
+    };
+    assert!(mmrec_train("pretrain", &args(first.path())).status.success());
+    assert!(mmrec_train("pretrain", &args(second.path())).status.success());
+    assert_eq!(losses(first.path()), losses(second.path()), "two runs with dropout give the same losses");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(args(killed.path())).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let latest = killed.path().join("checkpoints/latest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&latest).map(|s| s.trim() != "step-00000004").unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint at step 4");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(losses(killed.path()).len() < 16, "the run was killed before finishing");
+    let mut resume = args(killed.path());
+    resume.push("--resume".into());
+    assert!(mmrec_train("pretrain", &resume).status.success());
+    assert_eq!(losses(first.path()), losses(killed.path()), "a resumed run with dropout retraces the uninterrupted one");
 }
