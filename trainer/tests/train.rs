@@ -78,6 +78,21 @@ fn losses(out: &Path) -> BTreeMap<u64, f64> {
         .collect()
 }
 
+/// Start `pretrain` with `args` (writing to `out`), SIGKILL it once its checkpoint at
+/// `step` is in place, and check that it had not finished all `steps`.
+fn pretrain_killed_at_checkpoint(args: &[String], out: &Path, step: u64, steps: usize) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(args).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let latest = out.join("checkpoints/latest");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&latest).map(|s| s.trim() != format!("step-{step:08}")).unwrap_or(true) {
+        assert!(std::time::Instant::now() < deadline, "no checkpoint at step {step}");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(losses(out).len() < steps, "the run was killed before finishing");
+}
+
 #[test]
 fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_one_step_for_step() {
     let (straight, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -87,16 +102,7 @@ fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_one_step_for_s
 
     let mut args = base_args(killed.path(), 16);
     args.extend(["--set".into(), "run.ckpt_every=8".into()]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(&args).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let latest = killed.path().join("checkpoints/latest");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::read_to_string(&latest).map(|s| s.trim() != "step-00000008").unwrap_or(true) {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint at step 8");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
-    assert!(losses(killed.path()).len() < 16, "the run was killed before finishing");
+    pretrain_killed_at_checkpoint(&args, killed.path(), 8, 16);
 
     let mut resume = args.clone();
     resume.push("--resume".into());
@@ -385,16 +391,7 @@ fn runs_with_dropout_repeat_and_resume_exactly() {
     assert!(mmrec_train("pretrain", &args(first.path())).status.success());
     assert!(mmrec_train("pretrain", &args(second.path())).status.success());
     assert_eq!(losses(first.path()), losses(second.path()), "two runs with dropout give the same losses");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(args(killed.path())).stdout(std::process::Stdio::null()).spawn().unwrap();
-    let latest = killed.path().join("checkpoints/latest");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::read_to_string(&latest).map(|s| s.trim() != "step-00000004").unwrap_or(true) {
-        assert!(std::time::Instant::now() < deadline, "no checkpoint at step 4");
-        std::thread::sleep(std::time::Duration::from_millis(2));
-    }
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert!(losses(killed.path()).len() < 16, "the run was killed before finishing");
+    pretrain_killed_at_checkpoint(&args(killed.path()), killed.path(), 4, 16);
     let mut resume = args(killed.path());
     resume.push("--resume".into());
     assert!(mmrec_train("pretrain", &resume).status.success());
