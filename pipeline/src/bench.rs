@@ -91,8 +91,9 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
     let one_pass: u64 = per_domain.iter().flat_map(|(_, t)| t).map(|t| t.len() as u64 + 16).sum();
     let passes = min_bytes.div_ceil(one_pass.max(1));
     let mut out = Vec::new();
-    for (domain, texts) in &per_domain {
-        let path = dir.join(format!("{domain}.jsonl"));
+    for (i, (domain, texts)) in per_domain.iter().enumerate() {
+        // One file per source: two sources of one domain must not overwrite each other.
+        let path = dir.join(format!("{domain}-{i}.jsonl"));
         let mut buf = Vec::new();
         for pass in 0..passes {
             for t in texts {
