@@ -117,3 +117,17 @@ proptest! {
     }
 }
 
+#[test]
+fn a_tokenizer_file_the_library_panics_on_is_an_error() {
+    // tokenizers 0.23 `expect`s its decoder field to deserialise; a number out of range
+    // (found by the mutation test above) made it panic.
+    let text = std::fs::read_to_string(fixtures().join("tokenizer.json")).unwrap();
+    let mut t: serde_json::Value = serde_json::from_str(&text).unwrap();
+    t["decoder"] = serde_json::json!("DECODER");
+    let forged = t.to_string().replace("\"DECODER\"", "1e400");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    std::fs::write(&path, forged).unwrap();
+    let err = mmrec_pipeline::tokenize::LoadedTokenizer::load(&path).err().expect("refused").to_string();
+    assert!(err.contains("not a valid tokenizer.json") && err.contains("number out of range"), "{err}");
+}
