@@ -20,7 +20,9 @@ fn main() {
             .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=sm_{cap}"), &src, "-o"])
             .arg(out.join(format!("{name}.ptx")))
             .status()
-            .unwrap_or_else(|e| panic!("running nvcc for {src}: {e} (is the CUDA toolkit on PATH? see scripts/build-cuda.sh)"));
+            .unwrap_or_else(|e| {
+                panic!("running nvcc for {src}: {e} (is the CUDA toolkit on PATH? see scripts/build-cuda.sh)")
+            });
         assert!(status.success(), "nvcc failed on {src}");
     }
 }

@@ -21,18 +21,49 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor};
 pub fn moments(moments: &Tensor, grad: &Tensor, beta1: f64, beta2: f64, scale: f64) -> candle_core::Result<()> {
     let grad = grad.flatten_all()?.contiguous()?;
     if moments.dims() != [2, grad.elem_count()] {
-        candle_core::bail!("adamw: moments {:?} do not match a gradient of {} elements", moments.dims(), grad.elem_count());
+        candle_core::bail!(
+            "adamw: moments {:?} do not match a gradient of {} elements",
+            moments.dims(),
+            grad.elem_count()
+        );
     }
-    moments.inplace_op2(&grad, &Moments { beta1: beta1 as f32, beta2: beta2 as f32, scale: scale as f32 })
+    moments.inplace_op2(
+        &grad,
+        &Moments {
+            beta1: beta1 as f32,
+            beta2: beta2 as f32,
+            scale: scale as f32,
+        },
+    )
 }
 
 /// `θ ← θ · decay − lr · (m / c1) / (sqrt(v / c2) + ε)` in place, with the bias corrections
 /// `(c1, c2)`.
-pub fn apply(theta: &Tensor, moments: &Tensor, lr: f64, decay: f64, (c1, c2): (f64, f64), eps: f64) -> candle_core::Result<()> {
+pub fn apply(
+    theta: &Tensor,
+    moments: &Tensor,
+    lr: f64,
+    decay: f64,
+    (c1, c2): (f64, f64),
+    eps: f64,
+) -> candle_core::Result<()> {
     if moments.dims() != [2, theta.elem_count()] {
-        candle_core::bail!("adamw: moments {:?} do not match a parameter of {} elements", moments.dims(), theta.elem_count());
+        candle_core::bail!(
+            "adamw: moments {:?} do not match a parameter of {} elements",
+            moments.dims(),
+            theta.elem_count()
+        );
     }
-    theta.inplace_op2(moments, &Apply { lr: lr as f32, decay: decay as f32, c1: c1 as f32, c2: c2 as f32, eps: eps as f32 })
+    theta.inplace_op2(
+        moments,
+        &Apply {
+            lr: lr as f32,
+            decay: decay as f32,
+            c1: c1 as f32,
+            c2: c2 as f32,
+            eps: eps as f32,
+        },
+    )
 }
 
 struct Moments {
@@ -80,7 +111,13 @@ impl InplaceOp2 for Moments {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         crate::cuda::adamw_moments((s1, l1), (s2, l2), (self.beta1, self.beta2, self.scale))
     }
 }
@@ -100,7 +137,13 @@ impl InplaceOp2 for Apply {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &mut candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         crate::cuda::adamw_apply((s1, l1), (s2, l2), (self.lr, self.decay, self.c1, self.c2, self.eps))
     }
 }

@@ -69,7 +69,14 @@ pub fn scan<T: Elem>(gamma: &[T], u: &[T], init: &[T], dims: (usize, usize, usiz
     scan_with(gamma, u, init, dims, dir, Strategy::Auto)
 }
 
-pub fn scan_with<T: Elem>(gamma: &[T], u: &[T], init: &[T], dims: (usize, usize, usize), dir: Direction, strategy: Strategy) -> Vec<T> {
+pub fn scan_with<T: Elem>(
+    gamma: &[T],
+    u: &[T],
+    init: &[T],
+    dims: (usize, usize, usize),
+    dir: Direction,
+    strategy: Strategy,
+) -> Vec<T> {
     let mut out = alloc_output(dims.0 * dims.1 * dims.2);
     scan_into(gamma, u, init, dims, dir, strategy, &mut out);
     out
@@ -98,7 +105,15 @@ fn alloc_output<T: Elem>(n: usize) -> Vec<T> {
 }
 
 /// The scan into a caller-provided buffer of b·t·d elements.
-pub fn scan_into<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, usize), dir: Direction, strategy: Strategy, out: &mut [T]) {
+pub fn scan_into<T: Elem>(
+    gamma: &[T],
+    u: &[T],
+    init: &[T],
+    (b, t, d): (usize, usize, usize),
+    dir: Direction,
+    strategy: Strategy,
+    out: &mut [T],
+) {
     assert_eq!(gamma.len(), b * t * d);
     assert_eq!(u.len(), b * t * d);
     assert_eq!(init.len(), b * d);
@@ -140,14 +155,29 @@ fn tiled<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, us
 /// One tile's walk through time steps `steps` (in `dir` order) for channels c0..c0+w.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn walk<T: Elem>(gamma: &[T], u: &[T], out: &mut [T], state: &mut [T], base: usize, c0: usize, d: usize, steps: std::ops::Range<usize>, dir: Direction) {
+fn walk<T: Elem>(
+    gamma: &[T],
+    u: &[T],
+    out: &mut [T],
+    state: &mut [T],
+    base: usize,
+    c0: usize,
+    d: usize,
+    steps: std::ops::Range<usize>,
+    dir: Direction,
+) {
     let w = state.len();
     match dir {
         Direction::Forward => {
             for s in steps {
                 let o = base + s * d + c0;
                 // Zipped iterators: no bounds checks, so the loop vectorises.
-                for (((s, &g), &x), y) in state.iter_mut().zip(&gamma[o..o + w]).zip(&u[o..o + w]).zip(&mut out[o..o + w]) {
+                for (((s, &g), &x), y) in state
+                    .iter_mut()
+                    .zip(&gamma[o..o + w])
+                    .zip(&u[o..o + w])
+                    .zip(&mut out[o..o + w])
+                {
                     *s = g * *s + x;
                     *y = *s;
                 }
@@ -157,7 +187,12 @@ fn walk<T: Elem>(gamma: &[T], u: &[T], out: &mut [T], state: &mut [T], base: usi
             // `state` carries γ_{s+1} g_{s+1} into step s.
             for s in steps.rev() {
                 let o = base + s * d + c0;
-                for (((s, &g), &x), y) in state.iter_mut().zip(&gamma[o..o + w]).zip(&u[o..o + w]).zip(&mut out[o..o + w]) {
+                for (((s, &g), &x), y) in state
+                    .iter_mut()
+                    .zip(&gamma[o..o + w])
+                    .zip(&u[o..o + w])
+                    .zip(&mut out[o..o + w])
+                {
                     let v = x + *s;
                     *y = v;
                     *s = g * v;
@@ -180,10 +215,25 @@ struct Span {
 fn job_span(job: usize, chunks: usize, blocks: usize, len: usize, (t, d): (usize, usize)) -> Span {
     let (bi, rest) = (job / (chunks * blocks), job % (chunks * blocks));
     let (ci, blk) = (rest / blocks, rest % blocks);
-    Span { bi, ci, c0: blk * BLOCK, c1: ((blk + 1) * BLOCK).min(d), s0: ci * len, s1: ((ci + 1) * len).min(t) }
+    Span {
+        bi,
+        ci,
+        c0: blk * BLOCK,
+        c1: ((blk + 1) * BLOCK).min(d),
+        s0: ci * len,
+        s1: ((ci + 1) * len).min(t),
+    }
 }
 
-fn chunked<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, usize), dir: Direction, out: &mut [T], chunks: usize) {
+fn chunked<T: Elem>(
+    gamma: &[T],
+    u: &[T],
+    init: &[T],
+    (b, t, d): (usize, usize, usize),
+    dir: Direction,
+    out: &mut [T],
+    chunks: usize,
+) {
     let chunks = chunks.min(t);
     let len = t.div_ceil(chunks);
     let chunks = t.div_ceil(len);
@@ -200,7 +250,12 @@ fn chunked<T: Elem>(gamma: &[T], u: &[T], init: &[T], (b, t, d): (usize, usize, 
         let mut prod = [T::ONE; BLOCK];
         // SAFETY: job (bi, ci, blk) writes rows bi, steps s0..s1, channels c0..c1 of `out`
         // and entry (bi, ci, c0..c1) of `decay`: disjoint across jobs.
-        let (out, decay) = unsafe { (std::slice::from_raw_parts_mut(ptr.get(), b * t * d), std::slice::from_raw_parts_mut(dptr.get(), b * chunks * d)) };
+        let (out, decay) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(ptr.get(), b * t * d),
+                std::slice::from_raw_parts_mut(dptr.get(), b * chunks * d),
+            )
+        };
         walk(gamma, u, out, &mut state[..w], bi * t * d, c0, d, s0..s1, dir);
         for s in s0..s1 {
             let o = bi * t * d + s * d + c0;
@@ -305,6 +360,9 @@ mod tests {
         }
         // And the tiled forward is the reference itself.
         let reference = crate::reference_scan(&gamma, &u, &h0, (b, t, d));
-        assert_eq!(scan_with(&gamma, &u, &h0, (b, t, d), Direction::Forward, Strategy::Tiled), reference);
+        assert_eq!(
+            scan_with(&gamma, &u, &h0, (b, t, d), Direction::Forward, Strategy::Tiled),
+            reference
+        );
     }
 }

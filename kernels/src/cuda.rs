@@ -4,9 +4,9 @@
 //! and, per tile and channel, a flag, an aggregate and an inclusive state: 16 bytes per
 //! 128 time steps of a channel, under 4% of the scan's own traffic in f32).
 
+use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
-use candle_core::backend::BackendStorage;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/scan.ptx"));
@@ -46,17 +46,33 @@ impl Kernel {
 
 /// Launch `kernel` on [B, T, D] inputs (all of one dtype, f32 or bf16); returns the output
 /// storage (`outputs()` × B·T·D elements).
-pub fn launch(kernel: Kernel, inputs: &[(&CudaStorage, &Layout)], (b, t, d): (usize, usize, usize)) -> Result<CudaStorage> {
+pub fn launch(
+    kernel: Kernel,
+    inputs: &[(&CudaStorage, &Layout)],
+    (b, t, d): (usize, usize, usize),
+) -> Result<CudaStorage> {
     let dev = inputs[0].0.device().clone();
     match inputs[0].0.dtype() {
-        DType::F32 => launch_typed::<f32>(kernel, inputs, (b, t, d), &dev).map(|s| CudaStorage::wrap_cuda_slice(s, dev)),
-        DType::BF16 => launch_typed::<half::bf16>(kernel, inputs, (b, t, d), &dev).map(|s| CudaStorage::wrap_cuda_slice(s, dev)),
+        DType::F32 => {
+            launch_typed::<f32>(kernel, inputs, (b, t, d), &dev).map(|s| CudaStorage::wrap_cuda_slice(s, dev))
+        }
+        DType::BF16 => {
+            launch_typed::<half::bf16>(kernel, inputs, (b, t, d), &dev).map(|s| CudaStorage::wrap_cuda_slice(s, dev))
+        }
         other => candle_core::bail!("scan: {other:?} is not supported on CUDA (f32 or bf16)"),
     }
 }
 
-fn launch_typed<T: CudaDType + DeviceRepr + WithDType>(kernel: Kernel, inputs: &[(&CudaStorage, &Layout)], (b, t, d): (usize, usize, usize), dev: &CudaDevice) -> Result<CudaSlice<T>> {
-    let views = inputs.iter().map(|(s, l)| contiguous_view::<T>(s, l, "scan: inputs")).collect::<Result<Vec<_>>>()?;
+fn launch_typed<T: CudaDType + DeviceRepr + WithDType>(
+    kernel: Kernel,
+    inputs: &[(&CudaStorage, &Layout)],
+    (b, t, d): (usize, usize, usize),
+    dev: &CudaDevice,
+) -> Result<CudaSlice<T>> {
+    let views = inputs
+        .iter()
+        .map(|(s, l)| contiguous_view::<T>(s, l, "scan: inputs"))
+        .collect::<Result<Vec<_>>>()?;
     let n = b * t * d;
     // SAFETY: every element is written by the kernel (each (b, t, d) belongs to one tile).
     let out = unsafe { dev.alloc::<T>(kernel.outputs() * n)? };
@@ -73,7 +89,11 @@ fn launch_typed<T: CudaDType + DeviceRepr + WithDType>(kernel: Kernel, inputs: &
         args.arg(v);
     }
     args.arg(&out).arg(&bi).arg(&ti).arg(&di).arg(&scratch);
-    let cfg = LaunchConfig { grid_dim: (tiles as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: the argument list matches the kernel's signature in scan.cu.
     unsafe { args.launch(cfg) }.w()?;
     Ok(out)
@@ -88,7 +108,9 @@ pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
     // SAFETY: plain driver calls on the device's default pool.
     unsafe {
         let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        sys::cuMemPoolSetAttribute(default_pool(dev)?, attr, (&mut threshold as *mut u64).cast()).result().w()?;
+        sys::cuMemPoolSetAttribute(default_pool(dev)?, attr, (&mut threshold as *mut u64).cast())
+            .result()
+            .w()?;
     }
     Ok(())
 }
@@ -138,7 +160,13 @@ const LOSS_THREADS: u32 = 512;
 /// The cross-entropy kernels of `cuda/loss.cu`, one block per row of [N, V] logits.
 /// Forward: (logits, targets u32, mask f32) → [N, 2] f32 (loss, lse). Backward: (logits,
 /// targets, [N, 2] (coef, lse)) → dlogits in the logits' dtype.
-pub fn cross_entropy(backward: bool, logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &Layout), rows: (&CudaStorage, &Layout), (n, v): (usize, usize)) -> Result<CudaStorage> {
+pub fn cross_entropy(
+    backward: bool,
+    logits: (&CudaStorage, &Layout),
+    targets: (&CudaStorage, &Layout),
+    rows: (&CudaStorage, &Layout),
+    (n, v): (usize, usize),
+) -> Result<CudaStorage> {
     let dev = logits.0.device().clone();
     match logits.0.dtype() {
         DType::F32 => cross_entropy_typed::<f32>(backward, logits, targets, rows, (n, v), &dev),
@@ -147,14 +175,25 @@ pub fn cross_entropy(backward: bool, logits: (&CudaStorage, &Layout), targets: (
     }
 }
 
-fn contiguous_view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
+fn contiguous_view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>> {
     match l.contiguous_offsets() {
         Some((lo, hi)) => Ok(s.as_cuda_slice::<T>()?.slice(lo..hi)),
         None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
-fn cross_entropy_typed<T: CudaDType + DeviceRepr + WithDType>(backward: bool, logits: (&CudaStorage, &Layout), targets: (&CudaStorage, &Layout), rows: (&CudaStorage, &Layout), (n, v): (usize, usize), dev: &CudaDevice) -> Result<CudaStorage> {
+fn cross_entropy_typed<T: CudaDType + DeviceRepr + WithDType>(
+    backward: bool,
+    logits: (&CudaStorage, &Layout),
+    targets: (&CudaStorage, &Layout),
+    rows: (&CudaStorage, &Layout),
+    (n, v): (usize, usize),
+    dev: &CudaDevice,
+) -> Result<CudaStorage> {
     let x = contiguous_view::<T>(logits.0, logits.1, "cross-entropy: logits")?;
     let t = contiguous_view::<u32>(targets.0, targets.1, "cross-entropy: targets")?;
     let r = contiguous_view::<f32>(rows.0, rows.1, "cross-entropy: per-row input")?;
@@ -168,11 +207,21 @@ fn cross_entropy_typed<T: CudaDType + DeviceRepr + WithDType>(backward: bool, lo
     }
 }
 
-type RowInputs<'a, 'b, T> = (&'b CudaView<'a, T>, &'b CudaView<'a, u32>, &'b CudaView<'a, f32>, (usize, usize));
+type RowInputs<'a, 'b, T> = (
+    &'b CudaView<'a, T>,
+    &'b CudaView<'a, u32>,
+    &'b CudaView<'a, f32>,
+    (usize, usize),
+);
 
 /// Kernel `name` of loss.cu, one block per row: (logits, targets, per-row f32, out, V),
 /// `len` output elements.
-fn launch_rows<T: DeviceRepr, O: CudaDType + DeviceRepr>(name: &str, (x, t, r, (n, v)): RowInputs<T>, len: usize, dev: &CudaDevice) -> Result<CudaStorage> {
+fn launch_rows<T: DeviceRepr, O: CudaDType + DeviceRepr>(
+    name: &str,
+    (x, t, r, (n, v)): RowInputs<T>,
+    len: usize,
+    dev: &CudaDevice,
+) -> Result<CudaStorage> {
     let func = dev.get_or_load_custom_func(name, "mmrec_loss", LOSS_PTX)?;
     // SAFETY: each block writes every output element of its row.
     let out = unsafe { dev.alloc::<O>(len)? };
@@ -180,7 +229,11 @@ fn launch_rows<T: DeviceRepr, O: CudaDType + DeviceRepr>(name: &str, (x, t, r, (
         let vi = v as i32;
         let mut args = func.builder();
         args.arg(x).arg(t).arg(r).arg(&out).arg(&vi);
-        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (LOSS_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (n as u32, 1, 1),
+            block_dim: (LOSS_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
         // SAFETY: the argument list matches mmrec_ce_fwd / mmrec_ce_bwd in loss.cu.
         unsafe { args.launch(cfg) }.w()?;
     }
@@ -226,10 +279,17 @@ fn blocks(work: usize, per_block: usize) -> u32 {
 pub fn rms_norm(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), (n, d): (usize, usize)) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
     with_float!(x.0.dtype(), "rmsnorm", |T| {
-        let (xv, wv) = (contiguous_view::<T>(x.0, x.1, "rmsnorm: x")?, contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?);
+        let (xv, wv) = (
+            contiguous_view::<T>(x.0, x.1, "rmsnorm: x")?,
+            contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?,
+        );
         // SAFETY: every row is written by the block that takes it.
         let y = unsafe { dev.alloc::<T>(n * d)? };
-        let func = dev.get_or_load_custom_func(&format!("mmrec_rmsnorm_fwd_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let func = dev.get_or_load_custom_func(
+            &format!("mmrec_rmsnorm_fwd_{}", suffix(T::DTYPE)),
+            "mmrec_fused",
+            FUSED_PTX,
+        )?;
         let (ni, di) = (n as i32, d as i32);
         let mut args = func.builder();
         args.arg(&xv).arg(&wv).arg(&y).arg(&ni).arg(&di);
@@ -239,11 +299,25 @@ pub fn rms_norm(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), (n, d): 
 }
 
 /// RMSNorm backward: dx [N, D] in x's dtype, or (`weight`) dw [D] in f32.
-pub fn rms_norm_grad(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout), (n, d): (usize, usize), weight: bool) -> Result<CudaStorage> {
+pub fn rms_norm_grad(
+    x: (&CudaStorage, &Layout),
+    w: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    (n, d): (usize, usize),
+    weight: bool,
+) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
     with_float!(x.0.dtype(), "rmsnorm backward", |T| {
-        let (xv, wv, dyv) = (contiguous_view::<T>(x.0, x.1, "rmsnorm: x")?, contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?, contiguous_view::<T>(dy.0, dy.1, "rmsnorm: dy")?);
-        let func = dev.get_or_load_custom_func(&format!("mmrec_rmsnorm_bwd_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let (xv, wv, dyv) = (
+            contiguous_view::<T>(x.0, x.1, "rmsnorm: x")?,
+            contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?,
+            contiguous_view::<T>(dy.0, dy.1, "rmsnorm: dy")?,
+        );
+        let func = dev.get_or_load_custom_func(
+            &format!("mmrec_rmsnorm_bwd_{}", suffix(T::DTYPE)),
+            "mmrec_fused",
+            FUSED_PTX,
+        )?;
         let (ni, di, null) = (n as i32, d as i32, 0usize);
         let mut args = func.builder();
         args.arg(&xv).arg(&wv).arg(&dyv);
@@ -266,7 +340,11 @@ fn launch_norm(mut args: candle_core::cuda_backend::cudarc::driver::LaunchArgs, 
     if rows == 0 {
         return Ok(());
     }
-    let cfg = LaunchConfig { grid_dim: (blocks(rows, 1).min(132 * 4), 1, 1), block_dim: (NORM_THREADS, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(rows, 1).min(132 * 4), 1, 1),
+        block_dim: (NORM_THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: the caller pushed the arguments of an rmsnorm kernel in fused.cu.
     unsafe { args.launch(cfg) }.w().map(|_| ())
 }
@@ -274,14 +352,32 @@ fn launch_norm(mut args: candle_core::cuda_backend::cudarc::driver::LaunchArgs, 
 /// The MDI gate: (a, b [N, D], projection p [N, 4D]) → [γ; u], 2·N·D f32. With `grad`
 /// ([dγ; du], f32) the backward instead: [da | db | 0 | 0 | dz | dg] per row, N·6D in
 /// a's dtype.
-pub fn gate(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), p: (&CudaStorage, &Layout), grad: Option<(&CudaStorage, &Layout)>, (n, d): (usize, usize)) -> Result<CudaStorage> {
+pub fn gate(
+    a: (&CudaStorage, &Layout),
+    b: (&CudaStorage, &Layout),
+    p: (&CudaStorage, &Layout),
+    grad: Option<(&CudaStorage, &Layout)>,
+    (n, d): (usize, usize),
+) -> Result<CudaStorage> {
     let dev = a.0.device().clone();
     with_float!(a.0.dtype(), "gate", |T| {
-        let (av, bv, pv) = (contiguous_view::<T>(a.0, a.1, "gate: a")?, contiguous_view::<T>(b.0, b.1, "gate: b")?, contiguous_view::<T>(p.0, p.1, "gate: projection")?);
+        let (av, bv, pv) = (
+            contiguous_view::<T>(a.0, a.1, "gate: a")?,
+            contiguous_view::<T>(b.0, b.1, "gate: b")?,
+            contiguous_view::<T>(p.0, p.1, "gate: projection")?,
+        );
         let (ni, di) = (n as i32, d as i32);
-        let cfg = LaunchConfig { grid_dim: (blocks(n * d, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let cfg = LaunchConfig {
+            grid_dim: (blocks(n * d, 256), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let kind = if grad.is_some() { "bwd" } else { "fwd" };
-        let func = dev.get_or_load_custom_func(&format!("mmrec_gate_{kind}_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let func = dev.get_or_load_custom_func(
+            &format!("mmrec_gate_{kind}_{}", suffix(T::DTYPE)),
+            "mmrec_fused",
+            FUSED_PTX,
+        )?;
         let mut args = func.builder();
         args.arg(&av).arg(&bv).arg(&pv);
         match grad {
@@ -311,11 +407,17 @@ pub fn gate(a: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), p: (&CudaSto
 }
 
 /// AdamW's moment update in place on `moments` [2, n] f32 from the gradient [n] f32.
-pub fn adamw_moments(moments: (&mut CudaStorage, &Layout), grad: (&CudaStorage, &Layout), (b1, b2, scale): (f32, f32, f32)) -> Result<()> {
+pub fn adamw_moments(
+    moments: (&mut CudaStorage, &Layout),
+    grad: (&CudaStorage, &Layout),
+    (b1, b2, scale): (f32, f32, f32),
+) -> Result<()> {
     let dev = moments.0.device().clone();
     let n = moments.1.shape().elem_count() / 2;
     let gv = contiguous_view::<f32>(grad.0, grad.1, "adamw: gradient")?;
-    let Some((lo, hi)) = moments.1.contiguous_offsets() else { candle_core::bail!("adamw: moments must be contiguous") };
+    let Some((lo, hi)) = moments.1.contiguous_offsets() else {
+        candle_core::bail!("adamw: moments must be contiguous")
+    };
     let mut mv = moments.0.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
     let func = dev.get_or_load_custom_func("mmrec_adamw_moments", "mmrec_fused", FUSED_PTX)?;
     let n64 = n as u64;
@@ -325,16 +427,29 @@ pub fn adamw_moments(moments: (&mut CudaStorage, &Layout), grad: (&CudaStorage, 
 }
 
 /// AdamW's parameter update in place on `theta` [n] f32 from `moments` [2, n].
-pub fn adamw_apply(theta: (&mut CudaStorage, &Layout), moments: (&CudaStorage, &Layout), (lr, decay, c1, c2, eps): (f32, f32, f32, f32, f32)) -> Result<()> {
+pub fn adamw_apply(
+    theta: (&mut CudaStorage, &Layout),
+    moments: (&CudaStorage, &Layout),
+    (lr, decay, c1, c2, eps): (f32, f32, f32, f32, f32),
+) -> Result<()> {
     let dev = theta.0.device().clone();
     let n = theta.1.shape().elem_count();
     let mv = contiguous_view::<f32>(moments.0, moments.1, "adamw: moments")?;
-    let Some((lo, hi)) = theta.1.contiguous_offsets() else { candle_core::bail!("adamw: parameters must be contiguous") };
+    let Some((lo, hi)) = theta.1.contiguous_offsets() else {
+        candle_core::bail!("adamw: parameters must be contiguous")
+    };
     let mut th = theta.0.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
     let func = dev.get_or_load_custom_func("mmrec_adamw_apply", "mmrec_fused", FUSED_PTX)?;
     let n64 = n as u64;
     let mut args = func.builder();
-    args.arg(&mut th).arg(&mv).arg(&n64).arg(&lr).arg(&decay).arg(&c1).arg(&c2).arg(&eps);
+    args.arg(&mut th)
+        .arg(&mv)
+        .arg(&n64)
+        .arg(&lr)
+        .arg(&decay)
+        .arg(&c1)
+        .arg(&c2)
+        .arg(&eps);
     launch_elementwise(args, n)
 }
 
@@ -342,7 +457,11 @@ fn launch_elementwise(mut args: candle_core::cuda_backend::cudarc::driver::Launc
     if n == 0 {
         return Ok(());
     }
-    let cfg = LaunchConfig { grid_dim: (blocks(n, 256), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig {
+        grid_dim: (blocks(n, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
     // SAFETY: the caller pushed the arguments of a grid-stride kernel in fused.cu.
     unsafe { args.launch(cfg) }.w().map(|_| ())
 }
@@ -356,7 +475,8 @@ pub fn gelu(x: (&CudaStorage, &Layout), dy: Option<(&CudaStorage, &Layout)>) -> 
         let dyv = dy.map(|(s, l)| contiguous_view::<T>(s, l, "gelu: dy")).transpose()?;
         // SAFETY: the grid-stride loop writes every element.
         let out = unsafe { dev.alloc::<T>(n)? };
-        let func = dev.get_or_load_custom_func(&format!("mmrec_gelu_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let func =
+            dev.get_or_load_custom_func(&format!("mmrec_gelu_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
         let (n64, null) = (n as u64, 0usize);
         let mut args = func.builder();
         args.arg(&xv);
@@ -371,18 +491,30 @@ pub fn gelu(x: (&CudaStorage, &Layout), dy: Option<(&CudaStorage, &Layout)>) -> 
 }
 
 /// The embedding's backward: dtable [V, D] f32 from ids [N] (u32) and dy [N, D].
-pub fn embedding_grad(ids: (&CudaStorage, &Layout), dy: (&CudaStorage, &Layout), (n, d, v): (usize, usize, usize)) -> Result<CudaStorage> {
+pub fn embedding_grad(
+    ids: (&CudaStorage, &Layout),
+    dy: (&CudaStorage, &Layout),
+    (n, d, v): (usize, usize, usize),
+) -> Result<CudaStorage> {
     let dev = dy.0.device().clone();
     with_float!(dy.0.dtype(), "embedding backward", |T| {
         let idv = contiguous_view::<u32>(ids.0, ids.1, "embedding: ids")?;
         let dyv = contiguous_view::<T>(dy.0, dy.1, "embedding: dy")?;
         let out = dev.alloc_zeros::<f32>(v * d)?;
         if n > 0 && d > 0 {
-            let func = dev.get_or_load_custom_func(&format!("mmrec_embedding_bwd_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+            let func = dev.get_or_load_custom_func(
+                &format!("mmrec_embedding_bwd_{}", suffix(T::DTYPE)),
+                "mmrec_fused",
+                FUSED_PTX,
+            )?;
             let (ni, di, vi) = (n as i32, d as i32, v as i32);
             let mut args = func.builder();
             args.arg(&idv).arg(&dyv).arg(&out).arg(&ni).arg(&di).arg(&vi);
-            let cfg = LaunchConfig { grid_dim: (blocks(n, 1), 1, 1), block_dim: (d.next_power_of_two().clamp(32, 256) as u32, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks(n, 1), 1, 1),
+                block_dim: (d.next_power_of_two().clamp(32, 256) as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: the argument list matches mmrec_embedding_bwd in fused.cu.
             unsafe { args.launch(cfg) }.w()?;
         }

@@ -85,7 +85,10 @@ fn norm_dims(x: &Layout, w: &Layout) -> candle_core::Result<(usize, usize)> {
     }
     #[cfg(feature = "cuda")]
     if d > crate::cuda::NORM_MAX_WIDTH {
-        candle_core::bail!("rmsnorm: width {d} is over the fused kernel's {}", crate::cuda::NORM_MAX_WIDTH);
+        candle_core::bail!(
+            "rmsnorm: width {d} is over the fused kernel's {}",
+            crate::cuda::NORM_MAX_WIDTH
+        );
     }
     Ok((n, d))
 }
@@ -100,29 +103,52 @@ impl CustomOp2 for RmsNorm {
         "mmrec-rmsnorm"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = norm_dims(l1, l2)?;
         let out = with_cpu_float!(s1, "rmsnorm", |T| {
-            let (x, w) = (slice::<T>(s1, l1, "rmsnorm: x")?, slice::<T>(s2, l2, "rmsnorm: weight")?);
+            let (x, w) = (
+                slice::<T>(s1, l1, "rmsnorm: x")?,
+                slice::<T>(s2, l2, "rmsnorm: weight")?,
+            );
             let mut y = vec![T::from_f64(0.0); n * d];
-            y.par_chunks_mut(d.max(1)).zip(x.par_chunks(d.max(1))).for_each(|(yr, xr)| {
-                let inv = inv_rms(xr);
-                for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = T::from_f64(xv.to_f64() * inv * wv.to_f64());
-                }
-            });
+            y.par_chunks_mut(d.max(1))
+                .zip(x.par_chunks(d.max(1)))
+                .for_each(|(yr, xr)| {
+                    let inv = inv_rms(xr);
+                    for ((o, xv), wv) in yr.iter_mut().zip(xr).zip(w) {
+                        *o = T::from_f64(xv.to_f64() * inv * wv.to_f64());
+                    }
+                });
             T::to_cpu_storage_owned(y)
         });
         Ok((out, Shape::from((n, d))))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let dims = norm_dims(l1, l2)?;
         Ok((crate::cuda::rms_norm((s1, l1), (s2, l2), dims)?, Shape::from(dims)))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let dx = x.apply_op3_no_bwd(w, &dy, &RmsNormGrad::Input)?;
         let dw = x.apply_op3_no_bwd(w, &dy, &RmsNormGrad::Weight)?.to_dtype(w.dtype())?;
@@ -136,17 +162,35 @@ impl CustomOp3 for RmsNormGrad {
     }
 
     /// Inputs (x, w, dy).
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = norm_dims(l1, l2)?;
         with_cpu_float!(s1, "rmsnorm backward", |T| {
-            let (x, w, dy) = (slice::<T>(s1, l1, "x")?, slice::<T>(s2, l2, "weight")?, slice::<T>(s3, l3, "dy")?);
+            let (x, w, dy) = (
+                slice::<T>(s1, l1, "x")?,
+                slice::<T>(s2, l2, "weight")?,
+                slice::<T>(s3, l3, "dy")?,
+            );
             let rows = x.par_chunks(d.max(1)).zip(dy.par_chunks(d.max(1)));
             match self {
                 RmsNormGrad::Input => {
                     let mut dx = vec![T::from_f64(0.0); n * d];
                     dx.par_chunks_mut(d.max(1)).zip(rows).for_each(|(out, (xr, gr))| {
                         let inv = inv_rms(xr);
-                        let mean_wgn = xr.iter().zip(gr).zip(w).map(|((xv, g), wv)| g.to_f64() * wv.to_f64() * xv.to_f64() * inv).sum::<f64>() / d as f64;
+                        let mean_wgn = xr
+                            .iter()
+                            .zip(gr)
+                            .zip(w)
+                            .map(|((xv, g), wv)| g.to_f64() * wv.to_f64() * xv.to_f64() * inv)
+                            .sum::<f64>()
+                            / d as f64;
                         for (((o, xv), g), wv) in out.iter_mut().zip(xr).zip(gr).zip(w) {
                             *o = T::from_f64((g.to_f64() * wv.to_f64() - xv.to_f64() * inv * mean_wgn) * inv);
                         }
@@ -157,7 +201,10 @@ impl CustomOp3 for RmsNormGrad {
                     let dw = rows
                         .map(|(xr, gr)| {
                             let inv = inv_rms(xr);
-                            xr.iter().zip(gr).map(|(xv, g)| g.to_f64() * xv.to_f64() * inv).collect::<Vec<f64>>()
+                            xr.iter()
+                                .zip(gr)
+                                .map(|(xv, g)| g.to_f64() * xv.to_f64() * inv)
+                                .collect::<Vec<f64>>()
                         })
                         .reduce(|| vec![0.0; d], |a, b| a.iter().zip(&b).map(|(p, q)| p + q).collect());
                     Ok((CpuStorage::F64(dw), Shape::from(d)))
@@ -167,7 +214,15 @@ impl CustomOp3 for RmsNormGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, d) = norm_dims(l1, l2)?;
         let weight = matches!(self, RmsNormGrad::Weight);
         let out = crate::cuda::rms_norm_grad((s1, l1), (s2, l2), (s3, l3), (n, d), weight)?;
@@ -187,7 +242,12 @@ struct MdiGateGrad {
 fn gate_dims(a: &Layout, b: &Layout, p: &Layout) -> candle_core::Result<(usize, usize)> {
     let (n, d) = a.shape().dims2()?;
     if b.shape() != a.shape() || p.shape().dims() != [n, 4 * d] {
-        candle_core::bail!("mdi gate: a {:?}, b {:?} and projection {:?} disagree", a.shape(), b.shape(), p.shape());
+        candle_core::bail!(
+            "mdi gate: a {:?}, b {:?} and projection {:?} disagree",
+            a.shape(),
+            b.shape(),
+            p.shape()
+        );
     }
     Ok((n, d))
 }
@@ -208,15 +268,32 @@ impl CustomOp3 for MdiGate {
         "mmrec-mdi-gate"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = gate_dims(l1, l2, l3)?;
         let out = with_cpu_float!(s1, "mdi gate", |T| {
-            let (a, b, p) = (slice::<T>(s1, l1, "a")?, slice::<T>(s2, l2, "b")?, slice::<T>(s3, l3, "projection")?);
+            let (a, b, p) = (
+                slice::<T>(s1, l1, "a")?,
+                slice::<T>(s2, l2, "b")?,
+                slice::<T>(s3, l3, "projection")?,
+            );
             let (gamma, u): (Vec<f64>, Vec<f64>) = (0..n * d)
                 .into_par_iter()
                 .map(|i| {
                     let (r, c) = (i / d, i % d);
-                    let (gamma, u, ..) = gate_at(a[i].to_f64(), b[i].to_f64(), p[r * 4 * d + 2 * d + c].to_f64(), p[r * 4 * d + 3 * d + c].to_f64());
+                    let (gamma, u, ..) = gate_at(
+                        a[i].to_f64(),
+                        b[i].to_f64(),
+                        p[r * 4 * d + 2 * d + c].to_f64(),
+                        p[r * 4 * d + 3 * d + c].to_f64(),
+                    );
                     (gamma, u)
                 })
                 .unzip();
@@ -231,15 +308,43 @@ impl CustomOp3 for MdiGate {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, d) = gate_dims(l1, l2, l3)?;
-        Ok((crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), None, (n, d))?, Shape::from((2, n, d))))
+        Ok((
+            crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), None, (n, d))?,
+            Shape::from((2, n, d)),
+        ))
     }
 
-    fn bwd(&self, a: &Tensor, b: &Tensor, p: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        p: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let d = a.dim(1)?;
-        let all = a.apply_op3_no_bwd(b, p, &MdiGateGrad { grad: grad.contiguous()? })?;
-        Ok((Some(all.narrow(1, 0, d)?), Some(all.narrow(1, d, d)?), Some(all.narrow(1, 2 * d, 4 * d)?)))
+        let all = a.apply_op3_no_bwd(
+            b,
+            p,
+            &MdiGateGrad {
+                grad: grad.contiguous()?,
+            },
+        )?;
+        Ok((
+            Some(all.narrow(1, 0, d)?),
+            Some(all.narrow(1, d, d)?),
+            Some(all.narrow(1, 2 * d, 4 * d)?),
+        ))
     }
 }
 
@@ -248,11 +353,23 @@ impl CustomOp3 for MdiGateGrad {
         "mmrec-mdi-gate-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = gate_dims(l1, l2, l3)?;
         let grad = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let out = with_cpu_float!(s1, "mdi gate backward", |T| {
-            let (a, b, p) = (slice::<T>(s1, l1, "a")?, slice::<T>(s2, l2, "b")?, slice::<T>(s3, l3, "projection")?);
+            let (a, b, p) = (
+                slice::<T>(s1, l1, "a")?,
+                slice::<T>(s2, l2, "b")?,
+                slice::<T>(s3, l3, "projection")?,
+            );
             let mut out = vec![T::from_f64(0.0); 6 * n * d];
             out.par_chunks_mut(6 * d.max(1)).enumerate().for_each(|(r, o)| {
                 for c in 0..d {
@@ -261,7 +378,11 @@ impl CustomOp3 for MdiGateGrad {
                     let (gamma, _, sa, sb, sg) = gate_at(a[i].to_f64(), b[i].to_f64(), z, g);
                     let (dgamma, du) = (grad[i], grad[n * d + i]);
                     let raw = sa * sb;
-                    let draw = if (GAMMA_LO..=GAMMA_HI).contains(&raw) { dgamma - du * sg * z } else { 0.0 };
+                    let draw = if (GAMMA_LO..=GAMMA_HI).contains(&raw) {
+                        dgamma - du * sg * z
+                    } else {
+                        0.0
+                    };
                     o[c] = T::from_f64(draw * sb * sa * (1.0 - sa));
                     o[d + c] = T::from_f64(draw * sa * sb * (1.0 - sb));
                     o[4 * d + c] = T::from_f64(du * (1.0 - gamma) * sg);
@@ -274,12 +395,25 @@ impl CustomOp3 for MdiGateGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, d) = gate_dims(l1, l2, l3)?;
         let grad = self.grad.to_dtype(DType::F32)?;
         let (storage, layout) = grad.storage_and_layout();
-        let candle_core::Storage::Cuda(g) = &*storage else { candle_core::bail!("mdi gate backward: the gradient is not on the GPU") };
-        Ok((crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), Some((g, layout)), (n, d))?, Shape::from((n, 6 * d))))
+        let candle_core::Storage::Cuda(g) = &*storage else {
+            candle_core::bail!("mdi gate backward: the gradient is not on the GPU")
+        };
+        Ok((
+            crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), Some((g, layout)), (n, d))?,
+            Shape::from((n, 6 * d)),
+        ))
     }
 }
 
@@ -304,7 +438,10 @@ fn map_cpu(s: &CpuStorage, l: &Layout, dy: Option<(&CpuStorage, &Layout)>) -> ca
     let out = with_cpu_float!(s, "gelu", |T| {
         let x = slice::<T>(s, l, "gelu: x")?;
         let out: Vec<T> = match dy {
-            None => x.par_iter().map(|v| T::from_f64(v.to_f64() * normal_cdf(v.to_f64()))).collect(),
+            None => x
+                .par_iter()
+                .map(|v| T::from_f64(v.to_f64() * normal_cdf(v.to_f64())))
+                .collect(),
             Some((ds, dl)) => {
                 let dy = slice::<T>(ds, dl, "gelu: dy")?;
                 x.par_iter()
@@ -332,7 +469,11 @@ impl candle_core::CustomOp1 for Gelu {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((crate::cuda::gelu((s, l), None)?, l.shape().clone()))
     }
 
@@ -346,12 +487,24 @@ impl CustomOp2 for GeluGrad {
         "mmrec-gelu-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         map_cpu(s1, l1, Some((s2, l2)))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         Ok((crate::cuda::gelu((s1, l1), Some((s2, l2)))?, l1.shape().clone()))
     }
 }
@@ -385,18 +538,42 @@ impl CustomOp2 for Embedding {
     }
 
     /// Inputs (table, ids): a gather, as candle's index_select does it.
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let d = l1.shape().dims2()?.1;
-        Ok((s1.index_select(s2, l1, l2, 0)?, Shape::from((l2.shape().elem_count(), d))))
+        Ok((
+            s1.index_select(s2, l1, l2, 0)?,
+            Shape::from((l2.shape().elem_count(), d)),
+        ))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let d = l1.shape().dims2()?.1;
-        Ok((s1.index_select(s2, l1, l2, 0)?, Shape::from((l2.shape().elem_count(), d))))
+        Ok((
+            s1.index_select(s2, l1, l2, 0)?,
+            Shape::from((l2.shape().elem_count(), d)),
+        ))
     }
 
-    fn bwd(&self, table: &Tensor, ids: &Tensor, _rows: &Tensor, dy: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        table: &Tensor,
+        ids: &Tensor,
+        _rows: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = ids.apply_op2_no_bwd(&dy.contiguous()?, &EmbeddingGrad { vocab: self.vocab })?;
         Ok((Some(grad.to_dtype(table.dtype())?), None))
     }
@@ -407,14 +584,23 @@ impl CustomOp2 for EmbeddingGrad {
         "mmrec-embedding-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let ids = slice::<u32>(s1, l1, "embedding: ids")?;
         let (n, d) = l2.shape().dims2()?;
         let out = with_cpu_float!(s2, "embedding backward", |T| {
             let dy = slice::<T>(s2, l2, "embedding: dy")?;
             let mut out = vec![0f64; self.vocab * d];
             for (r, &id) in ids.iter().enumerate().take(n) {
-                for (o, g) in out[id as usize * d..(id as usize + 1) * d].iter_mut().zip(&dy[r * d..(r + 1) * d]) {
+                for (o, g) in out[id as usize * d..(id as usize + 1) * d]
+                    .iter_mut()
+                    .zip(&dy[r * d..(r + 1) * d])
+                {
                     *o += g.to_f64();
                 }
             }
@@ -424,8 +610,17 @@ impl CustomOp2 for EmbeddingGrad {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, d) = l2.shape().dims2()?;
-        Ok((crate::cuda::embedding_grad((s1, l1), (s2, l2), (n, d, self.vocab))?, Shape::from((self.vocab, d))))
+        Ok((
+            crate::cuda::embedding_grad((s1, l1), (s2, l2), (n, d, self.vocab))?,
+            Shape::from((self.vocab, d)),
+        ))
     }
 }

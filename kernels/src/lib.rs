@@ -15,14 +15,14 @@
 
 pub mod adamw;
 pub mod cpu;
-pub mod fused;
-pub mod loss;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fused;
+pub mod loss;
 
 use candle_core::backend::BackendStorage;
-use rayon::prelude::*;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor};
+use rayon::prelude::*;
 
 pub use cpu::Direction;
 
@@ -32,7 +32,11 @@ pub use cpu::Direction;
 pub fn scan(gamma: &Tensor, u: &Tensor, h0: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
     let (_, t, _) = gamma.dims3()?;
     if u.dims() != gamma.dims() {
-        candle_core::bail!("scan: u {:?} and γ {:?} must have the same shape", u.dims(), gamma.dims());
+        candle_core::bail!(
+            "scan: u {:?} and γ {:?} must have the same shape",
+            u.dims(),
+            gamma.dims()
+        );
     }
     let dtype = gamma.dtype();
     if gamma.device().is_cpu() && matches!(dtype, DType::BF16 | DType::F16) {
@@ -40,7 +44,9 @@ pub fn scan(gamma: &Tensor, u: &Tensor, h0: &Tensor) -> candle_core::Result<(Ten
         let (h, last) = scan(&wide(gamma)?, &wide(u)?, &wide(h0)?)?;
         return Ok((h.to_dtype(dtype)?, last.to_dtype(dtype)?));
     }
-    let h = gamma.contiguous()?.apply_op3(&u.contiguous()?, &h0.contiguous()?, Scan)?;
+    let h = gamma
+        .contiguous()?
+        .apply_op3(&u.contiguous()?, &h0.contiguous()?, Scan)?;
     let last = if t == 0 { h0.clone() } else { h.i((.., t - 1, ..))? };
     Ok((h, last))
 }
@@ -60,14 +66,23 @@ pub struct ScanBackward {
     pub h0: Tensor,
 }
 
-fn contiguous<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
+fn contiguous<'a, T: candle_core::WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    what: &str,
+) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
         None => candle_core::bail!("scan: {what} must be contiguous"),
     }
 }
 
-fn run_cpu(gamma: (&CpuStorage, &Layout), u: (&CpuStorage, &Layout), init: Option<(&CpuStorage, &Layout)>, dir: Direction) -> candle_core::Result<(CpuStorage, Shape)> {
+fn run_cpu(
+    gamma: (&CpuStorage, &Layout),
+    u: (&CpuStorage, &Layout),
+    init: Option<(&CpuStorage, &Layout)>,
+    dir: Direction,
+) -> candle_core::Result<(CpuStorage, Shape)> {
     let (b, t, d) = check_shapes(gamma.1, u.1, init.map(|(_, l)| l))?;
     macro_rules! go {
         ($t:ty, $variant:ident) => {{
@@ -87,7 +102,11 @@ fn run_cpu(gamma: (&CpuStorage, &Layout), u: (&CpuStorage, &Layout), init: Optio
     let out = match (gamma.0, u.0) {
         (CpuStorage::F32(_), CpuStorage::F32(_)) => go!(f32, F32),
         (CpuStorage::F64(_), CpuStorage::F64(_)) => go!(f64, F64),
-        (a, b) => candle_core::bail!("scan: unsupported dtypes {:?} / {:?} on CPU (f32 or f64)", a.dtype(), b.dtype()),
+        (a, b) => candle_core::bail!(
+            "scan: unsupported dtypes {:?} / {:?} on CPU (f32 or f64)",
+            a.dtype(),
+            b.dtype()
+        ),
     };
     Ok((out, Shape::from((b, t, d))))
 }
@@ -97,18 +116,46 @@ impl CustomOp3 for Scan {
         "mmrec-scan"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         run_cpu((s1, l1), (s2, l2), Some((s3, l3)), Direction::Forward)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let dims = check_shapes(l1, l2, Some(l3))?;
-        Ok((cuda::launch(cuda::Kernel::Forward, &[(s1, l1), (s2, l2), (s3, l3)], dims)?, Shape::from(dims)))
+        Ok((
+            cuda::launch(cuda::Kernel::Forward, &[(s1, l1), (s2, l2), (s3, l3)], dims)?,
+            Shape::from(dims),
+        ))
     }
 
-    fn bwd(&self, gamma: &Tensor, _u: &Tensor, h0: &Tensor, h: &Tensor, dh: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let both = dh.contiguous()?.apply_op3_no_bwd(gamma, h, &ScanBackward { h0: h0.clone() })?;
+    fn bwd(
+        &self,
+        gamma: &Tensor,
+        _u: &Tensor,
+        h0: &Tensor,
+        h: &Tensor,
+        dh: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let both = dh
+            .contiguous()?
+            .apply_op3_no_bwd(gamma, h, &ScanBackward { h0: h0.clone() })?;
         let (g, dgamma) = (both.i(0)?, both.i(1)?);
         let dh0 = (gamma.i((.., 0, ..))? * g.i((.., 0, ..))?)?;
         Ok((Some(dgamma), Some(g), Some(dh0)))
@@ -135,7 +182,15 @@ impl CustomOp3 for ScanBackward {
     }
 
     /// Inputs (dy, γ, h).
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (b, t, d) = check_shapes(l2, l1, None)?;
         let (g, _) = run_cpu((s2, l2), (s1, l1), None, Direction::Backward)?;
         let h0 = self.h0.contiguous()?.flatten_all()?;
@@ -150,7 +205,11 @@ impl CustomOp3 for ScanBackward {
                 // dγ_t = g_t h_{t-1}, one D-row per task, h_{-1} from h0.
                 dgamma.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
                     let (bi, at) = (r / t, r * d);
-                    let prev = if r % t == 0 { &h0[bi * d..(bi + 1) * d] } else { &h[at - d..at] };
+                    let prev = if r % t == 0 {
+                        &h0[bi * d..(bi + 1) * d]
+                    } else {
+                        &h[at - d..at]
+                    };
                     for ((o, &gv), &p) in row.iter_mut().zip(&g[at..at + d]).zip(prev) {
                         *o = gv * p;
                     }
@@ -167,12 +226,26 @@ impl CustomOp3 for ScanBackward {
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let dims = check_shapes(l2, l1, None)?;
         let h0 = self.h0.contiguous()?;
         let (h0_storage, h0_layout) = h0.storage_and_layout();
-        let candle_core::Storage::Cuda(h0_cuda) = &*h0_storage else { candle_core::bail!("scan backward: h0 is not on the GPU") };
-        let out = cuda::launch(cuda::Kernel::Backward, &[(s1, l1), (s2, l2), (s3, l3), (h0_cuda, h0_layout)], dims)?;
+        let candle_core::Storage::Cuda(h0_cuda) = &*h0_storage else {
+            candle_core::bail!("scan backward: h0 is not on the GPU")
+        };
+        let out = cuda::launch(
+            cuda::Kernel::Backward,
+            &[(s1, l1), (s2, l2), (s3, l3), (h0_cuda, h0_layout)],
+            dims,
+        )?;
         Ok((out, Shape::from((2, dims.0, dims.1, dims.2))))
     }
 }
@@ -183,14 +256,29 @@ impl CustomOp2 for ScanAdjoint {
     }
 
     /// Inputs (dy, γ): the reverse scan of the upstream gradient.
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         run_cpu((s2, l2), (s1, l1), None, Direction::Backward)
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let dims = check_shapes(l2, l1, None)?;
-        Ok((cuda::launch(cuda::Kernel::Adjoint, &[(s1, l1), (s2, l2)], dims)?, Shape::from(dims)))
+        Ok((
+            cuda::launch(cuda::Kernel::Adjoint, &[(s1, l1), (s2, l2)], dims)?,
+            Shape::from(dims),
+        ))
     }
 }
 

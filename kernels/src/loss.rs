@@ -22,7 +22,10 @@ use rayon::prelude::*;
 /// (f64 for f64 logits). Rows whose mask is 0 give 0 whatever their target.
 pub fn cross_entropy_rows(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
     let mask = mask.to_dtype(row_dtype(logits.dtype()))?.contiguous()?;
-    let out = logits.contiguous()?.apply_op3(&targets.to_dtype(DType::U32)?.contiguous()?, &mask, SoftmaxCrossEntropy)?;
+    let out =
+        logits
+            .contiguous()?
+            .apply_op3(&targets.to_dtype(DType::U32)?.contiguous()?, &mask, SoftmaxCrossEntropy)?;
     out.i((.., 0))
 }
 
@@ -47,7 +50,12 @@ pub struct SoftmaxCrossEntropyBackward;
 fn check(logits: &Layout, targets: &Layout, rows: &Layout, row_width: usize) -> candle_core::Result<(usize, usize)> {
     let (n, v) = logits.shape().dims2()?;
     if targets.shape().dims() != [n] || rows.shape().elem_count() != n * row_width {
-        candle_core::bail!("cross-entropy: logits {:?}, targets {:?} and per-row input {:?} disagree", logits.shape(), targets.shape(), rows.shape());
+        candle_core::bail!(
+            "cross-entropy: logits {:?}, targets {:?} and per-row input {:?} disagree",
+            logits.shape(),
+            targets.shape(),
+            rows.shape()
+        );
     }
     Ok((n, v))
 }
@@ -79,13 +87,20 @@ fn forward_cpu<T: WithDType, R: WithDType>(x: &[T], targets: &[u32], mask: &[R],
 
 fn backward_cpu<T: WithDType, R: WithDType>(x: &[T], targets: &[u32], coef_lse: &[R], v: usize) -> Vec<T> {
     let mut out = vec![T::from_f64(0.0); x.len()];
-    out.par_chunks_mut(v.max(1)).zip(x.par_chunks(v.max(1))).enumerate().for_each(|(r, (dx, row))| {
-        let (coef, l) = (coef_lse[2 * r].to_f64(), coef_lse[2 * r + 1].to_f64());
-        for (j, (d, xj)) in dx.iter_mut().zip(row).enumerate() {
-            let onehot = if j == targets[r] as usize { 1.0 } else { 0.0 };
-            *d = T::from_f64(if coef == 0.0 { 0.0 } else { coef * ((xj.to_f64() - l).exp() - onehot) });
-        }
-    });
+    out.par_chunks_mut(v.max(1))
+        .zip(x.par_chunks(v.max(1)))
+        .enumerate()
+        .for_each(|(r, (dx, row))| {
+            let (coef, l) = (coef_lse[2 * r].to_f64(), coef_lse[2 * r + 1].to_f64());
+            for (j, (d, xj)) in dx.iter_mut().zip(row).enumerate() {
+                let onehot = if j == targets[r] as usize { 1.0 } else { 0.0 };
+                *d = T::from_f64(if coef == 0.0 {
+                    0.0
+                } else {
+                    coef * ((xj.to_f64() - l).exp() - onehot)
+                });
+            }
+        });
     out
 }
 
@@ -108,7 +123,11 @@ macro_rules! with_types {
                 type $r = f64;
                 $body
             }
-            (a, b) => candle_core::bail!("cross-entropy: unsupported dtypes {:?} / {:?} on the CPU", a.dtype(), b.dtype()),
+            (a, b) => candle_core::bail!(
+                "cross-entropy: unsupported dtypes {:?} / {:?} on the CPU",
+                a.dtype(),
+                b.dtype()
+            ),
         }
     };
 }
@@ -118,20 +137,51 @@ impl CustomOp3 for SoftmaxCrossEntropy {
         "mmrec-softmax-cross-entropy"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = check(l1, l2, l3, 1)?;
         let targets = slice::<u32>(s2, l2, "targets")?;
-        let out = with_types!(s1, s3, |T, R| R::to_cpu_storage_owned(forward_cpu::<T, R>(slice(s1, l1, "logits")?, targets, slice(s3, l3, "mask")?, v)));
+        let out = with_types!(s1, s3, |T, R| R::to_cpu_storage_owned(forward_cpu::<T, R>(
+            slice(s1, l1, "logits")?,
+            targets,
+            slice(s3, l3, "mask")?,
+            v
+        )));
         Ok((out, Shape::from((n, 2))))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = check(l1, l2, l3, 1)?;
-        Ok((crate::cuda::cross_entropy(false, (s1, l1), (s2, l2), (s3, l3), (n, v))?, Shape::from((n, 2))))
+        Ok((
+            crate::cuda::cross_entropy(false, (s1, l1), (s2, l2), (s3, l3), (n, v))?,
+            Shape::from((n, 2)),
+        ))
     }
 
-    fn bwd(&self, logits: &Tensor, targets: &Tensor, mask: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        targets: &Tensor,
+        mask: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Only the loss column is used downstream; its gradient per row, times the mask.
         let coef = (grad.i((.., 0))? * mask)?;
         let coef_lse = Tensor::stack(&[&coef, &res.i((.., 1))?], 1)?;
@@ -145,16 +195,40 @@ impl CustomOp3 for SoftmaxCrossEntropyBackward {
         "mmrec-softmax-cross-entropy-backward"
     }
 
-    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout, s3: &CpuStorage, l3: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = check(l1, l2, l3, 2)?;
         let targets = slice::<u32>(s2, l2, "targets")?;
-        let out = with_types!(s1, s3, |T, R| T::to_cpu_storage_owned(backward_cpu::<T, R>(slice(s1, l1, "logits")?, targets, slice(s3, l3, "per-row input")?, v)));
+        let out = with_types!(s1, s3, |T, R| T::to_cpu_storage_owned(backward_cpu::<T, R>(
+            slice(s1, l1, "logits")?,
+            targets,
+            slice(s3, l3, "per-row input")?,
+            v
+        )));
         Ok((out, Shape::from((n, v))))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s1: &candle_core::CudaStorage, l1: &Layout, s2: &candle_core::CudaStorage, l2: &Layout, s3: &candle_core::CudaStorage, l3: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let (n, v) = check(l1, l2, l3, 2)?;
-        Ok((crate::cuda::cross_entropy(true, (s1, l1), (s2, l2), (s3, l3), (n, v))?, Shape::from((n, v))))
+        Ok((
+            crate::cuda::cross_entropy(true, (s1, l1), (s2, l2), (s3, l3), (n, v))?,
+            Shape::from((n, v)),
+        ))
     }
 }

@@ -14,6 +14,7 @@ mod scan;
 
 fn gpu() -> Device {
     let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU");
-    mmrec_kernels::cuda::keep_freed_memory(dev.as_cuda_device().expect("a CUDA device")).expect("the memory pool accepts its release threshold");
+    mmrec_kernels::cuda::keep_freed_memory(dev.as_cuda_device().expect("a CUDA device"))
+        .expect("the memory pool accepts its release threshold");
     dev
 }

@@ -7,7 +7,9 @@ use rand::{Rng, SeedableRng};
 
 fn random(shape: &[usize], lo: f64, hi: f64, seed: u64) -> Vec<f64> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    (0..shape.iter().product::<usize>()).map(|_| rng.random_range(lo..hi)).collect()
+    (0..shape.iter().product::<usize>())
+        .map(|_| rng.random_range(lo..hi))
+        .collect()
 }
 
 fn t(v: &[f64], shape: &[usize]) -> Tensor {
@@ -15,11 +17,26 @@ fn t(v: &[f64], shape: &[usize]) -> Tensor {
 }
 
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 /// Central differences of `f` (a scalar of the inputs) against `analytic` for input `which`.
-fn check_gradient(inputs: &[Vec<f64>], shapes: &[&[usize]], which: usize, analytic: &[f64], f: &dyn Fn(&[Tensor]) -> f64) {
+fn check_gradient(
+    inputs: &[Vec<f64>],
+    shapes: &[&[usize]],
+    which: usize,
+    analytic: &[f64],
+    f: &dyn Fn(&[Tensor]) -> f64,
+) {
     let n = inputs[which].len();
     for i in (0..n).step_by((n / 40).max(1)) {
         let eval = |delta: f64| {
@@ -28,24 +45,63 @@ fn check_gradient(inputs: &[Vec<f64>], shapes: &[&[usize]], which: usize, analyt
             f(&args.iter().zip(shapes).map(|(v, s)| t(v, s)).collect::<Vec<_>>())
         };
         let numeric = (eval(1e-6) - eval(-1e-6)) / 2e-6;
-        assert!((analytic[i] - numeric).abs() < 1e-6 * (1.0 + numeric.abs()), "input {which} index {i}: analytic {} vs numeric {numeric}", analytic[i]);
+        assert!(
+            (analytic[i] - numeric).abs() < 1e-6 * (1.0 + numeric.abs()),
+            "input {which} index {i}: analytic {} vs numeric {numeric}",
+            analytic[i]
+        );
     }
 }
 
 fn composed_rms_norm(x: &Tensor, w: &Tensor) -> Tensor {
     let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-    x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap()).unwrap().broadcast_mul(w).unwrap()
+    x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+        .unwrap()
+        .broadcast_mul(w)
+        .unwrap()
 }
 
 #[test]
 fn rms_norm_matches_its_definition_and_finite_differences() {
     let (xs, ws, ps): (&[usize], &[usize], &[usize]) = (&[3, 5, 24], &[24], &[3, 5, 24]);
-    let (x, w, probe) = (random(xs, -2.0, 2.0, 1), random(ws, 0.5, 1.5, 2), random(ps, -1.0, 1.0, 3));
-    assert!(max_abs(&rms_norm(&t(&x, xs), &t(&w, ws)).unwrap(), &composed_rms_norm(&t(&x, xs), &t(&w, ws))) < 1e-12);
-    let loss = |a: &[Tensor]| (rms_norm(&a[0], &a[1]).unwrap() * t(&probe, ps)).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    let (vx, vw) = (Var::from_slice(&x, xs, &Device::Cpu).unwrap(), Var::from_slice(&w, ws, &Device::Cpu).unwrap());
-    let grads = (rms_norm(vx.as_tensor(), vw.as_tensor()).unwrap() * t(&probe, ps)).unwrap().sum_all().unwrap().backward().unwrap();
-    let g = |v: &Var| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let (x, w, probe) = (
+        random(xs, -2.0, 2.0, 1),
+        random(ws, 0.5, 1.5, 2),
+        random(ps, -1.0, 1.0, 3),
+    );
+    assert!(
+        max_abs(
+            &rms_norm(&t(&x, xs), &t(&w, ws)).unwrap(),
+            &composed_rms_norm(&t(&x, xs), &t(&w, ws))
+        ) < 1e-12
+    );
+    let loss = |a: &[Tensor]| {
+        (rms_norm(&a[0], &a[1]).unwrap() * t(&probe, ps))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (vx, vw) = (
+        Var::from_slice(&x, xs, &Device::Cpu).unwrap(),
+        Var::from_slice(&w, ws, &Device::Cpu).unwrap(),
+    );
+    let grads = (rms_norm(vx.as_tensor(), vw.as_tensor()).unwrap() * t(&probe, ps))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let g = |v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     let inputs = [x, w];
     check_gradient(&inputs, &[xs, ws], 0, &g(&vx), &loss);
     check_gradient(&inputs, &[xs, ws], 1, &g(&vw), &loss);
@@ -64,29 +120,47 @@ fn composed_gate(a: &Tensor, b: &Tensor, p: &Tensor) -> (Tensor, Tensor) {
 fn mdi_gate_matches_its_definition_and_finite_differences() {
     let (s, sp): (&[usize], &[usize]) = (&[2, 7, 8], &[2, 7, 32]);
     // b up to 16: σ(a)σ(b) reaches the clamp at 1 − 1e-6 for some elements.
-    let (a, b, p) = (random(s, -3.0, 3.0, 4), random(s, -3.0, 16.0, 5), random(sp, -2.0, 2.0, 6));
+    let (a, b, p) = (
+        random(s, -3.0, 3.0, 4),
+        random(s, -3.0, 16.0, 5),
+        random(sp, -2.0, 2.0, 6),
+    );
     let (probe_g, probe_u) = (random(s, -1.0, 1.0, 7), random(s, -1.0, 1.0, 8));
     let (gamma, u) = mdi_gate(&t(&a, s), &t(&b, s), &t(&p, sp)).unwrap();
     let (want_gamma, want_u) = composed_gate(&t(&a, s), &t(&b, s), &t(&p, sp));
     assert!(max_abs(&gamma, &want_gamma) < 1e-12 && max_abs(&u, &want_u) < 1e-12);
-    let loss_of = |g: Tensor, u: Tensor| ((g * t(&probe_g, s)).unwrap().sum_all().unwrap() + (u * t(&probe_u, s)).unwrap().sum_all().unwrap()).unwrap();
+    let loss_of = |g: Tensor, u: Tensor| {
+        ((g * t(&probe_g, s)).unwrap().sum_all().unwrap() + (u * t(&probe_u, s)).unwrap().sum_all().unwrap()).unwrap()
+    };
     let loss = |x: &[Tensor]| {
         let (g, u) = mdi_gate(&x[0], &x[1], &x[2]).unwrap();
         loss_of(g, u).to_scalar::<f64>().unwrap()
     };
-    let vars: Vec<Var> = [(&a, s), (&b, s), (&p, sp)].iter().map(|(v, sh)| Var::from_slice(v, *sh, &Device::Cpu).unwrap()).collect();
+    let vars: Vec<Var> = [(&a, s), (&b, s), (&p, sp)]
+        .iter()
+        .map(|(v, sh)| Var::from_slice(v, *sh, &Device::Cpu).unwrap())
+        .collect();
     let (g, u) = mdi_gate(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor()).unwrap();
     let grads = loss_of(g, u).backward().unwrap();
     let inputs = [a, b, p];
     for (i, v) in vars.iter().enumerate() {
-        let analytic = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let analytic = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         check_gradient(&inputs, &[s, s, sp], i, &analytic, &loss);
     }
 }
 
 #[test]
 fn gate_outputs_are_f32_for_bf16_inputs() {
-    let a = Tensor::full(8f32, (1, 2, 4), &Device::Cpu).unwrap().to_dtype(DType::BF16).unwrap();
+    let a = Tensor::full(8f32, (1, 2, 4), &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::BF16)
+        .unwrap();
     let p = Tensor::ones((1, 2, 16), DType::BF16, &Device::Cpu).unwrap();
     let (gamma, u) = mdi_gate(&a, &a, &p).unwrap();
     assert_eq!((gamma.dtype(), u.dtype()), (DType::F32, DType::F32));
@@ -99,11 +173,34 @@ fn gate_outputs_are_f32_for_bf16_inputs() {
 fn gelu_matches_candles_erf_gelu_and_finite_differences() {
     let s: &[usize] = &[4, 33];
     let (x, probe) = (random(s, -5.0, 5.0, 9), random(s, -1.0, 1.0, 10));
-    assert!(max_abs(&mmrec_kernels::fused::gelu(&t(&x, s)).unwrap(), &t(&x, s).gelu_erf().unwrap()) < 1e-12);
-    let loss = |a: &[Tensor]| (mmrec_kernels::fused::gelu(&a[0]).unwrap() * t(&probe, s)).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    assert!(
+        max_abs(
+            &mmrec_kernels::fused::gelu(&t(&x, s)).unwrap(),
+            &t(&x, s).gelu_erf().unwrap()
+        ) < 1e-12
+    );
+    let loss = |a: &[Tensor]| {
+        (mmrec_kernels::fused::gelu(&a[0]).unwrap() * t(&probe, s))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
     let v = Var::from_slice(&x, s, &Device::Cpu).unwrap();
-    let grads = (mmrec_kernels::fused::gelu(v.as_tensor()).unwrap() * t(&probe, s)).unwrap().sum_all().unwrap().backward().unwrap();
-    let analytic = grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let grads = (mmrec_kernels::fused::gelu(v.as_tensor()).unwrap() * t(&probe, s))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let analytic = grads
+        .get(v.as_tensor())
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
     check_gradient(&[x], &[s], 0, &analytic, &loss);
 }
 
@@ -137,10 +234,28 @@ fn embedding_gathers_rows_and_adds_gradients_back_per_id() {
     let ids = Tensor::new(&[[4u32, 0, 4], [2, 4, 1]], &Device::Cpu).unwrap();
     let rows = mmrec_kernels::fused::embedding(&table, &ids).unwrap();
     assert_eq!(rows.dims(), [2, 3, 3]);
-    assert!(max_abs(&rows, &table.index_select(&ids.flatten_all().unwrap(), 0).unwrap().reshape((2, 3, 3)).unwrap()) == 0.0);
+    assert!(
+        max_abs(
+            &rows,
+            &table
+                .index_select(&ids.flatten_all().unwrap(), 0)
+                .unwrap()
+                .reshape((2, 3, 3))
+                .unwrap()
+        ) == 0.0
+    );
     let var = Var::from_tensor(&table).unwrap();
     let probe = t(&random(&[2, 3, 3], -1.0, 1.0, 13), &[2, 3, 3]);
-    let grads = (mmrec_kernels::fused::embedding(var.as_tensor(), &ids).unwrap() * &probe).unwrap().sum_all().unwrap().backward().unwrap();
-    let want = table.zeros_like().unwrap().index_add(&ids.flatten_all().unwrap(), &probe.reshape((6, 3)).unwrap(), 0).unwrap();
+    let grads = (mmrec_kernels::fused::embedding(var.as_tensor(), &ids).unwrap() * &probe)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = table
+        .zeros_like()
+        .unwrap()
+        .index_add(&ids.flatten_all().unwrap(), &probe.reshape((6, 3)).unwrap(), 0)
+        .unwrap();
     assert!(max_abs(grads.get(var.as_tensor()).unwrap(), &want) < 1e-15);
 }

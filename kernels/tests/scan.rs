@@ -24,13 +24,31 @@ fn check_f32(dims: (usize, usize, usize), gamma_lo: f64, seed: u64) {
     let h0 = random(b * d, -1.0, 1.0, &mut rng);
     let want = reference_scan(&gamma, &u, &h0, dims);
     let dev = Device::Cpu;
-    let t32 = |v: &[f64], shape: &[usize]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape, &dev).unwrap();
+    let t32 = |v: &[f64], shape: &[usize]| {
+        Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), shape, &dev).unwrap()
+    };
     let (h, last) = scan(&t32(&gamma, &[b, t, d]), &t32(&u, &[b, t, d]), &t32(&h0, &[b, d])).unwrap();
-    let got: Vec<f64> = h.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+    let got: Vec<f64> = h
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
     let err = rel_err(&got, &want);
     assert!(err < 1e-5, "dims {dims:?} γ∈[{gamma_lo},1): relative error {err:e}");
-    let last: Vec<f64> = last.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
-    let want_last: Vec<f64> = (0..b).flat_map(|bi| want[(bi * t + t - 1) * d..(bi * t + t) * d].to_vec()).collect();
+    let last: Vec<f64> = last
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let want_last: Vec<f64> = (0..b)
+        .flat_map(|bi| want[(bi * t + t - 1) * d..(bi * t + t) * d].to_vec())
+        .collect();
     assert!(rel_err(&last, &want_last) < 1e-5);
 }
 
@@ -61,7 +79,12 @@ fn f64_scan_is_exact_to_rounding() {
     let u = random(b * t * d, -1.0, 1.0, &mut rng);
     let h0 = random(b * d, -1.0, 1.0, &mut rng);
     let dev = Device::Cpu;
-    let (h, _) = scan(&Tensor::from_vec(gamma.clone(), (b, t, d), &dev).unwrap(), &Tensor::from_vec(u.clone(), (b, t, d), &dev).unwrap(), &Tensor::from_vec(h0.clone(), (b, d), &dev).unwrap()).unwrap();
+    let (h, _) = scan(
+        &Tensor::from_vec(gamma.clone(), (b, t, d), &dev).unwrap(),
+        &Tensor::from_vec(u.clone(), (b, t, d), &dev).unwrap(),
+        &Tensor::from_vec(h0.clone(), (b, d), &dev).unwrap(),
+    )
+    .unwrap();
     let got = h.flatten_all().unwrap().to_vec1::<f64>().unwrap();
     assert!(rel_err(&got, &reference_scan(&gamma, &u, &h0, dims)) < 1e-14);
 }
@@ -76,13 +99,30 @@ fn check_backward(b: usize, t: usize, d: usize) {
     let h0 = random(b * d, -1.0, 1.0, &mut rng);
     let w = Tensor::from_vec(random(b * t * d, -1.0, 1.0, &mut rng), (b, t, d), &dev).unwrap();
     let loss = |g: &[f64], x: &[f64], h: &[f64]| -> f64 {
-        let (hs, _) = scan(&Tensor::from_slice(g, (b, t, d), &dev).unwrap(), &Tensor::from_slice(x, (b, t, d), &dev).unwrap(), &Tensor::from_slice(h, (b, d), &dev).unwrap()).unwrap();
+        let (hs, _) = scan(
+            &Tensor::from_slice(g, (b, t, d), &dev).unwrap(),
+            &Tensor::from_slice(x, (b, t, d), &dev).unwrap(),
+            &Tensor::from_slice(h, (b, d), &dev).unwrap(),
+        )
+        .unwrap();
         (hs * &w).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
     };
-    let (vg, vu, vh) = (Var::from_slice(&gamma, (b, t, d), &dev).unwrap(), Var::from_slice(&u, (b, t, d), &dev).unwrap(), Var::from_slice(&h0, (b, d), &dev).unwrap());
+    let (vg, vu, vh) = (
+        Var::from_slice(&gamma, (b, t, d), &dev).unwrap(),
+        Var::from_slice(&u, (b, t, d), &dev).unwrap(),
+        Var::from_slice(&h0, (b, d), &dev).unwrap(),
+    );
     let (hs, _) = scan(vg.as_tensor(), vu.as_tensor(), vh.as_tensor()).unwrap();
     let grads = (hs * &w).unwrap().sum_all().unwrap().backward().unwrap();
-    let analytic = |v: &Var| grads.get(v.as_tensor()).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let analytic = |v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
     let (ag, au, ah) = (analytic(&vg), analytic(&vu), analytic(&vh));
     let eps = 1e-6;
     let fd = |which: usize, i: usize| {
@@ -98,12 +138,19 @@ fn check_backward(b: usize, t: usize, d: usize) {
     for i in [0, 1, d, n / 3, n / 2, n - d - 1, n - 1] {
         for (which, a) in [(0, &ag), (1, &au)] {
             let f = fd(which, i);
-            assert!((a[i] - f).abs() <= 1e-6 * (1.0 + f.abs()), "input {which} index {i}: analytic {} vs numeric {f}", a[i]);
+            assert!(
+                (a[i] - f).abs() <= 1e-6 * (1.0 + f.abs()),
+                "input {which} index {i}: analytic {} vs numeric {f}",
+                a[i]
+            );
         }
     }
     for (i, &a) in ah.iter().enumerate().take(b * d) {
         let f = fd(2, i);
-        assert!((a - f).abs() <= 1e-6 * (1.0 + f.abs()), "h0 index {i}: analytic {a} vs numeric {f}");
+        assert!(
+            (a - f).abs() <= 1e-6 * (1.0 + f.abs()),
+            "h0 index {i}: analytic {a} vs numeric {f}"
+        );
     }
 }
 
@@ -133,8 +180,17 @@ fn adjoint_matches_the_reference_reverse_scan() {
     let want = rev(&reference_scan(&rev(&shifted), &rev(&dy), &vec![0.0; d], (b, t, d)));
     let dev = Device::Cpu;
     let f = |v: &[f64]| Tensor::from_vec(v.iter().map(|&x| x as f32).collect::<Vec<_>>(), (b, t, d), &dev).unwrap();
-    let g = f(&dy).apply_op2_no_bwd(&f(&gamma), &mmrec_kernels::ScanAdjoint).unwrap();
-    let got: Vec<f64> = g.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect();
+    let g = f(&dy)
+        .apply_op2_no_bwd(&f(&gamma), &mmrec_kernels::ScanAdjoint)
+        .unwrap();
+    let got: Vec<f64> = g
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
     assert!(rel_err(&got, &want) < 1e-5, "{}", rel_err(&got, &want));
     let _ = DType::F32;
 }

@@ -9,9 +9,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::dedup::DEFAULT_NEAR_DUP;
 use crate::error::{Error, IoContext, Result};
 use crate::input::{expand_inputs, read_file, InputSpec, PlainSplit, ReadOptions, Record};
-use crate::dedup::DEFAULT_NEAR_DUP;
 use crate::split::{split, SplitOptions, SplitReport};
 use crate::tokenize::LoadedTokenizer;
 
@@ -26,7 +26,13 @@ pub struct Throughput {
 
 impl Throughput {
     fn new(threads: usize, seconds: f64, bytes: u64, docs: u64, tokens: u64) -> Self {
-        Throughput { threads, seconds, mb_per_s: bytes as f64 / 1e6 / seconds, docs_per_s: docs as f64 / seconds, tokens_per_s: tokens as f64 / seconds }
+        Throughput {
+            threads,
+            seconds,
+            mb_per_s: bytes as f64 / 1e6 / seconds,
+            docs_per_s: docs as f64 / seconds,
+            tokens_per_s: tokens as f64 / seconds,
+        }
     }
 }
 
@@ -64,10 +70,25 @@ pub struct Machine {
 
 pub fn machine() -> Machine {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown".into());
+    let cpu = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kb: f64 = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap_or(0.0);
-    Machine { cpu, cores: std::thread::available_parallelism().map_or(1, |n| n.get()), memory_gb: kb / 1e6, os: std::env::consts::OS.into() }
+    let kb: f64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_gb: kb / 1e6,
+        os: std::env::consts::OS.into(),
+    }
 }
 
 /// Write a corpus of at least `min_bytes` from the given inputs as `{"text": ...}` JSONL,
@@ -75,10 +96,16 @@ pub fn machine() -> Machine {
 /// exact duplicate of another (dedup would otherwise skip the repeats' tokenizing).
 pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result<Vec<InputSpec>> {
     std::fs::create_dir_all(dir).at(dir)?;
-    let opts = ReadOptions { field: None, max_bytes: u64::MAX, plain_split: PlainSplit::File };
+    let opts = ReadOptions {
+        field: None,
+        max_bytes: u64::MAX,
+        plain_split: PlainSplit::File,
+    };
     let mut per_domain: Vec<(Domain, Vec<String>)> = Vec::new();
     for spec in sources {
-        let domain = spec.declared.ok_or_else(|| Error::Invalid(format!("bench source {} needs a declared domain", spec.path.display())))?;
+        let domain = spec
+            .declared
+            .ok_or_else(|| Error::Invalid(format!("bench source {} needs a declared domain", spec.path.display())))?;
         let mut texts = Vec::new();
         for f in expand_inputs(std::slice::from_ref(spec), false)? {
             texts.extend(read_file(&f, &opts)?.records.into_iter().filter_map(|r| match r {
@@ -88,7 +115,11 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
         }
         per_domain.push((domain, texts));
     }
-    let one_pass: u64 = per_domain.iter().flat_map(|(_, t)| t).map(|t| t.len() as u64 + 16).sum();
+    let one_pass: u64 = per_domain
+        .iter()
+        .flat_map(|(_, t)| t)
+        .map(|t| t.len() as u64 + 16)
+        .sum();
     let passes = min_bytes.div_ceil(one_pass.max(1));
     let mut out = Vec::new();
     for (i, (domain, texts)) in per_domain.iter().enumerate() {
@@ -102,7 +133,10 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
             }
         }
         std::fs::write(&path, &buf).at(&path)?;
-        out.push(InputSpec { path, declared: Some(*domain) });
+        out.push(InputSpec {
+            path,
+            declared: Some(*domain),
+        });
     }
     Ok(out)
 }
@@ -110,12 +144,22 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
 /// Each measurement is repeated `repeats` times, interleaved (pipeline, tokenizer,
 /// pipeline, ...), and the fastest run is reported: on a shared VM the slow outliers are
 /// other tenants, not the code.
-pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(&Path, &Path)>, threads: &[usize], repeats: usize) -> Result<BenchReport> {
+pub fn run(
+    corpus: &[InputSpec],
+    tokenizer: &Path,
+    work: &Path,
+    python: Option<(&Path, &Path)>,
+    threads: &[usize],
+    repeats: usize,
+) -> Result<BenchReport> {
     let texts = read_texts(corpus)?;
     let mut report = BenchReport {
         machine: machine(),
         repeats,
-        corpus_bytes: corpus.iter().map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0)).sum(),
+        corpus_bytes: corpus
+            .iter()
+            .map(|s| std::fs::metadata(&s.path).map(|m| m.len()).unwrap_or(0))
+            .sum(),
         corpus_docs: 0,
         corpus_tokens: 0,
         pipeline: Vec::new(),
@@ -127,7 +171,10 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
         pipeline_vs_python: None,
     };
     for &n in threads {
-        let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().map_err(|e| Error::Invalid(e.to_string()))?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
         let mut best_pipeline: Option<Throughput> = None;
         let mut best_tokenizer: Option<Throughput> = None;
         let mut best_hf: Option<Throughput> = None;
@@ -136,7 +183,11 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
             let run_split = |near_dup: Option<NearDupSettings>| -> Result<(f64, SplitReport)> {
                 let out = work.join(format!("shards-{n}"));
                 let _ = std::fs::remove_dir_all(&out);
-                let opts = SplitOptions { near_dup, read: BENCH_READ, ..SplitOptions::new(corpus.to_vec(), tokenizer.to_path_buf(), out.clone()) };
+                let opts = SplitOptions {
+                    near_dup,
+                    read: BENCH_READ,
+                    ..SplitOptions::new(corpus.to_vec(), tokenizer.to_path_buf(), out.clone())
+                };
                 let started = Instant::now();
                 let r = pool.install(|| split(&opts, &()))?;
                 let secs = started.elapsed().as_secs_f64();
@@ -147,36 +198,80 @@ pub fn run(corpus: &[InputSpec], tokenizer: &Path, work: &Path, python: Option<(
             let t = &r.manifest.totals;
             report.corpus_docs = t.written;
             report.corpus_tokens = t.tokens;
-            keep_fastest(&mut best_pipeline, Throughput::new(n, secs, report.corpus_bytes, t.written, t.tokens));
+            keep_fastest(
+                &mut best_pipeline,
+                Throughput::new(n, secs, report.corpus_bytes, t.written, t.tokens),
+            );
             let (secs, r) = run_split(Some(DEFAULT_NEAR_DUP))?;
-            keep_fastest(&mut best_near_dup, Throughput::new(n, secs, report.corpus_bytes, r.manifest.totals.records_in, r.manifest.totals.tokens));
+            keep_fastest(
+                &mut best_near_dup,
+                Throughput::new(
+                    n,
+                    secs,
+                    report.corpus_bytes,
+                    r.manifest.totals.records_in,
+                    r.manifest.totals.tokens,
+                ),
+            );
 
             // Each tokenizer alone on the same documents, already in memory, freshly loaded as
             // `split` loads it (so its word cache starts cold).
             let encode_all = |count: &(dyn Fn(&LoadedTokenizer, &str) -> u64 + Sync)| -> Result<Throughput> {
                 let tok = LoadedTokenizer::load(tokenizer)?;
                 let started = Instant::now();
-                let tokens: u64 = pool.install(|| texts.par_iter().with_max_len(crate::DOCS_PER_TASK).map(|t| count(&tok, t)).sum());
-                Ok(Throughput::new(n, started.elapsed().as_secs_f64(), report.corpus_bytes, texts.len() as u64, tokens))
+                let tokens: u64 = pool.install(|| {
+                    texts
+                        .par_iter()
+                        .with_max_len(crate::DOCS_PER_TASK)
+                        .map(|t| count(&tok, t))
+                        .sum()
+                });
+                Ok(Throughput::new(
+                    n,
+                    started.elapsed().as_secs_f64(),
+                    report.corpus_bytes,
+                    texts.len() as u64,
+                    tokens,
+                ))
             };
-            keep_fastest(&mut best_tokenizer, encode_all(&|tok, t| tok.encode(t).map_or(0, |v| v.len() as u64))?);
-            keep_fastest(&mut best_hf, encode_all(&|tok, t| tok.tokenizer.encode_fast(t, false).map_or(0, |e| e.len() as u64))?);
+            keep_fastest(
+                &mut best_tokenizer,
+                encode_all(&|tok, t| tok.encode(t).map_or(0, |v| v.len() as u64))?,
+            );
+            keep_fastest(
+                &mut best_hf,
+                encode_all(&|tok, t| tok.tokenizer.encode_fast(t, false).map_or(0, |e| e.len() as u64))?,
+            );
         }
         report.hf_encode_alone.extend(best_hf);
         report.pipeline.extend(best_pipeline);
         report.pipeline_near_dup.extend(best_near_dup);
         report.tokenizer_alone.extend(best_tokenizer);
     }
-    report.pipeline_vs_tokenizer = report.pipeline.iter().zip(&report.tokenizer_alone).map(|(p, t)| p.tokens_per_s / t.tokens_per_s).collect();
+    report.pipeline_vs_tokenizer = report
+        .pipeline
+        .iter()
+        .zip(&report.tokenizer_alone)
+        .map(|(p, t)| p.tokens_per_s / t.tokens_per_s)
+        .collect();
     if let Some((python, script)) = python {
         let out = work.join("python-out");
         let mut cmd = std::process::Command::new(python);
-        cmd.arg(script).arg(tokenizer).arg(&out).args(corpus.iter().map(|s| &s.path));
-        let o = cmd.output().map_err(|e| Error::Invalid(format!("running {}: {e}", python.display())))?;
+        cmd.arg(script)
+            .arg(tokenizer)
+            .arg(&out)
+            .args(corpus.iter().map(|s| &s.path));
+        let o = cmd
+            .output()
+            .map_err(|e| Error::Invalid(format!("running {}: {e}", python.display())))?;
         if !o.status.success() {
-            return Err(Error::Invalid(format!("python reference failed: {}", String::from_utf8_lossy(&o.stderr))));
+            return Err(Error::Invalid(format!(
+                "python reference failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
         }
-        let v: Value = serde_json::from_slice(o.stdout.trim_ascii()).map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
+        let v: Value = serde_json::from_slice(o.stdout.trim_ascii())
+            .map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
         let py_mb_s = v["input_bytes"].as_f64().unwrap_or(0.0) / 1e6 / v["seconds"].as_f64().unwrap_or(f64::INFINITY);
         report.pipeline_vs_python = report.pipeline.last().map(|p| p.mb_per_s / py_mb_s);
         report.python_reference = Some(v);
@@ -192,7 +287,11 @@ fn keep_fastest(best: &mut Option<Throughput>, t: Throughput) {
 }
 
 /// How the bench reads its corpus, in `split` and for the tokenizers alone alike.
-const BENCH_READ: ReadOptions = ReadOptions { field: None, max_bytes: 64 << 20, plain_split: PlainSplit::File };
+const BENCH_READ: ReadOptions = ReadOptions {
+    field: None,
+    max_bytes: 64 << 20,
+    plain_split: PlainSplit::File,
+};
 
 fn read_texts(corpus: &[InputSpec]) -> Result<Vec<String>> {
     let mut texts = Vec::new();
@@ -223,17 +322,33 @@ pub struct LoaderBench {
 }
 
 /// Tokens/s the loader delivers to a consumer that does nothing else, per worker count.
-pub fn loader_bench(dir: &Path, seq_len: usize, batch_size: usize, workers: &[usize], tokens: u64, python: Option<(&Path, &Path)>) -> Result<LoaderBench> {
+pub fn loader_bench(
+    dir: &Path,
+    seq_len: usize,
+    batch_size: usize,
+    workers: &[usize],
+    tokens: u64,
+    python: Option<(&Path, &Path)>,
+) -> Result<LoaderBench> {
     use crate::loader::{Loader, LoaderConfig};
     let manifest = crate::split::read_manifest(dir)?;
     let mut rust = Vec::new();
     for &w in workers {
-        let cfg = LoaderConfig { seq_len, batch_size, workers: w, prefetch: 16, lookahead: 2 * w.max(1), ..LoaderConfig::default() };
+        let cfg = LoaderConfig {
+            seq_len,
+            batch_size,
+            workers: w,
+            prefetch: 16,
+            lookahead: 2 * w.max(1),
+            ..LoaderConfig::default()
+        };
         let mut loader = Loader::open(&[dir.to_path_buf()], cfg, None)?;
         let started = Instant::now();
         let mut got = 0u64;
         while got < tokens {
-            let b = loader.next_batch().ok_or_else(|| Error::Invalid("loader ended".into()))??;
+            let b = loader
+                .next_batch()
+                .ok_or_else(|| Error::Invalid("loader ended".into()))??;
             got += b.tokens.len() as u64;
         }
         let secs = started.elapsed().as_secs_f64();
@@ -242,13 +357,38 @@ pub fn loader_bench(dir: &Path, seq_len: usize, batch_size: usize, workers: &[us
     let mut python_reference = None;
     let mut rust_vs_python = None;
     if let Some((py, script)) = python {
-        let o = std::process::Command::new(py).arg(script).arg(dir).args([seq_len.to_string(), batch_size.to_string(), "2".into(), tokens.to_string()]).output().map_err(|e| Error::Invalid(format!("running {}: {e}", py.display())))?;
+        let o = std::process::Command::new(py)
+            .arg(script)
+            .arg(dir)
+            .args([
+                seq_len.to_string(),
+                batch_size.to_string(),
+                "2".into(),
+                tokens.to_string(),
+            ])
+            .output()
+            .map_err(|e| Error::Invalid(format!("running {}: {e}", py.display())))?;
         if !o.status.success() {
-            return Err(Error::Invalid(format!("python reference failed: {}", String::from_utf8_lossy(&o.stderr))));
+            return Err(Error::Invalid(format!(
+                "python reference failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )));
         }
-        let v: Value = serde_json::from_slice(o.stdout.trim_ascii()).map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
-        rust_vs_python = rust.last().and_then(|r| Some(r["tokens_per_s"].as_f64()? / v["tokens_per_s"].as_f64()?));
+        let v: Value = serde_json::from_slice(o.stdout.trim_ascii())
+            .map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
+        rust_vs_python = rust
+            .last()
+            .and_then(|r| Some(r["tokens_per_s"].as_f64()? / v["tokens_per_s"].as_f64()?));
         python_reference = Some(v);
     }
-    Ok(LoaderBench { machine: machine(), shard_tokens: manifest.totals.tokens, seq_len, batch_size, tokens_per_run: tokens, rust, python_reference, rust_vs_python })
+    Ok(LoaderBench {
+        machine: machine(),
+        shard_tokens: manifest.totals.tokens,
+        seq_len,
+        batch_size,
+        tokens_per_run: tokens,
+        rust,
+        python_reference,
+        rust_vs_python,
+    })
 }

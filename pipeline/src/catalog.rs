@@ -12,8 +12,8 @@ use serde::Serialize;
 
 use crate::atomic::{file_sha256, write_atomic};
 use crate::error::{Error, IoContext, Result};
-use crate::shard::ShardReader;
 use crate::global_dedup::{apply_removals, global_removals, read_signatures, SIGNATURES};
+use crate::shard::ShardReader;
 use crate::split::{read_manifest, write_manifest, DUPLICATES, QUARANTINE};
 
 #[derive(Debug, Default, Serialize)]
@@ -37,8 +37,16 @@ pub fn validate(dir: &Path) -> Result<Validation> {
     let m = read_manifest(dir)?;
     let mut v = Validation::default();
     // Shards are checked in parallel, then reported in manifest order.
-    let listed: Vec<(Domain, &ShardInfo)> = m.domains.iter().flat_map(|(d, shards)| shards.iter().map(move |s| (*d, s))).collect();
-    let mut checked = listed.par_iter().map(|(domain, s)| check_shard(&dir.join(&s.file), *domain, s, m.tokenizer.vocab_size as u32)).collect::<Vec<_>>().into_iter();
+    let listed: Vec<(Domain, &ShardInfo)> = m
+        .domains
+        .iter()
+        .flat_map(|(d, shards)| shards.iter().map(move |s| (*d, s)))
+        .collect();
+    let mut checked = listed
+        .par_iter()
+        .map(|(domain, s)| check_shard(&dir.join(&s.file), *domain, s, m.tokenizer.vocab_size as u32))
+        .collect::<Vec<_>>()
+        .into_iter();
     for (domain, shards) in &m.domains {
         let mut docs = 0u64;
         let mut tokens = 0u64;
@@ -57,13 +65,19 @@ pub fn validate(dir: &Path) -> Result<Validation> {
         v.tokens += tokens;
         let dt = m.totals.per_domain.get(domain).copied().unwrap_or_default();
         if dt.documents != docs || dt.tokens != tokens {
-            v.problems.push(format!("{domain}: manifest totals say {} documents / {} tokens, shards hold {docs} / {tokens}", dt.documents, dt.tokens));
+            v.problems.push(format!(
+                "{domain}: manifest totals say {} documents / {} tokens, shards hold {docs} / {tokens}",
+                dt.documents, dt.tokens
+            ));
         }
         v.problems.extend(unlisted_files(dir, *domain, shards));
     }
     let t = &m.totals;
     if t.written != v.rows || t.tokens != v.tokens {
-        v.problems.push(format!("totals say {} written / {} tokens, shards hold {} / {}", t.written, t.tokens, v.rows, v.tokens));
+        v.problems.push(format!(
+            "totals say {} written / {} tokens, shards hold {} / {}",
+            t.written, t.tokens, v.rows, v.tokens
+        ));
     }
     if !t.balances() {
         v.problems.push(format!(
@@ -73,12 +87,20 @@ pub fn validate(dir: &Path) -> Result<Validation> {
     }
     let by_reason: u64 = m.rejected.by_reason.values().sum();
     if m.rejected.count != t.quarantined || by_reason != t.quarantined {
-        v.problems.push(format!("rejected.count {} and its reasons ({by_reason}) must equal quarantined {}", m.rejected.count, t.quarantined));
+        v.problems.push(format!(
+            "rejected.count {} and its reasons ({by_reason}) must equal quarantined {}",
+            m.rejected.count, t.quarantined
+        ));
     }
-    for (file, expected) in [(m.rejected.quarantine_file.as_str(), t.quarantined), (DUPLICATES, t.exact_duplicates + t.near_duplicates)] {
+    for (file, expected) in [
+        (m.rejected.quarantine_file.as_str(), t.quarantined),
+        (DUPLICATES, t.exact_duplicates + t.near_duplicates),
+    ] {
         match count_lines(&dir.join(file)) {
             Ok(n) if n == expected => {}
-            Ok(n) => v.problems.push(format!("{file}: {n} lines, manifest counts {expected}")),
+            Ok(n) => v
+                .problems
+                .push(format!("{file}: {n} lines, manifest counts {expected}")),
             Err(e) => v.problems.push(crate::error::describe(&e)),
         }
     }
@@ -94,21 +116,37 @@ fn check_shard(path: &Path, domain: Domain, s: &ShardInfo, vocab: u32) -> Result
     // The checksum and the row groups in parallel: a shard can be most of a directory.
     let (sum, checked) = rayon::join(
         || file_sha256(path),
-        || (0..groups).into_par_iter().map(|g| check_row_group(path, g, domain, vocab)).collect::<Result<Vec<_>>>(),
+        || {
+            (0..groups)
+                .into_par_iter()
+                .map(|g| check_row_group(path, g, domain, vocab))
+                .collect::<Result<Vec<_>>>()
+        },
     );
     let (sha, bytes) = sum?;
     let mut problems = Vec::new();
     if sha != s.sha256 || bytes != s.bytes {
-        problems.push(format!("{name}: sha256/size {sha}/{bytes} does not match the manifest's {}/{}", s.sha256, s.bytes));
+        problems.push(format!(
+            "{name}: sha256/size {sha}/{bytes} does not match the manifest's {}/{}",
+            s.sha256, s.bytes
+        ));
     }
     let (mut rows, mut tokens) = (0u64, 0u64);
     for group in checked? {
-        problems.extend(group.problems.into_iter().map(|(row, what)| format!("{name}: row {} {what}", rows + row)));
+        problems.extend(
+            group
+                .problems
+                .into_iter()
+                .map(|(row, what)| format!("{name}: row {} {what}", rows + row)),
+        );
         rows += group.rows;
         tokens += group.tokens;
     }
     if rows != s.rows || tokens != s.tokens {
-        problems.push(format!("{name}: holds {rows} rows / {tokens} tokens, manifest says {} / {}", s.rows, s.tokens));
+        problems.push(format!(
+            "{name}: holds {rows} rows / {tokens} tokens, manifest says {} / {}",
+            s.rows, s.tokens
+        ));
     }
     Ok((rows, tokens, problems))
 }
@@ -125,7 +163,10 @@ struct GroupCheck {
 fn check_row_group(path: &Path, group: usize, domain: Domain, vocab: u32) -> Result<GroupCheck> {
     let reader = ShardReader::open(path)?;
     let (mut rows, mut tokens, mut problems) = (0u64, 0u64, Vec::new());
-    for batch in reader.batches(&[columns::DOMAIN, columns::TOKENS, columns::N_TOKENS], Some(vec![group]))? {
+    for batch in reader.batches(
+        &[columns::DOMAIN, columns::TOKENS, columns::N_TOKENS],
+        Some(vec![group]),
+    )? {
         let batch = batch?;
         let domains = batch.column(0).as_string::<i32>();
         let lists = batch.column(1).as_list::<i32>();
@@ -135,7 +176,10 @@ fn check_row_group(path: &Path, group: usize, domain: Domain, vocab: u32) -> Res
         for (i, (w, &count)) in lists.value_offsets().windows(2).zip(counts.values()).enumerate() {
             let row = rows + i as u64;
             if domains.value(i) != domain.as_str() {
-                problems.push((row, format!("has domain {:?} in the {domain} directory", domains.value(i))));
+                problems.push((
+                    row,
+                    format!("has domain {:?} in the {domain} directory", domains.value(i)),
+                ));
             }
             let len = (w[1] - w[0]) as u64;
             if count as u64 != len {
@@ -144,7 +188,10 @@ fn check_row_group(path: &Path, group: usize, domain: Domain, vocab: u32) -> Res
             tokens += len;
         }
         for (i, t) in out_of_vocabulary(lists, vocab) {
-            problems.push((rows + i as u64, format!("has token id {t} outside the vocabulary ({vocab})")));
+            problems.push((
+                rows + i as u64,
+                format!("has token id {t} outside the vocabulary ({vocab})"),
+            ));
         }
         rows += batch.num_rows() as u64;
     }
@@ -160,17 +207,31 @@ fn out_of_vocabulary(lists: &ListArray, vocab: u32) -> Vec<(usize, u32)> {
             return Vec::new();
         }
         let row_ids = |w: &[i32]| ids[w[0] as usize..w[1] as usize].iter().map(|&t| t.into());
-        offsets.windows(2).enumerate().filter_map(|(row, w)| row_ids(w).find(|&t| t >= vocab).map(|t| (row, t))).collect()
+        offsets
+            .windows(2)
+            .enumerate()
+            .filter_map(|(row, w)| row_ids(w).find(|&t| t >= vocab).map(|t| (row, t)))
+            .collect()
     }
     let values = lists.values();
     match values.data_type() {
-        DataType::UInt16 => scan(values.as_primitive::<UInt16Type>().values(), lists.value_offsets(), vocab),
-        _ => scan(values.as_primitive::<UInt32Type>().values(), lists.value_offsets(), vocab),
+        DataType::UInt16 => scan(
+            values.as_primitive::<UInt16Type>().values(),
+            lists.value_offsets(),
+            vocab,
+        ),
+        _ => scan(
+            values.as_primitive::<UInt32Type>().values(),
+            lists.value_offsets(),
+            vocab,
+        ),
     }
 }
 
 fn unlisted_files(dir: &Path, domain: Domain, shards: &[ShardInfo]) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir.join(domain.as_str())) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(dir.join(domain.as_str())) else {
+        return Vec::new();
+    };
     entries
         .filter_map(|e| e.ok())
         .map(|e| format!("{domain}/{}", e.file_name().to_string_lossy()))
@@ -212,7 +273,10 @@ pub fn inspect(dir: &Path, per_domain: usize, chars: usize) -> Result<Inspection
             if reader.num_row_groups() == 0 {
                 continue;
             }
-            for batch in reader.batches(&[columns::ID, columns::LANG, columns::TEXT, columns::N_TOKENS], Some(vec![0]))? {
+            for batch in reader.batches(
+                &[columns::ID, columns::LANG, columns::TEXT, columns::N_TOKENS],
+                Some(vec![0]),
+            )? {
                 let batch = batch?;
                 let ids = batch.column(0).as_string::<i32>();
                 let langs = batch.column(1).as_string::<i32>();
@@ -240,19 +304,49 @@ pub fn inspect(dir: &Path, per_domain: usize, chars: usize) -> Result<Inspection
 /// holds exactly the documents one run would keep. Refuses parts that disagree on
 /// tokenizer, inputs or settings.
 pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
-    let mut manifests: Vec<(PathBuf, Manifest)> = parts.iter().map(|p| Ok((p.clone(), read_manifest(p)?))).collect::<Result<_>>()?;
+    let mut manifests: Vec<(PathBuf, Manifest)> = parts
+        .iter()
+        .map(|p| Ok((p.clone(), read_manifest(p)?)))
+        .collect::<Result<_>>()?;
     manifests.sort_by_key(|(_, m)| m.settings.partition.index);
-    let (first_dir, first) = manifests.first().ok_or_else(|| Error::Invalid("merge needs at least one part".into()))?;
+    let (first_dir, first) = manifests
+        .first()
+        .ok_or_else(|| Error::Invalid("merge needs at least one part".into()))?;
     let n = first.settings.partition.count;
-    let bad = |dir: &Path, message: String| Error::Manifest { path: dir.join(crate::split::MANIFEST), message };
+    let bad = |dir: &Path, message: String| Error::Manifest {
+        path: dir.join(crate::split::MANIFEST),
+        message,
+    };
     for (i, (dir, m)) in manifests.iter().enumerate() {
-        if m.settings.partition != (Partition { index: i as u32, count: n }) {
-            return Err(bad(dir, format!("expected part {i}/{n}, found {} (parts must be 0..{n}, each once)", m.settings.partition)));
+        if m.settings.partition
+            != (Partition {
+                index: i as u32,
+                count: n,
+            })
+        {
+            return Err(bad(
+                dir,
+                format!(
+                    "expected part {i}/{n}, found {} (parts must be 0..{n}, each once)",
+                    m.settings.partition
+                ),
+            ));
         }
         if m.tokenizer.sha256 != first.tokenizer.sha256 {
-            return Err(bad(dir, format!("tokenizer {} differs from {}'s {}", m.tokenizer.sha256, first_dir.display(), first.tokenizer.sha256)));
+            return Err(bad(
+                dir,
+                format!(
+                    "tokenizer {} differs from {}'s {}",
+                    m.tokenizer.sha256,
+                    first_dir.display(),
+                    first.tokenizer.sha256
+                ),
+            ));
         }
-        let strip = |m: &Manifest| mmrec_schemas::Settings { partition: Partition::WHOLE, ..m.settings.clone() };
+        let strip = |m: &Manifest| mmrec_schemas::Settings {
+            partition: Partition::WHOLE,
+            ..m.settings.clone()
+        };
         if strip(m) != strip(first) {
             return Err(bad(dir, format!("settings differ from {}'s", first_dir.display())));
         }
@@ -262,7 +356,10 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
         }
     }
     if manifests.len() as u32 != n {
-        return Err(Error::Invalid(format!("{} parts given, the run was split into {n}", manifests.len())));
+        return Err(Error::Invalid(format!(
+            "{} parts given, the run was split into {n}",
+            manifests.len()
+        )));
     }
     std::fs::create_dir_all(out).at(out)?;
     let mut merged = first.clone();
@@ -280,7 +377,13 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
                 // Verified while merging: a corrupt part must not be linked into the result.
                 let (sha256, _) = file_sha256(&src)?;
                 if sha256 != s.sha256 {
-                    return Err(Error::Manifest { path: dir.join(crate::split::MANIFEST), message: format!("shard {} has sha256 {sha256}, the manifest says {} (corrupt or replaced)", s.file, s.sha256) });
+                    return Err(Error::Manifest {
+                        path: dir.join(crate::split::MANIFEST),
+                        message: format!(
+                            "shard {} has sha256 {sha256}, the manifest says {} (corrupt or replaced)",
+                            s.file, s.sha256
+                        ),
+                    });
                 }
                 if std::fs::hard_link(&src, &dst).is_err() {
                     let tmp = crate::atomic::temp_path(&dst);
@@ -310,7 +413,9 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
             *merged.rejected.by_reason.entry(r.clone()).or_default() += c;
         }
         for file in [QUARANTINE, DUPLICATES] {
-            logs.entry(file).or_default().extend(std::fs::read(dir.join(file)).at(dir.join(file))?);
+            logs.entry(file)
+                .or_default()
+                .extend(std::fs::read(dir.join(file)).at(dir.join(file))?);
         }
     }
     for (file, bytes) in logs {
@@ -318,7 +423,10 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
     }
     // Parts of a near-deduplicated run left that to the merge (see `global_dedup`).
     if let (Some(nd), true) = (first.settings.near_dup, n > 1) {
-        let signatures = manifests.iter().map(|(dir, _)| read_signatures(&dir.join(SIGNATURES)).map(|(_, records)| records)).collect::<Result<Vec<_>>>()?;
+        let signatures = manifests
+            .iter()
+            .map(|(dir, _)| read_signatures(&dir.join(SIGNATURES)).map(|(_, records)| records))
+            .collect::<Result<Vec<_>>>()?;
         apply_removals(out, &mut merged, &global_removals(nd, &signatures))?;
     }
     write_manifest(out, &merged)?;

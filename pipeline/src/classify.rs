@@ -154,29 +154,126 @@ fn is_string_continuation(t: &str) -> bool {
 
 fn is_comment(t: &str) -> bool {
     // `# ` is also a Markdown heading: leaving headings out of both sides is harmless.
-    t.starts_with("//") || t.starts_with("/*") || t.starts_with("* ") || t == "*" || t.starts_with("*/")
+    t.starts_with("//")
+        || t.starts_with("/*")
+        || t.starts_with("* ")
+        || t == "*"
+        || t.starts_with("*/")
         || t.starts_with('#') && !t.starts_with("#include") && !t.starts_with("#define") && !t.starts_with("#if")
-        || t.starts_with("-- ") || t.starts_with(";;") || t.starts_with("<!--")
+        || t.starts_with("-- ")
+        || t.starts_with(";;")
+        || t.starts_with("<!--")
 }
 
 const KEYWORDS: &[&str] = &[
-    "def", "class", "import", "from", "return", "elif", "else", "for", "while", "try", "except",
-    "finally", "with", "raise", "yield", "async", "await", "lambda", "pass", "break", "continue",
-    "fn", "let", "mut", "pub", "use", "impl", "struct", "enum", "match", "mod", "trait", "where",
-    "#include", "#define", "#if", "#ifdef", "#ifndef", "#endif", "#else", "#undef", "#pragma",
-    "int", "void", "char", "static", "const", "unsigned", "long", "double", "float", "bool",
-    "var", "function", "package", "func", "public", "private", "protected", "namespace",
-    "template", "typedef", "extern", "switch", "case", "default:", "new", "delete", "throw",
-    "catch", "interface", "extends", "implements", "export", "local", "my", "sub", "foreach",
-    "unless", "elsif", "then", "fi", "done", "esac", "do", "echo", "if", "end", "begin", "type",
-    "self", "this", "super", "nil", "null", "None", "True", "False", "true", "false", "assert",
+    "def",
+    "class",
+    "import",
+    "from",
+    "return",
+    "elif",
+    "else",
+    "for",
+    "while",
+    "try",
+    "except",
+    "finally",
+    "with",
+    "raise",
+    "yield",
+    "async",
+    "await",
+    "lambda",
+    "pass",
+    "break",
+    "continue",
+    "fn",
+    "let",
+    "mut",
+    "pub",
+    "use",
+    "impl",
+    "struct",
+    "enum",
+    "match",
+    "mod",
+    "trait",
+    "where",
+    "#include",
+    "#define",
+    "#if",
+    "#ifdef",
+    "#ifndef",
+    "#endif",
+    "#else",
+    "#undef",
+    "#pragma",
+    "int",
+    "void",
+    "char",
+    "static",
+    "const",
+    "unsigned",
+    "long",
+    "double",
+    "float",
+    "bool",
+    "var",
+    "function",
+    "package",
+    "func",
+    "public",
+    "private",
+    "protected",
+    "namespace",
+    "template",
+    "typedef",
+    "extern",
+    "switch",
+    "case",
+    "default:",
+    "new",
+    "delete",
+    "throw",
+    "catch",
+    "interface",
+    "extends",
+    "implements",
+    "export",
+    "local",
+    "my",
+    "sub",
+    "foreach",
+    "unless",
+    "elsif",
+    "then",
+    "fi",
+    "done",
+    "esac",
+    "do",
+    "echo",
+    "if",
+    "end",
+    "begin",
+    "type",
+    "self",
+    "this",
+    "super",
+    "nil",
+    "null",
+    "None",
+    "True",
+    "False",
+    "true",
+    "false",
+    "assert",
 ];
 
 const FUNCTION_WORDS: &[&str] = &[
-    "the", "and", "of", "to", "in", "is", "was", "that", "for", "on", "as", "with", "by", "it",
-    "are", "from", "at", "be", "this", "which", "or", "an", "his", "her", "their", "were", "has",
-    "have", "had", "not", "but", "they", "he", "she", "its", "also", "been", "after", "who",
-    "you", "may", "any", "such", "other", "than", "these", "all", "into", "more",
+    "the", "and", "of", "to", "in", "is", "was", "that", "for", "on", "as", "with", "by", "it", "are", "from", "at",
+    "be", "this", "which", "or", "an", "his", "her", "their", "were", "has", "have", "had", "not", "but", "they", "he",
+    "she", "its", "also", "been", "after", "who", "you", "may", "any", "such", "other", "than", "these", "all", "into",
+    "more",
 ];
 
 /// Positive for a line that looks like code, negative for prose.
@@ -195,7 +292,10 @@ fn line_score(line: &str, t: &str) -> f32 {
         '.' | '?' | '!' => score -= 1.0,
         _ => {}
     }
-    for op in ["==", "!=", "->", "=>", "::", "&&", "||", "+=", "-=", ":=", "()", "[]", "{}", "</", "/>", "${", "$(", "\\n", "<-"] {
+    for op in [
+        "==", "!=", "->", "=>", "::", "&&", "||", "+=", "-=", ":=", "()", "[]", "{}", "</", "/>", "${", "$(", "\\n",
+        "<-",
+    ] {
         if t.contains(op) {
             score += 0.75;
         }
@@ -242,12 +342,19 @@ fn is_code_token(w: &str) -> bool {
     if bytes.len() < 3 {
         return false;
     }
-    let inner_underscore = w.trim_matches('_').contains('_') && w.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.');
-    let camel = bytes.windows(2).any(|p| p[0].is_ascii_lowercase() && p[1].is_ascii_uppercase())
+    let inner_underscore =
+        w.trim_matches('_').contains('_') && w.chars().all(|c| c.is_alphanumeric() || c == '_' || c == '.');
+    let camel = bytes
+        .windows(2)
+        .any(|p| p[0].is_ascii_lowercase() && p[1].is_ascii_uppercase())
         && w.chars().all(|c| c.is_ascii_alphanumeric());
-    let member = bytes.windows(3).any(|p| p[0].is_ascii_alphanumeric() && p[1] == b'.' && (p[2].is_ascii_lowercase() || p[2] == b'_'))
+    let member = bytes
+        .windows(3)
+        .any(|p| p[0].is_ascii_alphanumeric() && p[1] == b'.' && (p[2].is_ascii_lowercase() || p[2] == b'_'))
         && !w.ends_with('.');
-    let call = bytes.windows(2).any(|p| (p[0].is_ascii_alphanumeric() || p[0] == b'_') && p[1] == b'(');
+    let call = bytes
+        .windows(2)
+        .any(|p| (p[0].is_ascii_alphanumeric() || p[0] == b'_') && p[1] == b'(');
     inner_underscore || camel || member || call
 }
 

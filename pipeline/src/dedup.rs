@@ -47,7 +47,11 @@ fn push_normalised(text: &str, out: &mut Vec<u8>) {
     let whitespace_len = |i: usize| match KIND[text.as_bytes()[i] as usize] {
         0 => 0,
         1 => 1,
-        _ => text[i..].chars().next().filter(|c| c.is_whitespace()).map_or(0, char::len_utf8),
+        _ => text[i..]
+            .chars()
+            .next()
+            .filter(|c| c.is_whitespace())
+            .map_or(0, char::len_utf8),
     };
     let bytes = text.as_bytes();
     let mut copied = 0;
@@ -98,7 +102,10 @@ fn next_irregular(bytes: &[u8], mut i: usize) -> usize {
         }
         i += 8;
     }
-    i + bytes[i..].iter().position(|&b| !(0x21..0x80).contains(&b)).unwrap_or(bytes.len() - i)
+    i + bytes[i..]
+        .iter()
+        .position(|&b| !(0x21..0x80).contains(&b))
+        .unwrap_or(bytes.len() - i)
 }
 
 /// Keeps the first document of every distinct hash.
@@ -120,7 +127,12 @@ impl ExactDedup {
     }
 }
 
-pub const DEFAULT_NEAR_DUP: NearDupSettings = NearDupSettings { threshold: 0.8, num_perm: 128, bands: 16, shingle_words: 3 };
+pub const DEFAULT_NEAR_DUP: NearDupSettings = NearDupSettings {
+    threshold: 0.8,
+    num_perm: 128,
+    bands: 16,
+    shingle_words: 3,
+};
 
 /// MinHash over word shingles, with one run's hash family: `num_perm` "a·h + b" pairs
 /// drawn from the seed once, not per document.
@@ -133,7 +145,11 @@ pub struct MinHasher {
 impl MinHasher {
     pub fn new(s: &NearDupSettings, seed: u64) -> Self {
         let (a, b) = (0..s.num_perm).map(|i| perm_coeffs(seed, i)).unzip();
-        MinHasher { shingle_words: s.shingle_words.max(1), a, b }
+        MinHasher {
+            shingle_words: s.shingle_words.max(1),
+            a,
+            b,
+        }
     }
 
     /// The signature of `text`. Digit runs are folded to `0` first (as CCNet does): copies
@@ -219,8 +235,15 @@ pub struct NearDedup {
 
 impl NearDedup {
     pub fn new(settings: NearDupSettings) -> Self {
-        assert!(settings.bands > 0 && settings.num_perm % settings.bands == 0, "num_perm must be a multiple of bands");
-        NearDedup { settings, buckets: HashMap::new(), kept: Vec::new() }
+        assert!(
+            settings.bands > 0 && settings.num_perm % settings.bands == 0,
+            "num_perm must be a multiple of bands"
+        );
+        NearDedup {
+            settings,
+            buckets: HashMap::new(),
+            kept: Vec::new(),
+        }
     }
 
     /// None when no kept document is estimated at or above the threshold (keep this one,
@@ -267,20 +290,49 @@ mod tests {
     #[test]
     fn whitespace_changes_do_not_change_the_hash() {
         assert_eq!(normalized_hash("a  b\n\tc "), normalized_hash("a b c"));
-        let every_whitespace_neighbour = (0..0x3100u32).chain((0x3100..0x11_0000).step_by(97)).filter_map(char::from_u32).map(|c| format!("a{c}b {c}{c}c{c}"));
+        let every_whitespace_neighbour = (0..0x3100u32)
+            .chain((0x3100..0x11_0000).step_by(97))
+            .filter_map(char::from_u32)
+            .map(|c| format!("a{c}b {c}{c}c{c}"));
         // Random mixes, long enough for the 8-byte steps, checked against the definition.
-        let palette: Vec<char> = "ab  \t\n\r\u{b}\u{c}\u{1}\u{a0}\u{3000}\u{2009}\u{85}é漢xyz".chars().collect();
+        let palette: Vec<char> = "ab  \t\n\r\u{b}\u{c}\u{1}\u{a0}\u{3000}\u{2009}\u{85}é漢xyz"
+            .chars()
+            .collect();
         let mut state = 1u64;
         let random = (0..3000).map(|_| {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-            (0..(state >> 58) as usize + 8).map(|k| palette[((state >> (k % 40)) as usize ^ k) % palette.len()]).collect::<String>()
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (0..(state >> 58) as usize + 8)
+                .map(|k| palette[((state >> (k % 40)) as usize ^ k) % palette.len()])
+                .collect::<String>()
         });
-        let samples = ["", " ", "a", "a  b", " a b ", "a \u{a0}b", "a\u{a0} b", "a é ¢", "a  \t b\n", "x \u{2003}", "\u{3000}", " a\u{3000}b\u{a0} c\u{85}", "\u{b}x\u{1c}y\u{2028}", "é  ü\t漢"].map(String::from);
+        let samples = [
+            "",
+            " ",
+            "a",
+            "a  b",
+            " a b ",
+            "a \u{a0}b",
+            "a\u{a0} b",
+            "a é ¢",
+            "a  \t b\n",
+            "x \u{2003}",
+            "\u{3000}",
+            " a\u{3000}b\u{a0} c\u{85}",
+            "\u{b}x\u{1c}y\u{2028}",
+            "é  ü\t漢",
+        ]
+        .map(String::from);
         for text in samples.into_iter().chain(every_whitespace_neighbour).chain(random) {
             let text = text.as_str();
             let mut fast = Vec::new();
             push_normalised(text, &mut fast);
-            assert_eq!(fast, text.split_whitespace().collect::<Vec<_>>().join(" ").into_bytes(), "{text:?}");
+            assert_eq!(
+                fast,
+                text.split_whitespace().collect::<Vec<_>>().join(" ").into_bytes(),
+                "{text:?}"
+            );
         }
         assert_ne!(normalized_hash("a b c"), normalized_hash("a b d"));
     }
@@ -311,7 +363,13 @@ mod tests {
     #[test]
     fn minhash_estimates_jaccard() {
         // Letter words: digit runs are folded before shingling.
-        let word = |p: char, i: usize| format!("{p}{}{} ", (b'a' + (i / 26) as u8) as char, (b'a' + (i % 26) as u8) as char);
+        let word = |p: char, i: usize| {
+            format!(
+                "{p}{}{} ",
+                (b'a' + (i / 26) as u8) as char,
+                (b'a' + (i % 26) as u8) as char
+            )
+        };
         let a: String = (0..200).map(|i| word('w', i)).collect();
         let b: String = (0..200).map(|i| word(if i < 190 { 'w' } else { 'x' }, i)).collect();
         let c: String = (0..200).map(|i| word('z', i)).collect();
@@ -322,7 +380,11 @@ mod tests {
         assert!(jaccard_estimate(&sa, &sc) < 0.1);
         let mut idx = NearDedup::new(s);
         assert_eq!(idx.insert(0, sa), None);
-        assert_eq!(idx.insert(1, sb), Some(0), "a near copy is removed in favour of the first");
+        assert_eq!(
+            idx.insert(1, sb),
+            Some(0),
+            "a near copy is removed in favour of the first"
+        );
         assert_eq!(idx.insert(2, sc), None, "an unrelated document is kept");
     }
 }

@@ -21,8 +21,8 @@ use mmrec_schemas::{Manifest, NearDupSettings, ShardInfo};
 
 use crate::atomic::write_atomic;
 use crate::dedup::NearDedup;
-use crate::split::DuplicateRecord;
 use crate::error::{Error, IoContext, Result};
+use crate::split::DuplicateRecord;
 
 pub const SIGNATURES: &str = "near_dup_signatures.bin";
 const FORMAT: &str = "mmrec-near-dup-signatures";
@@ -51,12 +51,22 @@ struct Header {
 }
 
 pub fn write_signatures(path: &Path, num_perm: usize, records: &[SignatureRecord]) -> Result<()> {
-    let header = Header { format: FORMAT.into(), version: 1, num_perm, records: records.len() as u64 };
+    let header = Header {
+        format: FORMAT.into(),
+        version: 1,
+        num_perm,
+        records: records.len() as u64,
+    };
     let mut out = serde_json::to_vec(&header).expect("header serialises");
     out.push(b'\n');
     for r in records {
         if r.signature.len() != num_perm {
-            return Err(Error::Invalid(format!("{}: signature of {} has {} values, not {num_perm}", path.display(), r.id, r.signature.len())));
+            return Err(Error::Invalid(format!(
+                "{}: signature of {} has {} values, not {num_perm}",
+                path.display(),
+                r.id,
+                r.signature.len()
+            )));
         }
         out.extend(r.order.to_le_bytes());
         out.extend(r.row.to_le_bytes());
@@ -70,7 +80,10 @@ pub fn write_signatures(path: &Path, num_perm: usize, records: &[SignatureRecord
 }
 
 pub fn read_signatures(path: &Path) -> Result<(usize, Vec<SignatureRecord>)> {
-    let bad = |message: String| Error::Manifest { path: path.to_path_buf(), message };
+    let bad = |message: String| Error::Manifest {
+        path: path.to_path_buf(),
+        message,
+    };
     let mut input = BufReader::new(std::fs::File::open(path).at(path)?);
     let mut line = String::new();
     input.read_line(&mut line).at(path)?;
@@ -80,7 +93,11 @@ pub fn read_signatures(path: &Path) -> Result<(usize, Vec<SignatureRecord>)> {
     }
     let mut records = Vec::new();
     for k in 0..header.records {
-        let mut take = |n: usize, what: &str| take_exact(&mut input, n).at(path)?.ok_or_else(|| bad(format!("record {k}: truncated in its {what}")));
+        let mut take = |n: usize, what: &str| {
+            take_exact(&mut input, n)
+                .at(path)?
+                .ok_or_else(|| bad(format!("record {k}: truncated in its {what}")))
+        };
         let fixed = take(12, "position")?;
         let order = u64::from_le_bytes(fixed[..8].try_into().expect("8 bytes"));
         let row = u32::from_le_bytes(fixed[8..].try_into().expect("4 bytes"));
@@ -89,11 +106,23 @@ pub fn read_signatures(path: &Path) -> Result<(usize, Vec<SignatureRecord>)> {
             String::from_utf8(take(len, what)?).map_err(|_| bad(format!("record {k}: {what} is not UTF-8")))
         };
         let (shard, id) = (text("shard path")?, text("document id")?);
-        let signature = take(4 * header.num_perm, "signature")?.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes"))).collect();
-        records.push(SignatureRecord { order, shard, row, id, signature });
+        let signature = take(4 * header.num_perm, "signature")?
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")))
+            .collect();
+        records.push(SignatureRecord {
+            order,
+            shard,
+            row,
+            id,
+            signature,
+        });
     }
     if take_exact(&mut input, 1).at(path)?.is_some() {
-        return Err(bad(format!("data after the {} records the header declares", header.records)));
+        return Err(bad(format!(
+            "data after the {} records the header declares",
+            header.records
+        )));
     }
     Ok((header.num_perm, records))
 }
@@ -123,8 +152,16 @@ pub fn global_removals(settings: NearDupSettings, parts: &[Vec<SignatureRecord>]
     let mut removals = Vec::new();
     for (i, r) in all.iter().enumerate() {
         if let Some(first) = index.insert(i, r.signature.clone()) {
-            let record = DuplicateRecord { id: r.id.clone(), kind: "near".into(), kept: all[first].id.clone() };
-            removals.push(Removal { shard: r.shard.clone(), row: r.row, record });
+            let record = DuplicateRecord {
+                id: r.id.clone(),
+                kind: "near".into(),
+                kept: all[first].id.clone(),
+            };
+            removals.push(Removal {
+                shard: r.shard.clone(),
+                row: r.row,
+                record,
+            });
         }
     }
     removals
@@ -176,14 +213,23 @@ mod tests {
     use super::*;
 
     fn record(order: u64, id: &str, signature: Vec<u32>) -> SignatureRecord {
-        SignatureRecord { order, shard: "text/part-00001-00000.parquet".into(), row: order as u32, id: id.into(), signature }
+        SignatureRecord {
+            order,
+            shard: "text/part-00001-00000.parquet".into(),
+            row: order as u32,
+            id: id.into(),
+            signature,
+        }
     }
 
     #[test]
     fn signature_files_round_trip_and_truncation_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join(SIGNATURES);
-        let records = vec![record(order_key(0, 3), "a.jsonl:4", vec![1, 2, 3, 4]), record(order_key(2, 0), "b.jsonl:1 ✓", vec![5, 6, 7, 8])];
+        let records = vec![
+            record(order_key(0, 3), "a.jsonl:4", vec![1, 2, 3, 4]),
+            record(order_key(2, 0), "b.jsonl:1 ✓", vec![5, 6, 7, 8]),
+        ];
         write_signatures(&path, 4, &records).unwrap();
         assert_eq!(read_signatures(&path).unwrap(), (4, records));
         let bytes = std::fs::read(&path).unwrap();
@@ -191,16 +237,33 @@ mod tests {
         let err = read_signatures(&path).unwrap_err().to_string();
         assert!(err.contains("record 1: truncated in its signature"), "{err}");
         std::fs::write(&path, [bytes.as_slice(), b"x"].concat()).unwrap();
-        assert!(read_signatures(&path).unwrap_err().to_string().contains("data after the 2 records"));
+        assert!(read_signatures(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("data after the 2 records"));
     }
 
     #[test]
     fn the_global_pass_keeps_the_first_in_input_order_whatever_the_part_order() {
-        let s = NearDupSettings { threshold: 0.5, num_perm: 4, bands: 4, shingle_words: 5 };
+        let s = NearDupSettings {
+            threshold: 0.5,
+            num_perm: 4,
+            bands: 4,
+            shingle_words: 5,
+        };
         // Part 1 holds the earlier document; part 0 its near copy and an unrelated one.
-        let parts = vec![vec![record(order_key(1, 0), "late", vec![1, 2, 3, 9]), record(order_key(1, 1), "other", vec![7, 7, 7, 7])], vec![record(order_key(0, 5), "early", vec![1, 2, 3, 4])]];
+        let parts = vec![
+            vec![
+                record(order_key(1, 0), "late", vec![1, 2, 3, 9]),
+                record(order_key(1, 1), "other", vec![7, 7, 7, 7]),
+            ],
+            vec![record(order_key(0, 5), "early", vec![1, 2, 3, 4])],
+        ];
         let removed = global_removals(s, &parts);
         assert_eq!(removed.len(), 1);
-        assert_eq!((removed[0].record.id.as_str(), removed[0].record.kept.as_str()), ("late", "early"));
+        assert_eq!(
+            (removed[0].record.id.as_str(), removed[0].record.kept.as_str()),
+            ("late", "early")
+        );
     }
 }

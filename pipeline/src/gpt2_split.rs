@@ -35,7 +35,12 @@ fn unicode_ranges(pattern: &str) -> Vec<(char, char)> {
 }
 
 static CLASSES: LazyLock<Classes> = LazyLock::new(|| {
-    let mut classes = Classes { ascii: [Class::Other; 128], letter: unicode_ranges(r"\p{L}"), number: unicode_ranges(r"\p{N}"), space: unicode_ranges(r"\s") };
+    let mut classes = Classes {
+        ascii: [Class::Other; 128],
+        letter: unicode_ranges(r"\p{L}"),
+        number: unicode_ranges(r"\p{N}"),
+        space: unicode_ranges(r"\s"),
+    };
     for b in 0..128u8 {
         classes.ascii[b as usize] = classes.lookup(b as char);
     }
@@ -44,7 +49,19 @@ static CLASSES: LazyLock<Classes> = LazyLock::new(|| {
 
 impl Classes {
     fn lookup(&self, c: char) -> Class {
-        let within = |ranges: &[(char, char)]| ranges.binary_search_by(|&(lo, hi)| if hi < c { std::cmp::Ordering::Less } else if lo > c { std::cmp::Ordering::Greater } else { std::cmp::Ordering::Equal }).is_ok();
+        let within = |ranges: &[(char, char)]| {
+            ranges
+                .binary_search_by(|&(lo, hi)| {
+                    if hi < c {
+                        std::cmp::Ordering::Less
+                    } else if lo > c {
+                        std::cmp::Ordering::Greater
+                    } else {
+                        std::cmp::Ordering::Equal
+                    }
+                })
+                .is_ok()
+        };
         if within(&self.letter) {
             Class::Letter
         } else if within(&self.number) {
@@ -96,12 +113,18 @@ pub fn split<'a>(text: &'a str, mut piece: impl FnMut(usize, &'a str)) {
     while let Some((class, len)) = classes.at(text, i) {
         let byte = text.as_bytes()[i];
         let after = i + len;
-        let contracted = if byte == b'\'' { contraction(&text.as_bytes()[after..]) } else { None };
+        let contracted = if byte == b'\'' {
+            contraction(&text.as_bytes()[after..])
+        } else {
+            None
+        };
         let end = match (contracted, class) {
             (Some(len), _) => after + len,
             (None, Class::Space) => match classes.at(text, after) {
                 // ` ?\p{L}+` and its siblings: a space joins the word after it.
-                Some((next_class, next_len)) if byte == b' ' && next_class != Class::Space => run_end(classes, text, after + next_len, next_class),
+                Some((next_class, next_len)) if byte == b' ' && next_class != Class::Space => {
+                    run_end(classes, text, after + next_len, next_class)
+                }
                 _ => {
                     let ws_end = run_end(classes, text, i, Class::Space);
                     let last = text[..ws_end].chars().next_back().map_or(i, |l| ws_end - l.len_utf8());
@@ -133,7 +156,10 @@ mod tests {
 
     #[test]
     fn cuts_like_the_gpt2_pattern() {
-        assert_eq!(pieces("Hello world's   end!!\n\n  x"), ["Hello", " world", "'s", "  ", " end", "!!", "\n\n ", " x"]);
+        assert_eq!(
+            pieces("Hello world's   end!!\n\n  x"),
+            ["Hello", " world", "'s", "  ", " end", "!!", "\n\n ", " x"]
+        );
         assert_eq!(pieces("a\t\tb  "), ["a", "\t", "\t", "b", "  "]);
         assert_eq!(pieces(" 's '''s x1 ½"), [" '", "s", " '''", "s", " x", "1", " ½"]);
         assert_eq!(pieces(""), Vec::<&str>::new());
@@ -143,8 +169,13 @@ mod tests {
     fn hf_pieces(text: &str) -> Vec<&str> {
         use tokenizers::{OffsetReferential, OffsetType, PreTokenizedString, PreTokenizer};
         let mut pre = PreTokenizedString::from(text);
-        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, false, true).pre_tokenize(&mut pre).unwrap();
-        pre.get_splits(OffsetReferential::Original, OffsetType::Byte).into_iter().map(|(_, (a, b), _)| &text[a..b]).collect()
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(false, false, true)
+            .pre_tokenize(&mut pre)
+            .unwrap();
+        pre.get_splits(OffsetReferential::Original, OffsetType::Byte)
+            .into_iter()
+            .map(|(_, (a, b), _)| &text[a..b])
+            .collect()
     }
 
     #[test]
@@ -154,7 +185,9 @@ mod tests {
         let palette: Vec<char> = "aZsStTreRvVelmLdD'' \t\n\r\u{b}\u{c}\u{a0}\u{2009}\u{3000}\u{85}\u{2028}0123½Ⅻ٣éß\u{301}\u{94d}ñ漢字カ😀🎉.,;:!?-_()[]{}\"#$%&*+/<=>@\\^`|~€\u{0}\u{7f}\u{ad}\u{200b}".chars().collect();
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = move || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as usize
         };
         for _ in 0..20_000 {

@@ -76,21 +76,38 @@ pub struct InputFile {
 pub fn expand_inputs(specs: &[InputSpec], follow_symlinks: bool) -> Result<Vec<InputFile>> {
     let mut files = Vec::new();
     for spec in specs {
-        let meta = std::fs::metadata(&spec.path)
-            .map_err(|source| Error::MissingInput { path: spec.path.clone(), source })?;
+        let meta = std::fs::metadata(&spec.path).map_err(|source| Error::MissingInput {
+            path: spec.path.clone(),
+            source,
+        })?;
         if meta.is_dir() {
             let mut found = Vec::new();
             let mut ancestors = vec![std::fs::canonicalize(&spec.path).at(&spec.path)?];
             walk(&spec.path, follow_symlinks, &mut ancestors, &mut found)?;
             found.sort_by(|a: &(PathBuf, _), b| a.0.cmp(&b.0));
-            files.extend(found.into_iter().map(|(path, skip)| InputFile { path, declared: spec.declared, from_tree: true, skip }));
+            files.extend(found.into_iter().map(|(path, skip)| InputFile {
+                path,
+                declared: spec.declared,
+                from_tree: true,
+                skip,
+            }));
         } else if meta.is_file() {
-            std::fs::File::open(&spec.path)
-                .map_err(|source| Error::MissingInput { path: spec.path.clone(), source })?;
-            files.push(InputFile { path: spec.path.clone(), declared: spec.declared, from_tree: false, skip: None });
+            std::fs::File::open(&spec.path).map_err(|source| Error::MissingInput {
+                path: spec.path.clone(),
+                source,
+            })?;
+            files.push(InputFile {
+                path: spec.path.clone(),
+                declared: spec.declared,
+                from_tree: false,
+                skip: None,
+            });
         } else {
             // Reading a FIFO would wait for a writer forever.
-            return Err(Error::Invalid(format!("input {} is not a regular file or a directory (a FIFO, socket or device)", spec.path.display())));
+            return Err(Error::Invalid(format!(
+                "input {} is not a regular file or a directory (a FIFO, socket or device)",
+                spec.path.display()
+            )));
         }
     }
     Ok(files)
@@ -102,7 +119,10 @@ fn walk(dir: &Path, follow: bool, ancestors: &mut Vec<PathBuf>, out: &mut Vec<Fo
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) => {
-            out.push((dir.to_path_buf(), Some(("unreadable", format!("directory cannot be listed: {e}")))));
+            out.push((
+                dir.to_path_buf(),
+                Some(("unreadable", format!("directory cannot be listed: {e}"))),
+            ));
             return Ok(());
         }
     };
@@ -117,13 +137,22 @@ fn walk(dir: &Path, follow: bool, ancestors: &mut Vec<PathBuf>, out: &mut Vec<Fo
         let kind = entry.file_type().at(&path)?;
         let target = if kind.is_symlink() {
             if !follow {
-                out.push((path, Some(("symlink", "a symbolic link, not followed (--follow-symlinks reads what it points to)".into()))));
+                out.push((
+                    path,
+                    Some((
+                        "symlink",
+                        "a symbolic link, not followed (--follow-symlinks reads what it points to)".into(),
+                    )),
+                ));
                 continue;
             }
             match std::fs::metadata(&path) {
                 Ok(m) => m.file_type(),
                 Err(e) => {
-                    out.push((path, Some(("broken_symlink", format!("a symbolic link to nothing readable: {e}")))));
+                    out.push((
+                        path,
+                        Some(("broken_symlink", format!("a symbolic link to nothing readable: {e}"))),
+                    ));
                     continue;
                 }
             }
@@ -133,7 +162,10 @@ fn walk(dir: &Path, follow: bool, ancestors: &mut Vec<PathBuf>, out: &mut Vec<Fo
         if target.is_dir() {
             let canonical = std::fs::canonicalize(&path).at(&path)?;
             if ancestors.contains(&canonical) {
-                out.push((path, Some(("symlink_loop", format!("leads back to {}", canonical.display())))));
+                out.push((
+                    path,
+                    Some(("symlink_loop", format!("leads back to {}", canonical.display()))),
+                ));
                 continue;
             }
             ancestors.push(canonical);
@@ -159,7 +191,11 @@ pub struct ReadFile {
 /// every input is read from disk once.
 pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
     let source: Arc<str> = Arc::from(file.path.to_string_lossy().as_ref());
-    let unread = |reason: &str, detail: String| ReadFile { records: vec![bad(&source, 0, reason, detail)], sha256: String::new(), bytes: 0 };
+    let unread = |reason: &str, detail: String| ReadFile {
+        records: vec![bad(&source, 0, reason, detail)],
+        sha256: String::new(),
+        bytes: 0,
+    };
     if let Some((reason, detail)) = &file.skip {
         return Ok(unread(reason, detail.clone()));
     }
@@ -167,15 +203,32 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
         Ok(r) => r,
         // One unreadable or corrupt file inside a directory is quarantined, not fatal.
         Err(e) if file.from_tree => {
-            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source()).map(|e| e.to_string()).collect::<Vec<_>>();
+            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>();
             return Ok(unread("unreadable", chain.join(": ")));
         }
         Err(e) => return Err(e),
     };
-    let Some(Raw { data: bytes, sha256, len, oversized }) = raw else {
+    let Some(Raw {
+        data: bytes,
+        sha256,
+        len,
+        oversized,
+    }) = raw
+    else {
         let (sha256, len) = crate::atomic::file_sha256(&file.path)?;
-        let records = vec![bad(&source, 0, "too_large", format!("file is over --max-bytes {}", opts.max_bytes))];
-        return Ok(ReadFile { records, sha256, bytes: len });
+        let records = vec![bad(
+            &source,
+            0,
+            "too_large",
+            format!("file is over --max-bytes {}", opts.max_bytes),
+        )];
+        return Ok(ReadFile {
+            records,
+            sha256,
+            bytes: len,
+        });
     };
     let ext = extension(&inner_name);
     let records = if file.from_tree && !matches!(ext.as_str(), "jsonl" | "ndjson" | "parquet") {
@@ -184,11 +237,23 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
         match ext.as_str() {
             "jsonl" | "ndjson" | "json" => read_jsonl(&source, &bytes, opts),
             "parquet" => read_parquet(&file.path, &source, bytes, opts)?,
-            _ if lang::from_extension(&inner_name).is_some() => vec![read_source_file(&source, &inner_name, bytes, opts)],
+            _ if lang::from_extension(&inner_name).is_some() => {
+                vec![read_source_file(&source, &inner_name, bytes, opts)]
+            }
             _ => read_plain(&source, bytes, opts),
         }
     };
-    let dropped = oversized.into_iter().map(|(line, n)| bad(&source, line, "too_large", format!("line of {n} bytes is over the limit for --max-bytes {} (dropped while decompressing)", opts.max_bytes)));
+    let dropped = oversized.into_iter().map(|(line, n)| {
+        bad(
+            &source,
+            line,
+            "too_large",
+            format!(
+                "line of {n} bytes is over the limit for --max-bytes {} (dropped while decompressing)",
+                opts.max_bytes
+            ),
+        )
+    });
     // After the file's own records: their order is the documents' order.
     let records: Vec<Record> = records.into_iter().chain(dropped).collect();
     let records = records
@@ -204,7 +269,11 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
             bad => bad,
         })
         .collect();
-    Ok(ReadFile { records, sha256, bytes: len })
+    Ok(ReadFile {
+        records,
+        sha256,
+        bytes: len,
+    })
 }
 
 /// A file's decompressed contents with the sha256 and length of its bytes on disk.
@@ -219,7 +288,10 @@ struct Raw {
 /// Returns the file name without a compression suffix, and the decompressed bytes, or None
 /// when a source-tree file is over the size limit (checked before reading it).
 fn read_decompressed(path: &Path, opts: &ReadOptions, from_tree: bool) -> Result<(String, Option<Raw>)> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     if from_tree && std::fs::metadata(path).at(path)?.len() > opts.max_bytes {
         return Ok((name, None));
     }
@@ -228,14 +300,30 @@ fn read_decompressed(path: &Path, opts: &ReadOptions, from_tree: bool) -> Result
     let decoded = |stem: &str, reader: Box<dyn Read + '_>| -> Result<(String, Option<Raw>)> {
         // Bounded while decompressing: a few KB of zstd can expand to gigabytes.
         let (data, oversized, whole_too_large) = read_bounded(reader, bound_for(stem, from_tree, opts)).at(path)?;
-        Ok((stem.to_string(), (!whole_too_large).then_some(Raw { data, sha256: sha256.clone(), len, oversized })))
+        Ok((
+            stem.to_string(),
+            (!whole_too_large).then_some(Raw {
+                data,
+                sha256: sha256.clone(),
+                len,
+                oversized,
+            }),
+        ))
     };
     if let Some(stem) = name.strip_suffix(".gz") {
         decoded(stem, Box::new(flate2::read::MultiGzDecoder::new(&raw[..])))
     } else if let Some(stem) = name.strip_suffix(".zst") {
         decoded(stem, Box::new(zstd::Decoder::new(&raw[..]).at(path)?))
     } else {
-        Ok((name, Some(Raw { data: raw, sha256, len, oversized: Vec::new() })))
+        Ok((
+            name,
+            Some(Raw {
+                data: raw,
+                sha256,
+                len,
+                oversized: Vec::new(),
+            }),
+        ))
     }
 }
 
@@ -255,7 +343,9 @@ fn bound_for(inner_name: &str, from_tree: bool, opts: &ReadOptions) -> Bound {
         // against --max-bytes once parsed.
         "jsonl" | "ndjson" | "json" => Bound::PerLine(opts.max_bytes.saturating_mul(2).saturating_add(4096)),
         "parquet" => Bound::Unbounded,
-        _ if from_tree || lang::from_extension(inner_name).is_some() || opts.plain_split == PlainSplit::File => Bound::Total(opts.max_bytes),
+        _ if from_tree || lang::from_extension(inner_name).is_some() || opts.plain_split == PlainSplit::File => {
+            Bound::Total(opts.max_bytes)
+        }
         _ => Bound::PerLine(opts.max_bytes),
     }
 }
@@ -319,17 +409,28 @@ fn read_bounded(mut r: impl Read, bound: Bound) -> std::io::Result<Bounded> {
 }
 
 fn extension(name: &str) -> String {
-    Path::new(name).extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
+    Path::new(name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default()
 }
 
 fn bad(source: &Arc<str>, line: u64, reason: &str, detail: String) -> Record {
-    Record::Bad(QuarantineRecord { file: source.to_string(), line, reason: reason.to_string(), detail })
+    Record::Bad(QuarantineRecord {
+        file: source.to_string(),
+        line,
+        reason: reason.to_string(),
+        detail,
+    })
 }
 
 /// Checks shared by every input format; returns the quarantine reason, if any.
 fn validate_text(text: &str, max_bytes: u64) -> Option<(&'static str, String)> {
     if text.len() as u64 > max_bytes {
-        return Some(("too_large", format!("{} bytes is over --max-bytes {max_bytes}", text.len())));
+        return Some((
+            "too_large",
+            format!("{} bytes is over --max-bytes {max_bytes}", text.len()),
+        ));
     }
     if text.trim().is_empty() {
         return Some(("empty", "text is empty or whitespace only".to_string()));
@@ -347,11 +448,22 @@ pub fn looks_binary(bytes: &[u8]) -> bool {
     if head.contains(&0) {
         return true;
     }
-    let control = head.iter().filter(|&&b| b < 0x20 && !matches!(b, b'\n' | b'\r' | b'\t' | 0x0c)).count();
+    let control = head
+        .iter()
+        .filter(|&&b| b < 0x20 && !matches!(b, b'\n' | b'\r' | b'\t' | 0x0c))
+        .count();
     control * 10 > head.len()
 }
 
-fn make_doc(source: &Arc<str>, line: u64, id_suffix: Option<String>, text: String, lang: Option<String>, domain_hint: Option<Domain>, max_bytes: u64) -> Record {
+fn make_doc(
+    source: &Arc<str>,
+    line: u64,
+    id_suffix: Option<String>,
+    text: String,
+    lang: Option<String>,
+    domain_hint: Option<Domain>,
+    max_bytes: u64,
+) -> Record {
     if let Some((reason, detail)) = validate_text(&text, max_bytes) {
         return bad(source, line, reason, detail);
     }
@@ -359,12 +471,19 @@ fn make_doc(source: &Arc<str>, line: u64, id_suffix: Option<String>, text: Strin
         Some(s) => format!("{source}:{line}#{s}"),
         None => format!("{source}:{line}"),
     };
-    Record::Doc(Document { id, source: source.clone(), text, lang, domain_hint })
+    Record::Doc(Document {
+        id,
+        source: source.clone(),
+        text,
+        lang,
+        domain_hint,
+    })
 }
 
 fn read_jsonl(source: &Arc<str>, bytes: &[u8], opts: &ReadOptions) -> Vec<Record> {
     let mut start = 0;
-    let ends = memchr::memchr_iter(b'\n', bytes).chain((!bytes.is_empty() && !bytes.ends_with(b"\n")).then_some(bytes.len()));
+    let ends =
+        memchr::memchr_iter(b'\n', bytes).chain((!bytes.is_empty() && !bytes.ends_with(b"\n")).then_some(bytes.len()));
     let lines: Vec<(u64, &[u8])> = ends
         .map(|end| {
             let line = &bytes[start..end];
@@ -375,7 +494,11 @@ fn read_jsonl(source: &Arc<str>, bytes: &[u8], opts: &ReadOptions) -> Vec<Record
         .map(|(i, l)| (i as u64 + 1, l.strip_suffix(b"\r").unwrap_or(l)))
         .filter(|(_, l)| !l.iter().all(u8::is_ascii_whitespace))
         .collect();
-    lines.into_par_iter().with_max_len(crate::DOCS_PER_TASK).map(|(line, raw)| parse_json_line(source, line, raw, opts)).collect()
+    lines
+        .into_par_iter()
+        .with_max_len(crate::DOCS_PER_TASK)
+        .map(|(line, raw)| parse_json_line(source, line, raw, opts))
+        .collect()
 }
 
 fn parse_json_line(source: &Arc<str>, line: u64, raw: &[u8], opts: &ReadOptions) -> Record {
@@ -413,13 +536,32 @@ fn parse_json_line(source: &Arc<str>, line: u64, raw: &[u8], opts: &ReadOptions)
                 // Taken out of the parsed object, not copied: the text is most of the line.
                 match fields.iter().find_map(|f| obj.remove(*f).map(|v| (f, v))) {
                     Some((_, Value::String(t))) => t,
-                    Some((f, other)) => return bad(source, line, "missing_field", format!("field {f:?} is {}, not a string", json_kind(&other))),
-                    None => return bad(source, line, "missing_field", format!("object has none of the fields {fields:?} nor \"messages\"")),
+                    Some((f, other)) => {
+                        return bad(
+                            source,
+                            line,
+                            "missing_field",
+                            format!("field {f:?} is {}, not a string", json_kind(&other)),
+                        )
+                    }
+                    None => {
+                        return bad(
+                            source,
+                            line,
+                            "missing_field",
+                            format!("object has none of the fields {fields:?} nor \"messages\""),
+                        )
+                    }
                 }
             };
             make_doc(source, line, id, text, lang, domain_hint, opts.max_bytes)
         }
-        other => bad(source, line, "invalid_record", format!("expected a JSON string or object, found {}", json_kind(&other))),
+        other => bad(
+            source,
+            line,
+            "invalid_record",
+            format!("expected a JSON string or object, found {}", json_kind(&other)),
+        ),
     }
 }
 
@@ -439,8 +581,14 @@ fn render_chat(messages: &Value) -> std::result::Result<String, String> {
     let turns = messages.as_array().ok_or("\"messages\" is not an array")?;
     let mut out = String::new();
     for (i, turn) in turns.iter().enumerate() {
-        let role = turn.get("role").and_then(Value::as_str).ok_or(format!("message {i} has no string \"role\""))?;
-        let content = turn.get("content").and_then(Value::as_str).ok_or(format!("message {i} has no string \"content\""))?;
+        let role = turn
+            .get("role")
+            .and_then(Value::as_str)
+            .ok_or(format!("message {i} has no string \"role\""))?;
+        let content = turn
+            .get("content")
+            .and_then(Value::as_str)
+            .ok_or(format!("message {i} has no string \"content\""))?;
         if !out.is_empty() {
             out.push_str("\n\n");
         }
@@ -454,25 +602,40 @@ fn render_chat(messages: &Value) -> std::result::Result<String, String> {
 
 fn read_source_file(source: &Arc<str>, name: &str, bytes: Vec<u8>, opts: &ReadOptions) -> Record {
     if looks_binary(&bytes) {
-        return bad(source, 0, "binary", "file contains NUL or mostly control bytes".to_string());
+        return bad(
+            source,
+            0,
+            "binary",
+            "file contains NUL or mostly control bytes".to_string(),
+        );
     }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(_) => return bad(source, 0, "invalid_utf8", "file is not valid UTF-8".to_string()),
     };
-    let lang = lang::from_extension(name).or_else(|| lang::from_shebang(&text)).map(str::to_string);
+    let lang = lang::from_extension(name)
+        .or_else(|| lang::from_shebang(&text))
+        .map(str::to_string);
     let hint = lang.as_deref().and_then(lang::domain_of_lang);
     make_doc(source, 0, None, text, lang, hint, opts.max_bytes)
 }
 
 fn read_plain(source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptions) -> Vec<Record> {
     if looks_binary(&bytes) {
-        return vec![bad(source, 0, "binary", "file contains NUL or mostly control bytes".to_string())];
+        return vec![bad(
+            source,
+            0,
+            "binary",
+            "file contains NUL or mostly control bytes".to_string(),
+        )];
     }
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
         Err(e) => {
-            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()].iter().filter(|&&b| b == b'\n').count() as u64;
+            let line = 1 + e.as_bytes()[..e.utf8_error().valid_up_to()]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u64;
             return vec![bad(source, line, "invalid_utf8", "file is not valid UTF-8".to_string())];
         }
     };
@@ -491,7 +654,15 @@ fn read_plain(source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptions) -> Vec<Reco
             for (i, l) in text.lines().enumerate() {
                 if l.trim().is_empty() {
                     if let Some(s) = start.take() {
-                        out.push(make_doc(source, s as u64 + 1, None, std::mem::take(&mut para), None, None, opts.max_bytes));
+                        out.push(make_doc(
+                            source,
+                            s as u64 + 1,
+                            None,
+                            std::mem::take(&mut para),
+                            None,
+                            None,
+                            opts.max_bytes,
+                        ));
                     }
                 } else {
                     if start.is_none() {
@@ -516,8 +687,12 @@ fn read_parquet(path: &Path, source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptio
     use arrow_schema::DataType;
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-    let err = |message: String| Error::Parquet { path: path.to_path_buf(), message };
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).map_err(|e| err(e.to_string()))?;
+    let err = |message: String| Error::Parquet {
+        path: path.to_path_buf(),
+        message,
+    };
+    let builder =
+        ParquetRecordBatchReaderBuilder::try_new(bytes::Bytes::from(bytes)).map_err(|e| err(e.to_string()))?;
     let schema = builder.schema().clone();
     let candidates: Vec<&str> = match &opts.field {
         Some(f) => vec![f.as_str()],
@@ -527,7 +702,12 @@ fn read_parquet(path: &Path, source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptio
         .iter()
         .find_map(|c| schema.index_of(c).ok())
         .ok_or_else(|| err(format!("no text column: looked for {candidates:?} (use --field NAME)")))?;
-    let string_col = |name: &str| schema.index_of(name).ok().filter(|&i| matches!(schema.field(i).data_type(), DataType::Utf8 | DataType::LargeUtf8));
+    let string_col = |name: &str| {
+        schema
+            .index_of(name)
+            .ok()
+            .filter(|&i| matches!(schema.field(i).data_type(), DataType::Utf8 | DataType::LargeUtf8))
+    };
     let lang_col = string_col("lang");
     let domain_col = string_col("domain");
     let reader = builder.with_batch_size(4096).build().map_err(|e| err(e.to_string()))?;
@@ -547,7 +727,11 @@ fn read_parquet(path: &Path, source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptio
             }
         };
         if !matches!(batch.column(text_col).data_type(), DataType::Utf8 | DataType::LargeUtf8) {
-            return Err(err(format!("column {:?} is {}, not a string", schema.field(text_col).name(), batch.column(text_col).data_type())));
+            return Err(err(format!(
+                "column {:?} is {}, not a string",
+                schema.field(text_col).name(),
+                batch.column(text_col).data_type()
+            )));
         }
         for i in 0..batch.num_rows() {
             match get(text_col, i) {

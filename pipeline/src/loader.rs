@@ -174,7 +174,14 @@ impl Loader {
         drop(done_tx);
         let mut asm = Assembler::new(plan, cfg, task_tx, done_rx, cursor)?;
         threads.push(std::thread::spawn(move || asm.run(batch_tx, stop_rx)));
-        Ok(Loader { batches: batch_rx, stop: stop_tx, threads, last: None, waited: Duration::ZERO, received: 0 })
+        Ok(Loader {
+            batches: batch_rx,
+            stop: stop_tx,
+            threads,
+            last: None,
+            waited: Duration::ZERO,
+            received: 0,
+        })
     }
 
     /// The next batch, or None at the end of a validation pass. Errors (a corrupt or
@@ -246,14 +253,29 @@ impl Plan {
             let mpath = dir.join(crate::split::MANIFEST);
             if let Some(want) = &cfg.tokenizer_sha256 {
                 if &m.tokenizer.sha256 != want {
-                    return Err(Error::Manifest { path: mpath, message: format!("shards were tokenized with tokenizer {}, the model expects {want}", m.tokenizer.sha256) });
+                    return Err(Error::Manifest {
+                        path: mpath,
+                        message: format!(
+                            "shards were tokenized with tokenizer {}, the model expects {want}",
+                            m.tokenizer.sha256
+                        ),
+                    });
                 }
             }
-            let eot = *m.tokenizer.special_tokens.get(EOT).ok_or_else(|| Error::Manifest { path: mpath.clone(), message: format!("tokenizer has no {EOT}") })?;
+            let eot = *m.tokenizer.special_tokens.get(EOT).ok_or_else(|| Error::Manifest {
+                path: mpath.clone(),
+                message: format!("tokenizer has no {EOT}"),
+            })?;
             let pad = m.tokenizer.special_tokens.get(PAD).copied().unwrap_or(eot);
             match &specials {
                 Some((sha, _, _)) if sha != &m.tokenizer.sha256 => {
-                    return Err(Error::Manifest { path: mpath, message: format!("tokenizer {} differs from the other directories' {sha}", m.tokenizer.sha256) })
+                    return Err(Error::Manifest {
+                        path: mpath,
+                        message: format!(
+                            "tokenizer {} differs from the other directories' {sha}",
+                            m.tokenizer.sha256
+                        ),
+                    })
                 }
                 Some(_) => {}
                 None => specials = Some((m.tokenizer.sha256.clone(), eot, pad)),
@@ -266,7 +288,13 @@ impl Plan {
                     let path = dir.join(&s.file);
                     let n = ShardReader::open(&path)?.num_row_groups();
                     let path = Arc::new(path);
-                    groups.entry(*domain).or_default().extend((0..n).map(|index| RowGroupRef { path: path.clone(), index }));
+                    groups
+                        .entry(*domain)
+                        .or_default()
+                        .extend((0..n).map(|index| RowGroupRef {
+                            path: path.clone(),
+                            index,
+                        }));
                 }
             }
         }
@@ -293,13 +321,18 @@ fn decode(group: &RowGroupRef, split: Split, permille: u32) -> Result<Decoded> {
         let values = list.values();
         let start = tokens.len();
         match values.data_type() {
-            arrow_schema::DataType::UInt16 => tokens.extend(values.as_primitive::<UInt16Type>().values().iter().map(|&t| t as u32)),
+            arrow_schema::DataType::UInt16 => {
+                tokens.extend(values.as_primitive::<UInt16Type>().values().iter().map(|&t| t as u32))
+            }
             _ => tokens.extend_from_slice(values.as_primitive::<UInt32Type>().values()),
         }
         for i in 0..list.len() {
             let held_out = in_validation(hashes.value(i), permille);
             let keep = held_out == (split == Split::Validation);
-            let (a, b) = (offsets[i] as usize - offsets[0] as usize, offsets[i + 1] as usize - offsets[0] as usize);
+            let (a, b) = (
+                offsets[i] as usize - offsets[0] as usize,
+                offsets[i + 1] as usize - offsets[0] as usize,
+            );
             rows.push(keep.then_some((start + a, start + b)));
         }
     }
@@ -351,32 +384,88 @@ struct Assembler {
 }
 
 impl Assembler {
-    fn new(plan: Plan, cfg: LoaderConfig, tasks: Sender<Task>, done: Receiver<(Key, Result<Decoded>)>, cursor: Option<Cursor>) -> Result<Self> {
+    fn new(
+        plan: Plan,
+        cfg: LoaderConfig,
+        tasks: Sender<Task>,
+        done: Receiver<(Key, Result<Decoded>)>,
+        cursor: Option<Cursor>,
+    ) -> Result<Self> {
         let mut streams = BTreeMap::new();
         for (d, groups) in &plan.groups {
             let seed = cfg.seed ^ (*d as u64 + 1).wrapping_mul(0xA076_1D64_78BD_642F);
             let cur = match cursor.as_ref().and_then(|c| c.streams.get(d)) {
                 Some(c) => c.clone(),
-                None => StreamCursor { epoch: 0, next: 0, buffer: Vec::new(), current: None, rng: seed, exhausted: false },
+                None => StreamCursor {
+                    epoch: 0,
+                    next: 0,
+                    buffer: Vec::new(),
+                    current: None,
+                    rng: seed,
+                    exhausted: false,
+                },
             };
             let order = epoch_order(groups.len(), &cfg, *d, cur.epoch);
             let ahead = (cur.epoch, cur.next);
-            streams.insert(*d, Stream { domain: *d, groups: groups.clone(), order, cur, requested: VecDeque::new(), ahead });
+            streams.insert(
+                *d,
+                Stream {
+                    domain: *d,
+                    groups: groups.clone(),
+                    order,
+                    cur,
+                    requested: VecDeque::new(),
+                    ahead,
+                },
+            );
         }
-        let credits = cursor.as_ref().map(|c| c.credits.clone()).unwrap_or_else(|| streams.keys().map(|d| (*d, 0.0)).collect());
-        let tokens = cursor.as_ref().map(|c| c.tokens.clone()).unwrap_or_else(|| streams.keys().map(|d| (*d, 0)).collect());
+        let credits = cursor
+            .as_ref()
+            .map(|c| c.credits.clone())
+            .unwrap_or_else(|| streams.keys().map(|d| (*d, 0.0)).collect());
+        let tokens = cursor
+            .as_ref()
+            .map(|c| c.tokens.clone())
+            .unwrap_or_else(|| streams.keys().map(|d| (*d, 0)).collect());
         let batches = cursor.as_ref().map_or(0, |c| c.batches);
-        let validation_order = streams.iter().filter(|(_, s)| !s.cur.exhausted).map(|(d, _)| *d).collect();
-        let mut asm = Assembler { plan, cfg, tasks, done, arrived: HashMap::new(), cache: HashMap::new(), streams, credits, tokens, batches, validation_order };
+        let validation_order = streams
+            .iter()
+            .filter(|(_, s)| !s.cur.exhausted)
+            .map(|(d, _)| *d)
+            .collect();
+        let mut asm = Assembler {
+            plan,
+            cfg,
+            tasks,
+            done,
+            arrived: HashMap::new(),
+            cache: HashMap::new(),
+            streams,
+            credits,
+            tokens,
+            batches,
+            validation_order,
+        };
         // Restore the row groups the cursor's buffered references point into.
         let domains: Vec<Domain> = asm.streams.keys().copied().collect();
         for d in domains {
             let s = &asm.streams[&d];
-            let mut needed: Vec<u32> = s.cur.buffer.iter().map(|(g, _)| *g).chain(s.cur.current.map(|(g, _, _)| g)).collect();
+            let mut needed: Vec<u32> = s
+                .cur
+                .buffer
+                .iter()
+                .map(|(g, _)| *g)
+                .chain(s.cur.current.map(|(g, _, _)| g))
+                .collect();
             needed.sort_unstable();
             needed.dedup();
             for g in needed {
-                let group = s.groups.get(g as usize).ok_or_else(|| Error::Invalid(format!("cursor refers to row group {g} of {d}, which has {}", s.groups.len())))?;
+                let group = s.groups.get(g as usize).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "cursor refers to row group {g} of {d}, which has {}",
+                        s.groups.len()
+                    ))
+                })?;
                 let decoded = decode(group, asm.cfg.split, asm.cfg.val_permille)?;
                 asm.cache.insert((d, g), Arc::new(decoded));
             }
@@ -437,11 +526,21 @@ impl Assembler {
         }
         domains.resize(b, *domains.last().expect("at least one row"));
         self.batches += 1;
-        Ok(Some(Batch { tokens, mask, domains, cursor: self.cursor() }))
+        Ok(Some(Batch {
+            tokens,
+            mask,
+            domains,
+            cursor: self.cursor(),
+        }))
     }
 
     fn cursor(&self) -> Cursor {
-        Cursor { batches: self.batches, credits: self.credits.clone(), streams: self.streams.iter().map(|(d, s)| (*d, s.cur.clone())).collect(), tokens: self.tokens.clone() }
+        Cursor {
+            batches: self.batches,
+            credits: self.credits.clone(),
+            streams: self.streams.iter().map(|(d, s)| (*d, s.cur.clone())).collect(),
+            tokens: self.tokens.clone(),
+        }
     }
 
     /// Smooth weighted round-robin: every domain earns its weight, the richest is chosen
@@ -454,7 +553,10 @@ impl Assembler {
         for (d, c) in self.credits.iter_mut() {
             *c += self.cfg.weights[d];
         }
-        let (&d, _) = self.credits.iter().max_by(|a, b| a.1.partial_cmp(b.1).expect("finite credits").then(b.0.cmp(a.0)))?;
+        let (&d, _) = self
+            .credits
+            .iter()
+            .max_by(|a, b| a.1.partial_cmp(b.1).expect("finite credits").then(b.0.cmp(a.0)))?;
         *self.credits.get_mut(&d).expect("credit") -= total;
         Some(d)
     }
@@ -464,7 +566,9 @@ impl Assembler {
     fn fill_row(&mut self, d: Domain, row: &mut [u32], mask: &mut [u8]) -> Result<usize> {
         let mut at = 0;
         while at < row.len() {
-            let Some((g, r, used)) = self.current_doc(d)? else { break };
+            let Some((g, r, used)) = self.current_doc(d)? else {
+                break;
+            };
             let doc = self.cache[&(d, g)].clone();
             let (a, b) = doc.rows[r as usize].expect("buffered rows are in the split");
             // The document, then <|endoftext|>.
@@ -472,7 +576,11 @@ impl Assembler {
             let take = (len - used as usize).min(row.len() - at);
             for k in 0..take {
                 let pos = used as usize + k;
-                row[at + k] = if pos < b - a { doc.tokens[a + pos] } else { self.plan.eot };
+                row[at + k] = if pos < b - a {
+                    doc.tokens[a + pos]
+                } else {
+                    self.plan.eot
+                };
                 mask[at + k] = u8::from(!(self.cfg.boundary_mask && pos == 0));
             }
             at += take;
@@ -504,7 +612,11 @@ impl Assembler {
         } else {
             0
         };
-        let (g, r) = if shuffle { s.cur.buffer.swap_remove(i) } else { s.cur.buffer.remove(0) };
+        let (g, r) = if shuffle {
+            s.cur.buffer.swap_remove(i)
+        } else {
+            s.cur.buffer.remove(0)
+        };
         s.cur.current = Some((g, r, 0));
         Ok(Some((g, r, 0)))
     }
@@ -518,7 +630,11 @@ impl Assembler {
 
     /// Top up the shuffle buffer from the next row groups in plan order.
     fn refill(&mut self, d: Domain) -> Result<()> {
-        let cap = if self.cfg.shuffle && self.cfg.split == Split::Train { self.cfg.shuffle_buffer.max(1) } else { 1 };
+        let cap = if self.cfg.shuffle && self.cfg.split == Split::Train {
+            self.cfg.shuffle_buffer.max(1)
+        } else {
+            1
+        };
         let mut empty_epochs = 0;
         loop {
             self.request_ahead(d);
@@ -534,7 +650,10 @@ impl Assembler {
                 if s.cur.buffer.is_empty() && s.cur.current.is_none() {
                     empty_epochs += 1;
                     if empty_epochs > 1 {
-                        return Err(Error::Invalid(format!("domain {d} has no documents in the {:?} split", self.cfg.split)));
+                        return Err(Error::Invalid(format!(
+                            "domain {d} has no documents in the {:?} split",
+                            self.cfg.split
+                        )));
                     }
                 }
                 s.cur.epoch += 1;
@@ -548,7 +667,13 @@ impl Assembler {
             let s = self.streams.get_mut(&d).expect("stream");
             s.cur.next += 1;
             s.requested.pop_front();
-            let rows: Vec<(u32, u32)> = decoded.rows.iter().enumerate().filter(|(_, r)| r.is_some()).map(|(i, _)| (g, i as u32)).collect();
+            let rows: Vec<(u32, u32)> = decoded
+                .rows
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_some())
+                .map(|(i, _)| (g, i as u32))
+                .collect();
             if !rows.is_empty() {
                 s.cur.buffer.extend(rows);
                 self.cache.insert((d, g), decoded);
@@ -572,9 +697,16 @@ impl Assembler {
                 epoch += 1;
                 pos = 0;
             }
-            let order = if epoch == s.cur.epoch { s.order.clone() } else { epoch_order(s.groups.len(), &cfg, d, epoch) };
+            let order = if epoch == s.cur.epoch {
+                s.order.clone()
+            } else {
+                epoch_order(s.groups.len(), &cfg, d, epoch)
+            };
             let key = (s.domain, epoch, pos);
-            let _ = self.tasks.send(Task { key, group: s.groups[order[pos]].clone() });
+            let _ = self.tasks.send(Task {
+                key,
+                group: s.groups[order[pos]].clone(),
+            });
             s.requested.push_back(key);
             s.ahead = (epoch, pos + 1);
         }
@@ -598,7 +730,10 @@ impl Assembler {
 
 fn epoch_order(n: usize, cfg: &LoaderConfig, d: Domain, epoch: u64) -> Vec<usize> {
     if cfg.shuffle && cfg.split == Split::Train {
-        permutation(n, cfg.seed ^ splitmix(epoch.wrapping_mul(31).wrapping_add(d as u64 + 7)))
+        permutation(
+            n,
+            cfg.seed ^ splitmix(epoch.wrapping_mul(31).wrapping_add(d as u64 + 7)),
+        )
     } else {
         (0..n).collect()
     }
@@ -608,7 +743,9 @@ fn epoch_order(n: usize, cfg: &LoaderConfig, d: Domain, epoch: u64) -> Vec<usize
 pub fn parse_weights(s: &str) -> Result<BTreeMap<Domain, f64>, String> {
     let mut w = BTreeMap::new();
     for part in s.split(',').filter(|p| !p.trim().is_empty()) {
-        let (d, v) = part.split_once('=').ok_or_else(|| format!("weight {part:?} must look like domain=0.4"))?;
+        let (d, v) = part
+            .split_once('=')
+            .ok_or_else(|| format!("weight {part:?} must look like domain=0.4"))?;
         let v: f64 = v.trim().parse().map_err(|_| format!("weight {v:?} is not a number"))?;
         if !(v.is_finite() && v >= 0.0) {
             return Err(format!("weight {v} must be finite and non-negative"));
@@ -620,4 +757,3 @@ pub fn parse_weights(s: &str) -> Result<BTreeMap<Domain, f64>, String> {
     }
     Ok(w)
 }
-

@@ -53,14 +53,21 @@ fn writer_properties() -> WriterProperties {
     for col in [columns::DOMAIN, columns::LANG, columns::SOURCE] {
         b = b.set_column_dictionary_enabled(ColumnPath::from(col), true);
     }
-    for col in [vec![columns::TEXT.to_string()], vec![columns::TOKENS.to_string(), "list".into(), "item".into()], vec![columns::ID.to_string()]] {
+    for col in [
+        vec![columns::TEXT.to_string()],
+        vec![columns::TOKENS.to_string(), "list".into(), "item".into()],
+        vec![columns::ID.to_string()],
+    ] {
         b = b.set_column_statistics_enabled(ColumnPath::new(col), EnabledStatistics::None);
     }
     // Parquet stores uint16 tokens as INT32; split into byte streams, the two high streams
     // are all zeros, so zstd gets through them almost for free. Against plain encoding on
     // the bench corpus: shards 57.6 MB instead of 60.6, `split` 4.4 s instead of 4.9 (one
     // thread, single runs), the loader 7% faster (two runs each).
-    b = b.set_column_encoding(ColumnPath::new(vec![columns::TOKENS.to_string(), "list".into(), "item".into()]), parquet::basic::Encoding::BYTE_STREAM_SPLIT);
+    b = b.set_column_encoding(
+        ColumnPath::new(vec![columns::TOKENS.to_string(), "list".into(), "item".into()]),
+        parquet::basic::Encoding::BYTE_STREAM_SPLIT,
+    );
     b.build()
 }
 
@@ -91,8 +98,21 @@ impl ShardWriter {
         let schema = shard_schema(width);
         let tmp = temp_path(path);
         let file = std::fs::File::create(&tmp).at(&tmp)?;
-        let writer = ArrowWriter::try_new(HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)), schema.clone(), Some(writer_properties())).map_err(|e| pq_err(path, e))?;
-        Ok(ShardWriter { path: path.to_path_buf(), tmp, schema, width, writer: Some(writer), rows: 0, tokens: 0 })
+        let writer = ArrowWriter::try_new(
+            HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file)),
+            schema.clone(),
+            Some(writer_properties()),
+        )
+        .map_err(|e| pq_err(path, e))?;
+        Ok(ShardWriter {
+            path: path.to_path_buf(),
+            tmp,
+            schema,
+            width,
+            writer: Some(writer),
+            rows: 0,
+            tokens: 0,
+        })
     }
 
     pub fn write(&mut self, rows: &[ShardRow]) -> Result<()> {
@@ -118,15 +138,26 @@ impl ShardWriter {
         let writer = self.writer.take().expect("a writer is open until finish");
         let hashing = writer.into_inner().map_err(|e| pq_err(&self.path, e))?;
         let (buf, sha256, bytes) = hashing.finish();
-        let file = buf.into_inner().map_err(|e| Error::Io { path: self.tmp.clone(), source: e.into_error() })?;
+        let file = buf.into_inner().map_err(|e| Error::Io {
+            path: self.tmp.clone(),
+            source: e.into_error(),
+        })?;
         file.sync_all().at(&self.tmp)?;
         std::fs::rename(&self.tmp, &self.path).at(&self.path)?;
-        Ok(WrittenShard { rows: self.rows, tokens: self.tokens, bytes, sha256 })
+        Ok(WrittenShard {
+            rows: self.rows,
+            tokens: self.tokens,
+            bytes,
+            sha256,
+        })
     }
 }
 
 fn pq_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
-    Error::Parquet { path: path.to_path_buf(), message: e.to_string() }
+    Error::Parquet {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Schema>) -> Result<RecordBatch> {
@@ -155,7 +186,8 @@ fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Sch
     let values: ArrayRef = match width {
         TokenWidth::U16 => {
             let mut flat = Vec::with_capacity(total);
-            rows.iter().for_each(|r| flat.extend(r.tokens.iter().map(|&t| t as u16)));
+            rows.iter()
+                .for_each(|r| flat.extend(r.tokens.iter().map(|&t| t as u16)));
             Arc::new(UInt16Array::from(flat))
         }
         TokenWidth::U32 => {
@@ -164,7 +196,12 @@ fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Sch
             Arc::new(UInt32Array::from(flat))
         }
     };
-    let tokens = ListArray::new(Arc::new(Field::new("item", width.data_type(), false)), OffsetBuffer::new(ScalarBuffer::from(offsets)), values, None);
+    let tokens = ListArray::new(
+        Arc::new(Field::new("item", width.data_type(), false)),
+        OffsetBuffer::new(ScalarBuffer::from(offsets)),
+        values,
+        None,
+    );
     let n_tokens = UInt32Array::from_iter_values(rows.iter().map(|r| r.tokens.len() as u32));
     let hash = UInt64Array::from_iter_values(rows.iter().map(|r| r.hash));
     RecordBatch::try_new(
@@ -192,8 +229,14 @@ pub struct ShardReader {
 impl ShardReader {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).at(path)?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::Parquet { path: path.to_path_buf(), message: format!("not a readable Parquet shard: {e}") })?;
-        Ok(ShardReader { path: path.to_path_buf(), builder })
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::Parquet {
+            path: path.to_path_buf(),
+            message: format!("not a readable Parquet shard: {e}"),
+        })?;
+        Ok(ShardReader {
+            path: path.to_path_buf(),
+            builder,
+        })
     }
 
     pub fn num_row_groups(&self) -> usize {
@@ -216,7 +259,14 @@ impl ShardReader {
         for field in expected.fields() {
             match schema.field_with_name(field.name()) {
                 Ok(f) if compatible(f.data_type(), field.data_type()) => {}
-                Ok(f) => return Err(self.err(format!("column `{}` is {}, expected {}", field.name(), f.data_type(), field.data_type()))),
+                Ok(f) => {
+                    return Err(self.err(format!(
+                        "column `{}` is {}, expected {}",
+                        field.name(),
+                        f.data_type(),
+                        field.data_type()
+                    )))
+                }
                 Err(_) => return Err(self.err(format!("column `{}` is missing", field.name()))),
             }
         }
@@ -224,13 +274,20 @@ impl ShardReader {
     }
 
     fn err(&self, message: String) -> Error {
-        Error::Parquet { path: self.path.clone(), message }
+        Error::Parquet {
+            path: self.path.clone(),
+            message,
+        }
     }
 
     /// Iterate the named columns (in the order named) of the given row groups (None = all).
     /// One row group comes as one batch; several may share batches, since row groups differ
     /// in row count.
-    pub fn batches(self, cols: &[&str], row_groups: Option<Vec<usize>>) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
+    pub fn batches(
+        self,
+        cols: &[&str],
+        row_groups: Option<Vec<usize>>,
+    ) -> Result<impl Iterator<Item = Result<RecordBatch>>> {
         // Readers downcast columns to the shard schema's types: a file whose schema is not
         // a shard's is an error here, not a panic there.
         self.token_width()?;
@@ -239,22 +296,46 @@ impl ShardReader {
         let arrow_schema = self.builder.schema().clone();
         let roots: Vec<usize> = cols
             .iter()
-            .map(|c| arrow_schema.index_of(c).map_err(|_| self.err(format!("column `{c}` is missing"))))
+            .map(|c| {
+                arrow_schema
+                    .index_of(c)
+                    .map_err(|_| self.err(format!("column `{c}` is missing")))
+            })
             .collect::<Result<_>>()?;
         let mask = ProjectionMask::roots(schema, roots);
-        let rows_per_group = self.builder.metadata().row_groups().iter().map(|g| g.num_rows() as usize).max().unwrap_or(1).max(1);
+        let rows_per_group = self
+            .builder
+            .metadata()
+            .row_groups()
+            .iter()
+            .map(|g| g.num_rows() as usize)
+            .max()
+            .unwrap_or(1)
+            .max(1);
         let mut b = self.builder.with_projection(mask).with_batch_size(rows_per_group);
         if let Some(groups) = row_groups {
             b = b.with_row_groups(groups);
         }
-        let reader = b.build().map_err(|e| Error::Parquet { path: path.clone(), message: e.to_string() })?;
+        let reader = b.build().map_err(|e| Error::Parquet {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         // A projection yields columns in the file's order; callers get the order they asked.
         let wanted: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
         let in_order = move |b: RecordBatch| {
-            let idx: Vec<usize> = wanted.iter().map(|c| b.schema().index_of(c).expect("projected above")).collect();
+            let idx: Vec<usize> = wanted
+                .iter()
+                .map(|c| b.schema().index_of(c).expect("projected above"))
+                .collect();
             b.project(&idx)
         };
-        Ok(reader.map(move |r| r.and_then(|b| in_order(canonical_strings(b))).map_err(|e| Error::Parquet { path: path.clone(), message: format!("corrupt row group: {e}") })))
+        Ok(reader.map(move |r| {
+            r.and_then(|b| in_order(canonical_strings(b)))
+                .map_err(|e| Error::Parquet {
+                    path: path.clone(),
+                    message: format!("corrupt row group: {e}"),
+                })
+        }))
     }
 }
 
@@ -296,7 +377,12 @@ pub fn token_lists(array: &dyn Array) -> Vec<Vec<u32>> {
         .map(|i| {
             let v = list.value(i);
             match v.data_type() {
-                DataType::UInt16 => v.as_primitive::<UInt16Type>().values().iter().map(|&t| t as u32).collect(),
+                DataType::UInt16 => v
+                    .as_primitive::<UInt16Type>()
+                    .values()
+                    .iter()
+                    .map(|&t| t as u32)
+                    .collect(),
                 _ => v.as_primitive::<UInt32Type>().values().to_vec(),
             }
         })
@@ -307,10 +393,22 @@ pub fn token_lists(array: &dyn Array) -> Vec<Vec<u32>> {
 /// `drop` (0-based over the whole shard), keeping its row groups. Returns the new shard's
 /// manifest entry (None when no row is left, and the file is then left for the caller to
 /// remove) and the totals of what was dropped.
-pub fn rewrite_without(path: &Path, file: &str, drop: &std::collections::HashSet<u32>) -> Result<(Option<mmrec_schemas::ShardInfo>, mmrec_schemas::DomainTotals)> {
+pub fn rewrite_without(
+    path: &Path,
+    file: &str,
+    drop: &std::collections::HashSet<u32>,
+) -> Result<(Option<mmrec_schemas::ShardInfo>, mmrec_schemas::DomainTotals)> {
     let reader = ShardReader::open(path)?;
     let width = reader.token_width()?;
-    let cols = [columns::ID, columns::DOMAIN, columns::LANG, columns::SOURCE, columns::TEXT, columns::TOKENS, columns::HASH];
+    let cols = [
+        columns::ID,
+        columns::DOMAIN,
+        columns::LANG,
+        columns::SOURCE,
+        columns::TEXT,
+        columns::TOKENS,
+        columns::HASH,
+    ];
     let mut writer = ShardWriter::create(path, width)?;
     let mut lost = mmrec_schemas::DomainTotals::default();
     let mut row = 0u32;
@@ -318,7 +416,10 @@ pub fn rewrite_without(path: &Path, file: &str, drop: &std::collections::HashSet
         let b = batch?;
         let strings = |i: usize| b.column(i).as_string::<i32>();
         let (id, domain, lang, source) = (strings(0), strings(1), strings(2), strings(3));
-        let (text, hash) = (b.column(4).as_string::<i64>(), b.column(6).as_primitive::<arrow_array::types::UInt64Type>());
+        let (text, hash) = (
+            b.column(4).as_string::<i64>(),
+            b.column(6).as_primitive::<arrow_array::types::UInt64Type>(),
+        );
         let mut rows = Vec::with_capacity(b.num_rows());
         for (i, tokens) in token_lists(b.column(5).as_ref()).into_iter().enumerate() {
             if drop.contains(&(row + i as u32)) {
@@ -327,8 +428,19 @@ pub fn rewrite_without(path: &Path, file: &str, drop: &std::collections::HashSet
                 lost.text_bytes += text.value(i).len() as u64;
                 continue;
             }
-            let domain = domain.value(i).parse().map_err(|e: String| Error::Parquet { path: path.to_path_buf(), message: format!("row {}: {e}", row + i as u32) })?;
-            rows.push(ShardRow { id: id.value(i), domain, lang: lang.is_valid(i).then(|| lang.value(i)), source: source.value(i), text: text.value(i), tokens, hash: hash.value(i) });
+            let domain = domain.value(i).parse().map_err(|e: String| Error::Parquet {
+                path: path.to_path_buf(),
+                message: format!("row {}: {e}", row + i as u32),
+            })?;
+            rows.push(ShardRow {
+                id: id.value(i),
+                domain,
+                lang: lang.is_valid(i).then(|| lang.value(i)),
+                source: source.value(i),
+                text: text.value(i),
+                tokens,
+                hash: hash.value(i),
+            });
         }
         row += b.num_rows() as u32;
         if !rows.is_empty() {
@@ -336,6 +448,12 @@ pub fn rewrite_without(path: &Path, file: &str, drop: &std::collections::HashSet
         }
     }
     let written = writer.finish()?;
-    let info = (written.rows > 0).then(|| mmrec_schemas::ShardInfo { file: file.to_string(), rows: written.rows, tokens: written.tokens, bytes: written.bytes, sha256: written.sha256 });
+    let info = (written.rows > 0).then(|| mmrec_schemas::ShardInfo {
+        file: file.to_string(),
+        rows: written.rows,
+        tokens: written.tokens,
+        bytes: written.bytes,
+        sha256: written.sha256,
+    });
     Ok((info, lost))
 }

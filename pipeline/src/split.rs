@@ -20,8 +20,8 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use crate::atomic::{file_sha256, is_temp_name, write_atomic};
 use crate::classify::{classify, CLASSIFIER_NAME};
 use crate::dedup::{normalized_hash, ExactDedup, MinHasher, NearDedup};
-use crate::global_dedup::{order_key, write_signatures, SignatureRecord, SIGNATURES};
 use crate::error::{Error, IoContext, Result};
+use crate::global_dedup::{order_key, write_signatures, SignatureRecord, SIGNATURES};
 use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
 use crate::shard::{ShardRow, ShardWriter};
 use crate::tokenize::LoadedTokenizer;
@@ -62,7 +62,11 @@ impl SplitOptions {
             inputs,
             tokenizer: tokenizer.into(),
             out: out.into(),
-            read: ReadOptions { field: None, max_bytes: 4 << 20, plain_split: crate::input::PlainSplit::File },
+            read: ReadOptions {
+                field: None,
+                max_bytes: 4 << 20,
+                plain_split: crate::input::PlainSplit::File,
+            },
             near_dup: None,
             shard_docs: 50_000,
             row_group_docs: 2048,
@@ -128,7 +132,9 @@ struct ShardState {
 pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport> {
     let started = Instant::now();
     if opts.shard_docs == 0 || opts.row_group_docs == 0 || opts.shard_bytes == 0 || opts.row_group_bytes == 0 {
-        return Err(Error::Invalid("--shard-docs, --row-group-docs, --shard-mb and --row-group-mb must be above 0".into()));
+        return Err(Error::Invalid(
+            "--shard-docs, --row-group-docs, --shard-mb and --row-group-mb must be above 0".into(),
+        ));
     }
     let tok = LoadedTokenizer::load(&opts.tokenizer)?;
     let files = expand_inputs(&opts.inputs, opts.follow_symlinks)?;
@@ -137,7 +143,10 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     // Read and checksum every input (parallel over files; records stay in file order).
     // Each file's documents are hashed and cut to this part as soon as they are parsed, so
     // that a part holds only its own documents in memory.
-    let input_bytes: u64 = files.iter().map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0)).sum();
+    let input_bytes: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(&f.path).map(|m| m.len()).unwrap_or(0))
+        .sum();
     progress.phase("read", input_bytes);
     let read: Vec<FileShare> = files
         .par_iter()
@@ -152,7 +161,10 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                 .filter_map(|r| match r {
                     Record::Doc(d) => Some(d),
                     Record::Bad(q) => {
-                        if opts.partition.owns(xxh3_64(format!("{}:{}", q.file, q.line).as_bytes())) {
+                        if opts
+                            .partition
+                            .owns(xxh3_64(format!("{}:{}", q.file, q.line).as_bytes()))
+                        {
                             bad.push(q);
                         }
                         None
@@ -160,12 +172,31 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                 })
                 .collect();
             // Partition by content hash, so that copies of a document always meet in one part.
-            let hashes: Vec<u64> = docs.par_iter().with_max_len(DOCS_PER_TASK).map(|d| normalized_hash(&d.text)).collect();
+            let hashes: Vec<u64> = docs
+                .par_iter()
+                .with_max_len(DOCS_PER_TASK)
+                .map(|d| normalized_hash(&d.text))
+                .collect();
             // Each document's place in the input order goes with it: a partitioned run's
             // global near-dedup replays the single run's order from it.
-            let owned = docs.into_iter().zip(hashes).enumerate().filter(|(_, (_, h))| opts.partition.owns(*h)).map(|(k, (d, h))| (d, h, order_key(file_index, k))).collect();
+            let owned = docs
+                .into_iter()
+                .zip(hashes)
+                .enumerate()
+                .filter(|(_, (_, h))| opts.partition.owns(*h))
+                .map(|(k, (d, h))| (d, h, order_key(file_index, k)))
+                .collect();
             let declared = f.declared.map_or("auto".to_string(), |d| d.to_string());
-            Ok(FileShare { docs: owned, bad, info: InputInfo { path: f.path.to_string_lossy().into_owned(), bytes: read.bytes, sha256: read.sha256, declared } })
+            Ok(FileShare {
+                docs: owned,
+                bad,
+                info: InputInfo {
+                    path: f.path.to_string_lossy().into_owned(),
+                    bytes: read.bytes,
+                    sha256: read.sha256,
+                    declared,
+                },
+            })
         })
         .collect::<Result<_>>()?;
 
@@ -192,7 +223,11 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     for (i, &h) in hashes.iter().enumerate() {
         match exact.insert(h, i) {
             None => keep.push(i),
-            Some(first) => duplicates.push(DuplicateRecord { id: docs[i].id.clone(), kind: "exact".into(), kept: docs[first].id.clone() }),
+            Some(first) => duplicates.push(DuplicateRecord {
+                id: docs[i].id.clone(),
+                kind: "exact".into(),
+                kept: docs[first].id.clone(),
+            }),
         }
     }
     let exact_duplicates = duplicates.len() as u64;
@@ -201,7 +236,11 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let mut deferred: Option<Vec<Vec<u32>>> = None;
     if let Some(nd) = &opts.near_dup {
         let hasher = MinHasher::new(nd, opts.seed);
-        let sigs: Vec<Vec<u32>> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| hasher.signature(&docs[i].text)).collect();
+        let sigs: Vec<Vec<u32>> = keep
+            .par_iter()
+            .with_max_len(DOCS_PER_TASK)
+            .map(|&i| hasher.signature(&docs[i].text))
+            .collect();
         if opts.partition.count > 1 {
             deferred = Some(sigs);
         } else {
@@ -211,17 +250,32 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     let near_duplicates = duplicates.len() as u64 - exact_duplicates;
 
     // Metadata first, content classifier for the rest.
-    let domains: Vec<Domain> = keep.par_iter().with_max_len(DOCS_PER_TASK).map(|&i| docs[i].domain_hint.unwrap_or_else(|| classify(&docs[i].text))).collect();
+    let domains: Vec<Domain> = keep
+        .par_iter()
+        .with_max_len(DOCS_PER_TASK)
+        .map(|&i| docs[i].domain_hint.unwrap_or_else(|| classify(&docs[i].text)))
+        .collect();
 
     let plan = plan_shards(opts, &tok, &docs, &keep, &domains);
     if let (Some(sigs), Some(nd)) = (deferred, &opts.near_dup) {
-        write_part_signatures(opts, nd.num_perm, &plan, &docs, &orders, keep.iter().copied().zip(sigs).collect())?;
+        write_part_signatures(
+            opts,
+            nd.num_perm,
+            &plan,
+            &docs,
+            &orders,
+            keep.iter().copied().zip(sigs).collect(),
+        )?;
     }
     let state_dir = opts.out.join(STATE_DIR);
     std::fs::create_dir_all(&state_dir).at(&state_dir)?;
     remove_stale(opts, &plan)?;
 
-    let total_bytes: u64 = plan.iter().flat_map(|p| &p.docs).map(|&i| docs[i].text.len() as u64).sum();
+    let total_bytes: u64 = plan
+        .iter()
+        .flat_map(|p| &p.docs)
+        .map(|&i| docs[i].text.len() as u64)
+        .sum();
     progress.phase("tokenize", total_bytes);
     let tokenize_started = Instant::now();
     let width = tok.info.token_width;
@@ -230,7 +284,11 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
         .map(|p| {
             let path = opts.out.join(&p.file);
             if let Some(info) = completed(&state_dir, p, &path)? {
-                progress.advance(p.docs.iter().map(|&i| docs[i].text.len() as u64).sum(), p.docs.len() as u64, info.tokens);
+                progress.advance(
+                    p.docs.iter().map(|&i| docs[i].text.len() as u64).sum(),
+                    p.docs.len() as u64,
+                    info.tokens,
+                );
                 return Ok((info, true));
             }
             let tokenize = |group: &[usize]| -> Result<Vec<ShardRow>> {
@@ -239,9 +297,19 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                     .with_max_len(DOCS_PER_TASK)
                     .map(|&i| {
                         let d = &docs[i];
-                        let tokens = tok.encode(&d.text).map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", d.id)))?;
+                        let tokens = tok
+                            .encode(&d.text)
+                            .map_err(|e| Error::Invalid(format!("tokenizing {}: {e}", d.id)))?;
                         progress.advance(d.text.len() as u64, 1, tokens.len() as u64);
-                        Ok(ShardRow { id: &d.id, domain: p.domain, lang: d.lang.as_deref(), source: &d.source, text: &d.text, tokens, hash: hashes[i] })
+                        Ok(ShardRow {
+                            id: &d.id,
+                            domain: p.domain,
+                            lang: d.lang.as_deref(),
+                            source: &d.source,
+                            text: &d.text,
+                            tokens,
+                            hash: hashes[i],
+                        })
                     })
                     .collect()
             };
@@ -249,8 +317,13 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
             let mut writer = ShardWriter::create(&path, width)?;
             // Row group k is encoded and compressed while k + 1 is tokenized.
             let mut ready: Option<Vec<ShardRow>> = None;
-            for group in bounded_runs(&p.docs, opts.row_group_docs, opts.row_group_bytes, |i| docs[i].text.len()) {
-                let (next, written) = rayon::join(|| tokenize(group), || ready.take().map_or(Ok(()), |rows| writer.write(&rows)));
+            for group in bounded_runs(&p.docs, opts.row_group_docs, opts.row_group_bytes, |i| {
+                docs[i].text.len()
+            }) {
+                let (next, written) = rayon::join(
+                    || tokenize(group),
+                    || ready.take().map_or(Ok(()), |rows| writer.write(&rows)),
+                );
                 written?;
                 ready = Some(next?);
             }
@@ -258,9 +331,21 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
                 writer.write(&rows)?;
             }
             let w = writer.finish()?;
-            let info = ShardInfo { file: p.file.clone(), rows: w.rows, tokens: w.tokens, bytes: w.bytes, sha256: w.sha256 };
-            let state = ShardState { fingerprint: p.fingerprint, info: info.clone() };
-            write_atomic(&state_path(&state_dir, p), &serde_json::to_vec(&state).expect("state serialises"))?;
+            let info = ShardInfo {
+                file: p.file.clone(),
+                rows: w.rows,
+                tokens: w.tokens,
+                bytes: w.bytes,
+                sha256: w.sha256,
+            };
+            let state = ShardState {
+                fingerprint: p.fingerprint,
+                info: info.clone(),
+            };
+            write_atomic(
+                &state_path(&state_dir, p),
+                &serde_json::to_vec(&state).expect("state serialises"),
+            )?;
             Ok((info, false))
         })
         .collect::<Result<_>>()?;
@@ -270,7 +355,13 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     write_jsonl(&opts.out.join(DUPLICATES), &duplicates)?;
 
     let mut by_domain: BTreeMap<Domain, Vec<ShardInfo>> = Domain::ALL.iter().map(|d| (*d, Vec::new())).collect();
-    let mut totals = Totals { records_in, exact_duplicates, near_duplicates, quarantined: quarantine.len() as u64, ..Totals::default() };
+    let mut totals = Totals {
+        records_in,
+        exact_duplicates,
+        near_duplicates,
+        quarantined: quarantine.len() as u64,
+        ..Totals::default()
+    };
     for d in Domain::ALL {
         totals.per_domain.insert(d, DomainTotals::default());
     }
@@ -279,7 +370,10 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
         dt.documents += info.rows;
         dt.tokens += info.tokens;
         dt.text_bytes += p.docs.iter().map(|&i| docs[i].text.len() as u64).sum::<u64>();
-        by_domain.get_mut(&p.domain).expect("every domain has a list").push(info.clone());
+        by_domain
+            .get_mut(&p.domain)
+            .expect("every domain has a list")
+            .push(info.clone());
     }
     totals.written = totals.per_domain.values().map(|d| d.documents).sum();
     totals.tokens = totals.per_domain.values().map(|d| d.tokens).sum();
@@ -297,7 +391,11 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
         inputs,
         domains: by_domain,
         totals,
-        rejected: Rejected { count: quarantine.len() as u64, by_reason, quarantine_file: QUARANTINE.into() },
+        rejected: Rejected {
+            count: quarantine.len() as u64,
+            by_reason,
+            quarantine_file: QUARANTINE.into(),
+        },
         settings: Settings {
             classifier: CLASSIFIER_NAME.into(),
             near_dup: opts.near_dup,
@@ -324,11 +422,25 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
     })
 }
 
-fn plan_shards(opts: &SplitOptions, tok: &LoadedTokenizer, docs: &[Document], keep: &[usize], domains: &[Domain]) -> Vec<PlannedShard> {
+fn plan_shards(
+    opts: &SplitOptions,
+    tok: &LoadedTokenizer,
+    docs: &[Document],
+    keep: &[usize],
+    domains: &[Domain],
+) -> Vec<PlannedShard> {
     let mut plan = Vec::new();
     for domain in Domain::ALL {
-        let members: Vec<usize> = keep.iter().zip(domains).filter(|(_, d)| **d == domain).map(|(i, _)| *i).collect();
-        for (k, chunk) in bounded_runs(&members, opts.shard_docs, opts.shard_bytes, |i| docs[i].text.len()).into_iter().enumerate() {
+        let members: Vec<usize> = keep
+            .iter()
+            .zip(domains)
+            .filter(|(_, d)| **d == domain)
+            .map(|(i, _)| *i)
+            .collect();
+        for (k, chunk) in bounded_runs(&members, opts.shard_docs, opts.shard_bytes, |i| docs[i].text.len())
+            .into_iter()
+            .enumerate()
+        {
             let mut h = Xxh3::new();
             h.update(&SCHEMA_VERSION.to_le_bytes());
             h.update(tok.info.sha256.as_bytes());
@@ -355,25 +467,48 @@ fn plan_shards(opts: &SplitOptions, tok: &LoadedTokenizer, docs: &[Document], ke
 
 /// Greedy near-dedup in input order over `keep` (with `sigs` aligned to it): the rule a
 /// single run applies, and `merge` applies across parts.
-fn near_dedup(nd: NearDupSettings, keep: Vec<usize>, sigs: Vec<Vec<u32>>, docs: &[Document], duplicates: &mut Vec<DuplicateRecord>) -> Vec<usize> {
+fn near_dedup(
+    nd: NearDupSettings,
+    keep: Vec<usize>,
+    sigs: Vec<Vec<u32>>,
+    docs: &[Document],
+    duplicates: &mut Vec<DuplicateRecord>,
+) -> Vec<usize> {
     let mut index = NearDedup::new(nd);
     let mut kept = Vec::with_capacity(keep.len());
     for (i, sig) in keep.into_iter().zip(sigs) {
         match index.insert(i, sig) {
             None => kept.push(i),
-            Some(first) => duplicates.push(DuplicateRecord { id: docs[i].id.clone(), kind: "near".into(), kept: docs[first].id.clone() }),
+            Some(first) => duplicates.push(DuplicateRecord {
+                id: docs[i].id.clone(),
+                kind: "near".into(),
+                kept: docs[first].id.clone(),
+            }),
         }
     }
     kept
 }
 
 /// A part's signature file: each written document's input-order key, shard and row.
-fn write_part_signatures(opts: &SplitOptions, num_perm: usize, plan: &[PlannedShard], docs: &[Document], orders: &[u64], mut sigs: HashMap<usize, Vec<u32>>) -> Result<()> {
+fn write_part_signatures(
+    opts: &SplitOptions,
+    num_perm: usize,
+    plan: &[PlannedShard],
+    docs: &[Document],
+    orders: &[u64],
+    mut sigs: HashMap<usize, Vec<u32>>,
+) -> Result<()> {
     let mut records = Vec::with_capacity(sigs.len());
     for p in plan {
         for (row, &i) in p.docs.iter().enumerate() {
             let signature = sigs.remove(&i).expect("every planned document was signed");
-            records.push(SignatureRecord { order: orders[i], shard: p.file.clone(), row: row as u32, id: docs[i].id.clone(), signature });
+            records.push(SignatureRecord {
+                order: orders[i],
+                shard: p.file.clone(),
+                row: row as u32,
+                id: docs[i].id.clone(),
+                signature,
+            });
         }
     }
     write_signatures(&opts.out.join(SIGNATURES), num_perm, &records)
@@ -405,8 +540,12 @@ fn state_path(state_dir: &Path, p: &PlannedShard) -> PathBuf {
 /// The shard's recorded info when an earlier run finished exactly this shard and the
 /// file on disk still has the checksum it was written with.
 fn completed(state_dir: &Path, p: &PlannedShard, path: &Path) -> Result<Option<ShardInfo>> {
-    let Ok(bytes) = std::fs::read(state_path(state_dir, p)) else { return Ok(None) };
-    let Ok(state) = serde_json::from_slice::<ShardState>(&bytes) else { return Ok(None) };
+    let Ok(bytes) = std::fs::read(state_path(state_dir, p)) else {
+        return Ok(None);
+    };
+    let Ok(state) = serde_json::from_slice::<ShardState>(&bytes) else {
+        return Ok(None);
+    };
     if state.fingerprint != p.fingerprint || !path.exists() {
         return Ok(None);
     }
@@ -420,7 +559,12 @@ fn remove_stale(opts: &SplitOptions, plan: &[PlannedShard]) -> Result<()> {
     // An earlier run's manifest goes first: if this run fails after replacing some
     // shards, no manifest may describe the mix of old and new ones.
     match std::fs::remove_file(opts.out.join(MANIFEST)) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(Error::Io { path: opts.out.join(MANIFEST), source: e }),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::Io {
+                path: opts.out.join(MANIFEST),
+                source: e,
+            })
+        }
         _ => {}
     }
     let prefix = format!("part-{:05}-", opts.partition.index);
@@ -456,16 +600,40 @@ pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest> {
     let path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&path).map_err(|source| Error::MissingInput { path: path.clone(), source })?;
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest { path: path.clone(), message: format!("not a valid manifest: {e}") })?;
+    let bytes = std::fs::read(&path).map_err(|source| Error::MissingInput {
+        path: path.clone(),
+        source,
+    })?;
+    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
+        path: path.clone(),
+        message: format!("not a valid manifest: {e}"),
+    })?;
     if m.schema_version > SCHEMA_VERSION {
-        return Err(Error::Manifest { path, message: format!("schema_version {} is newer than this tool's {SCHEMA_VERSION}", m.schema_version) });
+        return Err(Error::Manifest {
+            path,
+            message: format!(
+                "schema_version {} is newer than this tool's {SCHEMA_VERSION}",
+                m.schema_version
+            ),
+        });
     }
     // Shard paths are relative and stay inside the directory: a forged entry such as
     // `../../x.parquet` would make merge write, and validate read, outside it.
-    let escapes = |f: &str| Path::new(f).components().any(|c| !matches!(c, std::path::Component::Normal(_)));
-    if let Some(s) = m.domains.values().flatten().find(|s| s.file.is_empty() || escapes(&s.file)) {
-        return Err(Error::Manifest { path, message: format!("shard path {:?} must be relative and inside the directory", s.file) });
+    let escapes = |f: &str| {
+        Path::new(f)
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    };
+    if let Some(s) = m
+        .domains
+        .values()
+        .flatten()
+        .find(|s| s.file.is_empty() || escapes(&s.file))
+    {
+        return Err(Error::Manifest {
+            path,
+            message: format!("shard path {:?} must be relative and inside the directory", s.file),
+        });
     }
     Ok(m)
 }
@@ -478,11 +646,19 @@ mod tests {
     fn runs_close_before_either_bound_would_be_passed() {
         let sizes = [3usize, 4, 1, 9, 2, 2, 2, 2, 2];
         let items: Vec<usize> = (0..sizes.len()).collect();
-        let runs = |max_items, max_bytes| bounded_runs(&items, max_items, max_bytes, |i| sizes[i]).into_iter().map(<[usize]>::to_vec).collect::<Vec<_>>();
+        let runs = |max_items, max_bytes| {
+            bounded_runs(&items, max_items, max_bytes, |i| sizes[i])
+                .into_iter()
+                .map(<[usize]>::to_vec)
+                .collect::<Vec<_>>()
+        };
         // 8 bytes: 3+4+1 fits exactly; 9 alone is over and still gets a run of its own.
         assert_eq!(runs(100, 8), [vec![0, 1, 2], vec![3], vec![4, 5, 6, 7], vec![8]]);
         assert_eq!(runs(2, 100), [vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8]]);
-        assert_eq!(runs(3, 5), [vec![0], vec![1, 2], vec![3], vec![4, 5], vec![6, 7], vec![8]]);
+        assert_eq!(
+            runs(3, 5),
+            [vec![0], vec![1, 2], vec![3], vec![4, 5], vec![6, 7], vec![8]]
+        );
         assert!(bounded_runs(&[], 1, 1, |_| 0).is_empty());
     }
 }

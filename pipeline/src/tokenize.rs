@@ -27,7 +27,10 @@ pub struct LoadedTokenizer {
 enum EncodePath {
     /// GPT-2 style byte-level BPE without a normaliser (our trained tokenizers, GPT-2's):
     /// `gpt2_split` cuts the text, the cache is keyed by each piece's raw bytes.
-    ByteLevel { add_prefix_space: bool, added_tokens: Vec<memchr::memmem::Finder<'static>> },
+    ByteLevel {
+        add_prefix_space: bool,
+        added_tokens: Vec<memchr::memmem::Finder<'static>>,
+    },
     /// Any other tokenizer: HF's normaliser and pre-tokenizer, then cached model calls.
     CachedWords,
 }
@@ -72,7 +75,13 @@ fn short_key_within(text: &[u8], start: usize, len: usize) -> Option<u128> {
 impl WordCache {
     /// Appends the ids of `word` (whose `short_key` is `key`) to `out`, running `tokenize`
     /// only on a miss.
-    fn extend(&mut self, word: &[u8], key: Option<u128>, out: &mut Vec<u32>, tokenize: impl FnOnce() -> Result<Vec<u32>, String>) -> Result<(), String> {
+    fn extend(
+        &mut self,
+        word: &[u8],
+        key: Option<u128>,
+        out: &mut Vec<u32>,
+        tokenize: impl FnOnce() -> Result<Vec<u32>, String>,
+    ) -> Result<(), String> {
         let hit = match key {
             Some(k) => self.short.get(&k),
             None => self.long.get(word),
@@ -122,12 +131,22 @@ static BYTE_CHARS: std::sync::LazyLock<[char; 256]> = std::sync::LazyLock::new(|
 
 impl LoadedTokenizer {
     pub fn load(path: &Path) -> Result<Self> {
-        let bytes = std::fs::read(path).map_err(|source| Error::MissingInput { path: path.to_path_buf(), source })?;
+        let bytes = std::fs::read(path).map_err(|source| Error::MissingInput {
+            path: path.to_path_buf(),
+            source,
+        })?;
         // tokenizers 0.23 panics on some malformed files (an `unwrap` in its decoder's
         // deserializer, found by tests/hostile.rs): a bad file is an error, not a crash.
         let parsed = std::panic::catch_unwind(|| Tokenizer::from_bytes(&bytes)).map_err(|p| {
-            let why = p.downcast_ref::<String>().map(String::as_str).or_else(|| p.downcast_ref::<&str>().copied()).unwrap_or("no message");
-            tok_err(path, format!("not a valid tokenizer.json (the tokenizers library failed: {why})"))
+            let why = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("no message");
+            tok_err(
+                path,
+                format!("not a valid tokenizer.json (the tokenizers library failed: {why})"),
+            )
         })?;
         let mut tokenizer = parsed.map_err(|e| tok_err(path, e))?;
         refuse_lossy_settings(path, &tokenizer)?;
@@ -136,7 +155,12 @@ impl LoadedTokenizer {
         tokenizer.set_encode_special_tokens(true);
         // The id space, not the entry count: ids may have gaps or start high, and the
         // token width must hold the highest one.
-        let vocab_size = tokenizer.get_vocab(true).values().max().map_or(0, |&m| m as usize + 1).max(tokenizer.get_vocab_size(true));
+        let vocab_size = tokenizer
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1)
+            .max(tokenizer.get_vocab_size(true));
         let special_tokens: BTreeMap<String, u32> = [EOT, PAD]
             .iter()
             .filter_map(|t| tokenizer.token_to_id(t).map(|id| (t.to_string(), id)))
@@ -149,7 +173,12 @@ impl LoadedTokenizer {
             special_tokens,
         };
         let path = encode_path(&tokenizer);
-        Ok(LoadedTokenizer { tokenizer, info, id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed), path })
+        Ok(LoadedTokenizer {
+            tokenizer,
+            info,
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            path,
+        })
     }
 
     /// Token ids of one document, without special tokens (the loader adds separators).
@@ -161,9 +190,19 @@ impl LoadedTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {
         use tokenizers::{Model, OffsetReferential, OffsetType, PreTokenizer};
         let model = self.tokenizer.get_model();
-        let model_ids = |word: &str| -> Result<Vec<u32>, String> { Ok(model.tokenize(word).map_err(|e| e.to_string())?.iter().map(|t| t.id).collect()) };
+        let model_ids = |word: &str| -> Result<Vec<u32>, String> {
+            Ok(model
+                .tokenize(word)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .map(|t| t.id)
+                .collect())
+        };
         match &self.path {
-            EncodePath::ByteLevel { add_prefix_space, added_tokens } if !added_tokens.iter().any(|t| t.find(text.as_bytes()).is_some()) => {
+            EncodePath::ByteLevel {
+                add_prefix_space,
+                added_tokens,
+            } if !added_tokens.iter().any(|t| t.find(text.as_bytes()).is_some()) => {
                 let prefixed;
                 // HF drops empty splits before the pre-tokenizer could prefix a space.
                 let text = if *add_prefix_space && !text.is_empty() && !text.starts_with(' ') {
@@ -178,14 +217,19 @@ impl LoadedTokenizer {
                     crate::gpt2_split::split(text, |start, piece| {
                         if failed.is_ok() {
                             let key = short_key_within(text.as_bytes(), start, piece.len());
-                            failed = cache.extend(piece.as_bytes(), key, &mut ids, || model_ids(&piece.bytes().map(|b| BYTE_CHARS[b as usize]).collect::<String>()));
+                            failed = cache.extend(piece.as_bytes(), key, &mut ids, || {
+                                model_ids(&piece.bytes().map(|b| BYTE_CHARS[b as usize]).collect::<String>())
+                            });
                         }
                     });
                     failed.map(|()| ids)
                 })
             }
             EncodePath::CachedWords => {
-                let mut pre = self.tokenizer.get_added_vocabulary().extract_and_normalize(self.tokenizer.get_normalizer(), text);
+                let mut pre = self
+                    .tokenizer
+                    .get_added_vocabulary()
+                    .extract_and_normalize(self.tokenizer.get_normalizer(), text);
                 if let Some(pt) = self.tokenizer.get_pre_tokenizer() {
                     pt.pre_tokenize(&mut pre).map_err(|e| e.to_string())?;
                 }
@@ -194,14 +238,20 @@ impl LoadedTokenizer {
                     for (word, _, tokens) in pre.get_splits(OffsetReferential::Original, OffsetType::None) {
                         match tokens {
                             Some(tokens) => ids.extend(tokens.iter().map(|t| t.id)),
-                            None => cache.extend(word.as_bytes(), short_key(word.as_bytes()), &mut ids, || model_ids(word))?,
+                            None => cache.extend(word.as_bytes(), short_key(word.as_bytes()), &mut ids, || {
+                                model_ids(word)
+                            })?,
                         }
                     }
                     Ok(ids)
                 })
             }
             // Also a byte-level document containing an added token: rare, HF splits it out.
-            _ => self.tokenizer.encode_fast(text, false).map(|e| e.get_ids().to_vec()).map_err(|e| e.to_string()),
+            _ => self
+                .tokenizer
+                .encode_fast(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| e.to_string()),
         }
     }
 
@@ -209,7 +259,10 @@ impl LoadedTokenizer {
         WORDS.with(|cell| {
             let mut cache = cell.borrow_mut();
             if cache.owner != self.id {
-                *cache = WordCache { owner: self.id, ..WordCache::default() };
+                *cache = WordCache {
+                    owner: self.id,
+                    ..WordCache::default()
+                };
             }
             f(&mut cache)
         })
@@ -223,7 +276,10 @@ fn refuse_lossy_settings(path: &Path, tokenizer: &Tokenizer) -> Result<()> {
         return Err(tok_err(path, format!("sets truncation (max_length {}): each document would be cut while its whole text is stored; remove `truncation` from the file", t.max_length)));
     }
     if tokenizer.get_padding().is_some() {
-        return Err(tok_err(path, "sets padding: pad ids would be appended to documents; remove `padding` from the file"));
+        return Err(tok_err(
+            path,
+            "sets padding: pad ids would be appended to documents; remove `padding` from the file",
+        ));
     }
     if let tokenizers::ModelWrapper::BPE(bpe) = tokenizer.get_model() {
         if let Some(p) = bpe.dropout.filter(|&p| p > 0.0) {
@@ -238,14 +294,22 @@ fn encode_path(tokenizer: &Tokenizer) -> EncodePath {
     match (tokenizer.get_normalizer(), tokenizer.get_pre_tokenizer()) {
         (None, Some(PreTokenizerWrapper::ByteLevel(byte_level))) if byte_level.use_regex => EncodePath::ByteLevel {
             add_prefix_space: byte_level.add_prefix_space,
-            added_tokens: tokenizer.get_added_tokens_decoder().into_values().filter(|t| !t.content.is_empty()).map(|t| memchr::memmem::Finder::new(t.content.as_bytes()).into_owned()).collect(),
+            added_tokens: tokenizer
+                .get_added_tokens_decoder()
+                .into_values()
+                .filter(|t| !t.content.is_empty())
+                .map(|t| memchr::memmem::Finder::new(t.content.as_bytes()).into_owned())
+                .collect(),
         },
         _ => EncodePath::CachedWords,
     }
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
-    Error::Tokenizer { path: path.to_path_buf(), message: e.to_string() }
+    Error::Tokenizer {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    }
 }
 
 pub fn sha256_hex(bytes: &[u8]) -> String {
@@ -269,12 +333,18 @@ where
         .special_tokens(specials)
         .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
-    let mut tokenizer = TokenizerBuilder::<BPE, tokenizers::NormalizerWrapper, ByteLevel, tokenizers::PostProcessorWrapper, ByteLevel>::new()
-        .with_model(BPE::default())
-        .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
-        .with_decoder(Some(ByteLevel::default()))
-        .build()
-        .map_err(|e| tok_err(out, e))?;
+    let mut tokenizer = TokenizerBuilder::<
+        BPE,
+        tokenizers::NormalizerWrapper,
+        ByteLevel,
+        tokenizers::PostProcessorWrapper,
+        ByteLevel,
+    >::new()
+    .with_model(BPE::default())
+    .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+    .with_decoder(Some(ByteLevel::default()))
+    .build()
+    .map_err(|e| tok_err(out, e))?;
     tokenizer.train(&mut trainer, texts).map_err(|e| tok_err(out, e))?;
     let tmp = crate::atomic::temp_path(out);
     tokenizer.save(&tmp, false).map_err(|e| tok_err(out, e))?;
@@ -292,7 +362,11 @@ mod tests {
         for start in 0..text.len() {
             for len in 0..=(text.len() - start).min(20) {
                 let word = &text.as_bytes()[start..start + len];
-                assert_eq!(short_key_within(text.as_bytes(), start, len), short_key(word), "{start}+{len}");
+                assert_eq!(
+                    short_key_within(text.as_bytes(), start, len),
+                    short_key(word),
+                    "{start}+{len}"
+                );
             }
         }
     }

@@ -19,19 +19,28 @@ fn code_vs_prose_accuracy_is_at_least_98_percent_on_documents_of_300_chars() {
         if text.chars().count() < 300 {
             continue;
         }
-        let label: Domain = rec["label"].as_str().expect("label").parse().expect("label is a domain");
+        let label: Domain = rec["label"]
+            .as_str()
+            .expect("label")
+            .parse()
+            .expect("label is a domain");
         if label == Domain::Code {
             langs.insert(rec["lang"].as_str().unwrap_or("").to_string());
         }
         let got = classify(text);
-        let e = per_source.entry(rec["source"].as_str().unwrap_or("?").to_string()).or_default();
+        let e = per_source
+            .entry(rec["source"].as_str().unwrap_or("?").to_string())
+            .or_default();
         e.1 += 1;
         total += 1;
         if got == label {
             e.0 += 1;
             right += 1;
         } else {
-            eprintln!("miss: {} {} labelled {label} classified {got}", rec["source"], rec["origin"]);
+            eprintln!(
+                "miss: {} {} labelled {label} classified {got}",
+                rec["source"], rec["origin"]
+            );
         }
     }
     for (source, (r, n)) in &per_source {
@@ -39,6 +48,13 @@ fn code_vs_prose_accuracy_is_at_least_98_percent_on_documents_of_300_chars() {
     }
     let accuracy = right as f64 / total as f64;
     eprintln!("accuracy {right}/{total} = {:.2}%", accuracy * 100.0);
-    assert!(total >= 500 && per_source.len() >= 10 && langs.len() >= 6, "the evaluation set must stay large and varied");
-    assert!(accuracy >= 0.98, "code-vs-prose accuracy {:.2}% is under 98%", accuracy * 100.0);
+    assert!(
+        total >= 500 && per_source.len() >= 10 && langs.len() >= 6,
+        "the evaluation set must stay large and varied"
+    );
+    assert!(
+        accuracy >= 0.98,
+        "code-vs-prose accuracy {:.2}% is under 98%",
+        accuracy * 100.0
+    );
 }

@@ -14,8 +14,17 @@ fn fixtures() -> std::path::PathBuf {
 fn read_as(dir: &Path, name: &str, bytes: &[u8]) -> Vec<Record> {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    let opts = ReadOptions { field: None, max_bytes: 1 << 16, plain_split: PlainSplit::Line };
-    let file = InputFile { path, declared: None, from_tree: false, skip: None };
+    let opts = ReadOptions {
+        field: None,
+        max_bytes: 1 << 16,
+        plain_split: PlainSplit::Line,
+    };
+    let file = InputFile {
+        path,
+        declared: None,
+        from_tree: false,
+        skip: None,
+    };
     // Errors are allowed (a corrupt compressed or Parquet file is one); panics are not.
     read_file(&file, &opts).map(|r| r.records).unwrap_or_default()
 }
@@ -37,7 +46,10 @@ fn a_shard() -> &'static [u8] {
     SHARD.get_or_init(|| {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("hostile-shards");
         let _ = std::fs::remove_dir_all(&dir);
-        let inputs = vec![mmrec_pipeline::InputSpec { path: fixtures().join("corpora/chat.jsonl"), declared: None }];
+        let inputs = vec![mmrec_pipeline::InputSpec {
+            path: fixtures().join("corpora/chat.jsonl"),
+            declared: None,
+        }];
         let opts = mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir);
         let m = mmrec_pipeline::split(&opts, &()).unwrap().manifest;
         std::fs::read(dir.join(&m.domains.values().flatten().next().unwrap().file)).unwrap()
@@ -128,6 +140,12 @@ fn a_tokenizer_file_the_library_panics_on_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenizer.json");
     std::fs::write(&path, forged).unwrap();
-    let err = mmrec_pipeline::tokenize::LoadedTokenizer::load(&path).err().expect("refused").to_string();
-    assert!(err.contains("not a valid tokenizer.json") && err.contains("number out of range"), "{err}");
+    let err = mmrec_pipeline::tokenize::LoadedTokenizer::load(&path)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        err.contains("not a valid tokenizer.json") && err.contains("number out of range"),
+        "{err}"
+    );
 }

@@ -22,11 +22,22 @@ fn shards() -> PathBuf {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("loader-test-shards");
         let _ = std::fs::remove_dir_all(&dir);
         let c = fixtures().join("corpora");
-        let inputs = [("wikitext.jsonl", Domain::Text), ("python_stdlib.jsonl", Domain::Code), ("chat.jsonl", Domain::Mixed)]
-            .into_iter()
-            .map(|(f, d)| InputSpec { path: c.join(f), declared: Some(d) })
-            .collect();
-        let opts = SplitOptions { shard_docs: 40, row_group_docs: 8, ..SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir) };
+        let inputs = [
+            ("wikitext.jsonl", Domain::Text),
+            ("python_stdlib.jsonl", Domain::Code),
+            ("chat.jsonl", Domain::Mixed),
+        ]
+        .into_iter()
+        .map(|(f, d)| InputSpec {
+            path: c.join(f),
+            declared: Some(d),
+        })
+        .collect();
+        let opts = SplitOptions {
+            shard_docs: 40,
+            row_group_docs: 8,
+            ..SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir)
+        };
         split(&opts, &()).unwrap();
         dir
     })
@@ -34,7 +45,16 @@ fn shards() -> PathBuf {
 }
 
 fn cfg(workers: usize) -> LoaderConfig {
-    LoaderConfig { seq_len: 63, batch_size: 4, workers, prefetch: 3, lookahead: 3, shuffle_buffer: 16, val_permille: 100, ..LoaderConfig::default() }
+    LoaderConfig {
+        seq_len: 63,
+        batch_size: 4,
+        workers,
+        prefetch: 3,
+        lookahead: 3,
+        shuffle_buffer: 16,
+        val_permille: 100,
+        ..LoaderConfig::default()
+    }
 }
 
 fn take(cfg: LoaderConfig, cursor: Option<Cursor>, n: usize) -> (Vec<Batch>, Cursor) {
@@ -73,7 +93,14 @@ fn resuming_from_a_cursor_continues_exactly_also_twice_and_with_other_worker_cou
 #[test]
 fn domains_are_mixed_by_weight_with_exact_token_accounting() {
     let weights = parse_weights("text=0.5,code=0.3,mixed=0.2").unwrap();
-    let (batches, cursor) = take(LoaderConfig { weights: weights.clone(), ..cfg(2) }, None, 250);
+    let (batches, cursor) = take(
+        LoaderConfig {
+            weights: weights.clone(),
+            ..cfg(2)
+        },
+        None,
+        250,
+    );
     let mut rows: BTreeMap<Domain, u64> = BTreeMap::new();
     let mut real: BTreeMap<Domain, u64> = BTreeMap::new();
     for b in &batches {
@@ -85,9 +112,15 @@ fn domains_are_mixed_by_weight_with_exact_token_accounting() {
     let total = (batches.len() * 4) as f64;
     for (d, w) in &weights {
         let share = rows[d] as f64 / total;
-        assert!((share - w).abs() <= 1.0 / total + 1e-9, "{d}: {share} of rows for weight {w}");
+        assert!(
+            (share - w).abs() <= 1.0 / total + 1e-9,
+            "{d}: {share} of rows for weight {w}"
+        );
     }
-    assert_eq!(cursor.tokens, real, "per-domain token accounting matches what was delivered");
+    assert_eq!(
+        cursor.tokens, real,
+        "per-domain token accounting matches what was delivered"
+    );
 }
 
 #[test]
@@ -101,7 +134,12 @@ fn without_shuffling_an_epoch_delivers_every_token_once_in_order() {
         let r = ShardReader::open(&dir.join(&s.file)).unwrap();
         for batch in r.batches(&[columns::TOKENS, columns::HASH], None).unwrap() {
             let batch = batch.unwrap();
-            let hashes = batch.column(1).as_any().downcast_ref::<arrow_array::UInt64Array>().unwrap().clone();
+            let hashes = batch
+                .column(1)
+                .as_any()
+                .downcast_ref::<arrow_array::UInt64Array>()
+                .unwrap()
+                .clone();
             for (i, doc) in token_lists(batch.column(0).as_ref()).into_iter().enumerate() {
                 if !in_validation(hashes.value(i), 100) {
                     want.extend(doc);
@@ -110,18 +148,29 @@ fn without_shuffling_an_epoch_delivers_every_token_once_in_order() {
             }
         }
     }
-    let c = LoaderConfig { shuffle: false, weights: parse_weights("code=1").unwrap(), ..cfg(3) };
+    let c = LoaderConfig {
+        shuffle: false,
+        weights: parse_weights("code=1").unwrap(),
+        ..cfg(3)
+    };
     let n = want.len().div_ceil(4 * 64) + 1;
     let (batches, _) = take(c, None, n);
     let got: Vec<u32> = batches.iter().flat_map(|b| b.tokens.iter().copied()).collect();
-    assert_eq!(&got[..want.len()], &want[..], "one epoch, in order, nothing lost or repeated");
+    assert_eq!(
+        &got[..want.len()],
+        &want[..],
+        "one epoch, in order, nothing lost or repeated"
+    );
     // The next epoch starts again at the first document.
     assert_eq!(&got[want.len()..want.len() + 10], &want[..10]);
 }
 
 #[test]
 fn the_validation_split_is_the_held_out_documents_once() {
-    let c = LoaderConfig { split: Split::Validation, ..cfg(2) };
+    let c = LoaderConfig {
+        split: Split::Validation,
+        ..cfg(2)
+    };
     let mut loader = Loader::open(&[shards()], c, None).unwrap();
     let mut delivered: BTreeMap<Domain, u64> = BTreeMap::new();
     let mut batches = 0;
@@ -142,9 +191,20 @@ fn the_validation_split_is_the_held_out_documents_once() {
             let r = ShardReader::open(&dir.join(&s.file)).unwrap();
             for batch in r.batches(&[columns::N_TOKENS, columns::HASH], None).unwrap() {
                 let batch = batch.unwrap();
-                let n = batch.column(0).as_any().downcast_ref::<arrow_array::UInt32Array>().unwrap();
-                let h = batch.column(1).as_any().downcast_ref::<arrow_array::UInt64Array>().unwrap();
-                want += (0..n.len()).filter(|&i| in_validation(h.value(i), 100)).map(|i| n.value(i) as u64 + 1).sum::<u64>();
+                let n = batch
+                    .column(0)
+                    .as_any()
+                    .downcast_ref::<arrow_array::UInt32Array>()
+                    .unwrap();
+                let h = batch
+                    .column(1)
+                    .as_any()
+                    .downcast_ref::<arrow_array::UInt64Array>()
+                    .unwrap();
+                want += (0..n.len())
+                    .filter(|&i| in_validation(h.value(i), 100))
+                    .map(|i| n.value(i) as u64 + 1)
+                    .sum::<u64>();
             }
         }
         assert!(want > 0, "{d} has held-out documents");
@@ -159,17 +219,29 @@ fn a_missing_or_truncated_shard_is_an_error_naming_the_file() {
     let victim = dir.path().join("text/part-00000-00001.parquet");
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
-    let err = Loader::open(&[dir.path().to_path_buf()], cfg(2), None).err().expect("truncated shard refused").to_string();
+    let err = Loader::open(&[dir.path().to_path_buf()], cfg(2), None)
+        .err()
+        .expect("truncated shard refused")
+        .to_string();
     assert!(err.contains("part-00000-00001.parquet"), "{err}");
     std::fs::remove_file(&victim).unwrap();
-    let err = Loader::open(&[dir.path().to_path_buf()], cfg(2), None).err().expect("missing shard refused").to_string();
+    let err = Loader::open(&[dir.path().to_path_buf()], cfg(2), None)
+        .err()
+        .expect("missing shard refused")
+        .to_string();
     assert!(err.contains("part-00000-00001.parquet"), "{err}");
 }
 
 #[test]
 fn a_different_tokenizer_is_refused() {
-    let c = LoaderConfig { tokenizer_sha256: Some("0".repeat(64)), ..cfg(1) };
-    let err = Loader::open(&[shards()], c, None).err().expect("mismatch refused").to_string();
+    let c = LoaderConfig {
+        tokenizer_sha256: Some("0".repeat(64)),
+        ..cfg(1)
+    };
+    let err = Loader::open(&[shards()], c, None)
+        .err()
+        .expect("mismatch refused")
+        .to_string();
     assert!(err.contains("tokenizer"), "{err}");
 }
 

@@ -21,7 +21,10 @@ fn tokenizer() -> String {
 }
 
 fn mmrec_data(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-data")).args(args).output().expect("mmrec-data runs");
+    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-data"))
+        .args(args)
+        .output()
+        .expect("mmrec-data runs");
     if !out.status.success() {
         eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -31,9 +34,32 @@ fn mmrec_data(args: &[&str]) -> Output {
 /// The standard fixture run: every JSONL shape, a source tree and the bad records.
 fn split_fixtures(out: &Path, extra: &[&str]) -> Output {
     let out = out.to_string_lossy().into_owned();
-    let (wiki, py, syn, chat, bad, tree) = (corpus("wikitext.jsonl"), corpus("python_stdlib.jsonl"), corpus("code_synthetic.jsonl"), corpus("chat.jsonl"), corpus("bad.jsonl"), fixtures().join("tree").to_string_lossy().into_owned());
+    let (wiki, py, syn, chat, bad, tree) = (
+        corpus("wikitext.jsonl"),
+        corpus("python_stdlib.jsonl"),
+        corpus("code_synthetic.jsonl"),
+        corpus("chat.jsonl"),
+        corpus("bad.jsonl"),
+        fixtures().join("tree").to_string_lossy().into_owned(),
+    );
     let tok = tokenizer();
-    let mut args = vec!["split", "--text", &wiki, "--code", &py, &syn, "--mixed", &chat, "--auto", &tree, &bad, "--tokenizer", &tok, "--out", &out];
+    let mut args = vec![
+        "split",
+        "--text",
+        &wiki,
+        "--code",
+        &py,
+        &syn,
+        "--mixed",
+        &chat,
+        "--auto",
+        &tree,
+        &bad,
+        "--tokenizer",
+        &tok,
+        "--out",
+        &out,
+    ];
     args.extend_from_slice(extra);
     mmrec_data(&args)
 }
@@ -69,11 +95,31 @@ fn every_record_is_written_deduplicated_or_quarantined_with_its_line() {
     // 240 wikitext + 40 python + 300 synthetic + 160 chat + 10 bad + 8 tree files.
     assert_eq!(t.records_in, 240 + 40 + 300 + 160 + 10 + 8);
     let reasons: Vec<(&str, u64)> = m.rejected.by_reason.iter().map(|(r, n)| (r.as_str(), *n)).collect();
-    assert_eq!(reasons, [("binary", 2), ("empty", 1), ("invalid_chat", 1), ("invalid_json", 1), ("invalid_record", 1), ("invalid_utf8", 1), ("missing_field", 2)]);
+    assert_eq!(
+        reasons,
+        [
+            ("binary", 2),
+            ("empty", 1),
+            ("invalid_chat", 1),
+            ("invalid_json", 1),
+            ("invalid_record", 1),
+            ("invalid_utf8", 1),
+            ("missing_field", 2)
+        ]
+    );
     let quarantine = std::fs::read_to_string(dir.path().join("quarantine.jsonl")).unwrap();
-    assert!(quarantine.contains(r#""line":2,"reason":"invalid_json""#), "{quarantine}");
-    assert!(quarantine.contains(r#"blob.bin","line":0,"reason":"binary""#), "{quarantine}");
-    assert!(quarantine.contains(r#""line":4,"reason":"missing_field","detail":"field \"text\" is a number, not a string""#), "{quarantine}");
+    assert!(
+        quarantine.contains(r#""line":2,"reason":"invalid_json""#),
+        "{quarantine}"
+    );
+    assert!(
+        quarantine.contains(r#"blob.bin","line":0,"reason":"binary""#),
+        "{quarantine}"
+    );
+    assert!(
+        quarantine.contains(r#""line":4,"reason":"missing_field","detail":"field \"text\" is a number, not a string""#),
+        "{quarantine}"
+    );
     // The three declared shapes land where declared; chat renders role markers.
     // Of the --auto records, bad.jsonl's prose line is text and its chat with a fenced
     // snippet is mixed; the tree's README (prose + fence) is mixed and its sources code.
@@ -85,8 +131,34 @@ fn every_record_is_written_deduplicated_or_quarantined_with_its_line() {
 #[test]
 fn output_is_byte_identical_whatever_the_thread_count() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    assert!(split_fixtures(a.path(), &["--threads", "1", "--near-dup", "--shard-docs", "50", "--row-group-docs", "16"]).status.success());
-    assert!(split_fixtures(b.path(), &["--threads", "2", "--near-dup", "--shard-docs", "50", "--row-group-docs", "16"]).status.success());
+    assert!(split_fixtures(
+        a.path(),
+        &[
+            "--threads",
+            "1",
+            "--near-dup",
+            "--shard-docs",
+            "50",
+            "--row-group-docs",
+            "16"
+        ]
+    )
+    .status
+    .success());
+    assert!(split_fixtures(
+        b.path(),
+        &[
+            "--threads",
+            "2",
+            "--near-dup",
+            "--shard-docs",
+            "50",
+            "--row-group-docs",
+            "16"
+        ]
+    )
+    .status
+    .success());
     let (fa, fb) = (output_files(a.path()), output_files(b.path()));
     assert!(fa.len() > 10, "several shards were written: {:?}", fa.keys());
     assert_eq!(fa.keys().collect::<Vec<_>>(), fb.keys().collect::<Vec<_>>());
@@ -102,18 +174,45 @@ fn exact_duplicates_are_always_removed_and_near_duplicates_on_request() {
     let wiki = std::fs::read_to_string(corpus("wikitext.jsonl")).unwrap();
     let first: Vec<&str> = wiki.lines().take(20).collect();
     // Each line twice, the second copy re-wrapped: same normalised text.
-    let doubled: String = first.iter().map(|l| format!("{l}\n{}\n", l.replace(" , ", " ,  "))).collect();
+    let doubled: String = first
+        .iter()
+        .map(|l| format!("{l}\n{}\n", l.replace(" , ", " ,  ")))
+        .collect();
     std::fs::write(&input, doubled).unwrap();
     let (out, tok) = (dir.path().join("s"), tokenizer());
-    assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()]).status.success());
+    assert!(mmrec_data(&[
+        "split",
+        "--text",
+        input.to_str().unwrap(),
+        "--tokenizer",
+        &tok,
+        "--out",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
     let m = read_manifest(&out).unwrap();
     assert_eq!((m.totals.written, m.totals.exact_duplicates), (20, 20));
 
     let syn = corpus("code_synthetic.jsonl");
     let out2 = dir.path().join("syn");
-    assert!(mmrec_data(&["split", "--code", &syn, "--tokenizer", &tok, "--out", out2.to_str().unwrap(), "--near-dup"]).status.success());
+    assert!(mmrec_data(&[
+        "split",
+        "--code",
+        &syn,
+        "--tokenizer",
+        &tok,
+        "--out",
+        out2.to_str().unwrap(),
+        "--near-dup"
+    ])
+    .status
+    .success());
     let m = read_manifest(&out2).unwrap();
-    assert_eq!(m.totals.written, 5, "the synthetic corpus is five snippets with a counter");
+    assert_eq!(
+        m.totals.written, 5,
+        "the synthetic corpus is five snippets with a counter"
+    );
     assert_eq!(m.totals.near_duplicates, 295);
     let dups = std::fs::read_to_string(out2.join("duplicates.jsonl")).unwrap();
     assert!(dups.lines().all(|l| l.contains(r#""kind":"near""#)));
@@ -126,10 +225,31 @@ fn a_killed_run_resumes_keeping_verified_shards_and_ends_identical() {
     let args = ["--shard-docs", "1", "--threads", "1"];
     assert!(split_fixtures(clean.path(), &args).status.success());
 
-    let (wiki, py, chat, tok) = (corpus("wikitext.jsonl"), corpus("python_stdlib.jsonl"), corpus("chat.jsonl"), tokenizer());
+    let (wiki, py, chat, tok) = (
+        corpus("wikitext.jsonl"),
+        corpus("python_stdlib.jsonl"),
+        corpus("chat.jsonl"),
+        tokenizer(),
+    );
     let out = killed.path().to_str().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-data"))
-        .args(["split", "--text", &wiki, "--code", &py, &corpus("code_synthetic.jsonl"), "--mixed", &chat, "--auto", fixtures().join("tree").to_str().unwrap(), &corpus("bad.jsonl"), "--tokenizer", &tok, "--out", out])
+        .args([
+            "split",
+            "--text",
+            &wiki,
+            "--code",
+            &py,
+            &corpus("code_synthetic.jsonl"),
+            "--mixed",
+            &chat,
+            "--auto",
+            fixtures().join("tree").to_str().unwrap(),
+            &corpus("bad.jsonl"),
+            "--tokenizer",
+            &tok,
+            "--out",
+            out,
+        ])
         .args(args)
         .spawn()
         .unwrap();
@@ -141,15 +261,27 @@ fn a_killed_run_resumes_keeping_verified_shards_and_ends_identical() {
     }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    assert!(!killed.path().join("manifest.json").exists(), "the run was killed before it finished");
+    assert!(
+        !killed.path().join("manifest.json").exists(),
+        "the run was killed before it finished"
+    );
     // Damage one finished shard: resume must notice the checksum and redo it.
-    let victim = std::fs::read_dir(killed.path().join("text")).unwrap().next().unwrap().unwrap().path();
+    let victim = std::fs::read_dir(killed.path().join("text"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
     std::fs::write(&victim, b"garbage").unwrap();
 
     let resumed = split_fixtures(killed.path(), &["--shard-docs", "1", "--threads", "1", "--json"]);
     assert!(resumed.status.success());
     let report: serde_json::Value = serde_json::from_slice(&resumed.stdout).unwrap();
-    assert!(report["shards_kept"].as_u64().unwrap() >= 18, "{}", report["shards_kept"]);
+    assert!(
+        report["shards_kept"].as_u64().unwrap() >= 18,
+        "{}",
+        report["shards_kept"]
+    );
     assert!(report["shards_written"].as_u64().unwrap() >= 1);
     assert_eq!(output_files(clean.path()), output_files(killed.path()));
 }
@@ -166,13 +298,23 @@ fn partitions_merge_into_the_same_documents_as_one_run() {
     let merged = dir.path().join("merged");
     let mut args = vec!["merge".to_string(), "--out".into(), merged.to_string_lossy().into()];
     args.extend(parts.iter().rev().map(|p| p.to_string_lossy().into_owned()));
-    assert!(mmrec_data(&args.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+    assert!(mmrec_data(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .status
+        .success());
     let (w, m): (Manifest, Manifest) = (read_manifest(&whole).unwrap(), read_manifest(&merged).unwrap());
     assert_eq!(w.totals, m.totals);
     assert!(validate(&merged).unwrap().ok());
     // A missing part is refused.
     let partial = dir.path().join("partial");
-    assert!(!mmrec_data(&["merge", "--out", partial.to_str().unwrap(), parts[0].to_str().unwrap(), parts[1].to_str().unwrap()]).status.success());
+    assert!(!mmrec_data(&[
+        "merge",
+        "--out",
+        partial.to_str().unwrap(),
+        parts[0].to_str().unwrap(),
+        parts[1].to_str().unwrap()
+    ])
+    .status
+    .success());
 }
 
 #[test]
@@ -187,17 +329,35 @@ fn compressed_and_parquet_inputs_read_like_plain_jsonl() {
     let zst = dir.path().join("wiki.jsonl.zst");
     std::fs::write(&zst, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
     // A Parquet file with a `content` column, as other tools write them.
-    let texts: Vec<String> = raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice::<String>(l).unwrap()).collect();
+    let texts: Vec<String> = raw
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice::<String>(l).unwrap())
+        .collect();
     let pq = dir.path().join("wiki.parquet");
-    let batch = RecordBatch::try_from_iter([("content", std::sync::Arc::new(StringArray::from(texts.clone())) as _)]).unwrap();
-    let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&pq).unwrap(), batch.schema(), None).unwrap();
+    let batch =
+        RecordBatch::try_from_iter([("content", std::sync::Arc::new(StringArray::from(texts.clone())) as _)]).unwrap();
+    let mut w =
+        parquet::arrow::ArrowWriter::try_new(std::fs::File::create(&pq).unwrap(), batch.schema(), None).unwrap();
     w.write(&batch).unwrap();
     w.close().unwrap();
 
     let tok = tokenizer();
     for input in [&gz, &zst, &pq] {
-        let out = dir.path().join(format!("out-{}", input.file_name().unwrap().to_string_lossy()));
-        assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()]).status.success());
+        let out = dir
+            .path()
+            .join(format!("out-{}", input.file_name().unwrap().to_string_lossy()));
+        assert!(mmrec_data(&[
+            "split",
+            "--text",
+            input.to_str().unwrap(),
+            "--tokenizer",
+            &tok,
+            "--out",
+            out.to_str().unwrap()
+        ])
+        .status
+        .success());
         let m = read_manifest(&out).unwrap();
         assert_eq!(m.totals.written, texts.len() as u64, "{}", input.display());
     }
@@ -208,9 +368,26 @@ fn source_trees_take_language_from_extension_and_shebang() {
     let dir = tempfile::tempdir().unwrap();
     let (tree, tok) = (fixtures().join("tree"), tokenizer());
     let out = dir.path().join("s");
-    assert!(mmrec_data(&["split", "--auto", tree.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()]).status.success());
+    assert!(mmrec_data(&[
+        "split",
+        "--auto",
+        tree.to_str().unwrap(),
+        "--tokenizer",
+        &tok,
+        "--out",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
     let ins = mmrec_pipeline::catalog::inspect(&out, 100, 40).unwrap();
-    let langs: BTreeMap<String, (Domain, Option<String>)> = ins.samples.iter().flat_map(|(d, s)| s.iter().map(move |s| (s.id.rsplit('/').next().unwrap().to_string(), (*d, s.lang.clone())))).collect();
+    let langs: BTreeMap<String, (Domain, Option<String>)> = ins
+        .samples
+        .iter()
+        .flat_map(|(d, s)| {
+            s.iter()
+                .map(move |s| (s.id.rsplit('/').next().unwrap().to_string(), (*d, s.lang.clone())))
+        })
+        .collect();
     assert_eq!(langs["numbered:0"], (Domain::Code, Some("shell".into())));
     assert_eq!(langs["adler2_algo.rs:0"], (Domain::Code, Some("rust".into())));
     assert_eq!(langs["README.md:0"], (Domain::Mixed, Some("markdown".into())));
@@ -222,10 +399,27 @@ fn strict_mode_fails_on_quarantine_and_a_missing_input_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let (bad, tok) = (corpus("bad.jsonl"), tokenizer());
     let out = dir.path().join("s");
-    let o = mmrec_data(&["split", "--auto", &bad, "--tokenizer", &tok, "--out", out.to_str().unwrap(), "--strict"]);
+    let o = mmrec_data(&[
+        "split",
+        "--auto",
+        &bad,
+        "--tokenizer",
+        &tok,
+        "--out",
+        out.to_str().unwrap(),
+        "--strict",
+    ]);
     assert_eq!(o.status.code(), Some(3));
     let out2 = dir.path().join("never");
-    let o = mmrec_data(&["split", "--text", "/nonexistent/corpus.jsonl", "--tokenizer", &tok, "--out", out2.to_str().unwrap()]);
+    let o = mmrec_data(&[
+        "split",
+        "--text",
+        "/nonexistent/corpus.jsonl",
+        "--tokenizer",
+        &tok,
+        "--out",
+        out2.to_str().unwrap(),
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("/nonexistent/corpus.jsonl"));
     assert!(!out2.exists(), "nothing is written when an input is missing");
@@ -264,7 +458,17 @@ fn an_existing_tokenizer_with_a_large_vocabulary_gives_u32_tokens() {
     let tok_path = dir.path().join("tokenizer.json");
     std::fs::write(&tok_path, serde_json::to_vec(&tok).unwrap()).unwrap();
     let out = dir.path().join("s");
-    assert!(mmrec_data(&["split", "--text", &corpus("wikitext.jsonl"), "--tokenizer", tok_path.to_str().unwrap(), "--out", out.to_str().unwrap()]).status.success());
+    assert!(mmrec_data(&[
+        "split",
+        "--text",
+        &corpus("wikitext.jsonl"),
+        "--tokenizer",
+        tok_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
     let m = read_manifest(&out).unwrap();
     assert_eq!(m.tokenizer.token_width, mmrec_schemas::TokenWidth::U32);
     assert!(validate(&out).unwrap().ok());
@@ -274,7 +478,18 @@ fn an_existing_tokenizer_with_a_large_vocabulary_gives_u32_tokens() {
 fn a_trained_tokenizer_has_the_specials_and_round_trips_text() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tok.json");
-    assert!(mmrec_data(&["tokenizer", "train", "--vocab-size", "600", "--out", out.to_str().unwrap(), &corpus("wikitext.jsonl"), &corpus("chat.jsonl")]).status.success());
+    assert!(mmrec_data(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "600",
+        "--out",
+        out.to_str().unwrap(),
+        &corpus("wikitext.jsonl"),
+        &corpus("chat.jsonl")
+    ])
+    .status
+    .success());
     let t = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out).unwrap();
     assert_eq!(t.info.special_tokens["<|endoftext|>"], 0);
     assert_eq!(t.info.special_tokens["<|pad|>"], 1);
@@ -290,8 +505,16 @@ fn a_trained_tokenizer_has_the_specials_and_round_trips_text() {
 #[test]
 fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
     let mut texts: Vec<String> = Vec::new();
-    for f in ["wikitext.jsonl", "python_stdlib.jsonl", "chat.jsonl", "code_synthetic.jsonl"] {
-        for line in std::fs::read_to_string(fixtures().join("corpora").join(f)).unwrap().lines() {
+    for f in [
+        "wikitext.jsonl",
+        "python_stdlib.jsonl",
+        "chat.jsonl",
+        "code_synthetic.jsonl",
+    ] {
+        for line in std::fs::read_to_string(fixtures().join("corpora").join(f))
+            .unwrap()
+            .lines()
+        {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             texts.push(match &v {
                 serde_json::Value::String(s) => s.clone(),
@@ -301,26 +524,44 @@ fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
         }
     }
     let raw = zstd::decode_all(std::fs::File::open(fixtures().join("classifier_eval.jsonl.zst")).unwrap()).unwrap();
-    texts.extend(raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| serde_json::from_slice::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()));
+    texts.extend(raw.split(|&b| b == b'\n').filter(|l| !l.is_empty()).map(|l| {
+        serde_json::from_slice::<serde_json::Value>(l).unwrap()["text"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }));
     texts.push("one<|endoftext|>two <|pad|>  three\t\n<|endoftext|>".into());
     texts.push(String::new());
-    let palette: Vec<char> = "ab'stre lldm \t\n\u{a0}\u{3000}09½é\u{301}漢😀.,!\"<|>endoftext".chars().collect();
+    let palette: Vec<char> = "ab'stre lldm \t\n\u{a0}\u{3000}09½é\u{301}漢😀.,!\"<|>endoftext"
+        .chars()
+        .collect();
     let mut state = 7u64;
     for _ in 0..2000 {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let len = (state >> 40) as usize % 40;
-        texts.push((0..len).map(|k| palette[((state >> (k % 48)) as usize + k * 7) % palette.len()]).collect());
+        texts.push(
+            (0..len)
+                .map(|k| palette[((state >> (k % 48)) as usize + k * 7) % palette.len()])
+                .collect(),
+        );
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let base: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer.json")).unwrap()).unwrap();
+    let base: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixtures().join("tokenizer.json")).unwrap()).unwrap();
     let mut prefixed = base.clone();
     prefixed["pre_tokenizer"]["add_prefix_space"] = true.into();
     let mut normalised = base.clone();
     normalised["normalizer"] = serde_json::json!({"type": "NFKC"});
     // Special-token strings in the texts above are encoded as text on both sides (the
     // loader sets HF's `encode_special_tokens`); truncation, padding and dropout are refused.
-    for (name, json) in [("byte-level", base), ("prefix-space", prefixed), ("normaliser", normalised)] {
+    for (name, json) in [
+        ("byte-level", base),
+        ("prefix-space", prefixed),
+        ("normaliser", normalised),
+    ] {
         let path = dir.path().join(format!("{name}.json"));
         std::fs::write(&path, json.to_string()).unwrap();
         let tok = mmrec_pipeline::tokenize::LoadedTokenizer::load(&path).unwrap();
@@ -328,7 +569,12 @@ fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
             // The second pass is served from the warm word cache.
             for t in &texts {
                 let want = tok.tokenizer.encode_fast(t.as_str(), false).unwrap().get_ids().to_vec();
-                assert_eq!(tok.encode(t).unwrap(), want, "{name}, pass {pass}: {:?}", &t[..t.floor_char_boundary(80)]);
+                assert_eq!(
+                    tok.encode(t).unwrap(),
+                    want,
+                    "{name}, pass {pass}: {:?}",
+                    &t[..t.floor_char_boundary(80)]
+                );
             }
         }
     }
@@ -340,9 +586,16 @@ fn shards_and_row_groups_close_at_their_text_byte_bounds() {
     use arrow_array::Array;
     use mmrec_pipeline::shard::ShardReader;
     let dir = tempfile::tempdir().unwrap();
-    let inputs = vec![mmrec_pipeline::InputSpec { path: corpus("python_stdlib.jsonl").into(), declared: Some(Domain::Code) }];
+    let inputs = vec![mmrec_pipeline::InputSpec {
+        path: corpus("python_stdlib.jsonl").into(),
+        declared: Some(Domain::Code),
+    }];
     let (group_max, shard_max) = (16u64 << 10, 64u64 << 10);
-    let opts = mmrec_pipeline::SplitOptions { row_group_bytes: group_max, shard_bytes: shard_max, ..mmrec_pipeline::SplitOptions::new(inputs, tokenizer(), dir.path()) };
+    let opts = mmrec_pipeline::SplitOptions {
+        row_group_bytes: group_max,
+        shard_bytes: shard_max,
+        ..mmrec_pipeline::SplitOptions::new(inputs, tokenizer(), dir.path())
+    };
     let report = mmrec_pipeline::split(&opts, &()).unwrap();
     let shards = &report.manifest.domains[&Domain::Code];
     let mut groups = 0;
@@ -350,18 +603,36 @@ fn shards_and_row_groups_close_at_their_text_byte_bounds() {
         let path = dir.path().join(&s.file);
         let mut shard_bytes = 0;
         for g in 0..ShardReader::open(&path).unwrap().num_row_groups() {
-            let batches: Vec<_> = ShardReader::open(&path).unwrap().batches(&[mmrec_schemas::columns::TEXT], Some(vec![g])).unwrap().map(Result::unwrap).collect();
+            let batches: Vec<_> = ShardReader::open(&path)
+                .unwrap()
+                .batches(&[mmrec_schemas::columns::TEXT], Some(vec![g]))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect();
             assert_eq!(batches.len(), 1, "one row group, one batch");
             let text = batches[0].column(0).as_string::<i64>();
             let bytes: u64 = text.iter().map(|t| t.unwrap().len() as u64).sum();
-            assert!(bytes <= group_max || text.len() == 1, "{}: row group {g} holds {bytes} bytes in {} rows", s.file, text.len());
+            assert!(
+                bytes <= group_max || text.len() == 1,
+                "{}: row group {g} holds {bytes} bytes in {} rows",
+                s.file,
+                text.len()
+            );
             shard_bytes += bytes;
             groups += 1;
         }
-        assert!(shard_bytes <= shard_max || s.rows == 1, "{} holds {shard_bytes} bytes", s.file);
+        assert!(
+            shard_bytes <= shard_max || s.rows == 1,
+            "{} holds {shard_bytes} bytes",
+            s.file
+        );
     }
     // The fixture's 40 files (194 KB) need several shards and several groups per shard.
-    assert!(shards.len() >= 3 && groups >= 2 * shards.len(), "{} shards, {groups} row groups", shards.len());
+    assert!(
+        shards.len() >= 3 && groups >= 2 * shards.len(),
+        "{} shards, {groups} row groups",
+        shards.len()
+    );
     assert_eq!(report.manifest.settings.row_group_bytes, group_max);
     assert!(validate(dir.path()).unwrap().ok());
 }
@@ -370,11 +641,39 @@ fn shards_and_row_groups_close_at_their_text_byte_bounds() {
 fn byte_bounds_are_given_in_mib_and_must_be_above_zero() {
     // Through the binary's flags: MiB bounds, checked against the defaults' manifest.
     let dir = tempfile::tempdir().unwrap();
-    let (py, tok, out) = (corpus("python_stdlib.jsonl"), tokenizer(), dir.path().to_string_lossy().into_owned());
-    assert!(mmrec_data(&["split", "--code", &py, "--tokenizer", &tok, "--out", &out, "--shard-mb", "1", "--row-group-mb", "1"]).status.success());
+    let (py, tok, out) = (
+        corpus("python_stdlib.jsonl"),
+        tokenizer(),
+        dir.path().to_string_lossy().into_owned(),
+    );
+    assert!(mmrec_data(&[
+        "split",
+        "--code",
+        &py,
+        "--tokenizer",
+        &tok,
+        "--out",
+        &out,
+        "--shard-mb",
+        "1",
+        "--row-group-mb",
+        "1"
+    ])
+    .status
+    .success());
     let m = read_manifest(dir.path()).unwrap();
     assert_eq!((m.settings.shard_bytes, m.settings.row_group_bytes), (1 << 20, 1 << 20));
-    let zero = mmrec_data(&["split", "--code", &py, "--tokenizer", &tok, "--out", &out, "--row-group-mb", "0"]);
+    let zero = mmrec_data(&[
+        "split",
+        "--code",
+        &py,
+        "--tokenizer",
+        &tok,
+        "--out",
+        &out,
+        "--row-group-mb",
+        "0",
+    ]);
     assert!(!zero.status.success());
     assert!(String::from_utf8_lossy(&zero.stderr).contains("--row-group-mb"));
 }
@@ -387,14 +686,35 @@ fn validate_reports_rows_in_the_wrong_domain_and_ids_outside_the_vocabulary() {
     let m = read_manifest(dir.path()).unwrap();
     let vocab = m.tokenizer.vocab_size;
     let shard = dir.path().join(&m.domains[&Domain::Text][0].file);
-    let row = |domain, tokens| ShardRow { id: "forged", domain, lang: None, source: "forged", text: "forged", tokens, hash: 0 };
-    let rows = [row(Domain::Code, vec![5]), row(Domain::Text, vec![5, 6]), row(Domain::Text, vec![5, vocab as u32 + 7, 6])];
+    let row = |domain, tokens| ShardRow {
+        id: "forged",
+        domain,
+        lang: None,
+        source: "forged",
+        text: "forged",
+        tokens,
+        hash: 0,
+    };
+    let rows = [
+        row(Domain::Code, vec![5]),
+        row(Domain::Text, vec![5, 6]),
+        row(Domain::Text, vec![5, vocab as u32 + 7, 6]),
+    ];
     let mut w = ShardWriter::create(&shard, m.tokenizer.token_width).unwrap();
     w.write(&rows).unwrap();
     w.finish().unwrap();
     let problems = validate(dir.path()).unwrap().problems.join("\n");
-    assert!(problems.contains(r#"row 0 has domain "code" in the text directory"#), "{problems}");
-    assert!(problems.contains(&format!("row 2 has token id {} outside the vocabulary ({vocab})", vocab + 7)), "{problems}");
+    assert!(
+        problems.contains(r#"row 0 has domain "code" in the text directory"#),
+        "{problems}"
+    );
+    assert!(
+        problems.contains(&format!(
+            "row 2 has token id {} outside the vocabulary ({vocab})",
+            vocab + 7
+        )),
+        "{problems}"
+    );
     assert!(!problems.contains("row 1 has"), "{problems}");
 }
 
@@ -403,7 +723,11 @@ fn document_hashes(dir: &Path) -> std::collections::BTreeSet<u64> {
     let m = read_manifest(dir).unwrap();
     let mut hashes = std::collections::BTreeSet::new();
     for s in m.domains.values().flatten() {
-        for b in mmrec_pipeline::shard::ShardReader::open(&dir.join(&s.file)).unwrap().batches(&["hash"], None).unwrap() {
+        for b in mmrec_pipeline::shard::ShardReader::open(&dir.join(&s.file))
+            .unwrap()
+            .batches(&["hash"], None)
+            .unwrap()
+        {
             let b = b.unwrap();
             let col = arrow_array::cast::AsArray::as_primitive::<arrow_array::types::UInt64Type>(b.column(0));
             for &h in col.values() {
@@ -420,35 +744,61 @@ fn near_duplicates_are_removed_across_parts_exactly_as_one_run_removes_them() {
     let whole = dir.path().join("whole");
     assert!(split_fixtures(&whole, &["--near-dup"]).status.success());
     let w = read_manifest(&whole).unwrap();
-    assert!(w.totals.near_duplicates > 100, "the fixtures hold near-duplicates (the synthetic snippets)");
+    assert!(
+        w.totals.near_duplicates > 100,
+        "the fixtures hold near-duplicates (the synthetic snippets)"
+    );
     let want = document_hashes(&whole);
     for n in 1..=3u32 {
         let parts: Vec<PathBuf> = (0..n).map(|i| dir.path().join(format!("n{n}-part{i}"))).collect();
         for (i, p) in parts.iter().enumerate() {
-            assert!(split_fixtures(p, &["--near-dup", "--part", &format!("{i}/{n}")]).status.success());
+            assert!(split_fixtures(p, &["--near-dup", "--part", &format!("{i}/{n}")])
+                .status
+                .success());
         }
         let merged = dir.path().join(format!("n{n}-merged"));
         let mut args = vec!["merge".to_string(), "--out".into(), merged.to_string_lossy().into()];
         args.extend(parts.iter().map(|p| p.to_string_lossy().into_owned()));
-        assert!(mmrec_data(&args.iter().map(String::as_str).collect::<Vec<_>>()).status.success());
+        assert!(mmrec_data(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .status
+            .success());
         let m = read_manifest(&merged).unwrap();
         assert_eq!(m.totals, w.totals, "{n} parts");
-        assert_eq!(document_hashes(&merged), want, "{n} parts keep other documents than one run");
-        assert!(validate(&merged).unwrap().ok(), "{n} parts: the rewritten shards validate");
-        let logged = std::fs::read_to_string(merged.join("duplicates.jsonl")).unwrap().lines().count() as u64;
+        assert_eq!(
+            document_hashes(&merged),
+            want,
+            "{n} parts keep other documents than one run"
+        );
+        assert!(
+            validate(&merged).unwrap().ok(),
+            "{n} parts: the rewritten shards validate"
+        );
+        let logged = std::fs::read_to_string(merged.join("duplicates.jsonl"))
+            .unwrap()
+            .lines()
+            .count() as u64;
         assert_eq!(logged, m.totals.exact_duplicates + m.totals.near_duplicates);
         if n == 3 {
             // The test means something only if near-duplicates fell into different parts.
             let part_of: BTreeMap<String, usize> = parts
                 .iter()
                 .enumerate()
-                .flat_map(|(i, p)| mmrec_pipeline::global_dedup::read_signatures(&p.join("near_dup_signatures.bin")).unwrap().1.into_iter().map(move |r| (r.id, i)))
+                .flat_map(|(i, p)| {
+                    mmrec_pipeline::global_dedup::read_signatures(&p.join("near_dup_signatures.bin"))
+                        .unwrap()
+                        .1
+                        .into_iter()
+                        .map(move |r| (r.id, i))
+                })
                 .collect();
             let crossing = std::fs::read_to_string(merged.join("duplicates.jsonl"))
                 .unwrap()
                 .lines()
                 .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-                .filter(|d| d["kind"] == "near" && part_of.get(d["id"].as_str().unwrap()) != part_of.get(d["kept"].as_str().unwrap()))
+                .filter(|d| {
+                    d["kind"] == "near"
+                        && part_of.get(d["id"].as_str().unwrap()) != part_of.get(d["kept"].as_str().unwrap())
+                })
                 .count();
             assert!(crossing > 50, "only {crossing} near-duplicates crossed parts");
         }
@@ -469,12 +819,34 @@ fn token_ids_above_65535_from_a_small_vocabulary_are_stored_whole() {
     let input = dir.path().join("hello.jsonl");
     std::fs::write(&input, "\"hello world\"\n").unwrap();
     let out = dir.path().join("s");
-    assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", tok_path.to_str().unwrap(), "--out", out.to_str().unwrap()]).status.success());
+    assert!(mmrec_data(&[
+        "split",
+        "--text",
+        input.to_str().unwrap(),
+        "--tokenizer",
+        tok_path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
     let m = read_manifest(&out).unwrap();
-    assert_eq!((m.tokenizer.vocab_size, m.tokenizer.token_width), (65_541, mmrec_schemas::TokenWidth::U32));
+    assert_eq!(
+        (m.tokenizer.vocab_size, m.tokenizer.token_width),
+        (65_541, mmrec_schemas::TokenWidth::U32)
+    );
     let shard = &m.domains[&Domain::Text][0].file;
-    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(shard)).unwrap().batches(&["tokens"], None).unwrap().next().unwrap().unwrap();
-    assert_eq!(mmrec_pipeline::shard::token_lists(batch.column(0).as_ref()), vec![vec![65_537, 65_540]]);
+    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(shard))
+        .unwrap()
+        .batches(&["tokens"], None)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        mmrec_pipeline::shard::token_lists(batch.column(0).as_ref()),
+        vec![vec![65_537, 65_540]]
+    );
     assert!(validate(&out).unwrap().ok());
 }
 
@@ -487,11 +859,22 @@ fn shard_paths_leaving_the_directory_are_refused_everywhere() {
     let text = std::fs::read_to_string(&manifest).unwrap();
     let first = read_manifest(&s).unwrap().domains[&Domain::Text][0].file.clone();
     for forged in ["../../../x.parquet", "/tmp/x.parquet"] {
-        std::fs::write(&manifest, text.replacen(&format!("\"{first}\""), &format!("{forged:?}"), 1)).unwrap();
-        for args in [vec!["validate", s.to_str().unwrap()], vec!["inspect", s.to_str().unwrap()]] {
+        std::fs::write(
+            &manifest,
+            text.replacen(&format!("\"{first}\""), &format!("{forged:?}"), 1),
+        )
+        .unwrap();
+        for args in [
+            vec!["validate", s.to_str().unwrap()],
+            vec!["inspect", s.to_str().unwrap()],
+        ] {
             let out = mmrec_data(&args);
             assert!(!out.status.success(), "{args:?} accepted {forged}");
-            assert!(String::from_utf8_lossy(&out.stderr).contains("must be relative and inside the directory"), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                String::from_utf8_lossy(&out.stderr).contains("must be relative and inside the directory"),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 }
@@ -509,9 +892,19 @@ fn merge_refuses_a_corrupt_part_shard_and_writes_no_manifest() {
     bytes[mid] ^= 0xff;
     std::fs::write(&victim, bytes).unwrap();
     let merged = dir.path().join("merged");
-    let out = mmrec_data(&["merge", "--out", merged.to_str().unwrap(), parts[0].to_str().unwrap(), parts[1].to_str().unwrap()]);
+    let out = mmrec_data(&[
+        "merge",
+        "--out",
+        merged.to_str().unwrap(),
+        parts[0].to_str().unwrap(),
+        parts[1].to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt or replaced"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("corrupt or replaced"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!merged.join("manifest.json").exists());
 }
 
@@ -519,19 +912,40 @@ fn merge_refuses_a_corrupt_part_shard_and_writes_no_manifest() {
 fn tokenizer_training_reports_the_size_it_wrote() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("tok.json");
-    let o = mmrec_data(&["tokenizer", "train", "--vocab-size", "50000", "--out", out.to_str().unwrap(), &corpus("chat.jsonl")]);
+    let o = mmrec_data(&[
+        "tokenizer",
+        "train",
+        "--vocab-size",
+        "50000",
+        "--out",
+        out.to_str().unwrap(),
+        &corpus("chat.jsonl"),
+    ]);
     assert!(o.status.success());
-    let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out).unwrap().info.vocab_size;
+    let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out)
+        .unwrap()
+        .info
+        .vocab_size;
     assert!(written < 50_000);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&format!("trained a {written}-entry")) && err.contains("asked for 50000"), "{err}");
+    assert!(
+        err.contains(&format!("trained a {written}-entry")) && err.contains("asked for 50000"),
+        "{err}"
+    );
 }
 
 /// Quarantine reasons of a run, counted.
 fn quarantine_reasons(dir: &Path) -> BTreeMap<String, usize> {
     let mut reasons = BTreeMap::new();
     for l in std::fs::read_to_string(dir.join("quarantine.jsonl")).unwrap().lines() {
-        *reasons.entry(serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"].as_str().unwrap().to_string()).or_default() += 1;
+        *reasons
+            .entry(
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["reason"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
+            )
+            .or_default() += 1;
     }
     reasons
 }
@@ -549,7 +963,15 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let tok = tokenizer();
     let run = |out: &Path, extra: &[&str]| {
-        let mut args = vec!["split", "--auto", tree.to_str().unwrap(), "--tokenizer", &tok, "--out", out.to_str().unwrap()];
+        let mut args = vec![
+            "split",
+            "--auto",
+            tree.to_str().unwrap(),
+            "--tokenizer",
+            &tok,
+            "--out",
+            out.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         mmrec_data(&args)
     };
@@ -558,7 +980,9 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     let m = read_manifest(&plain).unwrap();
     assert!(m.totals.balances());
     assert_eq!((m.totals.written, m.totals.records_in), (1, 5));
-    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink", 2), ("unreadable", 1)].map(|(r, n)| (r.to_string(), n)).into();
+    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink", 2), ("unreadable", 1)]
+        .map(|(r, n)| (r.to_string(), n))
+        .into();
     assert_eq!(quarantine_reasons(&plain), want);
     // Followed, the link to a file is read (an exact duplicate of its target) and the
     // link back up the tree is a loop.
@@ -566,12 +990,26 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     assert!(run(&followed, &["--follow-symlinks"]).status.success());
     let m = read_manifest(&followed).unwrap();
     assert_eq!((m.totals.written, m.totals.exact_duplicates), (1, 1));
-    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink_loop", 1), ("unreadable", 1)].map(|(r, n)| (r.to_string(), n)).into();
+    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink_loop", 1), ("unreadable", 1)]
+        .map(|(r, n)| (r.to_string(), n))
+        .into();
     assert_eq!(quarantine_reasons(&followed), want);
     // A FIFO given as an input is refused at once instead of waiting for a writer.
-    let out = mmrec_data(&["split", "--text", fifo.to_str().unwrap(), "--tokenizer", &tok, "--out", dir.path().join("f").to_str().unwrap()]);
+    let out = mmrec_data(&[
+        "split",
+        "--text",
+        fifo.to_str().unwrap(),
+        "--tokenizer",
+        &tok,
+        "--out",
+        dir.path().join("f").to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a regular file"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a regular file"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -585,11 +1023,18 @@ fn a_failed_re_run_leaves_no_manifest_describing_replaced_shards_and_no_temp_fil
     std::fs::write(out.join("mixed"), b"in the way").unwrap();
     let failed = split_fixtures(&out, &["--row-group-docs", "3"]);
     assert!(!failed.status.success());
-    assert!(!out.join("manifest.json").exists(), "the old manifest would describe shards this run replaced");
+    assert!(
+        !out.join("manifest.json").exists(),
+        "the old manifest would describe shards this run replaced"
+    );
     assert!(!mmrec_data(&["inspect", out.to_str().unwrap()]).status.success());
     let leftovers: Vec<String> = ["text", "code"]
         .iter()
-        .flat_map(|d| std::fs::read_dir(out.join(d)).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()))
+        .flat_map(|d| {
+            std::fs::read_dir(out.join(d))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        })
         .filter(|n| n.contains(".tmp-"))
         .collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
@@ -600,8 +1045,14 @@ fn tokenizers_that_truncate_pad_or_drop_out_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
     let base: serde_json::Value = serde_json::from_slice(&std::fs::read(tokenizer()).unwrap()).unwrap();
     let cases = [
-        ("truncation", serde_json::json!({"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0})),
-        ("padding", serde_json::json!({"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": null, "pad_id": 1, "pad_type_id": 0, "pad_token": "<|pad|>"})),
+        (
+            "truncation",
+            serde_json::json!({"direction": "Right", "max_length": 8, "strategy": "LongestFirst", "stride": 0}),
+        ),
+        (
+            "padding",
+            serde_json::json!({"strategy": "BatchLongest", "direction": "Right", "pad_to_multiple_of": null, "pad_id": 1, "pad_type_id": 0, "pad_token": "<|pad|>"}),
+        ),
         ("dropout", serde_json::json!(0.1)),
     ];
     for (setting, value) in cases {
@@ -613,9 +1064,21 @@ fn tokenizers_that_truncate_pad_or_drop_out_are_refused_by_name() {
         }
         let path = dir.path().join(format!("{setting}.json"));
         std::fs::write(&path, serde_json::to_vec(&t).unwrap()).unwrap();
-        let out = mmrec_data(&["split", "--text", &corpus("wikitext.jsonl"), "--tokenizer", path.to_str().unwrap(), "--out", dir.path().join(setting).to_str().unwrap()]);
+        let out = mmrec_data(&[
+            "split",
+            "--text",
+            &corpus("wikitext.jsonl"),
+            "--tokenizer",
+            path.to_str().unwrap(),
+            "--out",
+            dir.path().join(setting).to_str().unwrap(),
+        ]);
         assert!(!out.status.success(), "{setting} accepted");
-        assert!(String::from_utf8_lossy(&out.stderr).contains(setting), "{setting}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(setting),
+            "{setting}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -625,13 +1088,32 @@ fn special_token_strings_in_documents_are_encoded_as_text() {
     let input = dir.path().join("specials.jsonl");
     std::fs::write(&input, "\"before <|endoftext|> middle <|pad|> after\"\n").unwrap();
     let out = dir.path().join("s");
-    assert!(mmrec_data(&["split", "--text", input.to_str().unwrap(), "--tokenizer", &tokenizer(), "--out", out.to_str().unwrap()]).status.success());
+    assert!(mmrec_data(&[
+        "split",
+        "--text",
+        input.to_str().unwrap(),
+        "--tokenizer",
+        &tokenizer(),
+        "--out",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
     let m = read_manifest(&out).unwrap();
     let specials: Vec<u32> = m.tokenizer.special_tokens.values().copied().collect();
     assert_eq!(specials.len(), 2);
-    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(&m.domains[&Domain::Text][0].file)).unwrap().batches(&["tokens"], None).unwrap().next().unwrap().unwrap();
+    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(&m.domains[&Domain::Text][0].file))
+        .unwrap()
+        .batches(&["tokens"], None)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     let ids = &mmrec_pipeline::shard::token_lists(batch.column(0).as_ref())[0];
-    assert!(ids.len() > 6 && !ids.iter().any(|i| specials.contains(i)), "a document injected a special id: {ids:?}");
+    assert!(
+        ids.len() > 6 && !ids.iter().any(|i| specials.contains(i)),
+        "a document injected a special id: {ids:?}"
+    );
 }
 
 /// Rewrite the shard `file` of `dir` as another writer might have: `text` as a plain
@@ -642,11 +1124,25 @@ fn rewrite_foreign(dir: &Path, file: &str, empty_copy: Option<&str>) {
     use arrow_array::cast::AsArray;
     use std::sync::Arc;
     let path = dir.join(file);
-    let batch = mmrec_pipeline::shard::ShardReader::open(&path).unwrap().batches(&["id", "domain", "lang", "source", "text", "tokens", "n_tokens", "hash"], None).unwrap().next().unwrap().unwrap();
+    let batch = mmrec_pipeline::shard::ShardReader::open(&path)
+        .unwrap()
+        .batches(
+            &["id", "domain", "lang", "source", "text", "tokens", "n_tokens", "hash"],
+            None,
+        )
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
     let text: arrow_array::StringArray = batch.column(4).as_string::<i64>().iter().collect();
     let tokens = batch.column(5).as_list::<i32>();
     let item = arrow_schema::Field::new("element", tokens.values().data_type().clone(), true);
-    let tokens = arrow_array::ListArray::new(Arc::new(item.clone()), tokens.offsets().clone(), tokens.values().clone(), None);
+    let tokens = arrow_array::ListArray::new(
+        Arc::new(item.clone()),
+        tokens.offsets().clone(),
+        tokens.values().clone(),
+        None,
+    );
     let mut fields: Vec<arrow_schema::Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
     fields[4] = arrow_schema::Field::new("text", arrow_schema::DataType::Utf8, false);
     fields[5] = arrow_schema::Field::new("tokens", arrow_schema::DataType::List(Arc::new(item)), false);
@@ -656,7 +1152,8 @@ fn rewrite_foreign(dir: &Path, file: &str, empty_copy: Option<&str>) {
     cols[5] = Arc::new(tokens);
     let batch = arrow_array::RecordBatch::try_new(schema.clone(), cols).unwrap();
     let write = |path: &Path, rows: bool| {
-        let mut w = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema.clone(), None).unwrap();
+        let mut w =
+            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema.clone(), None).unwrap();
         if rows {
             w.write(&batch).unwrap();
         }
@@ -666,12 +1163,23 @@ fn rewrite_foreign(dir: &Path, file: &str, empty_copy: Option<&str>) {
     };
     let mut m = read_manifest(dir).unwrap();
     let (sha256, bytes) = write(&path, true);
-    let domain = m.domains.iter_mut().find(|(_, v)| v.iter().any(|s| s.file == file)).unwrap().1;
+    let domain = m
+        .domains
+        .iter_mut()
+        .find(|(_, v)| v.iter().any(|s| s.file == file))
+        .unwrap()
+        .1;
     let entry = domain.iter_mut().find(|s| s.file == file).unwrap();
     (entry.sha256, entry.bytes) = (sha256, bytes);
     if let Some(copy) = empty_copy {
         let (sha256, bytes) = write(&dir.join(copy), false);
-        domain.push(mmrec_schemas::ShardInfo { file: copy.into(), rows: 0, tokens: 0, bytes, sha256 });
+        domain.push(mmrec_schemas::ShardInfo {
+            file: copy.into(),
+            rows: 0,
+            tokens: 0,
+            bytes,
+            sha256,
+        });
     }
     mmrec_pipeline::split::write_manifest(dir, &m).unwrap();
 }
@@ -682,14 +1190,29 @@ fn shards_written_by_other_tools_are_read_by_validate_inspect_and_the_loader() {
     let out = dir.path().join("s");
     assert!(split_fixtures(&out, &["--shard-docs", "50"]).status.success());
     let m = read_manifest(&out).unwrap();
-    rewrite_foreign(&out, &m.domains[&Domain::Text][0].file, Some("text/part-00000-99999.parquet"));
-    for args in [vec!["validate", out.to_str().unwrap()], vec!["inspect", out.to_str().unwrap(), "--samples", "2"]] {
+    rewrite_foreign(
+        &out,
+        &m.domains[&Domain::Text][0].file,
+        Some("text/part-00000-99999.parquet"),
+    );
+    for args in [
+        vec!["validate", out.to_str().unwrap()],
+        vec!["inspect", out.to_str().unwrap(), "--samples", "2"],
+    ] {
         let o = mmrec_data(&args);
-        assert!(o.status.code().is_some_and(|c| c != 101), "{args:?} panicked: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.code().is_some_and(|c| c != 101),
+            "{args:?} panicked: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     let report = validate(&out).unwrap();
     assert!(report.ok(), "{report:?}");
-    let cfg = mmrec_pipeline::loader::LoaderConfig { seq_len: 64, batch_size: 4, ..mmrec_pipeline::loader::LoaderConfig::default() };
+    let cfg = mmrec_pipeline::loader::LoaderConfig {
+        seq_len: 64,
+        batch_size: 4,
+        ..mmrec_pipeline::loader::LoaderConfig::default()
+    };
     let mut loader = mmrec_pipeline::loader::Loader::open(&[out], cfg, None).unwrap();
     for _ in 0..20 {
         loader.next_batch().unwrap().unwrap();
@@ -711,11 +1234,17 @@ fn decompression_bombs_are_cut_off_while_streaming_and_quarantined() {
     }
     enc.write_all(b"\"\n\"a last document\"\n").unwrap();
     enc.finish().unwrap();
-    assert!(std::fs::metadata(&bomb).unwrap().len() < 1 << 20, "a bomb is small on disk");
+    assert!(
+        std::fs::metadata(&bomb).unwrap().len() < 1 << 20,
+        "a bomb is small on disk"
+    );
     // A source tree file that decompresses past --max-bytes.
     let tree = dir.path().join("tree");
     std::fs::create_dir_all(&tree).unwrap();
-    let mut gz = flate2::write::GzEncoder::new(std::fs::File::create(tree.join("big.py.gz")).unwrap(), flate2::Compression::fast());
+    let mut gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(tree.join("big.py.gz")).unwrap(),
+        flate2::Compression::fast(),
+    );
     gz.write_all(&vec![b'#'; 8 << 20]).unwrap();
     gz.finish().unwrap();
     let out = dir.path().join("s");
@@ -733,5 +1262,8 @@ fn decompression_bombs_are_cut_off_while_streaming_and_quarantined() {
     assert_eq!((m.totals.written, m.totals.quarantined), (2, 2));
     let q = std::fs::read_to_string(out.join("quarantine.jsonl")).unwrap();
     assert!(q.contains(r#""line":2,"reason":"too_large""#), "{q}");
-    assert!(q.contains("big.py.gz") && q.lines().all(|l| l.contains("too_large")), "{q}");
+    assert!(
+        q.contains("big.py.gz") && q.lines().all(|l| l.contains("too_large")),
+        "{q}"
+    );
 }

@@ -168,8 +168,7 @@ pub struct Totals {
 impl Totals {
     /// The accounting identity every run must satisfy: nothing is lost silently.
     pub fn balances(&self) -> bool {
-        self.records_in
-            == self.written + self.exact_duplicates + self.near_duplicates + self.quarantined
+        self.records_in == self.written + self.exact_duplicates + self.near_duplicates + self.quarantined
     }
 }
 
@@ -244,8 +243,14 @@ impl FromStr for Partition {
         let (i, n) = s
             .split_once('/')
             .ok_or_else(|| format!("partition {s:?} must look like i/n, e.g. 0/4"))?;
-        let index: u32 = i.trim().parse().map_err(|_| format!("partition index {i:?} is not a number"))?;
-        let count: u32 = n.trim().parse().map_err(|_| format!("partition count {n:?} is not a number"))?;
+        let index: u32 = i
+            .trim()
+            .parse()
+            .map_err(|_| format!("partition index {i:?} is not a number"))?;
+        let count: u32 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("partition count {n:?} is not a number"))?;
         if count == 0 || index >= count {
             return Err(format!("partition {s:?}: need 0 <= i < n"));
         }

@@ -17,13 +17,33 @@ fn main() -> anyhow::Result<()> {
     let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
     initialise(&vm, &cfg)?;
     let (b, t) = (2, 600);
-    let toks: Vec<u32> = (0..b * t).map(|i| ((i as u64 * 2_654_435_761) >> 9) as u32 % 512).collect();
+    let toks: Vec<u32> = (0..b * t)
+        .map(|i| ((i as u64 * 2_654_435_761) >> 9) as u32 % 512)
+        .collect();
     let tokens = Tensor::from_vec(toks, (b, t), &Device::Cpu)?;
     let (logits, _, _) = model.forward(&tokens, None, false)?;
-    let meta = ModelMeta { role: Role::Base, domain: None, config: cfg, frozen: vec![], lineage: serde_json::json!({"tool": "reference_dump"}), fusion: None, tokenizer: None };
+    let meta = ModelMeta {
+        role: Role::Base,
+        domain: None,
+        config: cfg,
+        frozen: vec![],
+        lineage: serde_json::json!({"tool": "reference_dump"}),
+        fusion: None,
+        tokenizer: None,
+    };
     save(&out.join("model.safetensors"), &varmap_tensors(&vm), &meta)?;
-    let dump = ModelMeta { lineage: serde_json::Value::Null, ..meta };
-    save(&out.join("logits.safetensors"), &[("tokens".into(), tokens.to_dtype(DType::F32)?), ("logits".into(), logits)], &dump)?;
+    let dump = ModelMeta {
+        lineage: serde_json::Value::Null,
+        ..meta
+    };
+    save(
+        &out.join("logits.safetensors"),
+        &[
+            ("tokens".into(), tokens.to_dtype(DType::F32)?),
+            ("logits".into(), logits),
+        ],
+        &dump,
+    )?;
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -79,19 +79,29 @@ fn scan_figure(shape: [usize; 3], backward: bool, memcpy: f64) -> Result<ScanFig
     let u = Tensor::randn(0f32, 1.0, (b, t, d), &dev)?;
     let h0 = Tensor::zeros((b, d), DType::F32, &dev)?;
     let secs = if backward {
-        best(5, || u.apply_op2_no_bwd(&gamma, &mmrec_kernels::ScanAdjoint).map(|_| ()))?
+        best(5, || {
+            u.apply_op2_no_bwd(&gamma, &mmrec_kernels::ScanAdjoint).map(|_| ())
+        })?
     } else {
         best(5, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?
     };
     let gb = 3.0 * (b * t * d * 4) as f64 / secs / 1e9;
-    Ok(ScanFigure { shape, direction: if backward { "adjoint" } else { "forward" }, ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / memcpy })
+    Ok(ScanFigure {
+        shape,
+        direction: if backward { "adjoint" } else { "forward" },
+        ms: secs * 1e3,
+        gb_per_s: gb,
+        of_memcpy: gb / memcpy,
+    })
 }
 
 fn kernel_figure(shape: [usize; 3], memcpy: f64) -> ScanFigure {
     use mmrec_kernels::cpu::{scan_into, Direction, Strategy};
     let [b, t, d] = shape;
     let n = b * t * d;
-    let gamma: Vec<f32> = (0..n).map(|i| 0.9 + 0.1 * ((i * 7919 % 1000) as f32 / 1000.0)).collect();
+    let gamma: Vec<f32> = (0..n)
+        .map(|i| 0.9 + 0.1 * ((i * 7919 % 1000) as f32 / 1000.0))
+        .collect();
     let u: Vec<f32> = (0..n).map(|i| (i % 17) as f32 - 8.0).collect();
     let h0 = vec![0f32; b * d];
     let mut out = vec![0f32; n];
@@ -101,7 +111,13 @@ fn kernel_figure(shape: [usize; 3], memcpy: f64) -> ScanFigure {
     })
     .expect("the kernel cannot fail");
     let gb = 3.0 * (n * 4) as f64 / secs / 1e9;
-    ScanFigure { shape, direction: "forward", ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / memcpy }
+    ScanFigure {
+        shape,
+        direction: "forward",
+        ms: secs * 1e3,
+        gb_per_s: gb,
+        of_memcpy: gb / memcpy,
+    }
 }
 
 fn naive_figure(shape: [usize; 3], memcpy: f64) -> Result<ScanFigure> {
@@ -119,11 +135,18 @@ fn naive_figure(shape: [usize; 3], memcpy: f64) -> Result<ScanFigure> {
         Tensor::stack(&out, 1).map(|_| ())
     })?;
     let gb = 3.0 * (b * t * d * 4) as f64 / secs / 1e9;
-    Ok(ScanFigure { shape, direction: "forward", ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / memcpy })
+    Ok(ScanFigure {
+        shape,
+        direction: "forward",
+        ms: secs * 1e3,
+        gb_per_s: gb,
+        of_memcpy: gb / memcpy,
+    })
 }
 
 fn model_figure(preset: &str, vocab: usize, batch: usize, seq_len: usize, how: Projection) -> Result<ModelFigure> {
-    let cfg = ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+    let cfg =
+        ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
@@ -134,7 +157,9 @@ fn model_figure(preset: &str, vocab: usize, batch: usize, seq_len: usize, how: P
     let fwd = best(3, || model.forward_with(&inp, None, false, how).map(|_| ()))?;
     let step = best(3, || {
         let (logits, _, aux) = model.forward_with(&inp, None, true, how)?;
-        (masked_cross_entropy(&logits, &tgt, &mask)? + aux)?.backward().map(|_| ())
+        (masked_cross_entropy(&logits, &tgt, &mask)? + aux)?
+            .backward()
+            .map(|_| ())
     })?;
     let n = (batch * seq_len) as f64;
     Ok(ModelFigure {
@@ -158,7 +183,10 @@ pub fn cpu_bench(presets: &[String], vocab: usize, batch: usize, seq_len: usize)
         // B·D too small for tiles to fill the cores: the chunked two-pass path.
         scan_figure([1, 65_536, 64], false, memcpy)?,
     ];
-    let scan_kernel = vec![kernel_figure([8, 4096, 1024], memcpy), kernel_figure([1, 65_536, 64], memcpy)];
+    let scan_kernel = vec![
+        kernel_figure([8, 4096, 1024], memcpy),
+        kernel_figure([1, 65_536, 64], memcpy),
+    ];
     let naive = naive_figure([8, 512, 1024], memcpy)?;
     let ours_same_shape = scan_figure([8, 512, 1024], false, memcpy)?;
     let mut model = Vec::new();
@@ -169,7 +197,11 @@ pub fn cpu_bench(presets: &[String], vocab: usize, batch: usize, seq_len: usize)
     Ok(CpuBench {
         device: crate::bench::cpu_name(),
         threads: rayon::current_num_threads(),
-        build: if cfg!(debug_assertions) { "dev profile (candle, gemm and kernels at opt-level 2)" } else { "release" },
+        build: if cfg!(debug_assertions) {
+            "dev profile (candle, gemm and kernels at opt-level 2)"
+        } else {
+            "release"
+        },
         memcpy_gb_per_s: memcpy,
         scan_vs_naive: ours_same_shape.gb_per_s / naive.gb_per_s,
         scan_kernel,
@@ -181,8 +213,17 @@ pub fn cpu_bench(presets: &[String], vocab: usize, batch: usize, seq_len: usize)
 
 pub fn cpu_name() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = info.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())).unwrap_or_else(|| "unknown CPU".into());
-    format!("{name}, {} cores", std::thread::available_parallelism().map_or(1, |n| n.get()))
+    let name = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "{name}, {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    )
 }
 
 /// `mmrec-train bench --device cuda`: the scan against a device-to-device copy, and the
@@ -254,12 +295,24 @@ fn device_scan_figure(dev: &Device, shape: [usize; 3], backward: bool, copy: f64
     let (secs, arrays) = if backward {
         let op = mmrec_kernels::ScanBackward { h0 };
         let h = mmrec_kernels::scan(&gamma, &u, &op.h0)?.0;
-        (timed(dev, 3, 20, || u.apply_op3_no_bwd(&gamma, &h, &op).map(|_| ()))?.0, 5.0)
+        (
+            timed(dev, 3, 20, || u.apply_op3_no_bwd(&gamma, &h, &op).map(|_| ()))?.0,
+            5.0,
+        )
     } else {
-        (timed(dev, 3, 20, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?.0, 3.0)
+        (
+            timed(dev, 3, 20, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?.0,
+            3.0,
+        )
     };
     let gb = arrays * (b * t * d * 4) as f64 / secs / 1e9;
-    Ok(ScanFigure { shape, direction: if backward { "backward (fused)" } else { "forward" }, ms: secs * 1e3, gb_per_s: gb, of_memcpy: gb / copy })
+    Ok(ScanFigure {
+        shape,
+        direction: if backward { "backward (fused)" } else { "forward" },
+        ms: secs * 1e3,
+        gb_per_s: gb,
+        of_memcpy: gb / copy,
+    })
 }
 
 /// Matmul FLOPs of one training step per token: 3× the forward's 2·(weights touched).
@@ -271,17 +324,36 @@ pub fn train_flops_per_token(cfg: &ModelConfig, seq_len: usize) -> f64 {
     3.0 * (cfg.n_layers as f64 * (per_block + memory) + 2.0 * d * cfg.vocab_size as f64)
 }
 
-fn step_figure(dev: &Device, preset: &str, vocab: usize, batch: usize, seq_len: usize, precision: crate::train::Precision) -> Result<StepFigure> {
+fn step_figure(
+    dev: &Device,
+    preset: &str,
+    vocab: usize,
+    batch: usize,
+    seq_len: usize,
+    precision: crate::train::Precision,
+) -> Result<StepFigure> {
     use crate::train::{loss_and_grads, Net, OptimConfig};
-    let cfg = ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+    let cfg =
+        ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
     let vm = VarMap::new();
-    let net = Net::Single(MMRecModel::new(&cfg, crate::model::seeded_builder(&vm, 0, DType::F32, dev))?);
+    let net = Net::Single(MMRecModel::new(
+        &cfg,
+        crate::model::seeded_builder(&vm, 0, DType::F32, dev),
+    )?);
     initialise(&vm, &cfg)?;
-    let trainable: Vec<(String, candle_core::Var)> = vm.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
+    let trainable: Vec<(String, candle_core::Var)> = vm
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
     let parameters = trainable.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = crate::optim::AdamW::new(trainable, cfg.n_layers, OptimConfig::default())?;
     // Distinct random batches: the speed does not depend on the token values.
-    let batches = (0..4).map(|_| Tensor::rand(0f32, vocab as f32, (batch, seq_len + 1), dev)?.to_dtype(DType::U32)).collect::<Result<Vec<_>>>()?;
+    let batches = (0..4)
+        .map(|_| Tensor::rand(0f32, vocab as f32, (batch, seq_len + 1), dev)?.to_dtype(DType::U32))
+        .collect::<Result<Vec<_>>>()?;
     let mask = Tensor::ones((batch, seq_len), DType::F32, dev)?;
     let mut i = 0;
     let mut next = || {
@@ -347,19 +419,33 @@ fn step_breakdown(
         lap("forward", &mut t)?;
         let store = loss.backward()?;
         lap("backward", &mut t)?;
-        let grads: std::collections::BTreeMap<String, Tensor> = opt.params.iter().filter_map(|p| store.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone()))).collect();
+        let grads: std::collections::BTreeMap<String, Tensor> = opt
+            .params
+            .iter()
+            .filter_map(|p| store.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone())))
+            .collect();
         opt.grad_norm(&grads)?;
         lap("grad_norm", &mut t)?;
         opt.step(&grads, 1e-4, 1.0)?;
         lap("adamw", &mut t)?;
     }
-    Ok(parts.into_iter().map(|(k, mut v)| {
-        v.sort_by(f64::total_cmp);
-        (k, v[v.len() / 2])
-    }).collect())
+    Ok(parts
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_by(f64::total_cmp);
+            (k, v[v.len() / 2])
+        })
+        .collect())
 }
 
-pub fn device_bench(dev: &Device, presets: &[String], vocab: usize, batch: usize, seq_len: usize, precision: crate::train::Precision) -> Result<DeviceBench> {
+pub fn device_bench(
+    dev: &Device,
+    presets: &[String],
+    vocab: usize,
+    batch: usize,
+    seq_len: usize,
+    precision: crate::train::Precision,
+) -> Result<DeviceBench> {
     let copy = device_copy_gb_per_s(dev)?;
     let mut scan = Vec::new();
     // Large B·D (training shapes, and larger than the L2), then small B·D with long T.
@@ -367,6 +453,18 @@ pub fn device_bench(dev: &Device, presets: &[String], vocab: usize, batch: usize
         scan.push(device_scan_figure(dev, shape, false, copy)?);
         scan.push(device_scan_figure(dev, shape, true, copy)?);
     }
-    let model = presets.iter().filter(|p| !p.is_empty()).map(|p| step_figure(dev, p, vocab, batch, seq_len, precision)).collect::<Result<_>>()?;
-    Ok(DeviceBench { device: crate::device::name(dev), gpu: crate::device::gpu_name(dev), candle: "0.11.1", precision, copy_gb_per_s: copy, scan, model })
+    let model = presets
+        .iter()
+        .filter(|p| !p.is_empty())
+        .map(|p| step_figure(dev, p, vocab, batch, seq_len, precision))
+        .collect::<Result<_>>()?;
+    Ok(DeviceBench {
+        device: crate::device::name(dev),
+        gpu: crate::device::gpu_name(dev),
+        candle: "0.11.1",
+        precision,
+        copy_gb_per_s: copy,
+        scan,
+        model,
+    })
 }

@@ -49,13 +49,22 @@ impl ModelConfig {
     /// file, so a bad one is an error naming the field instead of a panic deep inside.
     pub fn validate(&self) -> Result<(), String> {
         if self.vocab_size == 0 || self.n_heads == 0 || self.n_slots == 0 {
-            return Err(format!("vocab_size ({}), n_heads ({}) and n_slots ({}) must be at least 1", self.vocab_size, self.n_heads, self.n_slots));
+            return Err(format!(
+                "vocab_size ({}), n_heads ({}) and n_slots ({}) must be at least 1",
+                self.vocab_size, self.n_heads, self.n_slots
+            ));
         }
         if self.d_model % self.n_heads != 0 {
-            return Err(format!("d_model {} is not a multiple of n_heads {}", self.d_model, self.n_heads));
+            return Err(format!(
+                "d_model {} is not a multiple of n_heads {}",
+                self.d_model, self.n_heads
+            ));
         }
         if self.d_model < 4 || self.d_model % 4 != 0 {
-            return Err(format!("d_model {} must be a positive multiple of 4 (the MDI MLPs are D/4 wide)", self.d_model));
+            return Err(format!(
+                "d_model {} must be a positive multiple of 4 (the MDI MLPs are D/4 wide)",
+                self.d_model
+            ));
         }
         if self.chunk_sizes.contains(&0) || self.memory_window == 0 {
             return Err("chunk sizes and memory_window must be at least 1".into());

@@ -44,7 +44,8 @@ fn open_cuda(ordinal: usize) -> Result<Device, String> {
         return Err("--device cuda: no NVIDIA driver or GPU found on this machine".into());
     }
     let dev = Device::new_cuda(ordinal).map_err(|e| format!("opening GPU {ordinal}: {e}"))?;
-    mmrec_kernels::cuda::keep_freed_memory(dev.as_cuda_device().map_err(|e| e.to_string())?).map_err(|e| format!("GPU {ordinal}: memory pool: {e}"))?;
+    mmrec_kernels::cuda::keep_freed_memory(dev.as_cuda_device().map_err(|e| e.to_string())?)
+        .map_err(|e| format!("GPU {ordinal}: memory pool: {e}"))?;
     Ok(dev)
 }
 
@@ -58,10 +59,19 @@ fn open_cuda(_ordinal: usize) -> Result<Device, String> {
 pub fn free_memory(dev: &Device) -> u64 {
     match dev {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => cuda.cuda_stream().context().mem_get_info().map_or(u64::MAX, |(free, _total)| free as u64),
+        Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_or(u64::MAX, |(free, _total)| free as u64),
         _ => std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemAvailable:").and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())))
+            .and_then(|m| {
+                m.lines().find_map(|l| {
+                    l.strip_prefix("MemAvailable:")
+                        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+                })
+            })
             .map_or(u64::MAX, |kb| kb * 1000),
     }
 }
@@ -70,7 +80,11 @@ pub fn free_memory(dev: &Device) -> u64 {
 pub fn gpu_name(dev: &Device) -> String {
     match dev {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => cuda.cuda_stream().context().name().unwrap_or_else(|e| format!("unknown GPU ({e})")),
+        Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|e| format!("unknown GPU ({e})")),
         _ => crate::bench::cpu_name(),
     }
 }

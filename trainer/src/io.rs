@@ -51,15 +51,35 @@ impl ModelMeta {
         let mut m = HashMap::new();
         m.insert("format".into(), "mmrec".into());
         m.insert("schema_version".into(), mmrec_schemas::SCHEMA_VERSION.to_string());
-        m.insert("role".into(), serde_json::to_value(self.role).expect("role").as_str().expect("string").into());
+        m.insert(
+            "role".into(),
+            serde_json::to_value(self.role)
+                .expect("role")
+                .as_str()
+                .expect("string")
+                .into(),
+        );
         if let Some(d) = &self.domain {
             m.insert("domain".into(), d.clone());
         }
-        m.insert("config".into(), serde_json::to_string(&self.config).expect("config serialises"));
-        m.insert("frozen".into(), serde_json::to_string(&self.frozen).expect("list serialises"));
+        m.insert(
+            "config".into(),
+            serde_json::to_string(&self.config).expect("config serialises"),
+        );
+        m.insert(
+            "frozen".into(),
+            serde_json::to_string(&self.frozen).expect("list serialises"),
+        );
         m.insert("lineage".into(), self.lineage.to_string());
         if let Some(f) = self.fusion {
-            m.insert("fusion".into(), serde_json::to_value(f).expect("fusion").as_str().expect("string").into());
+            m.insert(
+                "fusion".into(),
+                serde_json::to_value(f)
+                    .expect("fusion")
+                    .as_str()
+                    .expect("string")
+                    .into(),
+            );
         }
         if let Some(t) = &self.tokenizer {
             m.insert("tokenizer".into(), t.clone());
@@ -68,25 +88,52 @@ impl ModelMeta {
     }
 
     pub fn from_map(path: &Path, m: &HashMap<String, String>) -> Result<Self> {
-        let err = |message: String| Error::Format { path: path.to_path_buf(), message };
-        let get = |k: &str| m.get(k).ok_or_else(|| err(format!("metadata has no `{k}`: not a file written by the MM-Rec toolkit")));
+        let err = |message: String| Error::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let get = |k: &str| {
+            m.get(k).ok_or_else(|| {
+                err(format!(
+                    "metadata has no `{k}`: not a file written by the MM-Rec toolkit"
+                ))
+            })
+        };
         if get("format")? != "mmrec" {
             return Err(err("metadata `format` is not \"mmrec\"".into()));
         }
-        let version: u32 = get("schema_version")?.parse().map_err(|_| err("bad schema_version".into()))?;
+        let version: u32 = get("schema_version")?
+            .parse()
+            .map_err(|_| err("bad schema_version".into()))?;
         if version > mmrec_schemas::SCHEMA_VERSION {
-            return Err(err(format!("schema_version {version} is newer than this tool's {}", mmrec_schemas::SCHEMA_VERSION)));
+            return Err(err(format!(
+                "schema_version {version} is newer than this tool's {}",
+                mmrec_schemas::SCHEMA_VERSION
+            )));
         }
-        let json = |k: &str| -> Result<serde_json::Value> { serde_json::from_str(get(k)?).map_err(|e| err(format!("metadata `{k}` is not valid JSON: {e}"))) };
-        let config: crate::ModelConfig = serde_json::from_value(json("config")?).map_err(|e| err(format!("metadata `config`: {e}")))?;
+        let json = |k: &str| -> Result<serde_json::Value> {
+            serde_json::from_str(get(k)?).map_err(|e| err(format!("metadata `{k}` is not valid JSON: {e}")))
+        };
+        let config: crate::ModelConfig =
+            serde_json::from_value(json("config")?).map_err(|e| err(format!("metadata `config`: {e}")))?;
         config.validate().map_err(|e| err(format!("metadata `config`: {e}")))?;
         Ok(ModelMeta {
-            role: serde_json::from_value(serde_json::Value::String(get("role")?.clone())).map_err(|e| err(format!("metadata `role`: {e}")))?,
+            role: serde_json::from_value(serde_json::Value::String(get("role")?.clone()))
+                .map_err(|e| err(format!("metadata `role`: {e}")))?,
             domain: m.get("domain").cloned(),
             config,
             frozen: serde_json::from_value(json("frozen")?).map_err(|e| err(format!("metadata `frozen`: {e}")))?,
-            lineage: m.get("lineage").map(|l| serde_json::from_str(l)).transpose().map_err(|e| err(format!("metadata `lineage`: {e}")))?.unwrap_or(serde_json::Value::Null),
-            fusion: m.get("fusion").map(|f| serde_json::from_value(serde_json::Value::String(f.clone()))).transpose().map_err(|e| err(format!("metadata `fusion`: {e}")))?,
+            lineage: m
+                .get("lineage")
+                .map(|l| serde_json::from_str(l))
+                .transpose()
+                .map_err(|e| err(format!("metadata `lineage`: {e}")))?
+                .unwrap_or(serde_json::Value::Null),
+            fusion: m
+                .get("fusion")
+                .map(|f| serde_json::from_value(serde_json::Value::String(f.clone())))
+                .transpose()
+                .map_err(|e| err(format!("metadata `fusion`: {e}")))?,
             tokenizer: m.get("tokenizer").cloned(),
         })
     }
@@ -94,7 +141,10 @@ impl ModelMeta {
 
 /// Write named tensors with metadata; the file appears complete or not at all.
 pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Result<()> {
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut data: Vec<(String, Vec<u8>, Vec<usize>, safetensors::Dtype)> = Vec::with_capacity(tensors.len());
     for (name, t) in tensors {
         let (bytes, dtype) = tensor_bytes(t)?;
@@ -105,10 +155,22 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Resu
         .iter()
         .map(|(n, b, s, d)| safetensors::tensor::TensorView::new(*d, s.clone(), b).map(|v| (n.clone(), v)))
         .collect::<Result<_, _>>()
-        .map_err(|e| Error::Format { path: path.to_path_buf(), message: e.to_string() })?;
-    let bytes = safetensors::tensor::serialize(views, Some(meta.to_map())).map_err(|e| Error::Format { path: path.to_path_buf(), message: e.to_string() })?;
-    let bytes = with_sorted_metadata(bytes).map_err(|message| Error::Format { path: path.to_path_buf(), message })?;
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        .map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let bytes = safetensors::tensor::serialize(views, Some(meta.to_map())).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let bytes = with_sorted_metadata(bytes).map_err(|message| Error::Format {
+        path: path.to_path_buf(),
+        message,
+    })?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     std::fs::write(&tmp, bytes).map_err(io)?;
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
@@ -120,10 +182,14 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Resu
 /// identical files.
 fn with_sorted_metadata(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
     let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "no header length".to_string())?) as usize;
-    let mut header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
+    let mut header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
     if let Some(serde_json::Value::Object(meta)) = header.remove("__metadata__") {
         let sorted: BTreeMap<String, serde_json::Value> = meta.into_iter().collect();
-        header.insert("__metadata__".into(), serde_json::to_value(sorted).map_err(|e| e.to_string())?);
+        header.insert(
+            "__metadata__".into(),
+            serde_json::to_value(sorted).map_err(|e| e.to_string())?,
+        );
     }
     let mut text = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
     // The data section stays 8-byte aligned, as safetensors pads it.
@@ -138,10 +204,25 @@ fn with_sorted_metadata(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> 
 fn tensor_bytes(t: &Tensor) -> Result<(Vec<u8>, safetensors::Dtype)> {
     let t = t.flatten_all()?;
     Ok(match t.dtype() {
-        DType::F32 => (t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), safetensors::Dtype::F32),
-        DType::F64 => (t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), safetensors::Dtype::F64),
-        DType::BF16 => (t.to_vec1::<half::bf16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), safetensors::Dtype::BF16),
-        DType::F16 => (t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(), safetensors::Dtype::F16),
+        DType::F32 => (
+            t.to_vec1::<f32>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            safetensors::Dtype::F32,
+        ),
+        DType::F64 => (
+            t.to_vec1::<f64>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            safetensors::Dtype::F64,
+        ),
+        DType::BF16 => (
+            t.to_vec1::<half::bf16>()?
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect(),
+            safetensors::Dtype::BF16,
+        ),
+        DType::F16 => (
+            t.to_vec1::<half::f16>()?.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            safetensors::Dtype::F16,
+        ),
         other => return Err(candle_core::Error::Msg(format!("cannot save dtype {other:?}")).into()),
     })
 }
@@ -154,12 +235,24 @@ pub fn varmap_tensors(vm: &VarMap) -> Vec<(String, Tensor)> {
 
 /// Read only the header's metadata (fast on large files).
 pub fn read_meta(path: &Path) -> Result<ModelMeta> {
-    let f = std::fs::File::open(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let f = std::fs::File::open(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     // SAFETY: the file is opened read-only; a concurrent writer would be replacing it by
     // rename, never writing into it, so the mapping stays valid.
-    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Format { path: path.to_path_buf(), message: format!("not a safetensors file: {e}") })?;
-    let m = header.metadata().clone().ok_or_else(|| Error::Format { path: path.to_path_buf(), message: "no __metadata__".into() })?;
+    let mmap = unsafe { memmap2::Mmap::map(&f) }.map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (_, header) = safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| Error::Format {
+        path: path.to_path_buf(),
+        message: format!("not a safetensors file: {e}"),
+    })?;
+    let m = header.metadata().clone().ok_or_else(|| Error::Format {
+        path: path.to_path_buf(),
+        message: "no __metadata__".into(),
+    })?;
     ModelMeta::from_map(path, &m)
 }
 
@@ -174,7 +267,10 @@ pub fn load_model(path: &Path, dev: &Device) -> Result<(MMRecModel, ModelMeta)> 
 /// Load a fused model read-only, by memory map.
 pub fn load_fused(path: &Path, dev: &Device) -> Result<(FusedModel, ModelMeta)> {
     let meta = read_meta(path)?;
-    let method = meta.fusion.ok_or_else(|| Error::Format { path: path.to_path_buf(), message: "a fused file needs `fusion` metadata".into() })?;
+    let method = meta.fusion.ok_or_else(|| Error::Format {
+        path: path.to_path_buf(),
+        message: "a fused file needs `fusion` metadata".into(),
+    })?;
     // SAFETY: as in `read_meta`.
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, dev)? };
     Ok((FusedModel::new(&meta.config, method, vb)?, meta))

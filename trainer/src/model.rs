@@ -26,7 +26,9 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn new(d: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(RmsNorm { weight: vb.get_with_hints(d, "weight", Init::Const(1.0))? })
+        Ok(RmsNorm {
+            weight: vb.get_with_hints(d, "weight", Init::Const(1.0))?,
+        })
     }
 }
 
@@ -69,7 +71,10 @@ impl Module for Dense {
             // On CUDA the bias enters as a rank-1 matmul, ones [N, 1] × b [1, D]: the
             // backward of a broadcast add reduces over rows with one thread per column
             // and strided (uncoalesced) reads, while this one is a cuBLAS product.
-            (true, Some(b)) => (x.matmul(&self.0.weight().t()?)? + Tensor::ones((rows, 1), b.dtype(), b.device())?.matmul(&b.unsqueeze(0)?)?)?,
+            (true, Some(b)) => {
+                (x.matmul(&self.0.weight().t()?)?
+                    + Tensor::ones((rows, 1), b.dtype(), b.device())?.matmul(&b.unsqueeze(0)?)?)?
+            }
             _ => self.0.forward(&x)?,
         };
         let mut out = dims.to_vec();
@@ -87,7 +92,10 @@ pub struct Mlp {
 
 impl Mlp {
     fn new(d_in: usize, d_hidden: usize, d_out: usize, vb: VarBuilder) -> Result<Self> {
-        Ok(Mlp { fc1: dense(d_in, d_hidden, vb.pp("fc1"))?, fc2: dense(d_hidden, d_out, vb.pp("fc2"))? })
+        Ok(Mlp {
+            fc1: dense(d_in, d_hidden, vb.pp("fc1"))?,
+            fc2: dense(d_hidden, d_out, vb.pp("fc2"))?,
+        })
     }
 
     /// An MDI gate MLP: small last weights so that, at initialisation, the gate is set by
@@ -96,7 +104,10 @@ impl Mlp {
         let fc2 = vb.pp("fc2");
         Ok(Mlp {
             fc1: dense(d, d / 4, vb.pp("fc1"))?,
-            fc2: Dense(Linear::new(fc2.get_with_hints((d, d / 4), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?, Some(fc2.get_with_hints(d, "bias", last_bias)?))),
+            fc2: Dense(Linear::new(
+                fc2.get_with_hints((d, d / 4), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?,
+                Some(fc2.get_with_hints(d, "bias", last_bias)?),
+            )),
         })
     }
 }
@@ -191,14 +202,20 @@ impl MMRecBlock {
             mdi_z: Mlp::gate(d, Init::Const(0.0), mdi.pp("z"))?,
             // +6: the k factor starts near 1, leaving the decay to the z factor.
             mdi_k: Mlp::gate(d, Init::Const(6.0), mdi.pp("k"))?,
-            slots: vb.pp("memory").get_with_hints((cfg.n_slots, d), "slots", Init::Randn { mean: 0.0, stdev: 0.02 })?,
+            slots: vb
+                .pp("memory")
+                .get_with_hints((cfg.n_slots, d), "slots", Init::Randn { mean: 0.0, stdev: 0.02 })?,
             kv: dense(d, 2 * d, vb.pp("memory").pp("kv"))?,
             mem_out: dense(d, d, vb.pp("memory").pp("out"))?,
             out_proj: dense(d, d, vb.pp("out_proj"))?,
             norm2: RmsNorm::new(d, vb.pp("norm2"))?,
             ffn_up: dense(d, cfg.ffn_dim(), vb.pp("ffn").pp("up"))?,
             ffn_down: dense(cfg.ffn_dim(), d, vb.pp("ffn").pp("down"))?,
-            uboo: if cfg.uboo_weight > 0.0 { Some(Mlp::new(d, d, d, vb.pp("uboo"))?) } else { None },
+            uboo: if cfg.uboo_weight > 0.0 {
+                Some(Mlp::new(d, d, d, vb.pp("uboo"))?)
+            } else {
+                None
+            },
             cfg: cfg.clone(),
             key: name_hash(&vb.prefix()),
         })
@@ -210,10 +227,20 @@ impl MMRecBlock {
             .cfg
             .chunk_sizes
             .iter()
-            .map(|_| Ok(LevelState { first: 0, summaries: Tensor::zeros((b, 0, d), dtype, dev)?, partial: Tensor::zeros((b, d), dtype, dev)? }))
+            .map(|_| {
+                Ok(LevelState {
+                    first: 0,
+                    summaries: Tensor::zeros((b, 0, d), dtype, dev)?,
+                    partial: Tensor::zeros((b, d), dtype, dev)?,
+                })
+            })
             .collect::<Result<_>>()?;
         // The scan's carried state is at least f32 (DESIGN §6).
-        Ok(BlockState { pos: 0, h: Tensor::zeros((b, d), wide_dtype(dtype), dev)?, levels })
+        Ok(BlockState {
+            pos: 0,
+            h: Tensor::zeros((b, d), wide_dtype(dtype), dev)?,
+            levels,
+        })
     }
 
     fn project(&self, x: &Tensor, how: Projection) -> Result<Tensor> {
@@ -221,7 +248,10 @@ impl MMRecBlock {
             Projection::Fused => self.in_proj.forward(x),
             Projection::Unfused => {
                 let d = self.cfg.d_model;
-                let (w, b) = (self.in_proj.0.weight(), self.in_proj.0.bias().expect("in_proj has a bias"));
+                let (w, b) = (
+                    self.in_proj.0.weight(),
+                    self.in_proj.0.bias().expect("in_proj has a bias"),
+                );
                 let parts = (0..4)
                     .map(|i| Dense(Linear::new(w.narrow(0, i * d, d)?, Some(b.narrow(0, i * d, d)?))).forward(x))
                     .collect::<Result<Vec<_>>>()?;
@@ -232,12 +262,22 @@ impl MMRecBlock {
 
     /// y = Block(x) for x [B, T, D]; returns the output, the state after the segment, and
     /// the UBÖO loss of this block (zero when disabled).
-    pub fn forward(&self, x: &Tensor, state: &BlockState, train: bool, how: Projection) -> Result<(Tensor, BlockState, Tensor)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        state: &BlockState,
+        train: bool,
+        how: Projection,
+    ) -> Result<(Tensor, BlockState, Tensor)> {
         let d = self.cfg.d_model;
         let xn = self.norm1.forward(x)?;
         let qkzg = self.project(&xn, how)?;
         // k and z feed matmuls, which on CUDA need rows laid out contiguously.
-        let (q, k, z) = (qkzg.narrow(2, 0, d)?, qkzg.narrow(2, d, d)?.contiguous()?, qkzg.narrow(2, 2 * d, d)?.contiguous()?);
+        let (q, k, z) = (
+            qkzg.narrow(2, 0, d)?,
+            qkzg.narrow(2, d, d)?.contiguous()?,
+            qkzg.narrow(2, 2 * d, d)?.contiguous()?,
+        );
         // γ = clamp(σ(MLP_z(z)) σ(MLP_k(k))), u = (1 − γ) σ(g) z as one fused op, and the
         // scan, in f32 when activations are bf16: there every γ above about 0.998 would
         // round to 1 (DESIGN §6).
@@ -247,11 +287,24 @@ impl MMRecBlock {
         let (c, levels) = self.memory(&q, &h, state)?;
         let p = self.cfg.dropout;
         let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, p, train, (self.key, 0))?)?;
-        let f = dropout(&mmrec_kernels::fused::gelu(&self.ffn_up.forward(&self.norm2.forward(&r)?)?)?, p, train, (self.key, 1))?;
+        let f = dropout(
+            &mmrec_kernels::fused::gelu(&self.ffn_up.forward(&self.norm2.forward(&r)?)?)?,
+            p,
+            train,
+            (self.key, 1),
+        )?;
         let y = (&r + dropout(&self.ffn_down.forward(&f)?, p, train, (self.key, 2))?)?;
         let aux = self.uboo_loss(&h)?;
         let t = x.dim(1)?;
-        Ok((y, BlockState { pos: state.pos + t, h: h_last, levels }, aux))
+        Ok((
+            y,
+            BlockState {
+                pos: state.pos + t,
+                h: h_last,
+                levels,
+            },
+            aux,
+        ))
     }
 
     /// `mean ‖P(h_t) − sg(h_{t+1})‖²` over positions with a successor in this segment.
@@ -260,7 +313,10 @@ impl MMRecBlock {
         match &self.uboo {
             Some(p) if t > 1 => {
                 let pred = p.forward(&h.narrow(1, 0, t - 1)?)?;
-                (pred - h.narrow(1, 1, t - 1)?.detach())?.sqr()?.sum(D::Minus1)?.mean_all()
+                (pred - h.narrow(1, 1, t - 1)?.detach())?
+                    .sqr()?
+                    .sum(D::Minus1)?
+                    .mean_all()
             }
             _ => Tensor::zeros((), h.dtype(), h.device()),
         }
@@ -275,7 +331,11 @@ impl MMRecBlock {
         let dh = d / n_heads;
         let p0 = state.pos;
         let window = self.cfg.memory_window;
-        let mut entries = vec![self.slots.unsqueeze(0)?.broadcast_as((b, self.cfg.n_slots, d))?.to_dtype(h.dtype())?];
+        let mut entries = vec![self
+            .slots
+            .unsqueeze(0)?
+            .broadcast_as((b, self.cfg.n_slots, d))?
+            .to_dtype(h.dtype())?];
         // Visibility mask [T, E]: slots first, then each level's summaries in chunk order.
         let mut visible: Vec<Vec<bool>> = vec![vec![true; self.cfg.n_slots]; t];
         let mut new_levels = Vec::with_capacity(self.cfg.chunk_sizes.len());
@@ -295,7 +355,11 @@ impl MMRecBlock {
             // narrow per chunk cost a full-size gradient buffer per chunk in backward.
             let whole = if start >= p0 { (p0 + t - start) / cs } else { 0 };
             if whole > 0 {
-                all.push(h.narrow(1, start - p0, whole * cs)?.reshape((b, whole, cs, d))?.mean(2)?);
+                all.push(
+                    h.narrow(1, start - p0, whole * cs)?
+                        .reshape((b, whole, cs, d))?
+                        .mean(2)?,
+                );
                 start += whole * cs;
             }
             let all = Tensor::cat(&all, 1)?;
@@ -316,7 +380,11 @@ impl MMRecBlock {
                 (&old.partial + seg_sum(p0, end)?)?
             };
             let keep_from = n_all.saturating_sub(window);
-            new_levels.push(LevelState { first: old.first + keep_from, summaries: all.narrow(1, keep_from, n_all - keep_from)?, partial });
+            new_levels.push(LevelState {
+                first: old.first + keep_from,
+                summaries: all.narrow(1, keep_from, n_all - keep_from)?,
+                partial,
+            });
         }
         let mem = Tensor::cat(&entries, 1)?; // [B, E, D]
         let n_e = mem.dim(1)?;
@@ -381,7 +449,15 @@ fn dropout(x: &Tensor, p: f32, train: bool, key: (u64, u64)) -> Result<Tensor> {
     let threshold = (p as f64 * (1u64 << 53) as f64) as u64;
     let keep = 1.0 / (1.0 - p);
     // Drawn on the host: exact and device-independent; only runs with dropout pay for it.
-    let mask: Vec<f32> = (0..x.elem_count() as u64).map(|i| if SplitMix(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)).next() >> 11 < threshold { 0.0 } else { keep }).collect();
+    let mask: Vec<f32> = (0..x.elem_count() as u64)
+        .map(|i| {
+            if SplitMix(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)).next() >> 11 < threshold {
+                0.0
+            } else {
+                keep
+            }
+        })
+        .collect();
     x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?)
 }
 
@@ -394,8 +470,13 @@ pub struct BlockStack {
 
 impl BlockStack {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
-        let blocks = (0..cfg.n_layers).map(|i| MMRecBlock::new(cfg, vb.pp("blocks").pp(i))).collect::<Result<_>>()?;
-        Ok(BlockStack { blocks, norm: RmsNorm::new(cfg.d_model, vb.pp("norm"))? })
+        let blocks = (0..cfg.n_layers)
+            .map(|i| MMRecBlock::new(cfg, vb.pp("blocks").pp(i)))
+            .collect::<Result<_>>()?;
+        Ok(BlockStack {
+            blocks,
+            norm: RmsNorm::new(cfg.d_model, vb.pp("norm"))?,
+        })
     }
 
     pub fn initial_state(&self, b: usize, dtype: DType, dev: &Device) -> Result<Vec<BlockState>> {
@@ -403,7 +484,13 @@ impl BlockStack {
     }
 
     /// Normalised hidden states, the new per-layer states, and the summed UBÖO loss.
-    pub fn forward(&self, x: &Tensor, state: &[BlockState], train: bool, how: Projection) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        state: &[BlockState],
+        train: bool,
+        how: Projection,
+    ) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
         let mut x = x.clone();
         let mut states = Vec::with_capacity(self.blocks.len());
         let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
@@ -428,7 +515,11 @@ pub struct MMRecModel {
 impl MMRecModel {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         cfg.validate().map_err(candle_core::Error::msg)?;
-        Ok(MMRecModel { embed: tied_embedding(cfg, vb.pp("embed"))?, stack: BlockStack::new(cfg, vb.clone())?, cfg: cfg.clone() })
+        Ok(MMRecModel {
+            embed: tied_embedding(cfg, vb.pp("embed"))?,
+            stack: BlockStack::new(cfg, vb.clone())?,
+            cfg: cfg.clone(),
+        })
     }
 
     pub fn initial_state(&self, b: usize, dev: &Device) -> Result<Vec<BlockState>> {
@@ -437,11 +528,22 @@ impl MMRecModel {
 
     /// Logits [B, T, V] for tokens [B, T], the state after them, and the UBÖO loss
     /// (already weighted, in at least f32). `state` None starts a sequence.
-    pub fn forward(&self, tokens: &Tensor, state: Option<&[BlockState]>, train: bool) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
+    pub fn forward(
+        &self,
+        tokens: &Tensor,
+        state: Option<&[BlockState]>,
+        train: bool,
+    ) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
         self.forward_with(tokens, state, train, Projection::Fused)
     }
 
-    pub fn forward_with(&self, tokens: &Tensor, state: Option<&[BlockState]>, train: bool, how: Projection) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
+    pub fn forward_with(
+        &self,
+        tokens: &Tensor,
+        state: Option<&[BlockState]>,
+        train: bool,
+        how: Projection,
+    ) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
         let b = tokens.dim(0)?;
         let fresh;
         let state = match state {
@@ -453,14 +555,25 @@ impl MMRecModel {
         };
         let x = mmrec_kernels::fused::embedding(self.embed.embeddings(), tokens)?;
         let (y, states, aux) = self.stack.forward(&x, state, train, how)?;
-        Ok((tied_logits(&y, self.embed.embeddings())?, states, (widen(&aux)? * self.cfg.uboo_weight)?))
+        Ok((
+            tied_logits(&y, self.embed.embeddings())?,
+            states,
+            (widen(&aux)? * self.cfg.uboo_weight)?,
+        ))
     }
 }
 
 /// N(0, 0.02) as in GPT-2: the embedding is also the output head, and candle's default
 /// N(0, 1) would start the logits at a scale of √D (a loss far above ln V).
 fn tied_embedding(cfg: &ModelConfig, vb: VarBuilder) -> Result<Embedding> {
-    Ok(Embedding::new(vb.get_with_hints((cfg.vocab_size, cfg.d_model), "weight", Init::Randn { mean: 0.0, stdev: 0.02 })?, cfg.d_model))
+    Ok(Embedding::new(
+        vb.get_with_hints(
+            (cfg.vocab_size, cfg.d_model),
+            "weight",
+            Init::Randn { mean: 0.0, stdev: 0.02 },
+        )?,
+        cfg.d_model,
+    ))
 }
 
 /// `y Eᵀ` as one 2-D matmul: candle's batched matmul would broadcast E per batch row.
@@ -473,7 +586,11 @@ pub fn tied_logits(y: &Tensor, embed: &Tensor) -> Result<Tensor> {
 /// where `mask` [B, T] is 1 (padding targets are 0 there).
 pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let nll = mmrec_kernels::loss::cross_entropy_rows(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?, &mask.reshape(b * t)?)?;
+    let nll = mmrec_kernels::loss::cross_entropy_rows(
+        &logits.reshape((b * t, v))?,
+        &targets.reshape(b * t)?,
+        &mask.reshape(b * t)?,
+    )?;
     let n = mask.to_dtype(nll.dtype())?.sum_all()?;
     (nll.sum_all()? / n.maximum(1.0)?)?.reshape(())
 }
@@ -511,7 +628,10 @@ impl FusedModel {
             FusionMethod::Concat => {
                 // [½I, ½I] is set by `initialise`: the fused model starts as the average.
                 let vbf = vb.pp("fusion").pp("proj");
-                Dense(Linear::new(vbf.get_with_hints((d, 2 * d), "weight", Init::Const(0.0))?, Some(vbf.get_with_hints(d, "bias", Init::Const(0.0))?)))
+                Dense(Linear::new(
+                    vbf.get_with_hints((d, 2 * d), "weight", Init::Const(0.0))?,
+                    Some(vbf.get_with_hints(d, "bias", Init::Const(0.0))?),
+                ))
             }
             FusionMethod::Gated => dense(2 * d, 2, vb.pp("fusion").pp("router"))?,
         };
@@ -531,9 +651,23 @@ impl FusedModel {
         let b = tokens.dim(0)?;
         let x = mmrec_kernels::fused::embedding(self.embed.embeddings(), tokens)?;
         let dt = x.dtype();
-        let (yt, _, _) = self.text.forward(&x, &self.text.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
-        let (yc, _, _) = self.code.forward(&x, &self.code.initial_state(b, dt, x.device())?, train, Projection::Fused)?;
-        let (yt, yc) = if self.experts_frozen { (yt.detach(), yc.detach()) } else { (yt, yc) };
+        let (yt, _, _) = self.text.forward(
+            &x,
+            &self.text.initial_state(b, dt, x.device())?,
+            train,
+            Projection::Fused,
+        )?;
+        let (yc, _, _) = self.code.forward(
+            &x,
+            &self.code.initial_state(b, dt, x.device())?,
+            train,
+            Projection::Fused,
+        )?;
+        let (yt, yc) = if self.experts_frozen {
+            (yt.detach(), yc.detach())
+        } else {
+            (yt, yc)
+        };
         let both = Tensor::cat(&[&yt, &yc], D::Minus1)?;
         let (f, weights) = match self.method {
             FusionMethod::Concat => (self.fusion.forward(&both)?, None),
@@ -543,7 +677,11 @@ impl FusedModel {
                 (f, Some(w))
             }
         };
-        let embed = if self.experts_frozen { self.embed.embeddings().detach() } else { self.embed.embeddings().clone() };
+        let embed = if self.experts_frozen {
+            self.embed.embeddings().detach()
+        } else {
+            self.embed.embeddings().clone()
+        };
         Ok((tied_logits(&f, &embed)?, weights))
     }
 }
@@ -553,7 +691,14 @@ impl FusedModel {
 /// candle 0.11 cannot seed its CPU generator, and a run that must resume or be repeated
 /// exactly needs its initial weights to be a function of the seed.
 pub fn seeded_builder(varmap: &candle_nn::VarMap, seed: u64, dtype: DType, dev: &Device) -> VarBuilder<'static> {
-    VarBuilder::from_backend(Box::new(SeededInit { varmap: varmap.clone(), seed }), dtype, dev.clone())
+    VarBuilder::from_backend(
+        Box::new(SeededInit {
+            varmap: varmap.clone(),
+            seed,
+        }),
+        dtype,
+        dev.clone(),
+    )
 }
 
 struct SeededInit {
@@ -576,10 +721,16 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
             Init::Const(c) => vec![c; n],
             Init::Uniform { lo, up } => (0..n).map(|_| lo + (up - lo) * rng.uniform()).collect(),
             Init::Randn { mean, stdev } => (0..n).map(|_| mean + stdev * rng.normal()).collect(),
-            Init::Kaiming { dist, fan, non_linearity } => {
+            Init::Kaiming {
+                dist,
+                fan,
+                non_linearity,
+            } => {
                 let std = non_linearity.gain() / (fan.for_shape(&s) as f64).sqrt();
                 match dist {
-                    candle_nn::init::NormalOrUniform::Uniform => (0..n).map(|_| 3f64.sqrt() * std * (2.0 * rng.uniform() - 1.0)).collect(),
+                    candle_nn::init::NormalOrUniform::Uniform => (0..n)
+                        .map(|_| 3f64.sqrt() * std * (2.0 * rng.uniform() - 1.0))
+                        .collect(),
                     candle_nn::init::NormalOrUniform::Normal => (0..n).map(|_| std * rng.normal()).collect(),
                 }
             }
@@ -591,7 +742,9 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
 
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {
         let data = self.varmap.data().lock().expect("varmap lock");
-        data.get(name).map(|v| v.as_tensor().clone()).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })
+        data.get(name)
+            .map(|v| v.as_tensor().clone())
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
@@ -601,7 +754,9 @@ impl candle_nn::var_builder::SimpleBackend for SeededInit {
 
 /// FNV-1a of a tensor or module name: a stable per-name stream for seeded draws.
 fn name_hash(name: &str) -> u64 {
-    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 struct SplitMix(u64);
@@ -649,7 +804,9 @@ impl candle_nn::var_builder::SimpleBackend for CastVars {
 
     fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> Result<Tensor> {
         let data = self.0.data().lock().expect("varmap lock");
-        let var = data.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
+        let var = data
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() })?;
         var.as_tensor().to_dtype(dtype)
     }
 
@@ -677,7 +834,10 @@ struct Recorder(std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<Strin
 
 impl candle_nn::var_builder::SimpleBackend for Recorder {
     fn get(&self, s: candle_core::Shape, name: &str, _h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        self.0.lock().expect("recorder lock").insert(name.to_string(), s.dims().to_vec());
+        self.0
+            .lock()
+            .expect("recorder lock")
+            .insert(name.to_string(), s.dims().to_vec());
         Tensor::zeros(s, dtype, dev)
     }
     fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> Result<Tensor> {

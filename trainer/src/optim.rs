@@ -31,7 +31,9 @@ impl Param {
 
     /// Replace both moments (as read from a checkpoint).
     pub fn set_moments(&mut self, m: &Tensor, v: &Tensor) -> Result<()> {
-        self.moments = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?.to_dtype(DType::F32)?.to_device(self.var.device())?;
+        self.moments = Tensor::stack(&[m.flatten_all()?, v.flatten_all()?], 0)?
+            .to_dtype(DType::F32)?
+            .to_device(self.var.device())?;
         Ok(())
     }
 }
@@ -51,11 +53,17 @@ pub fn lr_multiplier(name: &str, n_layers: usize, cfg: &OptimConfig) -> f64 {
     if name.starts_with("fusion.") {
         return cfg.fusion_lr_mult;
     }
-    let block = name.split("blocks.").nth(1).and_then(|rest| rest.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+    let block = name
+        .split("blocks.")
+        .nth(1)
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok());
     match block {
         // The top block learns at the base rate, each one below at `layer_decay` times the
         // one above it.
-        Some(i) => cfg.layer_decay.powi((n_layers.saturating_sub(1).saturating_sub(i)) as i32),
+        Some(i) => cfg
+            .layer_decay
+            .powi((n_layers.saturating_sub(1).saturating_sub(i)) as i32),
         None => 1.0,
     }
 }
@@ -71,7 +79,13 @@ impl AdamW {
             .into_iter()
             .map(|(name, var)| {
                 let moments = Tensor::zeros((2, var.elem_count()), DType::F32, var.device())?;
-                Ok(Param { lr_mult: lr_multiplier(&name, n_layers, &cfg), decay: decays(&name, var.rank()), name, moments, var })
+                Ok(Param {
+                    lr_mult: lr_multiplier(&name, n_layers, &cfg),
+                    decay: decays(&name, var.rank()),
+                    name,
+                    moments,
+                    var,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(AdamW { params, t: 0, cfg })
@@ -104,7 +118,11 @@ impl AdamW {
             let Some(g) = grads.get(&p.name) else { continue };
             mmrec_kernels::adamw::moments(&p.moments, &g.to_dtype(DType::F32)?, b1, b2, scale)?;
             let lr_p = lr * p.lr_mult;
-            let decay = if p.decay { 1.0 - lr_p * self.cfg.weight_decay } else { 1.0 };
+            let decay = if p.decay {
+                1.0 - lr_p * self.cfg.weight_decay
+            } else {
+                1.0
+            };
             mmrec_kernels::adamw::apply(p.var.as_tensor(), &p.moments, lr_p, decay, corrections, self.cfg.eps)?;
         }
         Ok(())
@@ -127,7 +145,13 @@ pub struct ScheduleState {
 
 impl Default for ScheduleState {
     fn default() -> Self {
-        ScheduleState { plateau_mult: 1.0, best_val: None, bad_evals: 0, evals_since_best: 0, nan_mult: 1.0 }
+        ScheduleState {
+            plateau_mult: 1.0,
+            best_val: None,
+            bad_evals: 0,
+            evals_since_best: 0,
+            nan_mult: 1.0,
+        }
     }
 }
 
@@ -140,7 +164,9 @@ pub fn learning_rate(step: u64, cfg: &OptimConfig, steps: u64, s: &ScheduleState
         let progress = ((step - cfg.warmup_steps) as f64 / span).min(1.0);
         cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     };
-    (base * s.plateau_mult * s.nan_mult).max(cfg.min_lr * s.nan_mult.min(1.0)).min(cfg.lr)
+    (base * s.plateau_mult * s.nan_mult)
+        .max(cfg.min_lr * s.nan_mult.min(1.0))
+        .min(cfg.lr)
 }
 
 /// Feed a validation loss to the plateau logic; returns true when it improved.
@@ -167,7 +193,12 @@ mod tests {
     use super::*;
 
     fn cfg() -> OptimConfig {
-        OptimConfig { lr: 1e-3, min_lr: 1e-5, warmup_steps: 10, ..OptimConfig::default() }
+        OptimConfig {
+            lr: 1e-3,
+            min_lr: 1e-5,
+            warmup_steps: 10,
+            ..OptimConfig::default()
+        }
     }
 
     #[test]
@@ -181,7 +212,11 @@ mod tests {
 
     #[test]
     fn plateau_multiplies_the_rate_down_after_patience() {
-        let c = OptimConfig { plateau_patience: 1, plateau_factor: 0.5, ..cfg() };
+        let c = OptimConfig {
+            plateau_patience: 1,
+            plateau_factor: 0.5,
+            ..cfg()
+        };
         let mut s = ScheduleState::default();
         assert!(observe_validation(2.0, &c, &mut s));
         assert!(!observe_validation(2.0, &c, &mut s));
@@ -193,12 +228,22 @@ mod tests {
 
     #[test]
     fn groups_follow_names() {
-        let c = OptimConfig { layer_decay: 0.5, embed_lr_mult: 0.1, fusion_lr_mult: 3.0, ..cfg() };
+        let c = OptimConfig {
+            layer_decay: 0.5,
+            embed_lr_mult: 0.1,
+            fusion_lr_mult: 3.0,
+            ..cfg()
+        };
         assert_eq!(lr_multiplier("blocks.2.ffn.up.weight", 3, &c), 1.0);
         assert_eq!(lr_multiplier("blocks.0.ffn.up.weight", 3, &c), 0.25);
         assert_eq!(lr_multiplier("experts.text.blocks.1.in_proj.bias", 3, &c), 0.5);
         assert_eq!(lr_multiplier("embed.weight", 3, &c), 0.1);
         assert_eq!(lr_multiplier("fusion.proj.weight", 3, &c), 3.0);
-        assert!(decays("blocks.0.ffn.up.weight", 2) && !decays("blocks.0.ffn.up.bias", 1) && !decays("embed.weight", 2) && !decays("blocks.0.norm1.weight", 1));
+        assert!(
+            decays("blocks.0.ffn.up.weight", 2)
+                && !decays("blocks.0.ffn.up.bias", 1)
+                && !decays("embed.weight", 2)
+                && !decays("blocks.0.norm1.weight", 1)
+        );
     }
 }

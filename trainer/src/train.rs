@@ -119,13 +119,26 @@ impl Precision {
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { preset: "tiny".into(), seed: 0, dropout: 0.0, uboo_weight: 0.0 }
+        ModelSection {
+            preset: "tiny".into(),
+            seed: 0,
+            dropout: 0.0,
+            uboo_weight: 0.0,
+        }
     }
 }
 
 impl Default for DataConfig {
     fn default() -> Self {
-        DataConfig { dirs: vec![], weights: "text=0.4,code=0.4,mixed=0.2".into(), seq_len: 256, batch_size: 8, workers: 2, val_permille: 20, seed: 0 }
+        DataConfig {
+            dirs: vec![],
+            weights: "text=0.4,code=0.4,mixed=0.2".into(),
+            seq_len: 256,
+            batch_size: 8,
+            workers: 2,
+            val_permille: 20,
+            seed: 0,
+        }
     }
 }
 
@@ -154,7 +167,20 @@ impl Default for OptimConfig {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        RunConfig { out: "runs/run".into(), steps: 500, token_budget: 0, eval_every: 100, eval_batches: 16, ckpt_every: 100, keep_last: 2, log_every: 10, grad_checkpointing: false, memory_limit_mb: 0, precision: Precision::F32, allow_tokenizer_mismatch: false }
+        RunConfig {
+            out: "runs/run".into(),
+            steps: 500,
+            token_budget: 0,
+            eval_every: 100,
+            eval_batches: 16,
+            ckpt_every: 100,
+            keep_last: 2,
+            log_every: 10,
+            grad_checkpointing: false,
+            memory_limit_mb: 0,
+            precision: Precision::F32,
+            allow_tokenizer_mismatch: false,
+        }
     }
 }
 
@@ -175,7 +201,10 @@ pub enum Error {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl TrainConfig {
@@ -214,7 +243,9 @@ impl TrainConfig {
     fn load_onto(mut doc: toml::Table, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
         if let Some(p) = path {
             let text = std::fs::read_to_string(p).map_err(io_err(p))?;
-            let file: toml::Table = text.parse().map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
+            let file: toml::Table = text
+                .parse()
+                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
             for (section, values) in file {
                 match (doc.get_mut(&section).and_then(toml::Value::as_table_mut), values) {
                     (Some(table), toml::Value::Table(values)) => table.extend(values),
@@ -225,13 +256,29 @@ impl TrainConfig {
             }
         }
         for o in overrides {
-            let (key, value) = o.split_once('=').ok_or_else(|| Error::Config(format!("override {o:?} must look like section.field=value")))?;
-            let (section, field) = key.trim().split_once('.').ok_or_else(|| Error::Config(format!("override key {key:?} must be section.field, e.g. optim.lr")))?;
-            let parsed: toml::Value = format!("v = {value}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or_else(|| toml::Value::String(value.to_string()));
-            let table = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table.as_table_mut().ok_or_else(|| Error::Config(format!("{section} is not a section")))?.insert(field.to_string(), parsed);
+            let (key, value) = o
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("override {o:?} must look like section.field=value")))?;
+            let (section, field) = key
+                .trim()
+                .split_once('.')
+                .ok_or_else(|| Error::Config(format!("override key {key:?} must be section.field, e.g. optim.lr")))?;
+            let parsed: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let table = doc
+                .entry(section.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            table
+                .as_table_mut()
+                .ok_or_else(|| Error::Config(format!("{section} is not a section")))?
+                .insert(field.to_string(), parsed);
         }
-        let cfg: TrainConfig = toml::Value::Table(doc).try_into().map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
+        let cfg: TrainConfig = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
         cfg.check()?;
         Ok(cfg)
     }
@@ -248,13 +295,22 @@ impl TrainConfig {
             return bad("set run.steps or run.token_budget");
         }
         if self.data.val_permille > 1000 {
-            return bad(&format!("data.val_permille {} is over 1000 (it is a share in per mille)", self.data.val_permille));
+            return bad(&format!(
+                "data.val_permille {} is over 1000 (it is a share in per mille)",
+                self.data.val_permille
+            ));
         }
         if !(self.optim.plateau_factor > 0.0 && self.optim.plateau_factor <= 1.0) {
-            return bad(&format!("optim.plateau_factor {} must be in (0, 1]", self.optim.plateau_factor));
+            return bad(&format!(
+                "optim.plateau_factor {} must be in (0, 1]",
+                self.optim.plateau_factor
+            ));
         }
         if self.optim.grad_clip.is_nan() || self.optim.grad_clip < 0.0 {
-            return bad(&format!("optim.grad_clip {} must be ≥ 0 (0 turns clipping off)", self.optim.grad_clip));
+            return bad(&format!(
+                "optim.grad_clip {} must be ≥ 0 (0 turns clipping off)",
+                self.optim.grad_clip
+            ));
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             return bad(&format!("model.dropout {} must be in [0, 1)", self.model.dropout));
@@ -294,7 +350,10 @@ impl Net {
         let vb = crate::model::cast_builder(vm, precision.dtype(), dev);
         Ok(match self {
             Net::Single(m) => Net::Single(MMRecModel::new(&m.cfg, vb)?),
-            Net::Fused(m) => Net::Fused(FusedModel { experts_frozen: m.experts_frozen, ..FusedModel::new(&m.cfg, m.method, vb)? }),
+            Net::Fused(m) => Net::Fused(FusedModel {
+                experts_frozen: m.experts_frozen,
+                ..FusedModel::new(&m.cfg, m.method, vb)?
+            }),
         })
     }
 
@@ -314,14 +373,24 @@ impl Net {
 /// Per-row summed negative log-likelihood and target counts, for per-domain evaluation.
 pub fn row_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
     let (b, t, v) = logits.dims3()?;
-    let nll = mmrec_kernels::loss::cross_entropy_rows(&logits.reshape((b * t, v))?, &targets.reshape(b * t)?, &mask.reshape(b * t)?)?;
+    let nll = mmrec_kernels::loss::cross_entropy_rows(
+        &logits.reshape((b * t, v))?,
+        &targets.reshape(b * t)?,
+        &mask.reshape(b * t)?,
+    )?;
     let sums = nll.reshape((b, t))?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let counts = mask.to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
     Ok((sums, counts))
 }
 
 /// A batch as tensors: inputs [B, T], targets [B, T], target mask [B, T].
-pub fn batch_tensors(b: &Batch, batch: usize, seq_len: usize, dtype: DType, dev: &Device) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+pub fn batch_tensors(
+    b: &Batch,
+    batch: usize,
+    seq_len: usize,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let all = Tensor::from_slice(&b.tokens, (batch, seq_len + 1), dev)?;
     let mask = Tensor::from_slice(&b.mask, (batch, seq_len + 1), dev)?.to_dtype(dtype)?;
     Ok((all.i((.., ..seq_len))?, all.i((.., 1..))?, mask.i((.., 1..))?))
@@ -330,20 +399,34 @@ pub fn batch_tensors(b: &Batch, batch: usize, seq_len: usize, dtype: DType, dev:
 /// Loss and gradients by parameter name. With checkpointing, only each block's input is
 /// kept from the forward pass; the backward recomputes one block at a time and chains the
 /// gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's activations.
-pub fn loss_and_grads(net: &Net, vm: &VarMap, inp: &Tensor, tgt: &Tensor, mask: &Tensor, checkpointing: bool) -> candle_core::Result<(f64, BTreeMap<String, Tensor>)> {
-    let named: Vec<(String, Var)> = vm.data().lock().expect("varmap lock").iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-    let collect = |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
-        for (name, var) in &named {
-            if let Some(g) = store.get(var.as_tensor()) {
-                let sum = match into.remove(name) {
-                    Some(prev) => (prev + g)?,
-                    None => g.clone(),
-                };
-                into.insert(name.clone(), sum);
+pub fn loss_and_grads(
+    net: &Net,
+    vm: &VarMap,
+    inp: &Tensor,
+    tgt: &Tensor,
+    mask: &Tensor,
+    checkpointing: bool,
+) -> candle_core::Result<(f64, BTreeMap<String, Tensor>)> {
+    let named: Vec<(String, Var)> = vm
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let collect =
+        |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
+            for (name, var) in &named {
+                if let Some(g) = store.get(var.as_tensor()) {
+                    let sum = match into.remove(name) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    into.insert(name.clone(), sum);
+                }
             }
-        }
-        Ok(())
-    };
+            Ok(())
+        };
     let mut grads = BTreeMap::new();
     let model = match (net, checkpointing) {
         (Net::Single(m), true) => m,
@@ -365,11 +448,17 @@ pub fn loss_and_grads(net: &Net, vm: &VarMap, inp: &Tensor, tgt: &Tensor, mask: 
     }
     // Head: norm, tied logits, loss; the gradient flowing into the last block's output.
     let top = Var::from_tensor(inputs.last().expect("an output"))?;
-    let logits = tied_logits(&candle_nn::Module::forward(&stack.norm, top.as_tensor())?, model.embed.embeddings())?;
+    let logits = tied_logits(
+        &candle_nn::Module::forward(&stack.norm, top.as_tensor())?,
+        model.embed.embeddings(),
+    )?;
     let ce = crate::model::masked_cross_entropy(&logits, tgt, mask)?;
     let store = ce.backward()?;
     collect(&store, &mut grads)?;
-    let mut g = store.get(top.as_tensor()).expect("the head depends on the stack").clone();
+    let mut g = store
+        .get(top.as_tensor())
+        .expect("the head depends on the stack")
+        .clone();
     let mut loss = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
     for (i, blk) in stack.blocks.iter().enumerate().rev() {
         let x = Var::from_tensor(&inputs[i])?;
@@ -398,15 +487,22 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
             None => n.is_empty(),
             Some(b'*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
             Some(b'{') => {
-                let Some(close) = p.iter().position(|&c| c == b'}') else { return false };
+                let Some(close) = p.iter().position(|&c| c == b'}') else {
+                    return false;
+                };
                 let range = std::str::from_utf8(&p[1..close]).unwrap_or("");
                 let digits = n.iter().take_while(|c| c.is_ascii_digit()).count();
                 if digits == 0 {
                     return false;
                 }
-                let value: u64 = std::str::from_utf8(&n[..digits]).ok().and_then(|s| s.parse().ok()).unwrap_or(u64::MAX);
+                let value: u64 = std::str::from_utf8(&n[..digits])
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(u64::MAX);
                 let ok = match range.split_once('-') {
-                    Some((a, b)) => a.parse::<u64>().is_ok_and(|a| a <= value) && b.parse::<u64>().is_ok_and(|b| value <= b),
+                    Some((a, b)) => {
+                        a.parse::<u64>().is_ok_and(|a| a <= value) && b.parse::<u64>().is_ok_and(|b| value <= b)
+                    }
                     None => range.split(',').any(|v| v.parse::<u64>() == Ok(value)),
                 };
                 ok && go(&p[close + 1..], &n[digits..])
@@ -469,10 +565,17 @@ impl Session {
     /// checkpoint under `run.out` when `resume` is set and one exists.
     pub fn new(cfg: TrainConfig, init: Init, resume: bool, dev: &Device) -> Result<Self> {
         let ckpt_dir = cfg.run.out.join(CHECKPOINTS);
-        let latest = if resume { read_pointer(&ckpt_dir, "latest") } else { None };
+        let latest = if resume {
+            read_pointer(&ckpt_dir, "latest")
+        } else {
+            None
+        };
         // `cfg` is already the one to resume with (see `TrainConfig::for_resume`).
         let resumed_state = match &latest {
-            Some(name) => Some(TrainState { config: cfg.clone(), ..read_state(&ckpt_dir.join(name))? }),
+            Some(name) => Some(TrainState {
+                config: cfg.clone(),
+                ..read_state(&ckpt_dir.join(name))?
+            }),
             None => None,
         };
         let vm = VarMap::new();
@@ -480,12 +583,28 @@ impl Session {
         let (net, meta) = match &init {
             Init::Fresh => {
                 let (tokenizer, vocab) = data_tokenizer(&cfg.data.dirs)?;
-                let mut mc = ModelConfig::preset(&cfg.model.preset, vocab).ok_or_else(|| Error::Config(format!("unknown preset {:?} (tiny, small, medium)", cfg.model.preset)))?;
+                let mut mc = ModelConfig::preset(&cfg.model.preset, vocab).ok_or_else(|| {
+                    Error::Config(format!("unknown preset {:?} (tiny, small, medium)", cfg.model.preset))
+                })?;
                 mc.dropout = cfg.model.dropout;
                 mc.uboo_weight = cfg.model.uboo_weight;
-                let net = Net::Single(MMRecModel::new(&mc, crate::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev))?);
+                let net = Net::Single(MMRecModel::new(
+                    &mc,
+                    crate::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev),
+                )?);
                 initialise(&vm, &mc)?;
-                (net, ModelMeta { role: Role::Base, domain: None, config: mc, frozen: vec![], lineage: serde_json::json!({}), fusion: None, tokenizer: Some(tokenizer) })
+                (
+                    net,
+                    ModelMeta {
+                        role: Role::Base,
+                        domain: None,
+                        config: mc,
+                        frozen: vec![],
+                        lineage: serde_json::json!({}),
+                        fusion: None,
+                        tokenizer: Some(tokenizer),
+                    },
+                )
             }
             Init::Model(path) => {
                 let meta = io::read_meta(path)?;
@@ -495,7 +614,12 @@ impl Session {
             }
             Init::Fused(path) => {
                 let mut meta = io::read_meta(path)?;
-                let method = meta.fusion.ok_or_else(|| Error::Config(format!("{} is not a fused model (no `fusion` metadata)", path.display())))?;
+                let method = meta.fusion.ok_or_else(|| {
+                    Error::Config(format!(
+                        "{} is not a fused model (no `fusion` metadata)",
+                        path.display()
+                    ))
+                })?;
                 let mut fused = FusedModel::new(&meta.config, method, vb)?;
                 fused.experts_frozen = true;
                 load_into(&vm, path)?;
@@ -513,7 +637,11 @@ impl Session {
         check_tokenizer(&meta, &source, &cfg.data.dirs, cfg.run.allow_tokenizer_mismatch)?;
         let trainable: Vec<(String, Var)> = {
             let data = vm.data().lock().expect("varmap lock");
-            let mut v: Vec<(String, Var)> = data.iter().filter(|(n, _)| !is_frozen(n, &meta.frozen)).map(|(n, v)| (n.clone(), v.clone())).collect();
+            let mut v: Vec<(String, Var)> = data
+                .iter()
+                .filter(|(n, _)| !is_frozen(n, &meta.frozen))
+                .map(|(n, v)| (n.clone(), v.clone()))
+                .collect();
             v.sort_by(|a, b| a.0.cmp(&b.0));
             v
         };
@@ -550,12 +678,21 @@ impl Session {
                 micro_splits: 1,
             },
         };
-        Ok(Session { cfg, vm, net, opt, meta, state, dev: dev.clone() })
+        Ok(Session {
+            cfg,
+            vm,
+            net,
+            opt,
+            meta,
+            state,
+            dev: dev.clone(),
+        })
     }
 
     fn loader_config(&self, split: Split) -> Result<LoaderConfig> {
         let d = &self.cfg.data;
-        let weights = mmrec_pipeline::loader::parse_weights(&d.weights).map_err(|e| Error::Config(format!("data.weights: {e}")))?;
+        let weights = mmrec_pipeline::loader::parse_weights(&d.weights)
+            .map_err(|e| Error::Config(format!("data.weights: {e}")))?;
         Ok(LoaderConfig {
             seq_len: d.seq_len,
             batch_size: d.batch_size,
@@ -571,7 +708,13 @@ impl Session {
     /// Mean validation loss per domain (and overall), at most `max_batches` per domain.
     pub fn evaluate(&self, max_batches: usize) -> Result<BTreeMap<String, f64>> {
         let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
-        evaluate_net(&net, &self.cfg.data.dirs, &self.loader_config(Split::Validation)?, max_batches, &self.dev)
+        evaluate_net(
+            &net,
+            &self.cfg.data.dirs,
+            &self.loader_config(Split::Validation)?,
+            max_batches,
+            &self.dev,
+        )
     }
 
     /// The training loop. Stops at `run.steps` / `run.token_budget`, on early stopping, or
@@ -583,10 +726,29 @@ impl Session {
         remove_stale_checkpoint_dirs(&cfg.run.out.join(CHECKPOINTS))?;
         let log_path = cfg.run.out.join("metrics.jsonl");
         truncate_metrics(&log_path, self.state.step)?;
-        let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err(&log_path))?;
-        let mut loader = Loader::open(&cfg.data.dirs, self.loader_config(Split::Train)?, self.state.cursor.clone())?;
-        let limit = if cfg.run.memory_limit_mb > 0 { cfg.run.memory_limit_mb * 1_000_000 } else { crate::device::free_memory(&self.dev) };
-        while bsz / self.state.micro_splits > 1 && activation_bytes(self.net.config(), bsz.div_ceil(self.state.micro_splits), seq, cfg.run.grad_checkpointing) > limit {
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let mut loader = Loader::open(
+            &cfg.data.dirs,
+            self.loader_config(Split::Train)?,
+            self.state.cursor.clone(),
+        )?;
+        let limit = if cfg.run.memory_limit_mb > 0 {
+            cfg.run.memory_limit_mb * 1_000_000
+        } else {
+            crate::device::free_memory(&self.dev)
+        };
+        while bsz / self.state.micro_splits > 1
+            && activation_bytes(
+                self.net.config(),
+                bsz.div_ceil(self.state.micro_splits),
+                seq,
+                cfg.run.grad_checkpointing,
+            ) > limit
+        {
             self.state.micro_splits *= 2;
         }
         if self.state.micro_splits > 1 {
@@ -599,12 +761,19 @@ impl Session {
         let started = Instant::now();
         let mut window = (Instant::now(), 0u64, std::time::Duration::ZERO);
         let mut stopped_early = false;
-        while self.state.step < cfg.run.steps.max(1) && (cfg.run.token_budget == 0 || self.state.tokens_seen < cfg.run.token_budget) {
+        while self.state.step < cfg.run.steps.max(1)
+            && (cfg.run.token_budget == 0 || self.state.tokens_seen < cfg.run.token_budget)
+        {
             if stop.load(Ordering::Relaxed) {
                 break;
             }
             let batches = (0..cfg.optim.grad_accum)
-                .map(|_| loader.next_batch().ok_or_else(|| Error::Config("the training loader ended".into()))?.map_err(Error::from))
+                .map(|_| {
+                    loader
+                        .next_batch()
+                        .ok_or_else(|| Error::Config("the training loader ended".into()))?
+                        .map_err(Error::from)
+                })
                 .collect::<Result<Vec<Batch>>>()?;
             let tokens: u64 = batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum();
             let mut events = Vec::new();
@@ -615,7 +784,10 @@ impl Session {
                     // smaller micro-batch; the effective batch and the data stay the same.
                     Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
                         self.state.micro_splits *= 2;
-                        events.push(format!("out of memory: micro-batch halved to {} rows, accumulation doubled", bsz.div_ceil(self.state.micro_splits)));
+                        events.push(format!(
+                            "out of memory: micro-batch halved to {} rows, accumulation doubled",
+                            bsz.div_ceil(self.state.micro_splits)
+                        ));
                     }
                     Err(e) => return Err(e),
                 }
@@ -628,14 +800,21 @@ impl Session {
                 record["event"] = serde_json::json!(events.join("; "));
             }
             if loss.is_finite() && norm.is_finite() {
-                let clip = if cfg.optim.grad_clip > 0.0 && norm > cfg.optim.grad_clip { cfg.optim.grad_clip / norm } else { 1.0 };
+                let clip = if cfg.optim.grad_clip > 0.0 && norm > cfg.optim.grad_clip {
+                    cfg.optim.grad_clip / norm
+                } else {
+                    1.0
+                };
                 self.opt.step(&grads, lr, accum * clip)?;
             } else {
                 // NaN guard: skip the update, go back to the last checkpoint if the weights
                 // may be damaged, and halve the learning rate.
                 self.state.schedule.nan_mult *= 0.5;
                 let restored = self.restore_latest()?;
-                record["event"] = serde_json::json!(format!("non-finite loss or gradient: step skipped, learning rate halved{}", if restored { ", last checkpoint restored" } else { "" }));
+                record["event"] = serde_json::json!(format!(
+                    "non-finite loss or gradient: step skipped, learning rate halved{}",
+                    if restored { ", last checkpoint restored" } else { "" }
+                ));
             }
             self.state.step += 1;
             self.state.tokens_seen += tokens;
@@ -663,7 +842,9 @@ impl Session {
                 writeln!(log, "{rec}").map_err(io_err(&log_path))?;
                 progress(&rec);
                 self.remember(rec);
-                if cfg.optim.early_stop_patience > 0 && self.state.schedule.evals_since_best >= cfg.optim.early_stop_patience {
+                if cfg.optim.early_stop_patience > 0
+                    && self.state.schedule.evals_since_best >= cfg.optim.early_stop_patience
+                {
                     stopped_early = true;
                 }
             }
@@ -681,7 +862,15 @@ impl Session {
         if !stop.load(Ordering::Relaxed) {
             self.export(&final_path)?;
         }
-        Ok(Summary { steps: self.state.step, tokens: self.state.tokens_seen, seconds: started.elapsed().as_secs_f64(), stopped_early, interrupted: stop.load(Ordering::Relaxed), best_val: self.state.schedule.best_val, final_model: final_path })
+        Ok(Summary {
+            steps: self.state.step,
+            tokens: self.state.tokens_seen,
+            seconds: started.elapsed().as_secs_f64(),
+            stopped_early,
+            interrupted: stop.load(Ordering::Relaxed),
+            best_val: self.state.schedule.best_val,
+            final_model: final_path,
+        })
     }
 
     /// Summed loss and gradients over the step's batches, each split into
@@ -696,10 +885,18 @@ impl Session {
             for r0 in (0..bsz).step_by(rows) {
                 let n = rows.min(bsz - r0);
                 // Dropout masks from (seed, step, micro-batch): a resumed run draws the same.
-                let micro = ((self.state.step << 24) ^ ((k as u64) << 12) ^ r0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                let micro =
+                    ((self.state.step << 24) ^ ((k as u64) << 12) ^ r0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 crate::model::set_dropout_seed(self.cfg.model.seed ^ micro);
                 let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
-                let (l, g) = loss_and_grads(&net, &self.vm, &inp.narrow(0, r0, n)?, &tgt.narrow(0, r0, n)?, &mask.narrow(0, r0, n)?, self.cfg.run.grad_checkpointing)?;
+                let (l, g) = loss_and_grads(
+                    &net,
+                    &self.vm,
+                    &inp.narrow(0, r0, n)?,
+                    &tgt.narrow(0, r0, n)?,
+                    &mask.narrow(0, r0, n)?,
+                    self.cfg.run.grad_checkpointing,
+                )?;
                 loss += l / n_micro;
                 for (name, t) in g {
                     let sum = match grads.remove(&name) {
@@ -744,12 +941,24 @@ impl Session {
             moments.push((format!("m.{}", p.name), p.m()?));
             moments.push((format!("v.{}", p.name), p.v()?));
         }
-        io::save(&tmp.join("optimizer.safetensors"), &moments, &ModelMeta { frozen: vec![], lineage: serde_json::Value::Null, ..self.meta.clone() })?;
+        io::save(
+            &tmp.join("optimizer.safetensors"),
+            &moments,
+            &ModelMeta {
+                frozen: vec![],
+                lineage: serde_json::Value::Null,
+                ..self.meta.clone()
+            },
+        )?;
         if best {
             self.state.best_checkpoint = Some(name.clone());
         }
         let state_path = tmp.join("state.json");
-        std::fs::write(&state_path, serde_json::to_vec_pretty(&self.state).expect("state serialises")).map_err(io_err(&state_path))?;
+        std::fs::write(
+            &state_path,
+            serde_json::to_vec_pretty(&self.state).expect("state serialises"),
+        )
+        .map_err(io_err(&state_path))?;
         let dest = root.join(&name);
         // Re-saving a step (a resumed finished run does): move the old copy aside first and
         // remove it only once the new one is in place, so a kill at any point leaves a
@@ -765,7 +974,12 @@ impl Session {
             write_pointer(&root, "best", &name)?;
         }
         // Retention: the newest `keep_last`, and the best.
-        let mut steps: Vec<String> = std::fs::read_dir(&root).map_err(io_err(&root))?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-")).collect();
+        let mut steps: Vec<String> = std::fs::read_dir(&root)
+            .map_err(io_err(&root))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("step-"))
+            .collect();
         steps.sort();
         let keep = self.cfg.run.keep_last.max(1);
         let best_name = read_pointer(&root, "best");
@@ -780,9 +994,15 @@ impl Session {
     /// Reload weights and moments from the latest checkpoint; false when there is none.
     fn restore_latest(&mut self) -> Result<bool> {
         let root = self.cfg.run.out.join(CHECKPOINTS);
-        let Some(name) = read_pointer(&root, "latest") else { return Ok(false) };
+        let Some(name) = read_pointer(&root, "latest") else {
+            return Ok(false);
+        };
         load_into(&self.vm, &root.join(&name).join("model.safetensors"))?;
-        load_moments(&mut self.opt, &root.join(&name).join("optimizer.safetensors"), &self.dev)?;
+        load_moments(
+            &mut self.opt,
+            &root.join(&name).join("optimizer.safetensors"),
+            &self.dev,
+        )?;
         Ok(true)
     }
 }
@@ -800,11 +1020,21 @@ pub struct Summary {
 
 /// Mean loss per domain and overall (`all`, token-weighted) on the held-out split: each
 /// domain gets its own loader, so a batch cap never starves a domain.
-pub fn evaluate_net(net: &Net, dirs: &[PathBuf], base: &LoaderConfig, max_batches: usize, dev: &Device) -> Result<BTreeMap<String, f64>> {
+pub fn evaluate_net(
+    net: &Net,
+    dirs: &[PathBuf],
+    base: &LoaderConfig,
+    max_batches: usize,
+    dev: &Device,
+) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     let (mut all_s, mut all_c) = (0.0, 0.0);
     for d in base.weights.keys() {
-        let cfg = LoaderConfig { split: Split::Validation, weights: [(*d, 1.0)].into_iter().collect(), ..base.clone() };
+        let cfg = LoaderConfig {
+            split: Split::Validation,
+            weights: [(*d, 1.0)].into_iter().collect(),
+            ..base.clone()
+        };
         let mut loader = Loader::open(dirs, cfg, None)?;
         let (mut s, mut c, mut n) = (0.0, 0.0, 0);
         while let Some(batch) = loader.next_batch() {
@@ -834,12 +1064,20 @@ pub fn evaluate_net(net: &Net, dirs: &[PathBuf], base: &LoaderConfig, max_batche
 pub fn unigram_entropy(dirs: &[PathBuf], base: &LoaderConfig, max_batches: usize) -> Result<BTreeMap<String, f64>> {
     let entropy = |counts: &std::collections::HashMap<u32, u64>| {
         let n: u64 = counts.values().sum();
-        counts.values().map(|&c| c as f64 / n as f64).map(|p| -p * p.ln()).sum::<f64>()
+        counts
+            .values()
+            .map(|&c| c as f64 / n as f64)
+            .map(|p| -p * p.ln())
+            .sum::<f64>()
     };
     let mut out = BTreeMap::new();
     let mut all: std::collections::HashMap<u32, u64> = Default::default();
     for d in base.weights.keys() {
-        let cfg = LoaderConfig { split: Split::Validation, weights: [(*d, 1.0)].into_iter().collect(), ..base.clone() };
+        let cfg = LoaderConfig {
+            split: Split::Validation,
+            weights: [(*d, 1.0)].into_iter().collect(),
+            ..base.clone()
+        };
         let mut loader = Loader::open(dirs, cfg, None)?;
         let mut counts: std::collections::HashMap<u32, u64> = Default::default();
         let mut n = 0;
@@ -868,12 +1106,20 @@ pub fn unigram_entropy(dirs: &[PathBuf], base: &LoaderConfig, max_batches: usize
 
 /// The shards' tokenizer: (sha256, vocabulary size), which every directory must share.
 pub fn data_tokenizer(dirs: &[PathBuf]) -> Result<(String, usize)> {
-    let first = dirs.first().ok_or_else(|| Error::Config("data.dirs is empty: give shard directories (--data DIR)".into()))?;
+    let first = dirs
+        .first()
+        .ok_or_else(|| Error::Config("data.dirs is empty: give shard directories (--data DIR)".into()))?;
     let t = mmrec_pipeline::split::read_manifest(first)?.tokenizer;
     for d in &dirs[1..] {
         let other = mmrec_pipeline::split::read_manifest(d)?.tokenizer;
         if other.sha256 != t.sha256 {
-            return Err(Error::Config(format!("{} and {} were made with different tokenizers ({} and {})", first.display(), d.display(), t.sha256, other.sha256)));
+            return Err(Error::Config(format!(
+                "{} and {} were made with different tokenizers ({} and {})",
+                first.display(),
+                d.display(),
+                t.sha256,
+                other.sha256
+            )));
         }
     }
     Ok((t.sha256, t.vocab_size))
@@ -886,7 +1132,11 @@ pub fn data_tokenizer(dirs: &[PathBuf]) -> Result<(String, usize)> {
 pub fn check_tokenizer(meta: &ModelMeta, model: &Path, dirs: &[PathBuf], allow_mismatch: bool) -> Result<()> {
     let (sha, vocab) = data_tokenizer(dirs)?;
     if meta.config.vocab_size != vocab {
-        return Err(Error::Config(format!("{} has a vocabulary of {} but the shards' tokenizer has {vocab}", model.display(), meta.config.vocab_size)));
+        return Err(Error::Config(format!(
+            "{} has a vocabulary of {} but the shards' tokenizer has {vocab}",
+            model.display(),
+            meta.config.vocab_size
+        )));
     }
     match &meta.tokenizer {
         Some(t) if *t != sha && !allow_mismatch => Err(Error::Config(format!(
@@ -902,9 +1152,16 @@ pub fn load_into(vm: &VarMap, path: &Path) -> Result<()> {
     let tensors = candle_core::safetensors::load(path, &Device::Cpu)?;
     let data = vm.data().lock().expect("varmap lock");
     for (name, var) in data.iter() {
-        let t = tensors.get(name).ok_or_else(|| Error::Config(format!("{}: tensor `{name}` is missing", path.display())))?;
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| Error::Config(format!("{}: tensor `{name}` is missing", path.display())))?;
         if t.dims() != var.dims() {
-            return Err(Error::Config(format!("{}: tensor `{name}` is {:?}, the model expects {:?}", path.display(), t.dims(), var.dims())));
+            return Err(Error::Config(format!(
+                "{}: tensor `{name}` is {:?}, the model expects {:?}",
+                path.display(),
+                t.dims(),
+                var.dims()
+            )));
         }
         var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
     }
@@ -914,7 +1171,12 @@ pub fn load_into(vm: &VarMap, path: &Path) -> Result<()> {
 fn load_moments(opt: &mut AdamW, path: &Path, dev: &Device) -> Result<()> {
     let tensors = candle_core::safetensors::load(path, dev)?;
     for p in &mut opt.params {
-        let get = |k: String| tensors.get(&k).cloned().ok_or_else(|| Error::Config(format!("{}: `{k}` is missing", path.display())));
+        let get = |k: String| {
+            tensors
+                .get(&k)
+                .cloned()
+                .ok_or_else(|| Error::Config(format!("{}: `{k}` is missing", path.display())))
+        };
         p.set_moments(&get(format!("m.{}", p.name))?, &get(format!("v.{}", p.name))?)?;
     }
     Ok(())
@@ -923,7 +1185,9 @@ fn load_moments(opt: &mut AdamW, path: &Path, dev: &Device) -> Result<()> {
 /// Half-written (`.tmp-step-*`) and superseded (`.old-step-*`) checkpoint directories left
 /// by killed runs.
 fn remove_stale_checkpoint_dirs(root: &Path) -> Result<()> {
-    let Ok(entries) = std::fs::read_dir(root) else { return Ok(()) };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return Ok(());
+    };
     for e in entries.filter_map(|e| e.ok()) {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.starts_with(".tmp-step-") || name.starts_with(".old-step-") {
@@ -936,10 +1200,17 @@ fn remove_stale_checkpoint_dirs(root: &Path) -> Result<()> {
 /// Drop the records of steps after `step` (the checkpoint a run resumes from): a resumed
 /// run logs them again, and each step should appear once.
 fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
     let keep: String = text
         .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|r| r.get("step").and_then(|s| s.as_u64())).is_none_or(|s| s <= step))
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|r| r.get("step").and_then(|s| s.as_u64()))
+                .is_none_or(|s| s <= step)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     if keep.len() != text.len() {
@@ -955,27 +1226,37 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
 /// complete checkpoint instead: a resume never restarts from step 0 while one exists.
 pub fn read_pointer(root: &Path, which: &str) -> Option<String> {
     let complete = |name: &str| root.join(name).join("state.json").exists();
-    let named = std::fs::read_to_string(root.join(which)).ok().map(|s| s.trim().to_string());
+    let named = std::fs::read_to_string(root.join(which))
+        .ok()
+        .map(|s| s.trim().to_string());
     if let Some(name) = named.filter(|n| complete(n)) {
         return Some(name);
     }
     if which != "latest" {
         return None;
     }
-    let mut steps: Vec<String> = std::fs::read_dir(root).ok()?.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("step-") && complete(n)).collect();
+    let mut steps: Vec<String> = std::fs::read_dir(root)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-") && complete(n))
+        .collect();
     steps.sort();
     steps.pop()
 }
 
 fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join("state.json");
-    serde_json::from_slice(&std::fs::read(&path).map_err(io_err(&path))?).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+    serde_json::from_slice(&std::fs::read(&path).map_err(io_err(&path))?)
+        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
 }
 
 /// The config saved in the latest checkpoint under `out`, if there is one.
 pub fn saved_config(out: &Path) -> Result<Option<TrainConfig>> {
     let root = out.join(CHECKPOINTS);
-    read_pointer(&root, "latest").map(|name| read_state(&root.join(name)).map(|st| st.config)).transpose()
+    read_pointer(&root, "latest")
+        .map(|name| read_state(&root.join(name)).map(|st| st.config))
+        .transpose()
 }
 
 fn write_pointer(root: &Path, which: &str, name: &str) -> Result<()> {
@@ -1001,7 +1282,10 @@ pub fn activation_bytes(cfg: &ModelConfig, rows: usize, seq: usize, checkpointin
 }
 
 fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/statm").ok().and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok())).map_or(0.0, |pages| pages * 4096.0 / 1e6)
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
+        .map_or(0.0, |pages| pages * 4096.0 / 1e6)
 }
 
 /// Model files for `eval`: any role.

@@ -8,7 +8,17 @@ use mmrec_trainer::{initialise, masked_cross_entropy, FusedModel, FusionMethod, 
 
 /// A small config whose chunk levels and memory window all engage within ~100 tokens.
 fn small_cfg(vocab: usize, d: usize) -> ModelConfig {
-    ModelConfig { vocab_size: vocab, d_model: d, n_layers: 2, n_heads: 2, n_slots: 3, chunk_sizes: vec![4, 16], memory_window: 3, dropout: 0.0, uboo_weight: 0.0 }
+    ModelConfig {
+        vocab_size: vocab,
+        d_model: d,
+        n_layers: 2,
+        n_heads: 2,
+        n_slots: 3,
+        chunk_sizes: vec![4, 16],
+        memory_window: 3,
+        dropout: 0.0,
+        uboo_weight: 0.0,
+    }
 }
 
 fn build(cfg: &ModelConfig, dtype: DType) -> (VarMap, MMRecModel) {
@@ -19,7 +29,15 @@ fn build(cfg: &ModelConfig, dtype: DType) -> (VarMap, MMRecModel) {
 }
 
 fn tokens(b: usize, t: usize, vocab: usize, seed: u32) -> Vec<u32> {
-    (0..b * t).map(|i| ((i as u32).wrapping_mul(2_654_435_761).wrapping_add(seed.wrapping_mul(40_503)) >> 7) % vocab as u32).collect()
+    (0..b * t)
+        .map(|i| {
+            ((i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed.wrapping_mul(40_503))
+                >> 7)
+                % vocab as u32
+        })
+        .collect()
 }
 
 fn logits(model: &MMRecModel, toks: &[u32], b: usize) -> Tensor {
@@ -28,7 +46,18 @@ fn logits(model: &MMRecModel, toks: &[u32], b: usize) -> Tensor {
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
 }
 
 #[test]
@@ -38,8 +67,20 @@ fn unfused_projection_gives_the_same_logits_as_the_fused_one() {
     let t = Tensor::from_vec(tokens(2, 300, 300, 1), (2, 300), &Device::Cpu).unwrap();
     let fused = model.forward_with(&t, None, false, Projection::Fused).unwrap().0;
     let unfused = model.forward_with(&t, None, false, Projection::Unfused).unwrap().0;
-    let scale = fused.abs().unwrap().max_keepdim(2).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    assert!(max_abs_diff(&fused, &unfused) <= 1e-5 * scale, "{}", max_abs_diff(&fused, &unfused));
+    let scale = fused
+        .abs()
+        .unwrap()
+        .max_keepdim(2)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap() as f64;
+    assert!(
+        max_abs_diff(&fused, &unfused) <= 1e-5 * scale,
+        "{}",
+        max_abs_diff(&fused, &unfused)
+    );
 }
 
 #[test]
@@ -51,8 +92,15 @@ fn changing_token_t_never_changes_outputs_before_t() {
     let mut b = a.clone();
     b[at] = (b[at] + 7) % 50;
     let (la, lb) = (logits(&model, &a, 1), logits(&model, &b, 1));
-    assert_eq!(max_abs_diff(&la.i((.., ..at, ..)).unwrap(), &lb.i((.., ..at, ..)).unwrap()), 0.0, "an earlier position saw token {at}");
-    assert!(max_abs_diff(&la.i((.., at.., ..)).unwrap(), &lb.i((.., at.., ..)).unwrap()) > 1e-6, "the change must be visible from t on");
+    assert_eq!(
+        max_abs_diff(&la.i((.., ..at, ..)).unwrap(), &lb.i((.., ..at, ..)).unwrap()),
+        0.0,
+        "an earlier position saw token {at}"
+    );
+    assert!(
+        max_abs_diff(&la.i((.., at.., ..)).unwrap(), &lb.i((.., at.., ..)).unwrap()) > 1e-6,
+        "the change must be visible from t on"
+    );
     // Far positions see it through the chunk summaries too (chunk of `at` ends at 55).
     assert!(max_abs_diff(&la.i((.., 70.., ..)).unwrap(), &lb.i((.., 70.., ..)).unwrap()) > 1e-9);
 }
@@ -71,7 +119,9 @@ fn a_sequence_cut_anywhere_gives_the_same_logits_as_one_pass() {
         let mut parts = Vec::new();
         let mut from = 0;
         for &to in cuts.iter().chain(std::iter::once(&t)) {
-            let (l, s, _) = model.forward(&all.i((.., from..to)).unwrap(), state.as_deref(), false).unwrap();
+            let (l, s, _) = model
+                .forward(&all.i((.., from..to)).unwrap(), state.as_deref(), false)
+                .unwrap();
             parts.push(l);
             state = Some(s);
             from = to;
@@ -87,9 +137,23 @@ fn a_sequence_cut_anywhere_gives_the_same_logits_as_one_pass() {
 /// it off and UBÖO's own parameters with it on.
 #[test]
 fn whole_model_gradients_match_finite_differences() {
-    let main = ["embed.weight", "blocks.0.in_proj.weight", "blocks.0.mdi.z.fc2.bias", "blocks.0.mdi.k.fc1.weight", "blocks.1.memory.slots", "blocks.1.memory.kv.weight", "blocks.0.out_proj.bias", "blocks.1.ffn.down.weight", "blocks.0.norm1.weight", "norm.weight"];
+    let main = [
+        "embed.weight",
+        "blocks.0.in_proj.weight",
+        "blocks.0.mdi.z.fc2.bias",
+        "blocks.0.mdi.k.fc1.weight",
+        "blocks.1.memory.slots",
+        "blocks.1.memory.kv.weight",
+        "blocks.0.out_proj.bias",
+        "blocks.1.ffn.down.weight",
+        "blocks.0.norm1.weight",
+        "norm.weight",
+    ];
     assert_eq!(check_gradients(0.0, &main), 30);
-    assert_eq!(check_gradients(0.1, &["blocks.1.uboo.fc1.weight", "blocks.0.uboo.fc2.bias"]), 6);
+    assert_eq!(
+        check_gradients(0.1, &["blocks.1.uboo.fc1.weight", "blocks.0.uboo.fc2.bias"]),
+        6
+    );
 }
 
 fn check_gradients(uboo_weight: f64, names: &[&str]) -> usize {
@@ -110,19 +174,31 @@ fn check_gradients(uboo_weight: f64, names: &[&str]) -> usize {
     let mut checked = 0;
     for &name in names {
         let var: &Var = &data[name];
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}")).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"))
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let orig = var.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
         for idx in [0, orig.len() / 2, orig.len() - 1] {
             let eps = 1e-5;
             let at = |delta: f64| {
                 let mut v = orig.clone();
                 v[idx] += delta;
-                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                    .unwrap();
                 loss(&model).to_scalar::<f64>().unwrap()
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
-            assert!((g[idx] - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()), "{name}[{idx}]: analytic {} numeric {numeric}", g[idx]);
+            var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            assert!(
+                (g[idx] - numeric).abs() <= 1e-6 * (1.0 + numeric.abs()),
+                "{name}[{idx}]: analytic {} numeric {numeric}",
+                g[idx]
+            );
             checked += 1;
         }
     }
@@ -134,10 +210,20 @@ fn decay_starts_spread_over_time_scales() {
     let cfg = ModelConfig::preset("tiny", 100).unwrap();
     let (vm, _) = build(&cfg, DType::F32);
     let data = vm.data().lock().unwrap();
-    let z = candle_nn::ops::sigmoid(data["blocks.0.mdi.z.fc2.bias"].as_tensor()).unwrap().to_vec1::<f32>().unwrap();
-    let k = candle_nn::ops::sigmoid(data["blocks.0.mdi.k.fc2.bias"].as_tensor()).unwrap().to_vec1::<f32>().unwrap();
+    let z = candle_nn::ops::sigmoid(data["blocks.0.mdi.z.fc2.bias"].as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let k = candle_nn::ops::sigmoid(data["blocks.0.mdi.k.fc2.bias"].as_tensor())
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     let gamma: Vec<f32> = z.iter().zip(&k).map(|(a, b)| a * b).collect();
-    assert!((gamma[0] - 0.9 * k[0]).abs() < 1e-4 && gamma[63] > 0.995, "{:?}", (gamma[0], gamma[63]));
+    assert!(
+        (gamma[0] - 0.9 * k[0]).abs() < 1e-4 && gamma[63] > 0.995,
+        "{:?}",
+        (gamma[0], gamma[63])
+    );
     assert!(k.iter().all(|&x| x > 0.997), "σ(6) ≈ 0.9975");
 }
 
@@ -146,7 +232,15 @@ fn saved_models_load_by_memory_map_with_metadata_and_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ModelConfig::preset("tiny", 120).unwrap();
     let (vm, model) = build(&cfg, DType::F32);
-    let meta = ModelMeta { role: Role::Base, domain: None, config: cfg.clone(), frozen: vec![], lineage: serde_json::json!({"tool": "test"}), fusion: None, tokenizer: None };
+    let meta = ModelMeta {
+        role: Role::Base,
+        domain: None,
+        config: cfg.clone(),
+        frozen: vec![],
+        lineage: serde_json::json!({"tool": "test"}),
+        fusion: None,
+        tokenizer: None,
+    };
     let path = dir.path().join("base.safetensors");
     save(&path, &varmap_tensors(&vm), &meta).unwrap();
     assert_eq!(read_meta(&path).unwrap(), meta);
@@ -155,7 +249,16 @@ fn saved_models_load_by_memory_map_with_metadata_and_identical_logits() {
     assert_eq!(max_abs_diff(&logits(&model, &toks, 2), &logits(&loaded, &toks, 2)), 0.0);
     // DESIGN §2 names, produced by the module structure.
     let names: Vec<String> = varmap_tensors(&vm).into_iter().map(|(n, _)| n).collect();
-    for n in ["embed.weight", "blocks.1.in_proj.weight", "blocks.0.mdi.z.fc1.bias", "blocks.0.memory.slots", "blocks.0.memory.kv.weight", "blocks.0.memory.out.bias", "blocks.0.ffn.up.weight", "norm.weight"] {
+    for n in [
+        "embed.weight",
+        "blocks.1.in_proj.weight",
+        "blocks.0.mdi.z.fc1.bias",
+        "blocks.0.memory.slots",
+        "blocks.0.memory.kv.weight",
+        "blocks.0.memory.out.bias",
+        "blocks.0.ffn.up.weight",
+        "norm.weight",
+    ] {
         assert!(names.iter().any(|x| x == n), "{n} missing from {names:?}");
     }
 }
@@ -172,7 +275,10 @@ fn fused_models_of_identical_experts_reproduce_the_expert() {
         let fvm = VarMap::new();
         FusedModel::new(&cfg, method, VarBuilder::from_varmap(&fvm, DType::F32, &Device::Cpu)).unwrap();
         initialise(&fvm, &cfg).unwrap();
-        let mut tensors: Vec<(String, Tensor)> = varmap_tensors(&fvm).into_iter().filter(|(n, _)| n.starts_with("fusion.")).collect();
+        let mut tensors: Vec<(String, Tensor)> = varmap_tensors(&fvm)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("fusion."))
+            .collect();
         for (n, t) in varmap_tensors(&vm) {
             if n == "embed.weight" {
                 tensors.push((n, t));
@@ -182,11 +288,26 @@ fn fused_models_of_identical_experts_reproduce_the_expert() {
             }
         }
         let path = dir.path().join("fused.safetensors");
-        let meta = ModelMeta { role: Role::Fused, domain: None, config: cfg.clone(), frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(method), tokenizer: None };
+        let meta = ModelMeta {
+            role: Role::Fused,
+            domain: None,
+            config: cfg.clone(),
+            frozen: vec!["embed.*".into(), "experts.*".into()],
+            lineage: serde_json::Value::Null,
+            fusion: Some(method),
+            tokenizer: None,
+        };
         save(&path, &tensors, &meta).unwrap();
         let (fused, _) = load_fused(&path, &Device::Cpu).unwrap();
-        let got = fused.forward(&Tensor::from_slice(&toks, (1, 50), &Device::Cpu).unwrap(), false).unwrap().0;
-        assert!(max_abs_diff(&want, &got) < 1e-4, "{method:?}: {}", max_abs_diff(&want, &got));
+        let got = fused
+            .forward(&Tensor::from_slice(&toks, (1, 50), &Device::Cpu).unwrap(), false)
+            .unwrap()
+            .0;
+        assert!(
+            max_abs_diff(&want, &got) < 1e-4,
+            "{method:?}: {}",
+            max_abs_diff(&want, &got)
+        );
     }
 }
 
@@ -197,28 +318,77 @@ fn bf16_mixed_precision_keeps_tiny_updates_in_the_f32_master_weights() {
     let cfg = small_cfg(50, 16);
     let dev = Device::Cpu;
     let vm = VarMap::new();
-    let net = Net::Single(MMRecModel::new(&cfg, mmrec_trainer::model::seeded_builder(&vm, 1, DType::F32, &dev)).unwrap());
+    let net =
+        Net::Single(MMRecModel::new(&cfg, mmrec_trainer::model::seeded_builder(&vm, 1, DType::F32, &dev)).unwrap());
     initialise(&vm, &cfg).unwrap();
     let all = Tensor::from_vec(tokens(2, 41, 50, 3), (2, 41), &dev).unwrap();
     let mask = Tensor::ones((2, 40), DType::F32, &dev).unwrap();
     let bf16 = net.in_precision(&vm, Precision::Bf16, &dev).unwrap();
-    let (loss, grads) = loss_and_grads(&bf16, &vm, &all.narrow(1, 0, 40).unwrap(), &all.narrow(1, 1, 40).unwrap(), &mask, false).unwrap();
-    assert!(loss.is_finite() && (loss - 50f64.ln()).abs() < 1.0, "bf16 loss {loss} far from ln V at initialisation");
-    assert!(grads.values().all(|g| g.dtype() == DType::F32), "gradients must reach the f32 master weights as f32");
-    let params: Vec<(String, Var)> = vm.data().lock().unwrap().iter().map(|(n, v)| (n.clone(), v.clone())).collect();
-    let w = params.iter().find(|(n, _)| n == "blocks.0.ffn.up.weight").unwrap().1.clone();
+    let (loss, grads) = loss_and_grads(
+        &bf16,
+        &vm,
+        &all.narrow(1, 0, 40).unwrap(),
+        &all.narrow(1, 1, 40).unwrap(),
+        &mask,
+        false,
+    )
+    .unwrap();
+    assert!(
+        loss.is_finite() && (loss - 50f64.ln()).abs() < 1.0,
+        "bf16 loss {loss} far from ln V at initialisation"
+    );
+    assert!(
+        grads.values().all(|g| g.dtype() == DType::F32),
+        "gradients must reach the f32 master weights as f32"
+    );
+    let params: Vec<(String, Var)> = vm
+        .data()
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(n, v)| (n.clone(), v.clone()))
+        .collect();
+    let w = params
+        .iter()
+        .find(|(n, _)| n == "blocks.0.ffn.up.weight")
+        .unwrap()
+        .1
+        .clone();
     let before = w.as_tensor().copy().unwrap();
     // Adam's first step moves each weight by about lr: 1e-6, far under bf16's spacing
     // (2^-8 relative) for weights of size ~0.1.
-    let mut opt = AdamW::new(params, cfg.n_layers, OptimConfig { weight_decay: 0.0, ..OptimConfig::default() }).unwrap();
+    let mut opt = AdamW::new(
+        params,
+        cfg.n_layers,
+        OptimConfig {
+            weight_decay: 0.0,
+            ..OptimConfig::default()
+        },
+    )
+    .unwrap();
     opt.step(&grads, 1e-6, 1.0).unwrap();
     let moved = max_abs_diff(w.as_tensor(), &before);
     assert!(moved > 5e-7 && moved < 2e-6, "the f32 master weight moved by {moved}");
-    let changed = |a: &Tensor, b: &Tensor| a.ne(b).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let changed = |a: &Tensor, b: &Tensor| {
+        a.ne(b)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
-    let (in_f32, in_bf16) = (changed(w.as_tensor(), &before), changed(&bf16(w.as_tensor()), &bf16(&before)));
+    let (in_f32, in_bf16) = (
+        changed(w.as_tensor(), &before),
+        changed(&bf16(w.as_tensor()), &bf16(&before)),
+    );
     assert!(in_f32 > 0.9, "only {in_f32} of the f32 weights moved");
-    assert!(in_bf16 < 0.05, "{in_bf16} of the weights changed in bf16: the update should vanish there");
+    assert!(
+        in_bf16 < 0.05,
+        "{in_bf16} of the weights changed in bf16: the update should vanish there"
+    );
 }
 
 #[test]
@@ -226,7 +396,15 @@ fn saving_the_same_model_twice_gives_identical_files() {
     let cfg = small_cfg(50, 16);
     let (vm, _) = build(&cfg, DType::F32);
     let dir = tempfile::tempdir().unwrap();
-    let meta = ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: vec!["embed.*".into()], lineage: serde_json::json!({"a": 1, "b": [2, 3]}), fusion: None, tokenizer: None };
+    let meta = ModelMeta {
+        role: Role::Expert,
+        domain: Some("code".into()),
+        config: cfg,
+        frozen: vec!["embed.*".into()],
+        lineage: serde_json::json!({"a": 1, "b": [2, 3]}),
+        fusion: None,
+        tokenizer: None,
+    };
     let files: Vec<Vec<u8>> = (0..4)
         .map(|i| {
             let p = dir.path().join(format!("m{i}.safetensors"));
@@ -234,6 +412,12 @@ fn saving_the_same_model_twice_gives_identical_files() {
             std::fs::read(&p).unwrap()
         })
         .collect();
-    assert!(files.windows(2).all(|w| w[0] == w[1]), "metadata order must not vary between saves");
-    assert_eq!(read_meta(&dir.path().join("m0.safetensors")).unwrap().domain.as_deref(), Some("code"));
+    assert!(
+        files.windows(2).all(|w| w[0] == w[1]),
+        "metadata order must not vary between saves"
+    );
+    assert_eq!(
+        read_meta(&dir.path().join("m0.safetensors")).unwrap().domain.as_deref(),
+        Some("code")
+    );
 }

@@ -23,11 +23,22 @@ fn shards() -> PathBuf {
         let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-test-shards");
         let _ = std::fs::remove_dir_all(&dir);
         let c = fixtures().join("corpora");
-        let inputs = [("wikitext.jsonl", mmrec_schemas::Domain::Text), ("python_stdlib.jsonl", mmrec_schemas::Domain::Code), ("chat.jsonl", mmrec_schemas::Domain::Mixed)]
-            .into_iter()
-            .map(|(f, d)| mmrec_pipeline::InputSpec { path: c.join(f), declared: Some(d) })
-            .collect();
-        let opts = mmrec_pipeline::SplitOptions { shard_docs: 1000, row_group_docs: 16, ..mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir) };
+        let inputs = [
+            ("wikitext.jsonl", mmrec_schemas::Domain::Text),
+            ("python_stdlib.jsonl", mmrec_schemas::Domain::Code),
+            ("chat.jsonl", mmrec_schemas::Domain::Mixed),
+        ]
+        .into_iter()
+        .map(|(f, d)| mmrec_pipeline::InputSpec {
+            path: c.join(f),
+            declared: Some(d),
+        })
+        .collect();
+        let opts = mmrec_pipeline::SplitOptions {
+            shard_docs: 1000,
+            row_group_docs: 16,
+            ..mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir)
+        };
         mmrec_pipeline::split(&opts, &()).unwrap();
         dir
     })
@@ -59,7 +70,11 @@ fn base_args(out: &Path, steps: u64) -> Vec<String> {
 }
 
 fn mmrec_train(cmd: &str, args: &[String]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg(cmd).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-train"))
+        .arg(cmd)
+        .args(args)
+        .output()
+        .unwrap();
     if !out.status.success() {
         eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -81,10 +96,18 @@ fn losses(out: &Path) -> BTreeMap<u64, f64> {
 /// Start `pretrain` with `args` (writing to `out`), SIGKILL it once its checkpoint at
 /// `step` is in place, and check that it had not finished all `steps`.
 fn pretrain_killed_at_checkpoint(args: &[String], out: &Path, step: u64, steps: usize) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(args).stdout(std::process::Stdio::null()).spawn().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train"))
+        .arg("pretrain")
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let latest = out.join("checkpoints/latest");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while std::fs::read_to_string(&latest).map(|s| s.trim() != format!("step-{step:08}")).unwrap_or(true) {
+    while std::fs::read_to_string(&latest)
+        .map(|s| s.trim() != format!("step-{step:08}"))
+        .unwrap_or(true)
+    {
         assert!(std::time::Instant::now() < deadline, "no checkpoint at step {step}");
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
@@ -116,19 +139,39 @@ fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_one_step_for_s
 fn sigterm_saves_a_checkpoint_writes_no_final_model_and_exits_143() {
     let dir = tempfile::tempdir().unwrap();
     let args = base_args(dir.path(), 100_000);
-    let child = Command::new(env!("CARGO_BIN_EXE_mmrec-train")).arg("pretrain").args(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_mmrec-train"))
+        .arg("pretrain")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let metrics = dir.path().join("metrics.jsonl");
-    while std::fs::read_to_string(&metrics).map(|s| s.lines().count() < 3).unwrap_or(true) {
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count() < 3)
+        .unwrap_or(true)
+    {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     unsafe { libc_kill(child.id() as i32, 15) };
     let out = child.wait_with_output().unwrap();
-    assert_eq!(out.status.code(), Some(143), "a script must not take an interrupted run for a finished one");
+    assert_eq!(
+        out.status.code(),
+        Some(143),
+        "a script must not take an interrupted run for a finished one"
+    );
     assert!(String::from_utf8_lossy(&out.stderr).contains("interrupted"));
-    assert!(!dir.path().join("final.safetensors").exists(), "no final model for a partial run");
+    assert!(
+        !dir.path().join("final.safetensors").exists(),
+        "no final model for a partial run"
+    );
     let latest = std::fs::read_to_string(dir.path().join("checkpoints/latest")).unwrap();
     let steps = losses(dir.path()).len();
-    assert_eq!(latest.trim(), format!("step-{steps:08}"), "the checkpoint is at the last step taken");
+    assert_eq!(
+        latest.trim(),
+        format!("step-{steps:08}"),
+        "the checkpoint is at the last step taken"
+    );
 }
 
 extern "C" {
@@ -139,23 +182,51 @@ extern "C" {
 #[test]
 fn finetuning_never_changes_frozen_tensors() {
     let dir = tempfile::tempdir().unwrap();
-    let vocab = mmrec_pipeline::split::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
+    let vocab = mmrec_pipeline::split::read_manifest(&shards())
+        .unwrap()
+        .tokenizer
+        .vocab_size;
     let cfg = ModelConfig::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg).unwrap();
     let frozen = vec!["embed.*".to_string(), "blocks.{0-0}.*".to_string()];
     let init = dir.path().join("expert.safetensors");
-    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Expert, domain: Some("code".into()), config: cfg, frozen: frozen.clone(), lineage: serde_json::Value::Null, fusion: None, tokenizer: None }).unwrap();
+    save(
+        &init,
+        &varmap_tensors(&vm),
+        &ModelMeta {
+            role: Role::Expert,
+            domain: Some("code".into()),
+            config: cfg,
+            frozen: frozen.clone(),
+            lineage: serde_json::Value::Null,
+            fusion: None,
+            tokenizer: None,
+        },
+    )
+    .unwrap();
     let out = dir.path().join("run");
     let mut args = base_args(&out, 5);
-    args.extend(["--init".into(), init.to_string_lossy().into_owned(), "--set".into(), "optim.lr=1e-2".into()]);
+    args.extend([
+        "--init".into(),
+        init.to_string_lossy().into_owned(),
+        "--set".into(),
+        "optim.lr=1e-2".into(),
+    ]);
     assert!(mmrec_train("finetune", &args).status.success());
     let before = candle_core::safetensors::load(&init, &Device::Cpu).unwrap();
     let after = candle_core::safetensors::load(out.join("final.safetensors"), &Device::Cpu).unwrap();
     let (mut same, mut changed) = (0, 0);
     for (name, t) in &before {
-        let diff = (t - &after[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         if frozen.iter().any(|p| glob_match(p, name)) {
             assert_eq!(diff, 0.0, "frozen {name} changed");
             same += 1;
@@ -165,7 +236,10 @@ fn finetuning_never_changes_frozen_tensors() {
     }
     assert!(same > 10 && changed > 10, "{same} frozen, {changed} trained");
     let meta = mmrec_trainer::io::read_meta(&out.join("final.safetensors")).unwrap();
-    assert_eq!((meta.role, meta.domain.as_deref(), meta.frozen), (Role::Expert, Some("code"), frozen));
+    assert_eq!(
+        (meta.role, meta.domain.as_deref(), meta.frozen),
+        (Role::Expert, Some("code"), frozen)
+    );
 }
 
 #[test]
@@ -178,7 +252,17 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 /// With dropout, the recomputed blocks must draw the masks the first pass drew.
 fn checkpointing_matches(dropout: f32) {
     mmrec_trainer::model::set_dropout_seed(99);
-    let cfg = ModelConfig { vocab_size: 40, d_model: 16, n_layers: 3, n_heads: 2, n_slots: 3, chunk_sizes: vec![4, 8], memory_window: 2, dropout, uboo_weight: 0.1 };
+    let cfg = ModelConfig {
+        vocab_size: 40,
+        d_model: 16,
+        n_layers: 3,
+        n_heads: 2,
+        n_slots: 3,
+        chunk_sizes: vec![4, 8],
+        memory_window: 2,
+        dropout,
+        uboo_weight: 0.1,
+    };
     let vm = VarMap::new();
     let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg).unwrap();
@@ -192,8 +276,22 @@ fn checkpointing_matches(dropout: f32) {
     assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
     assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());
     for (name, a) in &g1 {
-        let scale = a.abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap().max(1e-30);
-        let diff = (a - &g2[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f64>().unwrap();
+        let scale = a
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .max(1e-30);
+        let diff = (a - &g2[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
         assert!(diff <= 1e-10 * scale, "{name}: {diff} (scale {scale})");
     }
 }
@@ -203,10 +301,22 @@ fn a_diverging_run_is_caught_by_the_nan_guard() {
     let dir = tempfile::tempdir().unwrap();
     let mut args = base_args(dir.path(), 12);
     // A learning rate that blows the weights up within a few steps.
-    args.extend(["--set".into(), "optim.lr=1e6".into(), "--set".into(), "optim.min_lr=1e5".into(), "--set".into(), "optim.grad_clip=0".into(), "--set".into(), "run.ckpt_every=2".into()]);
+    args.extend([
+        "--set".into(),
+        "optim.lr=1e6".into(),
+        "--set".into(),
+        "optim.min_lr=1e5".into(),
+        "--set".into(),
+        "optim.grad_clip=0".into(),
+        "--set".into(),
+        "run.ckpt_every=2".into(),
+    ]);
     assert!(mmrec_train("pretrain", &args).status.success());
     let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
-    assert!(log.contains("non-finite loss or gradient: step skipped, learning rate halved"), "{log}");
+    assert!(
+        log.contains("non-finite loss or gradient: step skipped, learning rate halved"),
+        "{log}"
+    );
 }
 
 #[test]
@@ -215,11 +325,26 @@ fn early_stopping_ends_a_run_that_stops_improving_and_keeps_the_best() {
     let mut args = base_args(dir.path(), 200);
     // A rate too small to move the validation loss: every evaluation after the first is
     // "no improvement".
-    args.extend(["--set".into(), "optim.lr=1e-12".into(), "--set".into(), "optim.min_lr=1e-12".into(), "--set".into(), "run.eval_every=2".into(), "--set".into(), "run.eval_batches=2".into(), "--set".into(), "optim.early_stop_patience=2".into()]);
+    args.extend([
+        "--set".into(),
+        "optim.lr=1e-12".into(),
+        "--set".into(),
+        "optim.min_lr=1e-12".into(),
+        "--set".into(),
+        "run.eval_every=2".into(),
+        "--set".into(),
+        "run.eval_batches=2".into(),
+        "--set".into(),
+        "optim.early_stop_patience=2".into(),
+    ]);
     let out = mmrec_train("pretrain", &args);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped early"));
-    assert_eq!(losses(dir.path()).len(), 6, "evaluations at 2 (best), 4 and 6 (no improvement): stop at 6");
+    assert_eq!(
+        losses(dir.path()).len(),
+        6,
+        "evaluations at 2 (best), 4 and 6 (no improvement): stop at 6"
+    );
     let best = std::fs::read_to_string(dir.path().join("checkpoints/best")).unwrap();
     assert_eq!(best.trim(), "step-00000002");
     assert!(dir.path().join("checkpoints/step-00000002/model.safetensors").exists());
@@ -227,16 +352,38 @@ fn early_stopping_ends_a_run_that_stops_improving_and_keeps_the_best() {
 
 #[test]
 fn config_errors_name_the_field() {
-    let err = TrainConfig::load(None, &["optim.learning_rate=1".into()]).unwrap_err().to_string();
+    let err = TrainConfig::load(None, &["optim.learning_rate=1".into()])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("learning_rate"), "{err}");
-    let cfg = TrainConfig::load(None, &["optim.lr=1e-4".into(), "optim.min_lr=1e-5".into(), "data.weights=\"code=1\"".into()]).unwrap();
+    let cfg = TrainConfig::load(
+        None,
+        &[
+            "optim.lr=1e-4".into(),
+            "optim.min_lr=1e-5".into(),
+            "data.weights=\"code=1\"".into(),
+        ],
+    )
+    .unwrap();
     assert_eq!((cfg.optim.lr, cfg.data.weights.as_str()), (1e-4, "code=1"));
-    assert!(TrainConfig::load(None, &["optim.min_lr=1".into()]).is_err(), "min_lr above lr is refused");
-    for (bad, field) in [("data.val_permille=2000", "val_permille"), ("optim.plateau_factor=0", "plateau_factor"), ("optim.grad_clip=-1", "grad_clip"), ("model.dropout=1.5", "dropout")] {
+    assert!(
+        TrainConfig::load(None, &["optim.min_lr=1".into()]).is_err(),
+        "min_lr above lr is refused"
+    );
+    for (bad, field) in [
+        ("data.val_permille=2000", "val_permille"),
+        ("optim.plateau_factor=0", "plateau_factor"),
+        ("optim.grad_clip=-1", "grad_clip"),
+        ("model.dropout=1.5", "dropout"),
+    ] {
         let err = TrainConfig::load(None, &[bad.into()]).unwrap_err().to_string();
         assert!(err.contains(field), "{bad}: {err}");
     }
-    assert_eq!(TrainConfig::default().data.weights, "text=0.4,code=0.4,mixed=0.2", "the default the README documents");
+    assert_eq!(
+        TrainConfig::default().data.weights,
+        "text=0.4,code=0.4,mixed=0.2",
+        "the default the README documents"
+    );
 }
 
 #[test]
@@ -246,11 +393,31 @@ fn a_model_file_whose_config_is_invalid_is_refused_with_a_message_not_a_panic() 
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let path = dir.path().join("bad.safetensors");
-    let meta = ModelMeta { role: Role::Base, domain: None, config: ModelConfig { n_heads: 0, ..cfg }, frozen: vec![], lineage: serde_json::json!({}), fusion: None, tokenizer: None };
+    let meta = ModelMeta {
+        role: Role::Base,
+        domain: None,
+        config: ModelConfig { n_heads: 0, ..cfg },
+        frozen: vec![],
+        lineage: serde_json::json!({}),
+        fusion: None,
+        tokenizer: None,
+    };
     save(&path, &varmap_tensors(&vm), &meta).unwrap();
-    let out = mmrec_train("eval", &["--model".into(), path.to_string_lossy().into(), "--data".into(), shards().to_string_lossy().into()]);
+    let out = mmrec_train(
+        "eval",
+        &[
+            "--model".into(),
+            path.to_string_lossy().into(),
+            "--data".into(),
+            shards().to_string_lossy().into(),
+        ],
+    );
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("n_heads"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("n_heads"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -262,19 +429,42 @@ fn resume_follows_out_and_lets_set_extend_the_run_but_not_change_the_model() {
     let before = std::fs::read(first.path().join("metrics.jsonl")).unwrap();
     // A copy of the finished run, resumed with more steps, works in the copy only.
     let copy = moved.path().join("run");
-    std::process::Command::new("cp").args(["-r", first.path().to_str().unwrap(), copy.to_str().unwrap()]).status().unwrap();
+    std::process::Command::new("cp")
+        .args(["-r", first.path().to_str().unwrap(), copy.to_str().unwrap()])
+        .status()
+        .unwrap();
     let mut resume = base_args(&copy, 10);
     resume.extend(["--set".into(), "run.ckpt_every=3".into(), "--resume".into()]);
     let out = mmrec_train("pretrain", &resume);
-    assert!(out.status.success() && String::from_utf8_lossy(&out.stderr).contains("from step 6"), "{}", String::from_utf8_lossy(&out.stderr));
-    let steps: Vec<u64> = std::fs::read_to_string(copy.join("metrics.jsonl")).unwrap().lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().map(|_| 0)).collect();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stderr).contains("from step 6"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<u64> = std::fs::read_to_string(copy.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"]
+                .as_f64()
+                .map(|_| 0)
+        })
+        .collect();
     assert_eq!(steps.len(), 10, "steps 1-10, each logged once");
-    assert_eq!(std::fs::read(first.path().join("metrics.jsonl")).unwrap(), before, "the original run is untouched");
+    assert_eq!(
+        std::fs::read(first.path().join("metrics.jsonl")).unwrap(),
+        before,
+        "the original run is untouched"
+    );
     // What is being trained cannot change on resume.
     let mut changed = base_args(&copy, 12);
     changed.extend(["--set".into(), "data.seq_len=64".into(), "--resume".into()]);
     let out = mmrec_train("pretrain", &changed);
-    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("data.seq_len"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("data.seq_len"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -291,29 +481,69 @@ fn a_kill_during_a_checkpoint_swap_resumes_from_the_newest_complete_checkpoint()
     args.push("--resume".into());
     let out = mmrec_train("pretrain", &args);
     assert!(out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("from step 3"), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!root.join(".tmp-step-00000006-99999").exists(), "stale temporary checkpoints are removed");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("from step 3"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !root.join(".tmp-step-00000006-99999").exists(),
+        "stale temporary checkpoints are removed"
+    );
     assert_eq!(losses(dir.path()).len(), 6);
 }
 
 #[test]
 fn fusion_training_changes_only_the_fusion_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let vocab = mmrec_pipeline::split::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
+    let vocab = mmrec_pipeline::split::read_manifest(&shards())
+        .unwrap()
+        .tokenizer
+        .vocab_size;
     let cfg = ModelConfig::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
-    mmrec_trainer::FusedModel::new(&cfg, mmrec_trainer::FusionMethod::Gated, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
+    mmrec_trainer::FusedModel::new(
+        &cfg,
+        mmrec_trainer::FusionMethod::Gated,
+        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     initialise(&vm, &cfg).unwrap();
     let init = dir.path().join("fused.safetensors");
-    save(&init, &varmap_tensors(&vm), &ModelMeta { role: Role::Fused, domain: None, config: cfg, frozen: vec!["embed.*".into(), "experts.*".into()], lineage: serde_json::Value::Null, fusion: Some(mmrec_trainer::FusionMethod::Gated), tokenizer: None }).unwrap();
+    save(
+        &init,
+        &varmap_tensors(&vm),
+        &ModelMeta {
+            role: Role::Fused,
+            domain: None,
+            config: cfg,
+            frozen: vec!["embed.*".into(), "experts.*".into()],
+            lineage: serde_json::Value::Null,
+            fusion: Some(mmrec_trainer::FusionMethod::Gated),
+            tokenizer: None,
+        },
+    )
+    .unwrap();
     let out = dir.path().join("run");
     let mut args = base_args(&out, 4);
-    args.extend(["--init".into(), init.to_string_lossy().into_owned(), "--set".into(), "optim.lr=1e-2".into()]);
+    args.extend([
+        "--init".into(),
+        init.to_string_lossy().into_owned(),
+        "--set".into(),
+        "optim.lr=1e-2".into(),
+    ]);
     assert!(mmrec_train("fusion", &args).status.success());
     let before = candle_core::safetensors::load(&init, &Device::Cpu).unwrap();
     let after = candle_core::safetensors::load(out.join("final.safetensors"), &Device::Cpu).unwrap();
     for (name, t) in &before {
-        let diff = (t - &after[name]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (t - &after[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert_eq!(diff > 0.0, name.starts_with("fusion."), "{name} changed by {diff}");
     }
 }
@@ -331,7 +561,10 @@ fn a_micro_batch_over_the_memory_limit_is_halved_with_the_same_effective_batch()
     // Four rows of 32 tokens need about 11 MB of activations by the estimate; 6 MB fits two.
     run(halved.path(), &["--set", "run.memory_limit_mb=6"]);
     let log = std::fs::read_to_string(halved.path().join("metrics.jsonl")).unwrap();
-    assert!(log.contains("2 micro-batches of 2 rows per batch (same effective batch)"), "{log}");
+    assert!(
+        log.contains("2 micro-batches of 2 rows per batch (same effective batch)"),
+        "{log}"
+    );
     let (a, b) = (losses(full.path()), losses(halved.path()));
     assert_eq!(a.len(), 4);
     for (step, la) in &a {
@@ -346,54 +579,127 @@ fn models_record_their_tokenizer_and_refuse_shards_of_another() {
     assert!(mmrec_train("pretrain", &base_args(dir.path(), 2)).status.success());
     let (sha, vocab) = mmrec_trainer::train::data_tokenizer(&[shards()]).unwrap();
     let trained = dir.path().join("final.safetensors");
-    assert_eq!(mmrec_trainer::io::read_meta(&trained).unwrap().tokenizer.as_deref(), Some(sha.as_str()));
+    assert_eq!(
+        mmrec_trainer::io::read_meta(&trained).unwrap().tokenizer.as_deref(),
+        Some(sha.as_str())
+    );
     // The same weights claiming another tokenizer of the same size, then another size.
     let cfg = ModelConfig::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let write = |name: &str, config: ModelConfig| {
         let p = dir.path().join(name);
-        save(&p, &varmap_tensors(&vm), &ModelMeta { role: Role::Base, domain: None, config, frozen: vec![], lineage: serde_json::Value::Null, fusion: None, tokenizer: Some("0".repeat(64)) }).unwrap();
+        save(
+            &p,
+            &varmap_tensors(&vm),
+            &ModelMeta {
+                role: Role::Base,
+                domain: None,
+                config,
+                frozen: vec![],
+                lineage: serde_json::Value::Null,
+                fusion: None,
+                tokenizer: Some("0".repeat(64)),
+            },
+        )
+        .unwrap();
         p.to_string_lossy().into_owned()
     };
     let other = write("other-tokenizer.safetensors", cfg.clone());
     let eval = |model: &str, extra: &[&str]| {
-        let mut args: Vec<String> = ["--model", model, "--data", &shards().to_string_lossy(), "--seq-len", "32", "--batch-size", "2", "--max-batches", "1"].map(String::from).to_vec();
+        let mut args: Vec<String> = [
+            "--model",
+            model,
+            "--data",
+            &shards().to_string_lossy(),
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-batches",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
         args.extend(extra.iter().map(|s| s.to_string()));
         mmrec_train("eval", &args)
     };
     let out = eval(&other, &[]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("was trained with tokenizer"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("was trained with tokenizer"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(eval(&other, &["--allow-tokenizer-mismatch"]).status.success());
     let mut finetune = base_args(&dir.path().join("ft"), 1);
     finetune.extend(["--init".into(), other.clone()]);
-    assert!(!mmrec_train("finetune", &finetune).status.success(), "fine-tuning on another tokenizer's shards is refused");
+    assert!(
+        !mmrec_train("finetune", &finetune).status.success(),
+        "fine-tuning on another tokenizer's shards is refused"
+    );
     // Another vocabulary size is refused even when asked to go on: the ids would not fit.
     let vm_big = VarMap::new();
-    let big_cfg = ModelConfig { vocab_size: vocab + 10, ..cfg };
+    let big_cfg = ModelConfig {
+        vocab_size: vocab + 10,
+        ..cfg
+    };
     MMRecModel::new(&big_cfg, VarBuilder::from_varmap(&vm_big, DType::F32, &Device::Cpu)).unwrap();
     let big = dir.path().join("big.safetensors");
-    save(&big, &varmap_tensors(&vm_big), &ModelMeta { role: Role::Base, domain: None, config: big_cfg, frozen: vec![], lineage: serde_json::Value::Null, fusion: None, tokenizer: Some(sha) }).unwrap();
+    save(
+        &big,
+        &varmap_tensors(&vm_big),
+        &ModelMeta {
+            role: Role::Base,
+            domain: None,
+            config: big_cfg,
+            frozen: vec![],
+            lineage: serde_json::Value::Null,
+            fusion: None,
+            tokenizer: Some(sha),
+        },
+    )
+    .unwrap();
     let out = eval(big.to_str().unwrap(), &["--allow-tokenizer-mismatch"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("has a vocabulary of {}", vocab + 10)), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(&format!("has a vocabulary of {}", vocab + 10)),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn runs_with_dropout_repeat_and_resume_exactly() {
-    let (first, second, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (first, second, killed) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     let args = |dir: &Path| {
         let mut a = base_args(dir, 16);
-        a.extend(["--set".into(), "model.dropout=0.2".into(), "--set".into(), "run.ckpt_every=4".into()]);
+        a.extend([
+            "--set".into(),
+            "model.dropout=0.2".into(),
+            "--set".into(),
+            "run.ckpt_every=4".into(),
+        ]);
         a
     };
     assert!(mmrec_train("pretrain", &args(first.path())).status.success());
     assert!(mmrec_train("pretrain", &args(second.path())).status.success());
-    assert_eq!(losses(first.path()), losses(second.path()), "two runs with dropout give the same losses");
+    assert_eq!(
+        losses(first.path()),
+        losses(second.path()),
+        "two runs with dropout give the same losses"
+    );
     pretrain_killed_at_checkpoint(&args(killed.path()), killed.path(), 4, 16);
     let mut resume = args(killed.path());
     resume.push("--resume".into());
     assert!(mmrec_train("pretrain", &resume).status.success());
-    assert_eq!(losses(first.path()), losses(killed.path()), "a resumed run with dropout retraces the uninterrupted one");
+    assert_eq!(
+        losses(first.path()),
+        losses(killed.path()),
+        "a resumed run with dropout retraces the uninterrupted one"
+    );
 }

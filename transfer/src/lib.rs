@@ -32,7 +32,11 @@ pub enum Error {
     Model(String),
     /// The checks failed; the report says which tensors and why.
     #[error("{summary}")]
-    Rejected { summary: String, kind: Rejection, report: Box<Report> },
+    Rejected {
+        summary: String,
+        kind: Rejection,
+        report: Box<Report>,
+    },
 }
 
 /// Why a transfer was refused, each with its own exit code.
@@ -59,7 +63,10 @@ impl Rejection {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io { path: path.to_path_buf(), source }
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -111,22 +118,38 @@ impl Report {
         let mut groups: BTreeMap<(String, String, String, String, bool), Vec<usize>> = BTreeMap::new();
         for r in &self.rows {
             let (template, index) = block_template(&r.target);
-            let status = serde_json::to_value(r.status).expect("status").as_str().unwrap_or("").to_string();
+            let status = serde_json::to_value(r.status)
+                .expect("status")
+                .as_str()
+                .unwrap_or("")
+                .to_string();
             let dtype = match r.from_dtype {
                 Some(f) if f != r.to_dtype => format!("{f}→{}", r.to_dtype),
                 _ => r.to_dtype.to_string(),
             };
-            groups.entry((template, status, format!("{:?}", r.shape), dtype, r.frozen)).or_default().extend(index);
+            groups
+                .entry((template, status, format!("{:?}", r.shape), dtype, r.frozen))
+                .or_default()
+                .extend(index);
         }
         let mut ordered: Vec<_> = groups.iter().collect();
         ordered.sort_by_key(|((template, ..), idx)| (template.clone(), idx.iter().min().copied()));
         let mut out = String::new();
         for ((template, status, shape, dtype, frozen), idx) in ordered {
-            let name = if idx.is_empty() { template.clone() } else { template.replacen("{}", &format!("{{{}}}", ranges(idx)), 1) };
-            out.push_str(&format!("{name:<44} {status:<12} {shape:<14} {dtype:<9}{}\n", if *frozen { " frozen" } else { "" }));
+            let name = if idx.is_empty() {
+                template.clone()
+            } else {
+                template.replacen("{}", &format!("{{{}}}", ranges(idx)), 1)
+            };
+            out.push_str(&format!(
+                "{name:<44} {status:<12} {shape:<14} {dtype:<9}{}\n",
+                if *frozen { " frozen" } else { "" }
+            ));
         }
         for (t, n) in &self.overflows {
-            out.push_str(&format!("warning: {n} values of {t} overflowed to ±inf in the conversion\n"));
+            out.push_str(&format!(
+                "warning: {n} values of {t} overflowed to ±inf in the conversion\n"
+            ));
         }
         let all = self.trainable_params + self.frozen_params;
         out.push_str(&format!(
@@ -134,7 +157,11 @@ impl Report {
             self.trainable_params,
             self.frozen_params,
             all,
-            if all > 0 { 100.0 * self.trainable_params as f64 / all as f64 } else { 0.0 }
+            if all > 0 {
+                100.0 * self.trainable_params as f64 / all as f64
+            } else {
+                0.0
+            }
         ));
         out
     }
@@ -151,7 +178,11 @@ fn ranges(idx: &[usize]) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        parts.push(if i == j { v[i].to_string() } else { format!("{}..{}", v[i], v[j]) });
+        parts.push(if i == j {
+            v[i].to_string()
+        } else {
+            format!("{}..{}", v[i], v[j])
+        });
         i = j + 1;
     }
     parts.join(",")
@@ -188,7 +219,10 @@ impl LayerMap {
             let bad = || Error::Usage(format!("--layers: {part:?} is not N or A-B"));
             match part.split_once('-') {
                 Some((a, b)) => {
-                    let (a, b): (usize, usize) = (a.trim().parse().map_err(|_| bad())?, b.trim().parse().map_err(|_| bad())?);
+                    let (a, b): (usize, usize) = (
+                        a.trim().parse().map_err(|_| bad())?,
+                        b.trim().parse().map_err(|_| bad())?,
+                    );
                     if a > b {
                         return Err(bad());
                     }
@@ -205,12 +239,20 @@ impl LayerMap {
 
     /// `blocks.{i} <- blocks.{EXPR}` where EXPR is affine in i: `i`, `2*i`, `i+3`, `2*i-1`.
     pub fn parse_map(s: &str, n: usize) -> Result<Self> {
-        let bad = |m: &str| Error::Usage(format!("--map {s:?}: {m} (expected 'blocks.{{i}} <- blocks.{{2*i+1}}')"));
+        let bad = |m: &str| {
+            Error::Usage(format!(
+                "--map {s:?}: {m} (expected 'blocks.{{i}} <- blocks.{{2*i+1}}')"
+            ))
+        };
         let (lhs, rhs) = s.split_once("<-").ok_or_else(|| bad("no `<-`"))?;
         if lhs.trim() != "blocks.{i}" {
             return Err(bad("the left side must be blocks.{i}"));
         }
-        let expr = rhs.trim().strip_prefix("blocks.{").and_then(|r| r.strip_suffix('}')).ok_or_else(|| bad("the right side must be blocks.{EXPR}"))?;
+        let expr = rhs
+            .trim()
+            .strip_prefix("blocks.{")
+            .and_then(|r| r.strip_suffix('}'))
+            .ok_or_else(|| bad("the right side must be blocks.{EXPR}"))?;
         let e: String = expr.chars().filter(|c| !c.is_whitespace()).collect();
         let (scale_part, offset) = match e.find(['+', '-']).filter(|&p| p > 0) {
             Some(p) => (&e[..p], e[p..].parse::<i64>().map_err(|_| bad("bad offset"))?),
@@ -218,7 +260,10 @@ impl LayerMap {
         };
         let a = match scale_part {
             "i" => 1,
-            other => other.strip_suffix("*i").and_then(|k| k.parse::<i64>().ok()).ok_or_else(|| bad("bad scale"))?,
+            other => other
+                .strip_suffix("*i")
+                .and_then(|k| k.parse::<i64>().ok())
+                .ok_or_else(|| bad("bad scale"))?,
         };
         Ok(LayerMap::Affine { a, b: offset, n })
     }
@@ -233,7 +278,10 @@ impl LayerMap {
             .enumerate()
             .map(|(i, &s)| {
                 if s < 0 || s as usize >= source_layers {
-                    Err(Error::Usage(format!("target block {i} maps to source block {s}, but the source has blocks 0..{}", source_layers.saturating_sub(1))))
+                    Err(Error::Usage(format!(
+                        "target block {i} maps to source block {s}, but the source has blocks 0..{}",
+                        source_layers.saturating_sub(1)
+                    )))
                 } else {
                     Ok(s as usize)
                 }
@@ -285,10 +333,16 @@ pub enum Persist {
 
 /// One tensor of the output and where its bytes come from.
 enum Plan {
-    Copy { file: usize, info: TensorInfo },
+    Copy {
+        file: usize,
+        info: TensorInfo,
+    },
     Init(InitPolicy),
     /// Mean of the same tensor in two files (the fused model's shared embedding).
-    Mean { a: (usize, TensorInfo), b: (usize, TensorInfo) },
+    Mean {
+        a: (usize, TensorInfo),
+        b: (usize, TensorInfo),
+    },
     /// Explicit f32 values (fusion layer initialisation).
     Values(Vec<f32>),
 }
@@ -301,7 +355,8 @@ struct Output {
 }
 
 fn source_meta(h: &Header) -> Result<ModelMeta> {
-    let map: std::collections::HashMap<String, String> = h.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    let map: std::collections::HashMap<String, String> =
+        h.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     ModelMeta::from_map(&h.path, &map).map_err(|e| Error::Model(e.to_string()))
 }
 
@@ -309,11 +364,17 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
     let header = read_header(&opts.source)?;
     let meta = source_meta(&header)?;
     if meta.role == Role::Fused {
-        return Err(Error::Usage(format!("{} is a fused model; expert transfer takes a base or expert", opts.source.display())));
+        return Err(Error::Usage(format!(
+            "{} is a fused model; expert transfer takes a base or expert",
+            opts.source.display()
+        )));
     }
     let src_layers = meta.config.n_layers;
     let mapping = opts.layers.targets(src_layers)?;
-    let cfg = ModelConfig { n_layers: mapping.len(), ..meta.config.clone() };
+    let cfg = ModelConfig {
+        n_layers: mapping.len(),
+        ..meta.config.clone()
+    };
     let expected = tensor_names(&cfg, None).map_err(|e| Error::Model(e.to_string()))?;
     check_freeze_patterns(&opts.freeze, &expected)?;
 
@@ -328,14 +389,27 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
             None => name.clone(),
         };
         let frozen = opts.freeze.iter().any(|p| glob_match(p, name));
-        let mut row = Row { target: name.clone(), source: Some(src_name.clone()), status: Status::Copied, shape: shape.clone(), from_dtype: None, to_dtype: "F32", frozen };
+        let mut row = Row {
+            target: name.clone(),
+            source: Some(src_name.clone()),
+            status: Status::Copied,
+            shape: shape.clone(),
+            from_dtype: None,
+            to_dtype: "F32",
+            frozen,
+        };
         match header.tensors.get(&src_name) {
             None => {
                 row.source = None;
                 match opts.init.iter().find(|(p, _)| glob_match(p, name)) {
                     Some((_, policy)) => {
                         row.status = Status::Initialised;
-                        outputs.push(Output { name: name.clone(), shape: shape.clone(), dtype: opts.dtype.unwrap_or(Dtype::F32), plan: Plan::Init(*policy) });
+                        outputs.push(Output {
+                            name: name.clone(),
+                            shape: shape.clone(),
+                            dtype: opts.dtype.unwrap_or(Dtype::F32),
+                            plan: Plan::Init(*policy),
+                        });
                     }
                     None => row.status = Status::Missing,
                 }
@@ -358,7 +432,15 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
                 if row.status == Status::ShapeMismatch {
                     row.shape = info.shape.clone();
                 }
-                outputs.push(Output { name: name.clone(), shape, dtype: to, plan: Plan::Copy { file: 0, info: info.clone() } });
+                outputs.push(Output {
+                    name: name.clone(),
+                    shape,
+                    dtype: to,
+                    plan: Plan::Copy {
+                        file: 0,
+                        info: info.clone(),
+                    },
+                });
             }
         }
         rows.push(row);
@@ -370,10 +452,26 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
         }
         let (_, index) = block_template(name);
         let status = match index {
-            Some(i) if i < src_layers && !kept.contains(&i) && expected.iter().any(|(n, _)| block_template(n).0 == block_template(name).0) => Status::Skipped,
+            Some(i)
+                if i < src_layers
+                    && !kept.contains(&i)
+                    && expected
+                        .iter()
+                        .any(|(n, _)| block_template(n).0 == block_template(name).0) =>
+            {
+                Status::Skipped
+            }
             _ => Status::Unexpected,
         };
-        rows.push(Row { target: name.clone(), source: Some(name.clone()), status, shape: info.shape.clone(), from_dtype: Some(info.dtype.name()), to_dtype: info.dtype.name(), frozen: false });
+        rows.push(Row {
+            target: name.clone(),
+            source: Some(name.clone()),
+            status,
+            shape: info.shape.clone(),
+            from_dtype: Some(info.dtype.name()),
+            to_dtype: info.dtype.name(),
+            frozen: false,
+        });
     }
     let out_meta = ModelMeta {
         role: Role::Expert,
@@ -384,7 +482,15 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
         fusion: None,
         tokenizer: meta.tokenizer.clone(),
     };
-    finish(&[&header], rows, outputs, &out_meta, &opts.out, opts.persist, &header.metadata)
+    finish(
+        &[&header],
+        rows,
+        outputs,
+        &out_meta,
+        &opts.out,
+        opts.persist,
+        &header.metadata,
+    )
 }
 
 #[derive(Debug, Clone)]
@@ -409,7 +515,11 @@ pub enum EmbedChoice {
 pub fn fuse(opts: &FuseOptions) -> Result<Report> {
     let (ht, hc) = (read_header(&opts.text)?, read_header(&opts.code)?);
     let (mt, mc) = (source_meta(&ht)?, source_meta(&hc)?);
-    let comparable = |c: &ModelConfig| ModelConfig { dropout: 0.0, uboo_weight: 0.0, ..c.clone() };
+    let comparable = |c: &ModelConfig| ModelConfig {
+        dropout: 0.0,
+        uboo_weight: 0.0,
+        ..c.clone()
+    };
     if comparable(&mt.config) != comparable(&mc.config) {
         return Err(Error::Usage(format!(
             "the experts are not compatible: {} has {:?}, {} has {:?} (width, layers, heads, memory and vocabulary must match)",
@@ -421,10 +531,15 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
     }
     if let (Some(a), Some(b)) = (ht.metadata.get("tokenizer"), hc.metadata.get("tokenizer")) {
         if a != b {
-            return Err(Error::Usage(format!("the experts were trained with different tokenizers ({a} and {b})")));
+            return Err(Error::Usage(format!(
+                "the experts were trained with different tokenizers ({a} and {b})"
+            )));
         }
     }
-    let cfg = ModelConfig { uboo_weight: 0.0, ..mt.config.clone() };
+    let cfg = ModelConfig {
+        uboo_weight: 0.0,
+        ..mt.config.clone()
+    };
     let d = cfg.d_model;
     let expected = tensor_names(&cfg, Some(opts.method)).map_err(|e| Error::Model(e.to_string()))?;
     let mut rows = Vec::new();
@@ -432,7 +547,15 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
     let lookup = |h: &Header, name: &str| h.tensors.get(name).cloned();
     for (name, shape) in &expected {
         let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
-        let mut row = Row { target: name.clone(), source: None, status: Status::Copied, shape: shape.clone(), from_dtype: Some("F32"), to_dtype: "F32", frozen: !name.starts_with("fusion.") };
+        let mut row = Row {
+            target: name.clone(),
+            source: None,
+            status: Status::Copied,
+            shape: shape.clone(),
+            from_dtype: Some("F32"),
+            to_dtype: "F32",
+            frozen: !name.starts_with("fusion."),
+        };
         let plan = if let Some(rest) = name.strip_prefix("experts.text.") {
             row.source = Some(format!("{}:{rest}", opts.text.display()));
             lookup(&ht, rest).map(|i| (0, i))
@@ -459,7 +582,11 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
                     row.source = Some("mean of both experts".into());
                     Some((Dtype::F32, Plan::Mean { a: (0, a), b: (1, b) }))
                 }
-                (Some(_), Some(_), EmbedChoice::Mean) => return Err(Error::Usage("--embed mean needs f32 embeddings; pick --embed text or code".into())),
+                (Some(_), Some(_), EmbedChoice::Mean) => {
+                    return Err(Error::Usage(
+                        "--embed mean needs f32 embeddings; pick --embed text or code".into(),
+                    ))
+                }
                 _ => None,
             },
             ("fusion.proj.weight", None) => {
@@ -480,7 +607,12 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
             _ => None,
         };
         match output_plan {
-            Some((dtype, plan)) => outputs.push(Output { name: name.clone(), shape, dtype, plan }),
+            Some((dtype, plan)) => outputs.push(Output {
+                name: name.clone(),
+                shape,
+                dtype,
+                plan,
+            }),
             None => row.status = Status::Missing,
         }
         rows.push(row);
@@ -500,7 +632,9 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
 fn check_freeze_patterns(patterns: &[String], expected: &[(String, Vec<usize>)]) -> Result<()> {
     for p in patterns {
         if !expected.iter().any(|(n, _)| glob_match(p, n)) {
-            return Err(Error::Usage(format!("--freeze {p:?} matches no tensor of the target model (names look like blocks.0.ffn.up.weight)")));
+            return Err(Error::Usage(format!(
+                "--freeze {p:?} matches no tensor of the target model (names look like blocks.0.ffn.up.weight)"
+            )));
         }
     }
     Ok(())
@@ -514,8 +648,17 @@ fn tool_version() -> String {
 
 /// Decide, then (unless dry-run) write: header with the sources' sha256 filled in after a
 /// parallel hash of each source, tensor bytes streamed from memory maps, temp + rename.
-fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &ModelMeta, out: &Path, persist: Persist, source_metadata: &BTreeMap<String, String>) -> Result<Report> {
-    let frozen_names: std::collections::BTreeSet<&str> = rows.iter().filter(|r| r.frozen).map(|r| r.target.as_str()).collect();
+fn finish(
+    sources: &[&Header],
+    rows: Vec<Row>,
+    outputs: Vec<Output>,
+    meta: &ModelMeta,
+    out: &Path,
+    persist: Persist,
+    source_metadata: &BTreeMap<String, String>,
+) -> Result<Report> {
+    let frozen_names: std::collections::BTreeSet<&str> =
+        rows.iter().filter(|r| r.frozen).map(|r| r.target.as_str()).collect();
     let (mut trainable, mut frozen) = (0u64, 0u64);
     for o in &outputs {
         let n: u64 = o.shape.iter().product();
@@ -525,12 +668,45 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
             trainable += n;
         }
     }
-    let mut report = Report { source: sources.iter().map(|h| h.path.display().to_string()).collect(), out: Some(out.display().to_string()), rows, trainable_params: trainable, frozen_params: frozen, overflows: BTreeMap::new(), written: false };
-    for (status, kind, what) in [(Status::ShapeMismatch, Rejection::ShapeMismatch, "shape mismatch"), (Status::Missing, Rejection::Missing, "missing from the source (use --allow-partial with --init PATTERN=zeros|ones)"), (Status::Unexpected, Rejection::Unexpected, "in the source but not in the target model")] {
-        let bad: Vec<&str> = report.rows.iter().filter(|r| r.status == status).map(|r| r.target.as_str()).collect();
+    let mut report = Report {
+        source: sources.iter().map(|h| h.path.display().to_string()).collect(),
+        out: Some(out.display().to_string()),
+        rows,
+        trainable_params: trainable,
+        frozen_params: frozen,
+        overflows: BTreeMap::new(),
+        written: false,
+    };
+    for (status, kind, what) in [
+        (Status::ShapeMismatch, Rejection::ShapeMismatch, "shape mismatch"),
+        (
+            Status::Missing,
+            Rejection::Missing,
+            "missing from the source (use --allow-partial with --init PATTERN=zeros|ones)",
+        ),
+        (
+            Status::Unexpected,
+            Rejection::Unexpected,
+            "in the source but not in the target model",
+        ),
+    ] {
+        let bad: Vec<&str> = report
+            .rows
+            .iter()
+            .filter(|r| r.status == status)
+            .map(|r| r.target.as_str())
+            .collect();
         if !bad.is_empty() {
-            let summary = format!("{} tensors {what}: {}", bad.len(), bad.iter().take(6).copied().collect::<Vec<_>>().join(", "));
-            return Err(Error::Rejected { summary, kind, report: Box::new(report) });
+            let summary = format!(
+                "{} tensors {what}: {}",
+                bad.len(),
+                bad.iter().take(6).copied().collect::<Vec<_>>().join(", ")
+            );
+            return Err(Error::Rejected {
+                summary,
+                kind,
+                report: Box::new(report),
+            });
         }
     }
     let maps: Vec<memmap2::Mmap> = sources
@@ -542,7 +718,11 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
             unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io_err(&h.path))
         })
         .collect::<Result<_>>()?;
-    let rejected_non_finite = |summary: String, report: Report| Error::Rejected { summary, kind: Rejection::NonFinite, report: Box::new(report) };
+    let rejected_non_finite = |summary: String, report: Report| Error::Rejected {
+        summary,
+        kind: Rejection::NonFinite,
+        report: Box::new(report),
+    };
     if persist == Persist::DryRun {
         // What a write would count while converting, counted into a scratch buffer.
         let mut scratch = Vec::new();
@@ -568,10 +748,17 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
     let mut offset = 0u64;
     for o in &outputs {
         let len = o.shape.iter().product::<u64>() * o.dtype.size();
-        hdr.insert(o.name.clone(), serde_json::json!({"dtype": o.dtype.name(), "shape": o.shape, "data_offsets": [offset, offset + len]}));
+        hdr.insert(
+            o.name.clone(),
+            serde_json::json!({"dtype": o.dtype.name(), "shape": o.shape, "data_offsets": [offset, offset + len]}),
+        );
         offset += len;
     }
-    let mut md: serde_json::Map<String, serde_json::Value> = meta.to_map().into_iter().map(|(k, v)| (k, serde_json::Value::String(v))).collect();
+    let mut md: serde_json::Map<String, serde_json::Value> = meta
+        .to_map()
+        .into_iter()
+        .map(|(k, v)| (k, serde_json::Value::String(v)))
+        .collect();
     if let Some(t) = source_metadata.get("tokenizer") {
         md.insert("tokenizer".into(), serde_json::Value::String(t.clone()));
     }
@@ -580,13 +767,19 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
     while (hjson.len() + 8) % 8 != 0 {
         hjson.push(' ');
     }
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
     // Outer error: I/O; inner: the first non-finite tensor, found while writing (each
     // tensor is checked just before it is copied, while its pages are hot).
     let result = std::thread::scope(|s| -> Result<Result<(), String>> {
         // Hash the sources on another core while this one writes.
-        let hashers: Vec<_> = maps.iter().map(|m| s.spawn(move || crate::hex(&Sha256::digest(&m[..])))).collect();
+        let hashers: Vec<_> = maps
+            .iter()
+            .map(|m| s.spawn(move || crate::hex(&Sha256::digest(&m[..]))))
+            .collect();
         let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
         f.write_all(&(hjson.len() as u64).to_le_bytes()).map_err(io_err(&tmp))?;
         f.write_all(hjson.as_bytes()).map_err(io_err(&tmp))?;
@@ -599,7 +792,10 @@ fn finish(sources: &[&Header], rows: Vec<Row>, outputs: Vec<Output>, meta: &Mode
                 report.overflows.insert(o.name.clone(), overflows);
             }
         }
-        let mut f = f.into_inner().map_err(|e| Error::Io { path: tmp.clone(), source: e.into_error() })?;
+        let mut f = f.into_inner().map_err(|e| Error::Io {
+            path: tmp.clone(),
+            source: e.into_error(),
+        })?;
         if persist == Persist::Durable {
             // Flush the tensors while the sources are still being hashed; only the header
             // page is left for the final sync.
@@ -655,7 +851,9 @@ fn slice<'a>(maps: &'a [memmap2::Mmap], sources: &[&Header], file: usize, info: 
 fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> std::io::Result<u64> {
     let n = o.shape.iter().product::<u64>() as usize;
     match &o.plan {
-        Plan::Copy { file, info } if info.dtype == o.dtype => f.write_all(slice(maps, sources, *file, info)).map(|()| 0),
+        Plan::Copy { file, info } if info.dtype == o.dtype => {
+            f.write_all(slice(maps, sources, *file, info)).map(|()| 0)
+        }
         Plan::Copy { file, info } => {
             let mut buf = Vec::with_capacity(1 << 20);
             let mut overflows = 0;
@@ -685,7 +883,9 @@ fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[mem
             }
             f.write_all(&buf).map(|()| 0)
         }
-        Plan::Values(v) => f.write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>()).map(|()| 0),
+        Plan::Values(v) => f
+            .write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+            .map(|()| 0),
     }
 }
 
@@ -700,7 +900,13 @@ fn convert(bytes: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) -> u64 {
     // tensor-sized buffer would cost a fresh allocation and its page faults per chunk), and
     // bytes go in and out with plain loops (the source may sit at any alignment).
     const BLOCK: usize = 1024;
-    fn narrow<H: Copy + Default>(bytes: &[u8], out: &mut Vec<u8>, convert: impl Fn(&mut [H], &[f32]), to_bits: impl Fn(H) -> u16, inf: u16) -> u64 {
+    fn narrow<H: Copy + Default>(
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        convert: impl Fn(&mut [H], &[f32]),
+        to_bits: impl Fn(H) -> u16,
+        inf: u16,
+    ) -> u64 {
         let (mut values, mut halves) = ([0f32; BLOCK], [H::default(); BLOCK]);
         let mut overflows = 0;
         out.reserve(bytes.len() / 2);
@@ -720,7 +926,12 @@ fn convert(bytes: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) -> u64 {
         }
         overflows
     }
-    fn widen<H: Copy + Default>(bytes: &[u8], out: &mut Vec<u8>, from_bits: impl Fn(u16) -> H, convert: impl Fn(&[H], &mut [f32])) -> u64 {
+    fn widen<H: Copy + Default>(
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        from_bits: impl Fn(u16) -> H,
+        convert: impl Fn(&[H], &mut [f32]),
+    ) -> u64 {
         let (mut halves, mut values) = ([H::default(); BLOCK], [0f32; BLOCK]);
         out.reserve(bytes.len() * 2);
         for block in bytes.chunks(2 * BLOCK) {
@@ -738,8 +949,20 @@ fn convert(bytes: &[u8], from: Dtype, to: Dtype, out: &mut Vec<u8>) -> u64 {
         0
     }
     match (from, to) {
-        (Dtype::F32, Dtype::BF16) => narrow(bytes, out, |h: &mut [u16], v: &[f32]| h.iter_mut().zip(v).for_each(|(h, &v)| *h = bf16_bits(v)), |h| h, 0x7f80),
-        (Dtype::F32, Dtype::F16) => narrow(bytes, out, <[half::f16]>::convert_from_f32_slice, half::f16::to_bits, 0x7c00),
+        (Dtype::F32, Dtype::BF16) => narrow(
+            bytes,
+            out,
+            |h: &mut [u16], v: &[f32]| h.iter_mut().zip(v).for_each(|(h, &v)| *h = bf16_bits(v)),
+            |h| h,
+            0x7f80,
+        ),
+        (Dtype::F32, Dtype::F16) => narrow(
+            bytes,
+            out,
+            <[half::f16]>::convert_from_f32_slice,
+            half::f16::to_bits,
+            0x7c00,
+        ),
         (Dtype::BF16, Dtype::F32) => widen(bytes, out, half::bf16::from_bits, <[half::bf16]>::convert_to_f32_slice),
         (Dtype::F16, Dtype::F32) => widen(bytes, out, half::f16::from_bits, <[half::f16]>::convert_to_f32_slice),
         _ => {
@@ -805,7 +1028,11 @@ fn f32_round_to_odd(v: f64) -> f32 {
     if !f.is_finite() || f as f64 == v {
         return f;
     }
-    let toward_zero = if (f as f64).abs() > v.abs() { f32::from_bits(f.to_bits() - 1) } else { f };
+    let toward_zero = if (f as f64).abs() > v.abs() {
+        f32::from_bits(f.to_bits() - 1)
+    } else {
+        f
+    };
     f32::from_bits(toward_zero.to_bits() | 1)
 }
 
@@ -818,7 +1045,13 @@ fn non_finite(o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> Option
         Plan::Init(_) | Plan::Values(_) => return None,
     };
     inputs.into_iter().find_map(|(file, info)| {
-        first_non_finite(slice(maps, sources, file, info), info.dtype).map(|i| format!("tensor `{}` of {} has a non-finite value at element {i}", o.name, sources[file].path.display()))
+        first_non_finite(slice(maps, sources, file, info), info.dtype).map(|i| {
+            format!(
+                "tensor `{}` of {} has a non-finite value at element {i}",
+                o.name,
+                sources[file].path.display()
+            )
+        })
     })
 }
 
@@ -829,13 +1062,19 @@ fn first_non_finite(bytes: &[u8], dtype: Dtype) -> Option<usize> {
     const BLOCK: usize = 4096;
     // Written per width so that each folds to a vectorised OR over whole registers.
     fn any16(block: &[u8], mask: u16) -> bool {
-        block.chunks_exact(2).fold(false, |acc, c| acc | (u16::from_le_bytes([c[0], c[1]]) & mask == mask))
+        block
+            .chunks_exact(2)
+            .fold(false, |acc, c| acc | (u16::from_le_bytes([c[0], c[1]]) & mask == mask))
     }
     fn any32(block: &[u8], mask: u32) -> bool {
-        block.chunks_exact(4).fold(false, |acc, c| acc | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & mask == mask))
+        block.chunks_exact(4).fold(false, |acc, c| {
+            acc | (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & mask == mask)
+        })
     }
     fn any64(block: &[u8], mask: u64) -> bool {
-        block.chunks_exact(8).fold(false, |acc, c| acc | (u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) & mask == mask))
+        block.chunks_exact(8).fold(false, |acc, c| {
+            acc | (u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) & mask == mask)
+        })
     }
     let size = dtype.size() as usize;
     for (k, block) in bytes.chunks(size * BLOCK).enumerate() {
@@ -871,11 +1110,29 @@ pub fn inspect(path: &Path) -> Result<Inspection> {
     for (name, t) in &h.tensors {
         let (template, _) = block_template(name);
         // Module = the name without its index and last component: blocks.{}.ffn.up
-        let module = template.rsplit_once('.').map_or(template.clone(), |(m, _)| m.to_string());
+        let module = template
+            .rsplit_once('.')
+            .map_or(template.clone(), |(m, _)| m.to_string());
         *by_module.entry(module).or_default() += t.elements();
     }
-    let metadata = h.metadata.iter().map(|(k, v)| (k.clone(), serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone())))).collect();
-    Ok(Inspection { path: path.display().to_string(), bytes, total_params: h.tensors.values().map(TensorInfo::elements).sum(), tensors: h.tensors, params_by_module: by_module, metadata })
+    let metadata = h
+        .metadata
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                serde_json::from_str(v).unwrap_or_else(|_| serde_json::Value::String(v.clone())),
+            )
+        })
+        .collect();
+    Ok(Inspection {
+        path: path.display().to_string(),
+        bytes,
+        total_params: h.tensors.values().map(TensorInfo::elements).sum(),
+        tensors: h.tensors,
+        params_by_module: by_module,
+        metadata,
+    })
 }
 
 #[cfg(test)]
@@ -898,7 +1155,13 @@ mod tests {
             return magnitude == inf_magnitude && target >= overflow_at;
         }
         let d = (target - to_f64(magnitude)).abs();
-        [magnitude.checked_sub(1), Some(magnitude + 1).filter(|&n| n < inf_magnitude)].into_iter().flatten().all(|n| {
+        [
+            magnitude.checked_sub(1),
+            Some(magnitude + 1).filter(|&n| n < inf_magnitude),
+        ]
+        .into_iter()
+        .flatten()
+        .all(|n| {
             let dn = (target - to_f64(n)).abs();
             d < dn || (d == dn && magnitude % 2 == 0)
         })
@@ -908,7 +1171,27 @@ mod tests {
     fn narrowing_rounds_to_nearest_even_and_counts_exact_overflows() {
         // Edges (largest finite values, halfway cases around each format's overflow
         // threshold, subnormals, signed zeros) and 200 000 random finite bit patterns.
-        let mut values: Vec<f32> = vec![0.0, -0.0, 1.0, -1.0, f32::MAX, f32::MIN_POSITIVE, 1e-45, 65504.0, 65519.0, 65520.0, -65520.0, 6e-8, 3e-8, 3.3895e38, 3.3896e38, 1.0 + f32::EPSILON, f32::from_bits(0x7f64_8004), f32::from_bits(0x3f80_8000), f32::from_bits(0x3f81_8000)];
+        let mut values: Vec<f32> = vec![
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            1e-45,
+            65504.0,
+            65519.0,
+            65520.0,
+            -65520.0,
+            6e-8,
+            3e-8,
+            3.3895e38,
+            3.3896e38,
+            1.0 + f32::EPSILON,
+            f32::from_bits(0x7f64_8004),
+            f32::from_bits(0x3f80_8000),
+            f32::from_bits(0x3f81_8000),
+        ];
         let mut state = 0x2545_f491_4f6c_dd1du64;
         while values.len() < 200_000 {
             state ^= state << 13;
@@ -921,14 +1204,21 @@ mod tests {
         }
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         type Format = (Dtype, fn(u16) -> f64, u16);
-        let formats: [Format; 2] = [(Dtype::BF16, |b| half::bf16::from_bits(b).to_f64(), 0x7f80), (Dtype::F16, |b| half::f16::from_bits(b).to_f64(), 0x7c00)];
+        let formats: [Format; 2] = [
+            (Dtype::BF16, |b| half::bf16::from_bits(b).to_f64(), 0x7f80),
+            (Dtype::F16, |b| half::f16::from_bits(b).to_f64(), 0x7c00),
+        ];
         for (to, to_f64, inf_magnitude) in formats {
             let mut out = Vec::new();
             let overflows = convert(&bytes, Dtype::F32, to, &mut out);
             let mut expected_overflows = 0;
             for (v, c) in values.iter().zip(out.chunks_exact(2)) {
                 let bits = u16::from_le_bytes([c[0], c[1]]);
-                assert!(is_nearest(*v as f64, bits, to_f64, inf_magnitude), "f32 → {to:?}: {v:e} ({:#010x}) gave {bits:#06x}", v.to_bits());
+                assert!(
+                    is_nearest(*v as f64, bits, to_f64, inf_magnitude),
+                    "f32 → {to:?}: {v:e} ({:#010x}) gave {bits:#06x}",
+                    v.to_bits()
+                );
                 expected_overflows += u64::from(bits & 0x7fff == inf_magnitude);
             }
             assert_eq!(overflows, expected_overflows, "f32 → {to:?}");
@@ -948,14 +1238,22 @@ mod tests {
             state ^= state >> 7;
             state ^= state << 17;
             let (mantissa, exponent) = (state >> 12, (state % 300) as i32 - 150);
-            wide.push(f64::from_bits(0x3ff0_0000_0000_0000 | mantissa) * 2f64.powi(exponent) * if state & 1 == 0 { 1.0 } else { -1.0 });
+            wide.push(
+                f64::from_bits(0x3ff0_0000_0000_0000 | mantissa)
+                    * 2f64.powi(exponent)
+                    * if state & 1 == 0 { 1.0 } else { -1.0 },
+            );
         }
         for (to, to_f64, inf_magnitude) in formats {
             for &v in &wide {
                 let mut out = Vec::new();
                 encode(v, to, &mut out);
                 let bits = u16::from_le_bytes([out[0], out[1]]);
-                assert!(is_nearest(v, bits, to_f64, inf_magnitude), "f64 → {to:?}: {v:e} ({:#018x}) gave {bits:#06x}", v.to_bits());
+                assert!(
+                    is_nearest(v, bits, to_f64, inf_magnitude),
+                    "f64 → {to:?}: {v:e} ({:#018x}) gave {bits:#06x}",
+                    v.to_bits()
+                );
             }
         }
         // 65519 still rounds to f16's largest value; 65520 and -1e6 overflow.

@@ -10,7 +10,17 @@ use mmrec_trainer::{initialise, MMRecModel, ModelConfig};
 use mmrec_transfer::header::parse_header;
 
 fn cfg() -> ModelConfig {
-    ModelConfig { vocab_size: 97, d_model: 32, n_layers: 3, n_heads: 2, n_slots: 4, chunk_sizes: vec![8, 32], memory_window: 8, dropout: 0.0, uboo_weight: 0.0 }
+    ModelConfig {
+        vocab_size: 97,
+        d_model: 32,
+        n_layers: 3,
+        n_heads: 2,
+        n_slots: 4,
+        chunk_sizes: vec![8, 32],
+        memory_window: 8,
+        dropout: 0.0,
+        uboo_weight: 0.0,
+    }
 }
 
 /// A base model file with the given tensors changed (None removes a tensor).
@@ -26,17 +36,38 @@ fn base_file(dir: &Path, name: &str, edit: &[(&str, Option<Tensor>)]) -> PathBuf
         }
     }
     let path = dir.join(name);
-    save(&path, &tensors, &ModelMeta { role: Role::Base, domain: None, config: cfg(), frozen: vec![], lineage: serde_json::json!({}), fusion: None, tokenizer: None }).unwrap();
+    save(
+        &path,
+        &tensors,
+        &ModelMeta {
+            role: Role::Base,
+            domain: None,
+            config: cfg(),
+            frozen: vec![],
+            lineage: serde_json::json!({}),
+            fusion: None,
+            tokenizer: None,
+        },
+    )
+    .unwrap();
     path
 }
 
 fn transfer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmrec-transfer")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_mmrec-transfer"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn logits_of(path: &Path) -> Tensor {
     let (m, _) = load_model(path, &Device::Cpu).unwrap();
-    let toks = Tensor::from_vec((0..2 * 70).map(|i| (i * 13 % 97) as u32).collect::<Vec<_>>(), (2, 70), &Device::Cpu).unwrap();
+    let toks = Tensor::from_vec(
+        (0..2 * 70).map(|i| (i * 13 % 97) as u32).collect::<Vec<_>>(),
+        (2, 70),
+        &Device::Cpu,
+    )
+    .unwrap();
     m.forward(&toks, None, false).unwrap().0
 }
 
@@ -49,15 +80,34 @@ fn a_freshly_transferred_expert_gives_bit_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_file(dir.path(), "base.safetensors", &[]);
     let out = dir.path().join("code.safetensors");
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--freeze", "blocks.{0-1}.*"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        out.to_str().unwrap(),
+        "--freeze",
+        "blocks.{0-1}.*",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(same(&logits_of(&base), &logits_of(&out)));
     let meta = mmrec_trainer::io::read_meta(&out).unwrap();
-    assert_eq!((meta.role, meta.domain.as_deref(), meta.frozen), (Role::Expert, Some("code"), vec!["blocks.{0-1}.*".to_string()]));
+    assert_eq!(
+        (meta.role, meta.domain.as_deref(), meta.frozen),
+        (Role::Expert, Some("code"), vec!["blocks.{0-1}.*".to_string()])
+    );
     let sha = mmrec_transfer::hex(&<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&base).unwrap()));
-    assert_eq!(meta.lineage["sources"][0]["sha256"], sha, "lineage records the source's sha256");
+    assert_eq!(
+        meta.lineage["sources"][0]["sha256"], sha,
+        "lineage records the source's sha256"
+    );
     let report = String::from_utf8_lossy(&o.stdout);
-    assert!(report.contains("blocks.{0..1}.ffn.up.weight") && report.contains("trainable params:"), "{report}");
+    assert!(
+        report.contains("blocks.{0..1}.ffn.up.weight") && report.contains("trainable params:"),
+        "{report}"
+    );
 }
 
 #[test]
@@ -65,20 +115,56 @@ fn layer_maps_copy_skip_and_repeat_blocks() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_file(dir.path(), "base.safetensors", &[]);
     let out = dir.path().join("e.safetensors");
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "text", "--out", out.to_str().unwrap(), "--map", "blocks.{i} <- blocks.{2*i}", "--n-layers", "2", "--json"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "text",
+        "--out",
+        out.to_str().unwrap(),
+        "--map",
+        "blocks.{i} <- blocks.{2*i}",
+        "--n-layers",
+        "2",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let row = |t: &str| report["rows"].as_array().unwrap().iter().find(|r| r["target"] == t).unwrap().clone();
+    let row = |t: &str| {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["target"] == t)
+            .unwrap()
+            .clone()
+    };
     assert_eq!(row("blocks.1.ffn.up.weight")["source"], "blocks.2.ffn.up.weight");
     assert_eq!(row("blocks.1.ffn.up.weight")["status"], "mapped");
-    let skipped = report["rows"].as_array().unwrap().iter().filter(|r| r["status"] == "skipped").count();
+    let skipped = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["status"] == "skipped")
+        .count();
     assert_eq!(skipped, 23, "source block 1's 23 tensors are left out, and reported");
     let src = candle_core::safetensors::load(&base, &Device::Cpu).unwrap();
     let dst = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     assert!(same(&src["blocks.2.in_proj.weight"], &dst["blocks.1.in_proj.weight"]));
     assert_eq!(mmrec_trainer::io::read_meta(&out).unwrap().config.n_layers, 2);
     // A map past the source's blocks is refused.
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "text", "--out", out.to_str().unwrap(), "--layers", "0-3"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "text",
+        "--out",
+        out.to_str().unwrap(),
+        "--layers",
+        "0-3",
+    ]);
     assert_eq!(o.status.code(), Some(2));
 }
 
@@ -88,10 +174,25 @@ fn a_fused_model_with_its_gate_forced_to_one_expert_reproduces_that_expert() {
     let text = base_file(dir.path(), "text.safetensors", &[]);
     let code = base_file(dir.path(), "code.safetensors", &[]);
     let fused = dir.path().join("fused.safetensors");
-    let o = transfer(&["fuse", "--text", text.to_str().unwrap(), "--code", code.to_str().unwrap(), "--method", "gated", "--embed", "text", "--out", fused.to_str().unwrap()]);
+    let o = transfer(&[
+        "fuse",
+        "--text",
+        text.to_str().unwrap(),
+        "--code",
+        code.to_str().unwrap(),
+        "--method",
+        "gated",
+        "--embed",
+        "text",
+        "--out",
+        fused.to_str().unwrap(),
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // Force the router to the text expert.
-    let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&fused, &Device::Cpu).unwrap().into_iter().collect();
+    let mut tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&fused, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect();
     for (n, t) in tensors.iter_mut() {
         if n == "fusion.router.bias" {
             *t = Tensor::new(&[200f32, -200.0], &Device::Cpu).unwrap();
@@ -100,9 +201,24 @@ fn a_fused_model_with_its_gate_forced_to_one_expert_reproduces_that_expert() {
     let meta = mmrec_trainer::io::read_meta(&fused).unwrap();
     save(&fused, &tensors, &meta).unwrap();
     let (model, _) = load_fused(&fused, &Device::Cpu).unwrap();
-    let toks = Tensor::from_vec((0..2 * 70).map(|i| (i * 13 % 97) as u32).collect::<Vec<_>>(), (2, 70), &Device::Cpu).unwrap();
+    let toks = Tensor::from_vec(
+        (0..2 * 70).map(|i| (i * 13 % 97) as u32).collect::<Vec<_>>(),
+        (2, 70),
+        &Device::Cpu,
+    )
+    .unwrap();
     let (got, weights) = model.forward(&toks, false).unwrap();
-    assert_eq!(weights.unwrap().narrow(2, 0, 1).unwrap().min_all().unwrap().to_scalar::<f32>().unwrap(), 1.0);
+    assert_eq!(
+        weights
+            .unwrap()
+            .narrow(2, 0, 1)
+            .unwrap()
+            .min_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        1.0
+    );
     assert!(same(&got, &logits_of(&text)));
 }
 
@@ -111,13 +227,40 @@ fn concat_fusion_starts_as_the_average_of_identical_experts() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_file(dir.path(), "base.safetensors", &[]);
     let fused = dir.path().join("fused.safetensors");
-    assert!(transfer(&["fuse", "--text", base.to_str().unwrap(), "--code", base.to_str().unwrap(), "--out", fused.to_str().unwrap()]).status.success());
+    assert!(transfer(&[
+        "fuse",
+        "--text",
+        base.to_str().unwrap(),
+        "--code",
+        base.to_str().unwrap(),
+        "--out",
+        fused.to_str().unwrap()
+    ])
+    .status
+    .success());
     let (model, meta) = load_fused(&fused, &Device::Cpu).unwrap();
     assert_eq!(meta.frozen, ["embed.*", "experts.*"]);
-    let toks = Tensor::from_vec((0..70).map(|i| (i * 13 % 97) as u32).collect::<Vec<_>>(), (1, 70), &Device::Cpu).unwrap();
-    let want = load_model(&base, &Device::Cpu).unwrap().0.forward(&toks, None, false).unwrap().0;
+    let toks = Tensor::from_vec(
+        (0..70).map(|i| (i * 13 % 97) as u32).collect::<Vec<_>>(),
+        (1, 70),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let want = load_model(&base, &Device::Cpu)
+        .unwrap()
+        .0
+        .forward(&toks, None, false)
+        .unwrap()
+        .0;
     let got = model.forward(&toks, false).unwrap().0;
-    let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let diff = (want - got)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(diff < 1e-4, "{diff}");
 }
 
@@ -126,30 +269,77 @@ fn mismatches_have_distinct_exit_codes_and_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out.safetensors");
     let run = |src: &Path, extra: &[&str]| {
-        let mut a = vec![src.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap()];
+        let mut a = vec![
+            src.to_str().unwrap(),
+            "--to",
+            "expert",
+            "--domain",
+            "code",
+            "--out",
+            out.to_str().unwrap(),
+        ];
         a.extend_from_slice(extra);
         transfer(&a)
     };
-    let wrong = base_file(dir.path(), "shape.safetensors", &[("blocks.1.ffn.up.bias", Some(Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap()))]);
+    let wrong = base_file(
+        dir.path(),
+        "shape.safetensors",
+        &[(
+            "blocks.1.ffn.up.bias",
+            Some(Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap()),
+        )],
+    );
     assert_eq!(run(&wrong, &[]).status.code(), Some(3));
     let missing = base_file(dir.path(), "missing.safetensors", &[("blocks.2.norm2.weight", None)]);
     let o = run(&missing, &[]);
     assert_eq!(o.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&o.stderr).contains("blocks.2.norm2.weight"));
-    let extra = base_file(dir.path(), "extra.safetensors", &[("blocks.0.surprise", Some(Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()))]);
+    let extra = base_file(
+        dir.path(),
+        "extra.safetensors",
+        &[(
+            "blocks.0.surprise",
+            Some(Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap()),
+        )],
+    );
     assert_eq!(run(&extra, &[]).status.code(), Some(5));
-    let nan = base_file(dir.path(), "nan.safetensors", &[("norm.weight", Some(Tensor::new(&[f32::NAN; 32], &Device::Cpu).unwrap()))]);
+    let nan = base_file(
+        dir.path(),
+        "nan.safetensors",
+        &[("norm.weight", Some(Tensor::new(&[f32::NAN; 32], &Device::Cpu).unwrap()))],
+    );
     assert_eq!(run(&nan, &[]).status.code(), Some(6));
     assert!(!out.exists(), "nothing written on any refusal");
-    let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.contains(".tmp")).collect();
-    assert!(leftovers.is_empty(), "a refused write removes its temporary file: {leftovers:?}");
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "a refused write removes its temporary file: {leftovers:?}"
+    );
     // With an explicit policy, the missing tensor is created and reported.
-    let o = run(&missing, &["--allow-partial", "--init", "blocks.*.norm2.weight=ones", "--json"]);
+    let o = run(
+        &missing,
+        &["--allow-partial", "--init", "blocks.*.norm2.weight=ones", "--json"],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(report["rows"].as_array().unwrap().iter().any(|r| r["target"] == "blocks.2.norm2.weight" && r["status"] == "initialised"));
+    assert!(report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|r| r["target"] == "blocks.2.norm2.weight" && r["status"] == "initialised"));
     let t = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    assert_eq!(t["blocks.2.norm2.weight"].sum_all().unwrap().to_scalar::<f32>().unwrap(), 32.0);
+    assert_eq!(
+        t["blocks.2.norm2.weight"]
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        32.0
+    );
 }
 
 #[test]
@@ -157,18 +347,68 @@ fn freeze_patterns_must_match_and_dry_runs_write_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let base = base_file(dir.path(), "base.safetensors", &[]);
     let out = dir.path().join("out.safetensors");
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--freeze", "blocks.{7-9}.*"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        out.to_str().unwrap(),
+        "--freeze",
+        "blocks.{7-9}.*",
+    ]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("matches no tensor"));
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--dry-run"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        out.to_str().unwrap(),
+        "--dry-run",
+    ]);
     assert!(o.status.success());
     assert!(!out.exists());
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--dry-run", "--sync"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        out.to_str().unwrap(),
+        "--dry-run",
+        "--sync",
+    ]);
     assert_eq!(o.status.code(), Some(2), "--sync with --dry-run is a usage error");
     // --sync adds only the flush: the same bytes as the default atomic write.
     let synced = dir.path().join("synced.safetensors");
-    assert!(transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap()]).status.success());
-    assert!(transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", synced.to_str().unwrap(), "--sync"]).status.success());
+    assert!(transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        out.to_str().unwrap()
+    ])
+    .status
+    .success());
+    assert!(transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        synced.to_str().unwrap(),
+        "--sync"
+    ])
+    .status
+    .success());
     assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&synced).unwrap());
 }
 
@@ -178,14 +418,32 @@ fn narrowing_conversions_report_overflows() {
     let mut big = vec![1f32; 32];
     big[3] = 1e6;
     big[9] = -7e4;
-    let base = base_file(dir.path(), "base.safetensors", &[("norm.weight", Some(Tensor::new(big.as_slice(), &Device::Cpu).unwrap()))]);
+    let base = base_file(
+        dir.path(),
+        "base.safetensors",
+        &[("norm.weight", Some(Tensor::new(big.as_slice(), &Device::Cpu).unwrap()))],
+    );
     let out = dir.path().join("half.safetensors");
-    let o = transfer(&[base.to_str().unwrap(), "--to", "expert", "--domain", "code", "--out", out.to_str().unwrap(), "--dtype", "f16", "--json"]);
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        "code",
+        "--out",
+        out.to_str().unwrap(),
+        "--dtype",
+        "f16",
+        "--json",
+    ]);
     assert!(o.status.success());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["overflows"]["norm.weight"], 2);
     let h = mmrec_transfer::header::read_header(&out).unwrap();
-    assert_eq!(h.tensors["blocks.0.ffn.up.weight"].dtype, mmrec_transfer::header::Dtype::F16);
+    assert_eq!(
+        h.tensors["blocks.0.ffn.up.weight"].dtype,
+        mmrec_transfer::header::Dtype::F16
+    );
 }
 
 #[test]
@@ -196,34 +454,66 @@ fn forged_or_truncated_files_are_refused_with_a_clear_error() {
     let out = dir.path().join("out.safetensors");
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("truncated", bytes[..bytes.len() - 100].to_vec(), "outside"),
-        ("huge-header", { let mut b = bytes.clone(); b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes()); b }, "runs past the end"),
+        (
+            "huge-header",
+            {
+                let mut b = bytes.clone();
+                b[..8].copy_from_slice(&(1u64 << 40).to_le_bytes());
+                b
+            },
+            "runs past the end",
+        ),
         ("tiny", bytes[..5].to_vec(), "too short"),
     ];
     for (name, data, msg) in cases {
         let p = dir.path().join(format!("{name}.safetensors"));
         std::fs::write(&p, data).unwrap();
-        let o = transfer(&[p.to_str().unwrap(), "--to", "expert", "--domain", "x", "--out", out.to_str().unwrap()]);
+        let o = transfer(&[
+            p.to_str().unwrap(),
+            "--to",
+            "expert",
+            "--domain",
+            "x",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
         assert_eq!(o.status.code(), Some(2), "{name}");
-        assert!(String::from_utf8_lossy(&o.stderr).contains(msg), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(msg),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         assert!(!out.exists());
     }
     // Overlapping tensors and offsets out of range, in a hand-written header.
     let overlap = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
-    let err = parse_header(Path::new("x"), overlap, 8 + overlap.len() as u64 + 12).unwrap_err().to_string();
+    let err = parse_header(Path::new("x"), overlap, 8 + overlap.len() as u64 + 12)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("overlap"), "{err}");
     let wrong_size = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
-    assert!(parse_header(Path::new("x"), wrong_size, 100).unwrap_err().to_string().contains("needs 12 bytes"));
+    assert!(parse_header(Path::new("x"), wrong_size, 100)
+        .unwrap_err()
+        .to_string()
+        .contains("needs 12 bytes"));
     // A repeated key would let a forged file replace a tensor; bytes nothing claims are
     // refused as the safetensors crate refuses them.
     let twice = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
-    let err = parse_header(Path::new("x"), twice, 8 + twice.len() as u64 + 8).unwrap_err().to_string();
+    let err = parse_header(Path::new("x"), twice, 8 + twice.len() as u64 + 8)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("`a` appears twice"), "{err}");
     let one = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
     assert!(parse_header(Path::new("x"), one, 8 + one.len() as u64 + 4).is_ok());
-    let err = parse_header(Path::new("x"), one, 8 + one.len() as u64 + 9).unwrap_err().to_string();
+    let err = parse_header(Path::new("x"), one, 8 + one.len() as u64 + 9)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("5 trailing bytes"), "{err}");
     let gap = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
-    assert!(parse_header(Path::new("x"), gap, 8 + gap.len() as u64 + 8).unwrap_err().to_string().contains("unclaimed"));
+    assert!(parse_header(Path::new("x"), gap, 8 + gap.len() as u64 + 8)
+        .unwrap_err()
+        .to_string()
+        .contains("unclaimed"));
     // Through the binary: `inspect` refuses a file with bytes appended.
     let mut padded = bytes.clone();
     padded.extend_from_slice(&[0u8; 16]);
@@ -231,7 +521,11 @@ fn forged_or_truncated_files_are_refused_with_a_clear_error() {
     std::fs::write(&p, padded).unwrap();
     let o = transfer(&["inspect", p.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("16 trailing bytes"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("16 trailing bytes"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 mod fuzz {

@@ -5,23 +5,56 @@ use super::gpu;
 use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::fused::{mdi_gate, rms_norm};
 
-
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap(), b.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap());
-    let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().max(1e-300)).sqrt()
+    let (a, b) = (
+        a.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap(),
+        b.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap(),
+    );
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    (num / b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+        .max(1e-300))
+    .sqrt()
 }
 
 /// Outputs and input gradients of Σ probe ⊙ op(inputs) on `dev` in `dtype`.
-fn run(dev: &Device, dtype: DType, inputs: &[Tensor], probes: &[Tensor], op: &dyn Fn(&[Tensor]) -> Vec<Tensor>) -> Vec<Tensor> {
-    let vars: Vec<Var> = inputs.iter().map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap()).collect();
+fn run(
+    dev: &Device,
+    dtype: DType,
+    inputs: &[Tensor],
+    probes: &[Tensor],
+    op: &dyn Fn(&[Tensor]) -> Vec<Tensor>,
+) -> Vec<Tensor> {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|x| Var::from_tensor(&x.to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap())
+        .collect();
     let outs = op(&vars.iter().map(|v| v.as_tensor().clone()).collect::<Vec<_>>());
     let mut loss = Tensor::zeros((), DType::F32, dev).unwrap();
     for (o, p) in outs.iter().zip(probes) {
-        loss = (loss + (o.to_dtype(DType::F32).unwrap() * p.to_device(dev).unwrap()).unwrap().sum_all().unwrap()).unwrap();
+        loss = (loss
+            + (o.to_dtype(DType::F32).unwrap() * p.to_device(dev).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap())
+        .unwrap();
     }
     let grads = loss.backward().unwrap();
-    outs.into_iter().chain(vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone())).collect()
+    outs.into_iter()
+        .chain(vars.iter().map(|v| grads.get(v.as_tensor()).unwrap().clone()))
+        .collect()
 }
 
 fn compare(inputs: &[Tensor], probes: &[Tensor], op: &dyn Fn(&[Tensor]) -> Vec<Tensor>) {
@@ -52,7 +85,10 @@ fn mdi_gate_on_the_gpu_matches_the_cpu() {
         let a = Tensor::randn(0f32, 2.0, (b, t, d), &cpu).unwrap();
         let bb = (Tensor::randn(0f32, 2.0, (b, t, d), &cpu).unwrap() + 4.0).unwrap();
         let p = Tensor::randn(0f32, 1.0, (b, t, 4 * d), &cpu).unwrap();
-        let probes = [Tensor::randn(0f32, 1.0, (b, t, d), &cpu).unwrap(), Tensor::randn(0f32, 1.0, (b, t, d), &cpu).unwrap()];
+        let probes = [
+            Tensor::randn(0f32, 1.0, (b, t, d), &cpu).unwrap(),
+            Tensor::randn(0f32, 1.0, (b, t, d), &cpu).unwrap(),
+        ];
         compare(&[a, bb, p], &probes, &|x| {
             let (g, u) = mdi_gate(&x[0], &x[1], &x[2]).unwrap();
             vec![g, u]
@@ -62,7 +98,9 @@ fn mdi_gate_on_the_gpu_matches_the_cpu() {
 
 #[test]
 fn gelu_on_the_gpu_matches_the_cpu() {
-    let x = (Tensor::randn(0f32, 3.0, (1000, 2048), &Device::Cpu).unwrap()).contiguous().unwrap();
+    let x = (Tensor::randn(0f32, 3.0, (1000, 2048), &Device::Cpu).unwrap())
+        .contiguous()
+        .unwrap();
     let probe = Tensor::randn(0f32, 1.0, (1000, 2048), &Device::Cpu).unwrap();
     compare(&[x], &[probe], &|a| vec![mmrec_kernels::fused::gelu(&a[0]).unwrap()]);
 }
@@ -71,7 +109,9 @@ fn gelu_on_the_gpu_matches_the_cpu() {
 fn adamw_on_the_gpu_matches_the_cpu() {
     let n = 1_000_003;
     let start = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
-    let grads: Vec<Tensor> = (0..3).map(|_| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap()).collect();
+    let grads: Vec<Tensor> = (0..3)
+        .map(|_| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap())
+        .collect();
     let run = |dev: &Device| {
         let theta = start.to_device(dev).unwrap();
         let moments = Tensor::zeros((2, n), DType::F32, dev).unwrap();
@@ -91,7 +131,18 @@ fn embedding_backward_on_the_gpu_matches_the_cpu() {
     let (v, d, n) = (8192, 512, 32 * 1024);
     let table = Tensor::randn(0f32, 1.0, (v, d), &Device::Cpu).unwrap();
     // Skewed ids, as in text: many rows hit the same few entries, which the atomics must sum.
-    let ids = (Tensor::rand(0f32, 1.0, n, &Device::Cpu).unwrap().sqr().unwrap().sqr().unwrap() * (v as f64 - 1.0)).unwrap().to_dtype(DType::U32).unwrap();
+    let ids = (Tensor::rand(0f32, 1.0, n, &Device::Cpu)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sqr()
+        .unwrap()
+        * (v as f64 - 1.0))
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
     let probe = Tensor::randn(0f32, 1.0, (n, d), &Device::Cpu).unwrap();
-    compare(&[table], &[probe], &|x| vec![mmrec_kernels::fused::embedding(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()]);
+    compare(&[table], &[probe], &|x| {
+        vec![mmrec_kernels::fused::embedding(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()]
+    });
 }

@@ -8,7 +8,6 @@ use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::{reference_scan, scan};
 use rand::{Rng, SeedableRng};
 
-
 fn random(n: usize, lo: f64, hi: f64, rng: &mut rand::rngs::StdRng) -> Vec<f64> {
     (0..n).map(|_| rng.random_range(lo..hi)).collect()
 }
@@ -23,7 +22,12 @@ fn rel_err(a: &[f64], b: &[f64]) -> f64 {
 }
 
 fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
 }
 
 /// Forward on the GPU in `dtype` against the f64 reference; returns the relative error.
@@ -35,17 +39,39 @@ fn forward_error(dims: (usize, usize, usize), gamma_lo: f64, dtype: DType, seed:
     let h0 = random(b * d, -1.0, 1.0, &mut rng);
     let dev = gpu();
     // Round the inputs to `dtype` first, so the reference sees exactly what the GPU sees.
-    let on = |v: &[f64], shape: &[usize]| Tensor::from_slice(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+    let on = |v: &[f64], shape: &[usize]| {
+        Tensor::from_slice(v, shape, &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+    };
     let (g, x, s) = (on(&gamma, &[b, t, d]), on(&u, &[b, t, d]), on(&h0, &[b, d]));
     let want = reference_scan(&to_f64(&g), &to_f64(&x), &to_f64(&s), dims);
-    let (h, last) = scan(&g.to_device(&dev).unwrap(), &x.to_device(&dev).unwrap(), &s.to_device(&dev).unwrap()).unwrap();
-    let want_last: Vec<f64> = (0..b).flat_map(|bi| want[(bi * t + t - 1) * d..(bi * t + t) * d].to_vec()).collect();
+    let (h, last) = scan(
+        &g.to_device(&dev).unwrap(),
+        &x.to_device(&dev).unwrap(),
+        &s.to_device(&dev).unwrap(),
+    )
+    .unwrap();
+    let want_last: Vec<f64> = (0..b)
+        .flat_map(|bi| want[(bi * t + t - 1) * d..(bi * t + t) * d].to_vec())
+        .collect();
     rel_err(&to_f64(&h), &want).max(rel_err(&to_f64(&last), &want_last))
 }
 
 #[test]
 fn f32_forward_matches_the_f64_reference_at_many_shapes() {
-    for (i, dims) in [(1, 1, 1), (4, 300, 130), (3, 129, 33), (32, 1024, 512), (1, 65_536, 8), (2, 20_000, 3)].into_iter().enumerate() {
+    for (i, dims) in [
+        (1, 1, 1),
+        (4, 300, 130),
+        (3, 129, 33),
+        (32, 1024, 512),
+        (1, 65_536, 8),
+        (2, 20_000, 3),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let err = forward_error(dims, 0.0, DType::F32, i as u64);
         assert!(err < 1e-5, "dims {dims:?}: relative error {err:e}");
     }
@@ -76,9 +102,20 @@ fn adjoint_matches_the_reference_reverse_scan() {
     let gamma = random(b * t * d, 0.999, 1.0, &mut rng);
     let dy = random(b * t * d, -1.0, 1.0, &mut rng);
     let dev = gpu();
-    let f = |v: &[f64]| Tensor::from_slice(v, (b, t, d), &Device::Cpu).unwrap().to_dtype(DType::F32).unwrap();
-    let want = f(&dy).apply_op2_no_bwd(&f(&gamma), &mmrec_kernels::ScanAdjoint).unwrap();
-    let got = f(&dy).to_device(&dev).unwrap().apply_op2_no_bwd(&f(&gamma).to_device(&dev).unwrap(), &mmrec_kernels::ScanAdjoint).unwrap();
+    let f = |v: &[f64]| {
+        Tensor::from_slice(v, (b, t, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+    };
+    let want = f(&dy)
+        .apply_op2_no_bwd(&f(&gamma), &mmrec_kernels::ScanAdjoint)
+        .unwrap();
+    let got = f(&dy)
+        .to_device(&dev)
+        .unwrap()
+        .apply_op2_no_bwd(&f(&gamma).to_device(&dev).unwrap(), &mmrec_kernels::ScanAdjoint)
+        .unwrap();
     let err = rel_err(&to_f64(&got), &to_f64(&want));
     assert!(err < 1e-5, "relative error {err:e}");
 }
@@ -92,12 +129,30 @@ fn backward_error(dims: (usize, usize, usize), seed: u64) -> f64 {
     let h0 = random(b * d, -1.0, 1.0, &mut rng);
     let w = random(b * t * d, -1.0, 1.0, &mut rng);
     let grads = |dev: &Device, dtype: DType| -> Vec<Vec<f64>> {
-        let var = |v: &[f64], shape: &[usize]| Var::from_tensor(&Tensor::from_slice(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(dev).unwrap()).unwrap();
+        let var = |v: &[f64], shape: &[usize]| {
+            Var::from_tensor(
+                &Tensor::from_slice(v, shape, &Device::Cpu)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
+                    .to_device(dev)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
         let (vg, vu, vh) = (var(&gamma, &[b, t, d]), var(&u, &[b, t, d]), var(&h0, &[b, d]));
-        let wt = Tensor::from_slice(&w, (b, t, d), &Device::Cpu).unwrap().to_dtype(dtype).unwrap().to_device(dev).unwrap();
+        let wt = Tensor::from_slice(&w, (b, t, d), &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap()
+            .to_device(dev)
+            .unwrap();
         let (h, _) = scan(vg.as_tensor(), vu.as_tensor(), vh.as_tensor()).unwrap();
         let store = (h * wt).unwrap().sum_all().unwrap().backward().unwrap();
-        [&vg, &vu, &vh].iter().map(|v| to_f64(store.get(v.as_tensor()).unwrap())).collect()
+        [&vg, &vu, &vh]
+            .iter()
+            .map(|v| to_f64(store.get(v.as_tensor()).unwrap()))
+            .collect()
     };
     let (got, want) = (grads(&gpu(), DType::F32), grads(&Device::Cpu, DType::F64));
     got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0.0, f64::max)

@@ -17,7 +17,11 @@ use mmrec_pipeline::{split, InputSpec, PlainSplit, Progress, ReadOptions, SplitO
 use mmrec_schemas::{Domain, NearDupSettings, Partition};
 
 #[derive(Parser)]
-#[command(name = "mmrec-data", version, about = "Raw corpora to validated, classified, tokenized Parquet shards for MM-Rec")]
+#[command(
+    name = "mmrec-data",
+    version,
+    about = "Raw corpora to validated, classified, tokenized Parquet shards for MM-Rec"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -148,10 +152,19 @@ struct DeclaredInputs {
 
 impl DeclaredInputs {
     fn specs(self) -> Vec<InputSpec> {
-        [(self.text, Domain::Text), (self.code, Domain::Code), (self.mixed, Domain::Mixed)]
-            .into_iter()
-            .flat_map(|(paths, d)| paths.into_iter().map(move |path| InputSpec { path, declared: Some(d) }))
-            .collect()
+        [
+            (self.text, Domain::Text),
+            (self.code, Domain::Code),
+            (self.mixed, Domain::Mixed),
+        ]
+        .into_iter()
+        .flat_map(|(paths, d)| {
+            paths.into_iter().map(move |path| InputSpec {
+                path,
+                declared: Some(d),
+            })
+        })
+        .collect()
     }
 }
 
@@ -232,10 +245,23 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Tokenizer(TokenizerCommand::Train { vocab_size, min_frequency, out, field, inputs }) => {
-            let specs: Vec<InputSpec> = inputs.into_iter().map(|path| InputSpec { path, declared: None }).collect();
+        Command::Tokenizer(TokenizerCommand::Train {
+            vocab_size,
+            min_frequency,
+            out,
+            field,
+            inputs,
+        }) => {
+            let specs: Vec<InputSpec> = inputs
+                .into_iter()
+                .map(|path| InputSpec { path, declared: None })
+                .collect();
             let files = expand_inputs(&specs, false)?;
-            let opts = ReadOptions { field, max_bytes: u64::MAX, plain_split: PlainSplit::File };
+            let opts = ReadOptions {
+                field,
+                max_bytes: u64::MAX,
+                plain_split: PlainSplit::File,
+            };
             let mut texts = Vec::new();
             for f in &files {
                 for r in read_file(f, &opts)?.records {
@@ -245,12 +271,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
             }
             let n = texts.len();
-            train_bpe(texts.into_iter(), vocab_size, min_frequency, &out).with_context(|| format!("training a tokenizer into {}", out.display()))?;
+            train_bpe(texts.into_iter(), vocab_size, min_frequency, &out)
+                .with_context(|| format!("training a tokenizer into {}", out.display()))?;
             // The trainer stops early when the corpus has fewer merges to offer: report
             // what was written, not what was asked for.
             let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out)?.info.vocab_size;
-            let short = if written < vocab_size { format!(" (asked for {vocab_size}: the corpus offers no more merges at --min-frequency {min_frequency})") } else { String::new() };
-            eprintln!("trained a {written}-entry byte-level BPE{short} on {n} documents from {} files: {}", files.len(), out.display());
+            let short = if written < vocab_size {
+                format!(
+                    " (asked for {vocab_size}: the corpus offers no more merges at --min-frequency {min_frequency})"
+                )
+            } else {
+                String::new()
+            };
+            eprintln!(
+                "trained a {written}-entry byte-level BPE{short} on {n} documents from {} files: {}",
+                files.len(),
+                out.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Split(args) => split_command(args),
@@ -262,19 +299,52 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let m = &ins.manifest;
             let t = &m.totals;
-            println!("{}: {} documents, {} tokens, {} text bytes (schema v{}, {})", dir.display(), t.written, t.tokens, t.text_bytes, m.schema_version, m.tool_version);
-            println!("tokenizer {} (vocab {}, {:?} tokens, sha256 {})", m.tokenizer.path, m.tokenizer.vocab_size, m.tokenizer.token_width, &m.tokenizer.sha256[..12]);
-            println!("records in {} = written {} + exact duplicates {} + near duplicates {} + quarantined {}", t.records_in, t.written, t.exact_duplicates, t.near_duplicates, t.quarantined);
+            println!(
+                "{}: {} documents, {} tokens, {} text bytes (schema v{}, {})",
+                dir.display(),
+                t.written,
+                t.tokens,
+                t.text_bytes,
+                m.schema_version,
+                m.tool_version
+            );
+            println!(
+                "tokenizer {} (vocab {}, {:?} tokens, sha256 {})",
+                m.tokenizer.path,
+                m.tokenizer.vocab_size,
+                m.tokenizer.token_width,
+                &m.tokenizer.sha256[..12]
+            );
+            println!(
+                "records in {} = written {} + exact duplicates {} + near duplicates {} + quarantined {}",
+                t.records_in, t.written, t.exact_duplicates, t.near_duplicates, t.quarantined
+            );
             for (reason, n) in &m.rejected.by_reason {
                 println!("  quarantined {reason}: {n}");
             }
-            println!("{:<6} {:>6} {:>10} {:>12} {:>12}", "domain", "shards", "documents", "tokens", "text bytes");
+            println!(
+                "{:<6} {:>6} {:>10} {:>12} {:>12}",
+                "domain", "shards", "documents", "tokens", "text bytes"
+            );
             for (d, dt) in &t.per_domain {
-                println!("{:<6} {:>6} {:>10} {:>12} {:>12}", d.as_str(), m.domains.get(d).map_or(0, Vec::len), dt.documents, dt.tokens, dt.text_bytes);
+                println!(
+                    "{:<6} {:>6} {:>10} {:>12} {:>12}",
+                    d.as_str(),
+                    m.domains.get(d).map_or(0, Vec::len),
+                    dt.documents,
+                    dt.tokens,
+                    dt.text_bytes
+                );
             }
             for (d, samples) in &ins.samples {
                 for s in samples {
-                    println!("\n--- {d} sample {} (lang {}, {} tokens)\n{}", s.id, s.lang.as_deref().unwrap_or("-"), s.n_tokens, s.text);
+                    println!(
+                        "\n--- {d} sample {} (lang {}, {} tokens)\n{}",
+                        s.id,
+                        s.lang.as_deref().unwrap_or("-"),
+                        s.n_tokens,
+                        s.text
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -287,23 +357,62 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 for p in &v.problems {
                     println!("problem: {p}");
                 }
-                println!("{}: {} shards, {} documents, {} tokens: {}", dir.display(), v.shards, v.rows, v.tokens, if v.ok() { "OK" } else { "INVALID" });
+                println!(
+                    "{}: {} shards, {} documents, {} tokens: {}",
+                    dir.display(),
+                    v.shards,
+                    v.rows,
+                    v.tokens,
+                    if v.ok() { "OK" } else { "INVALID" }
+                );
             }
             Ok(if v.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
-        Command::Bench { sources, tokenizer, min_mb, threads, repeats, python, python_script, out } => {
+        Command::Bench {
+            sources,
+            tokenizer,
+            min_mb,
+            threads,
+            repeats,
+            python,
+            python_script,
+            out,
+        } => {
             let sources = sources.specs();
             let work = mmrec_pipeline::bench::default_work_dir();
             eprintln!("building a corpus of at least {min_mb} MB in {}", work.display());
             let corpus = mmrec_pipeline::bench::build_corpus(&sources, min_mb * 1_000_000, &work.join("corpus"))?;
-            let report = mmrec_pipeline::bench::run(&corpus, &tokenizer, &work, python.as_deref().map(|p| (p, python_script.as_path())), &threads, repeats)?;
+            let report = mmrec_pipeline::bench::run(
+                &corpus,
+                &tokenizer,
+                &work,
+                python.as_deref().map(|p| (p, python_script.as_path())),
+                &threads,
+                repeats,
+            )?;
             let json = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::BenchLoader { shards, seq_len, batch, workers, tokens, python, python_script, out } => {
-            let report = mmrec_pipeline::bench::loader_bench(&shards, seq_len, batch, &workers, tokens, python.as_deref().map(|p| (p, python_script.as_path())))?;
+        Command::BenchLoader {
+            shards,
+            seq_len,
+            batch,
+            workers,
+            tokens,
+            python,
+            python_script,
+            out,
+        } => {
+            let report = mmrec_pipeline::bench::loader_bench(
+                &shards,
+                seq_len,
+                batch,
+                &workers,
+                tokens,
+                python.as_deref().map(|p| (p, python_script.as_path())),
+            )?;
             let json = serde_json::to_string_pretty(&report)?;
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");
@@ -311,7 +420,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Merge { parts, out } => {
             let m = merge(&parts, &out)?;
-            println!("merged {} parts into {}: {} documents, {} tokens; {} exact + {} near duplicates removed in all", parts.len(), out.display(), m.totals.written, m.totals.tokens, m.totals.exact_duplicates, m.totals.near_duplicates);
+            println!(
+                "merged {} parts into {}: {} documents, {} tokens; {} exact + {} near duplicates removed in all",
+                parts.len(),
+                out.display(),
+                m.totals.written,
+                m.totals.tokens,
+                m.totals.exact_duplicates,
+                m.totals.near_duplicates
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -330,8 +447,15 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
         inputs,
         tokenizer: a.tokenizer,
         out: a.out,
-        read: ReadOptions { field: a.field, max_bytes: a.max_bytes, plain_split: a.plain_split },
-        near_dup: a.near_dup.then_some(NearDupSettings { threshold: a.near_dup_threshold, ..DEFAULT_NEAR_DUP }),
+        read: ReadOptions {
+            field: a.field,
+            max_bytes: a.max_bytes,
+            plain_split: a.plain_split,
+        },
+        near_dup: a.near_dup.then_some(NearDupSettings {
+            threshold: a.near_dup_threshold,
+            ..DEFAULT_NEAR_DUP
+        }),
         shard_docs: a.shard_docs,
         row_group_docs: a.row_group_docs,
         shard_bytes: a.shard_mb << 20,
@@ -340,9 +464,13 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
         seed: a.seed,
         follow_symlinks: a.follow_symlinks,
     };
-    let pool = rayon::ThreadPoolBuilder::new().num_threads(a.threads.unwrap_or(0)).build()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(a.threads.unwrap_or(0))
+        .build()?;
     let bar = Bar::new(!a.json && std::io::stderr().is_terminal());
-    let report = pool.install(|| split(&opts, &bar)).with_context(|| format!("splitting into {}", opts.out.display()))?;
+    let report = pool
+        .install(|| split(&opts, &bar))
+        .with_context(|| format!("splitting into {}", opts.out.display()))?;
     bar.bar.finish_and_clear();
     let t = &report.manifest.totals;
     if a.json {
@@ -370,7 +498,10 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
         );
         let settings = &report.manifest.settings;
         if settings.near_dup.is_some() && settings.partition.count > 1 {
-            eprintln!("near-duplicates across parts are removed by `mmrec-data merge` (signatures in {})", report.out.join(mmrec_pipeline::global_dedup::SIGNATURES).display());
+            eprintln!(
+                "near-duplicates across parts are removed by `mmrec-data merge` (signatures in {})",
+                report.out.join(mmrec_pipeline::global_dedup::SIGNATURES).display()
+            );
         }
     }
     if a.strict && t.quarantined > 0 {
@@ -390,13 +521,24 @@ struct Bar {
 
 impl Bar {
     fn new(visible: bool) -> Self {
-        let bar = if visible { ProgressBar::new(0) } else { ProgressBar::hidden() };
+        let bar = if visible {
+            ProgressBar::new(0)
+        } else {
+            ProgressBar::hidden()
+        };
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}")
-                .expect("static template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>8} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
-        Bar { bar, started: std::sync::Mutex::new(Instant::now()), docs: AtomicU64::new(0), tokens: AtomicU64::new(0) }
+        Bar {
+            bar,
+            started: std::sync::Mutex::new(Instant::now()),
+            docs: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+        }
     }
 }
 
@@ -415,8 +557,18 @@ impl Progress for Bar {
         let d = self.docs.fetch_add(docs, Ordering::Relaxed) + docs;
         let t = self.tokens.fetch_add(tokens, Ordering::Relaxed) + tokens;
         if docs > 0 && d % 64 == 0 {
-            let secs = self.started.lock().expect("progress lock").elapsed().as_secs_f64().max(1e-9);
-            self.bar.set_message(format!("{:.0} docs/s {:.2} Mtok/s", d as f64 / secs, t as f64 / secs / 1e6));
+            let secs = self
+                .started
+                .lock()
+                .expect("progress lock")
+                .elapsed()
+                .as_secs_f64()
+                .max(1e-9);
+            self.bar.set_message(format!(
+                "{:.0} docs/s {:.2} Mtok/s",
+                d as f64 / secs,
+                t as f64 / secs / 1e6
+            ));
         }
     }
 }

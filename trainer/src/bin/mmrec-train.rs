@@ -7,10 +7,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
+use clap::ValueEnum;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmrec_pipeline::loader::{LoaderConfig, Split};
-use clap::ValueEnum;
 use mmrec_trainer::train::{evaluate_net, load_net, Init, Precision, Session, TrainConfig};
 
 #[derive(Parser)]
@@ -148,42 +148,104 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
-        Command::Eval { model, data, seq_len, batch_size, val_permille, domains, max_batches, json, allow_tokenizer_mismatch } => {
+        Command::Eval {
+            model,
+            data,
+            seq_len,
+            batch_size,
+            val_permille,
+            domains,
+            max_batches,
+            json,
+            allow_tokenizer_mismatch,
+        } => {
             let meta = mmrec_trainer::io::read_meta(&model)?;
             mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
             let net = load_net(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
             let weights = mmrec_pipeline::loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
-            let cfg = LoaderConfig { seq_len, batch_size, val_permille, weights, split: Split::Validation, workers: 2, ..LoaderConfig::default() };
+            let cfg = LoaderConfig {
+                seq_len,
+                batch_size,
+                val_permille,
+                weights,
+                split: Split::Validation,
+                workers: 2,
+                ..LoaderConfig::default()
+            };
             let losses = evaluate_net(&net, &data, &cfg, max_batches, &dev)?;
             let unigram = mmrec_trainer::train::unigram_entropy(&data, &cfg, max_batches)?;
-            let report: serde_json::Map<String, serde_json::Value> = losses.iter().map(|(d, l)| (d.clone(), serde_json::json!({"loss": l, "perplexity": l.exp(), "unigram_entropy": unigram.get(d)}))).collect();
+            let report: serde_json::Map<String, serde_json::Value> = losses
+                .iter()
+                .map(|(d, l)| {
+                    (
+                        d.clone(),
+                        serde_json::json!({"loss": l, "perplexity": l.exp(), "unigram_entropy": unigram.get(d)}),
+                    )
+                })
+                .collect();
             if json {
-                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?
+                );
             } else {
-                println!("{}   (loss in nats/token; unigram = entropy of the held-out tokens' own unigram distribution)", model.display());
+                println!(
+                    "{}   (loss in nats/token; unigram = entropy of the held-out tokens' own unigram distribution)",
+                    model.display()
+                );
                 for (d, l) in &losses {
-                    println!("  {d:<6} loss {l:.4}  perplexity {:>9.2}  unigram {:.4}", l.exp(), unigram.get(d).copied().unwrap_or(f64::NAN));
+                    println!(
+                        "  {d:<6} loss {l:.4}  perplexity {:>9.2}  unigram {:.4}",
+                        l.exp(),
+                        unigram.get(d).copied().unwrap_or(f64::NAN)
+                    );
                 }
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Init { preset, vocab, seed, out } => {
-            let cfg = mmrec_trainer::ModelConfig::preset(&preset, vocab).ok_or_else(|| anyhow::anyhow!("unknown preset {preset:?} (tiny, small, medium, large)"))?;
+        Command::Init {
+            preset,
+            vocab,
+            seed,
+            out,
+        } => {
+            let cfg = mmrec_trainer::ModelConfig::preset(&preset, vocab)
+                .ok_or_else(|| anyhow::anyhow!("unknown preset {preset:?} (tiny, small, medium, large)"))?;
             let vm = candle_nn::VarMap::new();
-            mmrec_trainer::MMRecModel::new(&cfg, mmrec_trainer::model::seeded_builder(&vm, seed, candle_core::DType::F32, &dev))?;
+            mmrec_trainer::MMRecModel::new(
+                &cfg,
+                mmrec_trainer::model::seeded_builder(&vm, seed, candle_core::DType::F32, &dev),
+            )?;
             mmrec_trainer::initialise(&vm, &cfg)?;
             let tensors = mmrec_trainer::io::varmap_tensors(&vm);
             let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
-            let meta = mmrec_trainer::io::ModelMeta { role: mmrec_trainer::io::Role::Base, domain: None, config: cfg, frozen: vec![], lineage: serde_json::json!({"tool": format!("mmrec-train {}", env!("CARGO_PKG_VERSION")), "init_seed": seed}), fusion: None, tokenizer: None };
+            let meta = mmrec_trainer::io::ModelMeta {
+                role: mmrec_trainer::io::Role::Base,
+                domain: None,
+                config: cfg,
+                frozen: vec![],
+                lineage: serde_json::json!({"tool": format!("mmrec-train {}", env!("CARGO_PKG_VERSION")), "init_seed": seed}),
+                fusion: None,
+                tokenizer: None,
+            };
             mmrec_trainer::io::save(&out, &tensors, &meta)?;
             eprintln!("wrote {} ({params} parameters)", out.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Bench { precision, presets, vocab, batch, seq_len, out } => {
+        Command::Bench {
+            precision,
+            presets,
+            vocab,
+            batch,
+            seq_len,
+            out,
+        } => {
             let json = if dev.is_cpu() {
                 serde_json::to_string_pretty(&mmrec_trainer::bench::cpu_bench(&presets, vocab, batch, seq_len)?)?
             } else {
-                serde_json::to_string_pretty(&mmrec_trainer::bench::device_bench(&dev, &presets, vocab, batch, seq_len, precision)?)?
+                serde_json::to_string_pretty(&mmrec_trainer::bench::device_bench(
+                    &dev, &presets, vocab, batch, seq_len, precision,
+                )?)?
             };
             std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
             println!("{json}");
@@ -205,7 +267,10 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
         overrides.push("run.allow_tokenizer_mismatch=true".into());
     }
     if let Some(p) = args.precision {
-        overrides.push(format!("run.precision={:?}", p.to_possible_value().expect("no skipped variants").get_name()));
+        overrides.push(format!(
+            "run.precision={:?}",
+            p.to_possible_value().expect("no skipped variants").get_name()
+        ));
     }
     let mut cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
     if args.resume {
@@ -216,16 +281,32 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
         }
     }
     let mut session = Session::new(cfg, init, args.resume, dev)?;
-    eprintln!("# {} from step {} ({} trainable tensors, frozen: {:?})\n{}", session.state.mode, session.state.step, session.opt.params.len(), session.meta.frozen, session.cfg.to_toml());
+    eprintln!(
+        "# {} from step {} ({} trainable tensors, frozen: {:?})\n{}",
+        session.state.mode,
+        session.state.step,
+        session.opt.params.len(),
+        session.meta.frozen,
+        session.cfg.to_toml()
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let signal = Arc::new(AtomicUsize::new(0));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing the signal handler")?;
-        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize).context("installing the signal handler")?;
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)
+            .context("installing the signal handler")?;
     }
     let total = session.cfg.run.steps;
-    let bar = if args.json { ProgressBar::hidden() } else { ProgressBar::new(total) };
-    bar.set_style(ProgressStyle::with_template("{pos}/{len} [{bar:30}] ETA {eta} {msg}").expect("static template").progress_chars("=> "));
+    let bar = if args.json {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{pos}/{len} [{bar:30}] ETA {eta} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
     bar.set_position(session.state.step);
     let json = args.json;
     let summary = session.train(&stop, &|rec| {
@@ -235,8 +316,16 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
             bar.println(format!("step {} validation {}", rec["step"], val));
         } else {
             bar.set_position(rec["step"].as_u64().unwrap_or(0));
-            let tps = rec.get("tokens_per_s").and_then(|v| v.as_f64()).map(|v| format!(" {v:.0} tok/s")).unwrap_or_default();
-            bar.set_message(format!("loss {:.4} lr {:.2e}{tps}", rec["loss"].as_f64().unwrap_or(f64::NAN), rec["lr"].as_f64().unwrap_or(0.0)));
+            let tps = rec
+                .get("tokens_per_s")
+                .and_then(|v| v.as_f64())
+                .map(|v| format!(" {v:.0} tok/s"))
+                .unwrap_or_default();
+            bar.set_message(format!(
+                "loss {:.4} lr {:.2e}{tps}",
+                rec["loss"].as_f64().unwrap_or(f64::NAN),
+                rec["lr"].as_f64().unwrap_or(0.0)
+            ));
             if let Some(ev) = rec.get("event") {
                 bar.println(format!("step {}: {}", rec["step"], ev));
             }
@@ -249,9 +338,17 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
         summary.tokens,
         summary.seconds,
         if summary.stopped_early { " (stopped early)" } else { "" },
-        if summary.interrupted { " (interrupted: checkpoint saved, --resume continues)" } else { "" },
+        if summary.interrupted {
+            " (interrupted: checkpoint saved, --resume continues)"
+        } else {
+            ""
+        },
         summary.best_val.map_or("-".into(), |v| format!("{v:.4}")),
-        if summary.interrupted { "none written (interrupted)".into() } else { summary.final_model.display().to_string() }
+        if summary.interrupted {
+            "none written (interrupted)".into()
+        } else {
+            summary.final_model.display().to_string()
+        }
     );
     // Interrupted work is not success: 128 + the signal, as shells report it.
     Ok(match signal.load(Ordering::Relaxed) {

@@ -5,14 +5,21 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use mmrec_transfer::header::Dtype;
-use mmrec_transfer::{fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Persist, Report};
 use mmrec_trainer::FusionMethod;
+use mmrec_transfer::header::Dtype;
+use mmrec_transfer::{
+    fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Persist, Report,
+};
 
 /// Exit codes: 0 done, 2 usage or I/O error, 3 shape mismatch, 4 missing tensors,
 /// 5 unexpected tensors, 6 non-finite values.
 #[derive(Parser)]
-#[command(name = "mmrec-transfer", version, about = "Move MM-Rec weights between roles: base → expert, experts → fused", args_conflicts_with_subcommands = true)]
+#[command(
+    name = "mmrec-transfer",
+    version,
+    about = "Move MM-Rec weights between roles: base → expert, experts → fused",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -134,7 +141,10 @@ fn main() -> ExitCode {
         Err(e) => {
             if let Some(Error::Rejected { kind, report, summary }) = e.downcast_ref::<Error>() {
                 if json {
-                    println!("{}", serde_json::json!({"error": summary, "kind": kind, "report": report}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"error": summary, "kind": kind, "report": report})
+                    );
                 } else {
                     print!("{}", report.render());
                     eprintln!("error: {summary}; nothing written");
@@ -168,7 +178,13 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&ins)?);
                 return Ok(());
             }
-            println!("{}: {} bytes, {} tensors, {} parameters", ins.path, ins.bytes, ins.tensors.len(), ins.total_params);
+            println!(
+                "{}: {} bytes, {} tensors, {} parameters",
+                ins.path,
+                ins.bytes,
+                ins.tensors.len(),
+                ins.total_params
+            );
             for (k, v) in &ins.metadata {
                 println!("  {k}: {v}");
             }
@@ -178,22 +194,45 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Some(Command::Fuse { text, code, method, embed, out, write }) => {
+        Some(Command::Fuse {
+            text,
+            code,
+            method,
+            embed,
+            out,
+            write,
+        }) => {
             let method = match method {
                 Method::Concat => FusionMethod::Concat,
                 Method::Gated => FusionMethod::Gated,
             };
-            show(&fuse(&FuseOptions { text, code, method, embed, out, persist: write.persist() })?, json);
+            show(
+                &fuse(&FuseOptions {
+                    text,
+                    code,
+                    method,
+                    embed,
+                    out,
+                    persist: write.persist(),
+                })?,
+                json,
+            );
             Ok(())
         }
         None => {
             let a = cli.expert;
-            let source = a.source.ok_or_else(|| anyhow::anyhow!("give a source model (mmrec-transfer base.safetensors --to expert ...) or a subcommand; see --help"))?;
+            let source = a.source.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "give a source model (mmrec-transfer base.safetensors --to expert ...) or a subcommand; see --help"
+                )
+            })?;
             if a.to.is_none() {
                 anyhow::bail!("--to expert is required");
             }
             let out = a.out.ok_or_else(|| anyhow::anyhow!("--out is required"))?;
-            let domain = a.domain.ok_or_else(|| anyhow::anyhow!("--domain is required (text, code, ...)"))?;
+            let domain = a
+                .domain
+                .ok_or_else(|| anyhow::anyhow!("--domain is required (text, code, ...)"))?;
             let layers = match (a.layers, a.map) {
                 (Some(l), _) => LayerMap::parse_layers(&l)?,
                 (None, Some(m)) => LayerMap::parse_map(&m, a.n_layers.unwrap_or(0))?,
@@ -206,7 +245,9 @@ fn run(cli: Cli) -> Result<()> {
                 .init
                 .iter()
                 .map(|s| {
-                    let (p, v) = s.split_once('=').ok_or_else(|| anyhow::anyhow!("--init {s:?} must be PATTERN=zeros|ones"))?;
+                    let (p, v) = s
+                        .split_once('=')
+                        .ok_or_else(|| anyhow::anyhow!("--init {s:?} must be PATTERN=zeros|ones"))?;
                     let policy = match v {
                         "zeros" => InitPolicy::Zeros,
                         "ones" => InitPolicy::Ones,
@@ -220,7 +261,19 @@ fn run(cli: Cli) -> Result<()> {
                 OutDtype::Bf16 => Dtype::BF16,
                 OutDtype::F16 => Dtype::F16,
             });
-            show(&to_expert(&ExpertOptions { source, out, domain, layers, freeze: a.freeze, dtype, init, persist: a.write.persist() })?, json);
+            show(
+                &to_expert(&ExpertOptions {
+                    source,
+                    out,
+                    domain,
+                    layers,
+                    freeze: a.freeze,
+                    dtype,
+                    init,
+                    persist: a.write.persist(),
+                })?,
+                json,
+            );
             Ok(())
         }
     }
