@@ -427,7 +427,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
             .iter()
             .map(|(dir, _)| read_signatures(&dir.join(SIGNATURES)).map(|(_, records)| records))
             .collect::<Result<Vec<_>>>()?;
-        apply_removals(out, &mut merged, &global_removals(nd, &signatures))?;
+        apply_removals(out, &mut merged, &global_removals(nd, signatures))?;
     }
     write_manifest(out, &merged)?;
     Ok(merged)

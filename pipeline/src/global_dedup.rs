@@ -145,23 +145,29 @@ pub struct Removal {
 
 /// The single run's rule over all parts' signatures: documents in input order, each kept
 /// unless a kept one is estimated at or above the threshold.
-pub fn global_removals(settings: NearDupSettings, parts: &[Vec<SignatureRecord>]) -> Vec<Removal> {
-    let mut all: Vec<&SignatureRecord> = parts.iter().flatten().collect();
+pub fn global_removals(settings: NearDupSettings, parts: Vec<Vec<SignatureRecord>>) -> Vec<Removal> {
+    let mut all: Vec<SignatureRecord> = parts.into_iter().flatten().collect();
     all.sort_by_key(|r| r.order);
     let mut index = NearDedup::new(settings);
+    // The signatures move into the index; only the ids are needed afterwards.
+    let mut ids = Vec::with_capacity(all.len());
     let mut removals = Vec::new();
-    for (i, r) in all.iter().enumerate() {
-        if let Some(first) = index.insert(i, r.signature.clone()) {
-            let record = DuplicateRecord {
-                id: r.id.clone(),
-                kind: "near".into(),
-                kept: all[first].id.clone(),
-            };
-            removals.push(Removal {
-                shard: r.shard.clone(),
-                row: r.row,
-                record,
-            });
+    for (i, r) in all.into_iter().enumerate() {
+        match index.insert(i, r.signature) {
+            None => ids.push(r.id),
+            Some(first) => {
+                let record = DuplicateRecord {
+                    id: r.id.clone(),
+                    kind: "near".into(),
+                    kept: ids[first].clone(),
+                };
+                ids.push(r.id);
+                removals.push(Removal {
+                    shard: r.shard,
+                    row: r.row,
+                    record,
+                });
+            }
         }
     }
     removals
@@ -259,7 +265,7 @@ mod tests {
             ],
             vec![record(order_key(0, 5), "early", vec![1, 2, 3, 4])],
         ];
-        let removed = global_removals(s, &parts);
+        let removed = global_removals(s, parts);
         assert_eq!(removed.len(), 1);
         assert_eq!(
             (removed[0].record.id.as_str(), removed[0].record.kept.as_str()),

@@ -1,6 +1,7 @@
 //! Model files: safetensors with the `__metadata__` of DESIGN.md §2, written atomically.
 
 use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -163,7 +164,7 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Resu
         path: path.to_path_buf(),
         message: e.to_string(),
     })?;
-    let bytes = with_sorted_metadata(bytes).map_err(|message| Error::Format {
+    let (header, data_start) = sorted_header(&bytes).map_err(|message| Error::Format {
         path: path.to_path_buf(),
         message,
     })?;
@@ -172,15 +173,22 @@ pub fn save(path: &Path, tensors: &[(String, Tensor)], meta: &ModelMeta) -> Resu
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(io)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    // The new header, then the tensor bytes as serialised: no second copy of the data.
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&header)?;
+        f.write_all(&bytes[data_start..])?;
+        f.sync_all()
+    };
+    write().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)
 }
 
-/// The same file with `__metadata__`'s keys in sorted order: safetensors writes them in a
-/// HashMap's order, which changes from run to run, and identical runs should give
-/// identical files.
-fn with_sorted_metadata(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+/// A safetensors header (length prefix included) equal to the one in `bytes` but with
+/// `__metadata__`'s keys in sorted order, and where `bytes`' data section starts:
+/// safetensors writes the metadata in a HashMap's order, which changes from run to run, and
+/// identical runs should give identical files.
+fn sorted_header(bytes: &[u8]) -> std::result::Result<(Vec<u8>, usize), String> {
     let n = u64::from_le_bytes(bytes[..8].try_into().map_err(|_| "no header length".to_string())?) as usize;
     let mut header: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&bytes[8..8 + n]).map_err(|e| e.to_string())?;
@@ -194,11 +202,9 @@ fn with_sorted_metadata(bytes: Vec<u8>) -> std::result::Result<Vec<u8>, String> 
     let mut text = serde_json::to_vec(&header).map_err(|e| e.to_string())?;
     // The data section stays 8-byte aligned, as safetensors pads it.
     text.resize(text.len().next_multiple_of(8), b' ');
-    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
-    out.extend((text.len() as u64).to_le_bytes());
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
     out.extend(text);
-    out.extend_from_slice(&bytes[8 + n..]);
-    Ok(out)
+    Ok((out, 8 + n))
 }
 
 fn tensor_bytes(t: &Tensor) -> Result<(Vec<u8>, safetensors::Dtype)> {
