@@ -880,6 +880,8 @@ impl Session {
         let n_micro = (batches.len() * bsz.div_ceil(rows)) as f64;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss = 0.0;
+        // The weights change once a step: one set of bf16 casts serves every micro-batch.
+        let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
         for (k, batch) in batches.iter().enumerate() {
             let (inp, tgt, mask) = batch_tensors(batch, bsz, seq, DType::F32, &self.dev)?;
             for r0 in (0..bsz).step_by(rows) {
@@ -888,7 +890,6 @@ impl Session {
                 let micro =
                     ((self.state.step << 24) ^ ((k as u64) << 12) ^ r0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 crate::model::set_dropout_seed(self.cfg.model.seed ^ micro);
-                let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
                 let (l, g) = loss_and_grads(
                     &net,
                     &self.vm,
