@@ -19,6 +19,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::cpu_slice;
+
 const EPS: f64 = 1e-6;
 const GAMMA_LO: f64 = 1e-6;
 const GAMMA_HI: f64 = 1.0 - 1e-6;
@@ -38,13 +40,6 @@ pub fn mdi_gate(a: &Tensor, b: &Tensor, qkzg: &Tensor) -> candle_core::Result<(T
     let rows = |x: &Tensor, w: usize| x.contiguous()?.reshape((bs * t, w));
     let both = rows(a, d)?.apply_op3(&rows(b, d)?, &rows(qkzg, 4 * d)?, MdiGate)?;
     Ok((both.i(0)?.reshape((bs, t, d))?, both.i(1)?.reshape((bs, t, d))?))
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("{what} must be contiguous"),
-    }
 }
 
 /// Run `$body` with `$t` the element type of a CPU storage (f32, f64, bf16).
@@ -113,8 +108,8 @@ impl CustomOp2 for RmsNorm {
         let (n, d) = norm_dims(l1, l2)?;
         let out = with_cpu_float!(s1, "rmsnorm", |T| {
             let (x, w) = (
-                slice::<T>(s1, l1, "rmsnorm: x")?,
-                slice::<T>(s2, l2, "rmsnorm: weight")?,
+                cpu_slice::<T>(s1, l1, "rmsnorm: x")?,
+                cpu_slice::<T>(s2, l2, "rmsnorm: weight")?,
             );
             let mut y = vec![T::from_f64(0.0); n * d];
             y.par_chunks_mut(d.max(1))
@@ -174,9 +169,9 @@ impl CustomOp3 for RmsNormGrad {
         let (n, d) = norm_dims(l1, l2)?;
         with_cpu_float!(s1, "rmsnorm backward", |T| {
             let (x, w, dy) = (
-                slice::<T>(s1, l1, "x")?,
-                slice::<T>(s2, l2, "weight")?,
-                slice::<T>(s3, l3, "dy")?,
+                cpu_slice::<T>(s1, l1, "rmsnorm backward: x")?,
+                cpu_slice::<T>(s2, l2, "rmsnorm backward: weight")?,
+                cpu_slice::<T>(s3, l3, "rmsnorm backward: dy")?,
             );
             let rows = x.par_chunks(d.max(1)).zip(dy.par_chunks(d.max(1)));
             match self {
@@ -280,9 +275,9 @@ impl CustomOp3 for MdiGate {
         let (n, d) = gate_dims(l1, l2, l3)?;
         let out = with_cpu_float!(s1, "mdi gate", |T| {
             let (a, b, p) = (
-                slice::<T>(s1, l1, "a")?,
-                slice::<T>(s2, l2, "b")?,
-                slice::<T>(s3, l3, "projection")?,
+                cpu_slice::<T>(s1, l1, "mdi gate: a")?,
+                cpu_slice::<T>(s2, l2, "mdi gate: b")?,
+                cpu_slice::<T>(s3, l3, "mdi gate: projection")?,
             );
             let (gamma, u): (Vec<f64>, Vec<f64>) = (0..n * d)
                 .into_par_iter()
@@ -366,9 +361,9 @@ impl CustomOp3 for MdiGateGrad {
         let grad = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let out = with_cpu_float!(s1, "mdi gate backward", |T| {
             let (a, b, p) = (
-                slice::<T>(s1, l1, "a")?,
-                slice::<T>(s2, l2, "b")?,
-                slice::<T>(s3, l3, "projection")?,
+                cpu_slice::<T>(s1, l1, "mdi gate: a")?,
+                cpu_slice::<T>(s2, l2, "mdi gate: b")?,
+                cpu_slice::<T>(s3, l3, "mdi gate: projection")?,
             );
             let mut out = vec![T::from_f64(0.0); 6 * n * d];
             out.par_chunks_mut(6 * d.max(1)).enumerate().for_each(|(r, o)| {
@@ -436,14 +431,14 @@ fn normal_cdf(x: f64) -> f64 {
 
 fn map_cpu(s: &CpuStorage, l: &Layout, dy: Option<(&CpuStorage, &Layout)>) -> candle_core::Result<(CpuStorage, Shape)> {
     let out = with_cpu_float!(s, "gelu", |T| {
-        let x = slice::<T>(s, l, "gelu: x")?;
+        let x = cpu_slice::<T>(s, l, "gelu: x")?;
         let out: Vec<T> = match dy {
             None => x
                 .par_iter()
                 .map(|v| T::from_f64(v.to_f64() * normal_cdf(v.to_f64())))
                 .collect(),
             Some((ds, dl)) => {
-                let dy = slice::<T>(ds, dl, "gelu: dy")?;
+                let dy = cpu_slice::<T>(ds, dl, "gelu: dy")?;
                 x.par_iter()
                     .zip(dy)
                     .map(|(v, g)| {
@@ -591,10 +586,10 @@ impl CustomOp2 for EmbeddingGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ids = slice::<u32>(s1, l1, "embedding: ids")?;
+        let ids = cpu_slice::<u32>(s1, l1, "embedding: ids")?;
         let (n, d) = l2.shape().dims2()?;
         let out = with_cpu_float!(s2, "embedding backward", |T| {
-            let dy = slice::<T>(s2, l2, "embedding: dy")?;
+            let dy = cpu_slice::<T>(s2, l2, "embedding: dy")?;
             let mut out = vec![0f64; self.vocab * d];
             for (r, &id) in ids.iter().enumerate().take(n) {
                 for (o, g) in out[id as usize * d..(id as usize + 1) * d]

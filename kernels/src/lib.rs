@@ -66,14 +66,16 @@ pub struct ScanBackward {
     pub h0: Tensor,
 }
 
-fn contiguous<'a, T: candle_core::WithDType>(
+/// The elements of a contiguous CPU tensor, or an error naming `what` (every op here
+/// makes its inputs contiguous first).
+pub(crate) fn cpu_slice<'a, T: candle_core::WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     what: &str,
 ) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("scan: {what} must be contiguous"),
+        None => candle_core::bail!("{what} must be contiguous"),
     }
 }
 
@@ -86,11 +88,11 @@ fn run_cpu(
     let (b, t, d) = check_shapes(gamma.1, u.1, init.map(|(_, l)| l))?;
     macro_rules! go {
         ($t:ty, $variant:ident) => {{
-            let g = contiguous::<$t>(gamma.0, gamma.1, "γ")?;
-            let x = contiguous::<$t>(u.0, u.1, "u")?;
+            let g = cpu_slice::<$t>(gamma.0, gamma.1, "scan: γ")?;
+            let x = cpu_slice::<$t>(u.0, u.1, "scan: u")?;
             let zeros;
             let h0 = match init {
-                Some((s, l)) => contiguous::<$t>(s, l, "h0")?,
+                Some((s, l)) => cpu_slice::<$t>(s, l, "scan: h0")?,
                 None => {
                     zeros = vec![0 as $t; b * d];
                     &zeros
@@ -197,7 +199,7 @@ impl CustomOp3 for ScanBackward {
         macro_rules! go {
             ($t:ty, $variant:ident) => {{
                 let g = g.as_slice::<$t>()?;
-                let h = contiguous::<$t>(s3, l3, "h")?;
+                let h = cpu_slice::<$t>(s3, l3, "scan: h")?;
                 let h0 = h0.to_vec1::<$t>()?;
                 let mut out = g.to_vec();
                 out.resize(2 * g.len(), 0 as $t);

@@ -17,6 +17,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, IndexOp, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
+use crate::cpu_slice;
+
 /// Per-row `mask_r · (logsumexp(logits_r) − logits_r[target_r])` for logits [N, V] (f32,
 /// bf16 on the GPU; f32, f64 on the CPU), targets [N] (u32) and mask [N]: an [N] f32 tensor
 /// (f64 for f64 logits). Rows whose mask is 0 give 0 whatever their target.
@@ -58,13 +60,6 @@ fn check(logits: &Layout, targets: &Layout, rows: &Layout, row_width: usize) -> 
         );
     }
     Ok((n, v))
-}
-
-fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("cross-entropy: {what} must be contiguous"),
-    }
 }
 
 /// log Σ exp over a row, in f64.
@@ -147,11 +142,11 @@ impl CustomOp3 for SoftmaxCrossEntropy {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = check(l1, l2, l3, 1)?;
-        let targets = slice::<u32>(s2, l2, "targets")?;
+        let targets = cpu_slice::<u32>(s2, l2, "cross-entropy: targets")?;
         let out = with_types!(s1, s3, |T, R| R::to_cpu_storage_owned(forward_cpu::<T, R>(
-            slice(s1, l1, "logits")?,
+            cpu_slice(s1, l1, "cross-entropy: logits")?,
             targets,
-            slice(s3, l3, "mask")?,
+            cpu_slice(s3, l3, "cross-entropy: mask")?,
             v
         )));
         Ok((out, Shape::from((n, 2))))
@@ -205,11 +200,11 @@ impl CustomOp3 for SoftmaxCrossEntropyBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, v) = check(l1, l2, l3, 2)?;
-        let targets = slice::<u32>(s2, l2, "targets")?;
+        let targets = cpu_slice::<u32>(s2, l2, "cross-entropy: targets")?;
         let out = with_types!(s1, s3, |T, R| T::to_cpu_storage_owned(backward_cpu::<T, R>(
-            slice(s1, l1, "logits")?,
+            cpu_slice(s1, l1, "cross-entropy: logits")?,
             targets,
-            slice(s3, l3, "per-row input")?,
+            cpu_slice(s3, l3, "cross-entropy: per-row input")?,
             v
         )));
         Ok((out, Shape::from((n, v))))
