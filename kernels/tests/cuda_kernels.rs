@@ -3,7 +3,7 @@
 //! run by scripts/gpu-check.sh.
 #![cfg(feature = "cuda")]
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 
 #[path = "gpu/fused.rs"]
 mod fused;
@@ -11,6 +11,22 @@ mod fused;
 mod loss;
 #[path = "gpu/scan.rs"]
 mod scan;
+
+/// Norm-wise relative error ‖a − b‖ / ‖b‖ of two tensors on any device, in f64.
+fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    let f64_cpu = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap();
+    let (a, b) = (f64_cpu(a), f64_cpu(b));
+    let num = (&a - &b)
+        .unwrap()
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap();
+    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
+    (num / den.max(1e-300)).sqrt()
+}
 
 fn gpu() -> Device {
     let dev = Device::new_cuda(0).expect("these tests need a CUDA GPU");

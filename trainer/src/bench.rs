@@ -341,13 +341,7 @@ fn step_figure(
         crate::model::seeded_builder(&vm, 0, DType::F32, dev),
     )?);
     initialise(&vm, &cfg)?;
-    let trainable: Vec<(String, candle_core::Var)> = vm
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+    let trainable = crate::io::varmap_vars(&vm);
     let parameters = trainable.iter().map(|(_, v)| v.elem_count()).sum();
     let mut opt = crate::optim::AdamW::new(trainable, cfg.n_layers, OptimConfig::default())?;
     // Distinct random batches: the speed does not depend on the token values.

@@ -233,6 +233,12 @@ fn tensor_bytes(t: &Tensor) -> Result<(Vec<u8>, safetensors::Dtype)> {
     })
 }
 
+/// Every variable of a VarMap with its name.
+pub fn varmap_vars(vm: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = vm.data().lock().expect("varmap lock");
+    data.iter().map(|(n, v)| (n.clone(), v.clone())).collect()
+}
+
 /// Every variable of a VarMap, by name.
 pub fn varmap_tensors(vm: &VarMap) -> Vec<(String, Tensor)> {
     let data = vm.data().lock().expect("varmap lock");

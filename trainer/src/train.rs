@@ -407,13 +407,7 @@ pub fn loss_and_grads(
     mask: &Tensor,
     checkpointing: bool,
 ) -> candle_core::Result<(f64, BTreeMap<String, Tensor>)> {
-    let named: Vec<(String, Var)> = vm
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+    let named = io::varmap_vars(vm);
     let collect =
         |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
             for (name, var) in &named {

@@ -341,13 +341,7 @@ fn bf16_mixed_precision_keeps_tiny_updates_in_the_f32_master_weights() {
         grads.values().all(|g| g.dtype() == DType::F32),
         "gradients must reach the f32 master weights as f32"
     );
-    let params: Vec<(String, Var)> = vm
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(n, v)| (n.clone(), v.clone()))
-        .collect();
+    let params = mmrec_trainer::io::varmap_vars(&vm);
     let w = params
         .iter()
         .find(|(n, _)| n == "blocks.0.ffn.up.weight")

@@ -1,33 +1,9 @@
 //! The fused RMSNorm and MDI gate on the GPU against the CPU path, f32 and bf16, forward
 //! and backward. Built only with `--features cuda`.
 
-use super::gpu;
+use super::{gpu, rel};
 use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::fused::{mdi_gate, rms_norm};
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (
-        a.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap(),
-        b.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap(),
-    );
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    (num / b
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
-        .max(1e-300))
-    .sqrt()
-}
 
 /// Outputs and input gradients of Σ probe ⊙ op(inputs) on `dev` in `dtype`.
 fn run(

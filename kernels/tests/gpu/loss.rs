@@ -2,23 +2,9 @@
 //! composed definition and finite differences in loss.rs), f32 and bf16 logits, at the
 //! training shape's vocabulary. Built only with `--features cuda`.
 
-use super::gpu;
+use super::{gpu, rel};
 use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::loss::cross_entropy_rows;
-
-fn rel(a: &Tensor, b: &Tensor) -> f64 {
-    let (a, b) = (a.to_dtype(DType::F64).unwrap(), b.to_dtype(DType::F64).unwrap());
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / den.max(1e-300)).sqrt()
-}
 
 /// Loss rows and dlogits of Σ w ⊙ rows, on `dev` with logits in `dtype`.
 fn run(dev: &Device, dtype: DType, x: &Tensor, t: &Tensor, m: &Tensor, w: &Tensor) -> (Tensor, Tensor) {
