@@ -10,11 +10,12 @@ use arrow_schema::DataType;
 use mmrec_schemas::{columns, Domain, Manifest, Partition, ShardInfo, Totals};
 use serde::Serialize;
 
-use crate::atomic::{file_sha256, write_atomic};
 use crate::error::{Error, IoContext, Result};
 use crate::global_dedup::{apply_removals, global_removals, read_signatures, SIGNATURES};
-use crate::shard::ShardReader;
-use crate::split::{read_manifest, write_manifest, DUPLICATES, QUARANTINE};
+use crate::split::{DUPLICATES, QUARANTINE};
+use mmrec_schemas::atomic::{file_sha256, write_atomic};
+use mmrec_schemas::shard::ShardReader;
+use mmrec_schemas::{read_manifest, write_manifest, MANIFEST};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Validation {
@@ -314,7 +315,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
         .ok_or_else(|| Error::Invalid("merge needs at least one part".into()))?;
     let n = first.settings.partition.count;
     let bad = |dir: &Path, message: String| Error::Manifest {
-        path: dir.join(crate::split::MANIFEST),
+        path: dir.join(MANIFEST),
         message,
     };
     for (i, (dir, m)) in manifests.iter().enumerate() {
@@ -378,7 +379,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
                 let (sha256, _) = file_sha256(&src)?;
                 if sha256 != s.sha256 {
                     return Err(Error::Manifest {
-                        path: dir.join(crate::split::MANIFEST),
+                        path: dir.join(MANIFEST),
                         message: format!(
                             "shard {} has sha256 {sha256}, the manifest says {} (corrupt or replaced)",
                             s.file, s.sha256
@@ -386,7 +387,7 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
                     });
                 }
                 if std::fs::hard_link(&src, &dst).is_err() {
-                    let tmp = crate::atomic::temp_path(&dst);
+                    let tmp = mmrec_schemas::atomic::temp_path(&dst);
                     std::fs::copy(&src, &tmp).at(&src)?;
                     std::fs::rename(&tmp, &dst).at(&dst)?;
                 }

@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 
+use mmrec_schemas::rng::splitmix;
 use mmrec_schemas::NearDupSettings;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -217,13 +218,6 @@ fn perm_coeffs(seed: u64, i: usize) -> (u64, u64) {
     let a = splitmix(seed ^ (i as u64 * 2 + 1)) | 1;
     let b = splitmix(seed ^ (i as u64 * 2 + 2));
     (a, b)
-}
-
-pub(crate) fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    x ^ (x >> 31)
 }
 
 /// LSH index over the signatures of kept documents.

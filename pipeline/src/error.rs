@@ -4,8 +4,8 @@ use std::path::PathBuf;
 /// to the quarantine file and the run continues.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Schema(#[from] mmrec_schemas::Error),
     #[error("input {path} does not exist or cannot be read")]
     MissingInput { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
@@ -20,17 +20,14 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Attach the path to an I/O error, the one piece of context every I/O failure needs.
+/// Attach the path to an I/O error, as a pipeline error.
 pub(crate) trait IoContext<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T>;
 }
 
 impl<T> IoContext<T> for std::io::Result<T> {
     fn at(self, path: impl Into<PathBuf>) -> Result<T> {
-        self.map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })
+        Ok(mmrec_schemas::IoContext::at(self, path)?)
     }
 }
 

@@ -19,10 +19,14 @@ use std::path::Path;
 
 use mmrec_schemas::{Manifest, NearDupSettings, ShardInfo};
 
-use crate::atomic::write_atomic;
 use crate::dedup::NearDedup;
 use crate::error::{Error, IoContext, Result};
 use crate::split::DuplicateRecord;
+use arrow_array::cast::AsArray;
+use arrow_array::Array;
+use mmrec_schemas::atomic::write_atomic;
+use mmrec_schemas::columns;
+use mmrec_schemas::shard::{token_lists, ShardReader, ShardRow, ShardWriter};
 
 pub const SIGNATURES: &str = "near_dup_signatures.bin";
 const FORMAT: &str = "mmrec-near-dup-signatures";
@@ -76,7 +80,7 @@ pub fn write_signatures(path: &Path, num_perm: usize, records: &[SignatureRecord
         }
         r.signature.iter().for_each(|v| out.extend(v.to_le_bytes()));
     }
-    write_atomic(path, &out)
+    Ok(write_atomic(path, &out)?)
 }
 
 pub fn read_signatures(path: &Path) -> Result<(usize, Vec<SignatureRecord>)> {
@@ -188,7 +192,7 @@ pub fn apply_removals(out: &Path, merged: &mut Manifest, removals: &[Removal]) -
                 kept.push(s);
                 continue;
             };
-            let (info, lost) = crate::shard::rewrite_without(&out.join(&s.file), &s.file, rows)?;
+            let (info, lost) = rewrite_without(&out.join(&s.file), &s.file, rows)?;
             let t = &mut merged.totals;
             t.written -= lost.documents;
             t.near_duplicates += lost.documents;
@@ -211,7 +215,76 @@ pub fn apply_removals(out: &Path, merged: &mut Manifest, removals: &[Removal]) -
         serde_json::to_writer(&mut bytes, &r.record).expect("duplicate records serialise");
         bytes.write_all(b"\n").expect("writing to memory");
     }
-    write_atomic(&log, &bytes)
+    Ok(write_atomic(&log, &bytes)?)
+}
+
+/// Rewrite the shard at `path` (`file` relative to the manifest) without the rows in
+/// `drop` (0-based over the whole shard), keeping its row groups. Returns the new shard's
+/// manifest entry (None when no row is left, and the file is then left for the caller to
+/// remove) and the totals of what was dropped.
+pub fn rewrite_without(
+    path: &Path,
+    file: &str,
+    drop: &std::collections::HashSet<u32>,
+) -> Result<(Option<mmrec_schemas::ShardInfo>, mmrec_schemas::DomainTotals)> {
+    let reader = ShardReader::open(path)?;
+    let width = reader.token_width()?;
+    let cols = [
+        columns::ID,
+        columns::DOMAIN,
+        columns::LANG,
+        columns::SOURCE,
+        columns::TEXT,
+        columns::TOKENS,
+        columns::HASH,
+    ];
+    let mut writer = ShardWriter::create(path, width)?;
+    let mut lost = mmrec_schemas::DomainTotals::default();
+    let mut row = 0u32;
+    for batch in reader.batches(&cols, None)? {
+        let b = batch?;
+        let strings = |i: usize| b.column(i).as_string::<i32>();
+        let (id, domain, lang, source) = (strings(0), strings(1), strings(2), strings(3));
+        let (text, hash) = (
+            b.column(4).as_string::<i64>(),
+            b.column(6).as_primitive::<arrow_array::types::UInt64Type>(),
+        );
+        let mut rows = Vec::with_capacity(b.num_rows());
+        for (i, tokens) in token_lists(b.column(5).as_ref()).into_iter().enumerate() {
+            if drop.contains(&(row + i as u32)) {
+                lost.documents += 1;
+                lost.tokens += tokens.len() as u64;
+                lost.text_bytes += text.value(i).len() as u64;
+                continue;
+            }
+            let domain = domain.value(i).parse().map_err(|e: String| Error::Parquet {
+                path: path.to_path_buf(),
+                message: format!("row {}: {e}", row + i as u32),
+            })?;
+            rows.push(ShardRow {
+                id: id.value(i),
+                domain,
+                lang: lang.is_valid(i).then(|| lang.value(i)),
+                source: source.value(i),
+                text: text.value(i),
+                tokens,
+                hash: hash.value(i),
+            });
+        }
+        row += b.num_rows() as u32;
+        if !rows.is_empty() {
+            writer.write(&rows)?;
+        }
+    }
+    let written = writer.finish()?;
+    let info = (written.rows > 0).then(|| mmrec_schemas::ShardInfo {
+        file: file.to_string(),
+        rows: written.rows,
+        tokens: written.tokens,
+        bytes: written.bytes,
+        sha256: written.sha256,
+    });
+    Ok((info, lost))
 }
 
 #[cfg(test)]

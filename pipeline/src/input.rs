@@ -217,7 +217,7 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
         oversized,
     }) = raw
     else {
-        let (sha256, len) = crate::atomic::file_sha256(&file.path)?;
+        let (sha256, len) = mmrec_schemas::atomic::file_sha256(&file.path)?;
         let records = vec![bad(
             &source,
             0,
@@ -296,7 +296,7 @@ fn read_decompressed(path: &Path, opts: &ReadOptions, from_tree: bool) -> Result
         return Ok((name, None));
     }
     let raw = std::fs::read(path).at(path)?;
-    let (sha256, len) = (crate::tokenize::sha256_hex(&raw), raw.len() as u64);
+    let (sha256, len) = (mmrec_schemas::atomic::sha256_hex(&raw), raw.len() as u64);
     let decoded = |stem: &str, reader: Box<dyn Read + '_>| -> Result<(String, Option<Raw>)> {
         // Bounded while decompressing: a few KB of zstd can expand to gigabytes.
         let (data, oversized, whole_too_large) = read_bounded(reader, bound_for(stem, from_tree, opts)).at(path)?;
@@ -749,4 +749,51 @@ fn read_parquet(path: &Path, source: &Arc<str>, bytes: Vec<u8>, opts: &ReadOptio
         }
     }
     Ok(out)
+}
+
+/// The text of every good document of `specs`, in input order, and how many files held
+/// them (for tokenizer training and benchmarks, which need the documents, not shards).
+pub fn read_texts(specs: &[InputSpec], opts: &ReadOptions) -> Result<(Vec<String>, usize)> {
+    let files = expand_inputs(specs, false)?;
+    let mut texts = Vec::new();
+    for f in &files {
+        texts.extend(read_file(f, opts)?.records.into_iter().filter_map(|r| match r {
+            Record::Doc(d) => Some(d.text),
+            Record::Bad(_) => None,
+        }));
+    }
+    Ok((texts, files.len()))
+}
+
+/// Inputs whose domain the user declares.
+#[derive(clap::Args)]
+pub struct DeclaredInputs {
+    /// Inputs whose documents are prose.
+    #[arg(long, num_args = 1.., value_name = "PATH")]
+    pub text: Vec<PathBuf>,
+    /// Inputs whose documents are source code.
+    #[arg(long, num_args = 1.., value_name = "PATH")]
+    pub code: Vec<PathBuf>,
+    /// Inputs whose documents mix prose and code.
+    #[arg(long, num_args = 1.., value_name = "PATH")]
+    pub mixed: Vec<PathBuf>,
+}
+
+impl DeclaredInputs {
+    /// One input spec per path, with its declared domain.
+    pub fn specs(self) -> Vec<InputSpec> {
+        [
+            (self.text, Domain::Text),
+            (self.code, Domain::Code),
+            (self.mixed, Domain::Mixed),
+        ]
+        .into_iter()
+        .flat_map(|(paths, d)| {
+            paths.into_iter().map(move |path| InputSpec {
+                path,
+                declared: Some(d),
+            })
+        })
+        .collect()
+    }
 }

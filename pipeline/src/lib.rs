@@ -10,8 +10,6 @@
 //! assert!(report.manifest.totals.balances());
 //! ```
 
-mod atomic;
-pub mod bench;
 pub mod catalog;
 pub mod classify;
 pub mod dedup;
@@ -20,8 +18,6 @@ pub mod global_dedup;
 mod gpt2_split;
 pub mod input;
 pub mod lang;
-pub mod loader;
-pub mod shard;
 pub mod split;
 pub mod tokenize;
 
@@ -34,4 +30,4 @@ pub use split::{split, Progress, SplitOptions, SplitReport};
 /// Documents differ in cost (a source file costs many short paragraphs), so without a cap
 /// one thread could finish its pieces and idle while the other works through the costly
 /// ones: encoding the bench corpus on two threads took 0.93 s that way, 0.65 s capped.
-pub(crate) const DOCS_PER_TASK: usize = 128;
+pub const DOCS_PER_TASK: usize = 128;

@@ -17,17 +17,17 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use crate::atomic::{file_sha256, is_temp_name, write_atomic};
 use crate::classify::{classify, CLASSIFIER_NAME};
 use crate::dedup::{normalized_hash, ExactDedup, MinHasher, NearDedup};
 use crate::error::{Error, IoContext, Result};
 use crate::global_dedup::{order_key, write_signatures, SignatureRecord, SIGNATURES};
 use crate::input::{expand_inputs, read_file, Document, InputSpec, ReadOptions, Record};
-use crate::shard::{ShardRow, ShardWriter};
 use crate::tokenize::LoadedTokenizer;
 use crate::DOCS_PER_TASK;
+use mmrec_schemas::atomic::{file_sha256, is_temp_name, write_atomic};
+use mmrec_schemas::shard::{ShardRow, ShardWriter};
+use mmrec_schemas::{write_manifest, MANIFEST};
 
-pub const MANIFEST: &str = "manifest.json";
 pub const QUARANTINE: &str = "quarantine.jsonl";
 pub const DUPLICATES: &str = "duplicates.jsonl";
 const STATE_DIR: &str = ".state";
@@ -560,10 +560,11 @@ fn remove_stale(opts: &SplitOptions, plan: &[PlannedShard]) -> Result<()> {
     // shards, no manifest may describe the mix of old and new ones.
     match std::fs::remove_file(opts.out.join(MANIFEST)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(Error::Io {
+            return Err(mmrec_schemas::Error::Io {
                 path: opts.out.join(MANIFEST),
                 source: e,
-            })
+            }
+            .into())
         }
         _ => {}
     }
@@ -589,53 +590,7 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         serde_json::to_writer(&mut buf, r).expect("records serialise");
         buf.push(b'\n');
     }
-    write_atomic(path, &buf)
-}
-
-pub fn write_manifest(dir: &Path, manifest: &Manifest) -> Result<()> {
-    let mut json = serde_json::to_vec_pretty(manifest).expect("manifest serialises");
-    json.push(b'\n');
-    write_atomic(&dir.join(MANIFEST), &json)
-}
-
-pub fn read_manifest(dir: &Path) -> Result<Manifest> {
-    let path = dir.join(MANIFEST);
-    let bytes = std::fs::read(&path).map_err(|source| Error::MissingInput {
-        path: path.clone(),
-        source,
-    })?;
-    let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::Manifest {
-        path: path.clone(),
-        message: format!("not a valid manifest: {e}"),
-    })?;
-    if m.schema_version > SCHEMA_VERSION {
-        return Err(Error::Manifest {
-            path,
-            message: format!(
-                "schema_version {} is newer than this tool's {SCHEMA_VERSION}",
-                m.schema_version
-            ),
-        });
-    }
-    // Shard paths are relative and stay inside the directory: a forged entry such as
-    // `../../x.parquet` would make merge write, and validate read, outside it.
-    let escapes = |f: &str| {
-        Path::new(f)
-            .components()
-            .any(|c| !matches!(c, std::path::Component::Normal(_)))
-    };
-    if let Some(s) = m
-        .domains
-        .values()
-        .flatten()
-        .find(|s| s.file.is_empty() || escapes(&s.file))
-    {
-        return Err(Error::Manifest {
-            path,
-            message: format!("shard path {:?} must be relative and inside the directory", s.file),
-        });
-    }
-    Ok(m)
+    Ok(write_atomic(path, &buf)?)
 }
 
 #[cfg(test)]

@@ -4,15 +4,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use mmrec_schemas::{TokenWidth, TokenizerInfo};
-use sha2::{Digest, Sha256};
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
 use crate::error::{Error, IoContext, Result};
 
-pub const EOT: &str = "<|endoftext|>";
-pub const PAD: &str = "<|pad|>";
+use mmrec_schemas::atomic::sha256_hex;
+pub use mmrec_schemas::special::{EOT, PAD};
 
 /// A loaded tokenizer and the identity recorded in manifests and checked by the loader.
 pub struct LoadedTokenizer {
@@ -312,14 +311,6 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Train a byte-level BPE (GPT-2 style) with `<|endoftext|>` and `<|pad|>` specials.
 pub fn train_bpe<I>(texts: I, vocab_size: usize, min_frequency: u64, out: &Path) -> Result<PathBuf>
 where
@@ -346,7 +337,7 @@ where
     .build()
     .map_err(|e| tok_err(out, e))?;
     tokenizer.train(&mut trainer, texts).map_err(|e| tok_err(out, e))?;
-    let tmp = crate::atomic::temp_path(out);
+    let tmp = mmrec_schemas::atomic::temp_path(out);
     tokenizer.save(&tmp, false).map_err(|e| tok_err(out, e))?;
     std::fs::rename(&tmp, out).at(out)?;
     Ok(out.to_path_buf())

@@ -7,9 +7,7 @@ use mmrec_pipeline::input::{read_file, InputFile, Record};
 use mmrec_pipeline::{PlainSplit, ReadOptions};
 use proptest::prelude::*;
 
-fn fixtures() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
+use mmrec_tests::fixtures;
 
 fn read_as(dir: &Path, name: &str, bytes: &[u8]) -> Vec<Record> {
     let path = dir.join(name);
@@ -89,7 +87,7 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let valid = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/manifest.json")).unwrap();
         std::fs::write(dir.path().join("manifest.json"), mutated(&valid, pos, byte, cut)).unwrap();
-        let _ = mmrec_pipeline::split::read_manifest(dir.path());
+        let _ = mmrec_schemas::read_manifest(dir.path());
         let _ = mmrec_pipeline::catalog::validate(dir.path());
     }
 
@@ -102,11 +100,11 @@ proptest! {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.parquet");
         std::fs::write(&path, &shard[..shard.len() - cut % shard.len()]).unwrap();
-        if let Ok(r) = mmrec_pipeline::shard::ShardReader::open(&path) {
+        if let Ok(r) = mmrec_schemas::shard::ShardReader::open(&path) {
             let _ = r.token_width();
             if let Ok(batches) = r.batches(&["tokens", "text", "hash"], None) {
                 for b in batches.flatten() {
-                    let _ = mmrec_pipeline::shard::token_lists(b.column(0).as_ref());
+                    let _ = mmrec_schemas::shard::token_lists(b.column(0).as_ref());
                 }
             }
         }

@@ -5,12 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use mmrec_pipeline::catalog::validate;
-use mmrec_pipeline::split::read_manifest;
+use mmrec_schemas::read_manifest;
 use mmrec_schemas::{Domain, Manifest};
 
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
+use mmrec_tests::{fixtures, rewrite_foreign};
 
 fn corpus(name: &str) -> String {
     fixtures().join("corpora").join(name).to_string_lossy().into_owned()
@@ -584,7 +582,7 @@ fn the_cached_encoder_gives_exactly_the_ids_of_hf_encode() {
 fn shards_and_row_groups_close_at_their_text_byte_bounds() {
     use arrow_array::cast::AsArray;
     use arrow_array::Array;
-    use mmrec_pipeline::shard::ShardReader;
+    use mmrec_schemas::shard::ShardReader;
     let dir = tempfile::tempdir().unwrap();
     let inputs = vec![mmrec_pipeline::InputSpec {
         path: corpus("python_stdlib.jsonl").into(),
@@ -680,7 +678,7 @@ fn byte_bounds_are_given_in_mib_and_must_be_above_zero() {
 
 #[test]
 fn validate_reports_rows_in_the_wrong_domain_and_ids_outside_the_vocabulary() {
-    use mmrec_pipeline::shard::{ShardRow, ShardWriter};
+    use mmrec_schemas::shard::{ShardRow, ShardWriter};
     let dir = tempfile::tempdir().unwrap();
     assert!(split_fixtures(dir.path(), &[]).status.success());
     let m = read_manifest(dir.path()).unwrap();
@@ -723,7 +721,7 @@ fn document_hashes(dir: &Path) -> std::collections::BTreeSet<u64> {
     let m = read_manifest(dir).unwrap();
     let mut hashes = std::collections::BTreeSet::new();
     for s in m.domains.values().flatten() {
-        for b in mmrec_pipeline::shard::ShardReader::open(&dir.join(&s.file))
+        for b in mmrec_schemas::shard::ShardReader::open(&dir.join(&s.file))
             .unwrap()
             .batches(&["hash"], None)
             .unwrap()
@@ -836,7 +834,7 @@ fn token_ids_above_65535_from_a_small_vocabulary_are_stored_whole() {
         (65_541, mmrec_schemas::TokenWidth::U32)
     );
     let shard = &m.domains[&Domain::Text][0].file;
-    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(shard))
+    let batch = mmrec_schemas::shard::ShardReader::open(&out.join(shard))
         .unwrap()
         .batches(&["tokens"], None)
         .unwrap()
@@ -844,7 +842,7 @@ fn token_ids_above_65535_from_a_small_vocabulary_are_stored_whole() {
         .unwrap()
         .unwrap();
     assert_eq!(
-        mmrec_pipeline::shard::token_lists(batch.column(0).as_ref()),
+        mmrec_schemas::shard::token_lists(batch.column(0).as_ref()),
         vec![vec![65_537, 65_540]]
     );
     assert!(validate(&out).unwrap().ok());
@@ -1102,90 +1100,22 @@ fn special_token_strings_in_documents_are_encoded_as_text() {
     let m = read_manifest(&out).unwrap();
     let specials: Vec<u32> = m.tokenizer.special_tokens.values().copied().collect();
     assert_eq!(specials.len(), 2);
-    let batch = mmrec_pipeline::shard::ShardReader::open(&out.join(&m.domains[&Domain::Text][0].file))
+    let batch = mmrec_schemas::shard::ShardReader::open(&out.join(&m.domains[&Domain::Text][0].file))
         .unwrap()
         .batches(&["tokens"], None)
         .unwrap()
         .next()
         .unwrap()
         .unwrap();
-    let ids = &mmrec_pipeline::shard::token_lists(batch.column(0).as_ref())[0];
+    let ids = &mmrec_schemas::shard::token_lists(batch.column(0).as_ref())[0];
     assert!(
         ids.len() > 6 && !ids.iter().any(|i| specials.contains(i)),
         "a document injected a special id: {ids:?}"
     );
 }
 
-/// Rewrite the shard `file` of `dir` as another writer might have: `text` as a plain
-/// (32-bit offset) string and the token list's item named `element`, as pyarrow writes
-/// them. With `empty_copy`, write the same schema with no row group at all to `empty_copy`
-/// and list it as a shard of its own. The manifest is updated.
-fn rewrite_foreign(dir: &Path, file: &str, empty_copy: Option<&str>) {
-    use arrow_array::cast::AsArray;
-    use std::sync::Arc;
-    let path = dir.join(file);
-    let batch = mmrec_pipeline::shard::ShardReader::open(&path)
-        .unwrap()
-        .batches(
-            &["id", "domain", "lang", "source", "text", "tokens", "n_tokens", "hash"],
-            None,
-        )
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
-    let text: arrow_array::StringArray = batch.column(4).as_string::<i64>().iter().collect();
-    let tokens = batch.column(5).as_list::<i32>();
-    let item = arrow_schema::Field::new("element", tokens.values().data_type().clone(), true);
-    let tokens = arrow_array::ListArray::new(
-        Arc::new(item.clone()),
-        tokens.offsets().clone(),
-        tokens.values().clone(),
-        None,
-    );
-    let mut fields: Vec<arrow_schema::Field> = batch.schema().fields().iter().map(|f| f.as_ref().clone()).collect();
-    fields[4] = arrow_schema::Field::new("text", arrow_schema::DataType::Utf8, false);
-    fields[5] = arrow_schema::Field::new("tokens", arrow_schema::DataType::List(Arc::new(item)), false);
-    let schema = Arc::new(arrow_schema::Schema::new(fields));
-    let mut cols = batch.columns().to_vec();
-    cols[4] = Arc::new(text);
-    cols[5] = Arc::new(tokens);
-    let batch = arrow_array::RecordBatch::try_new(schema.clone(), cols).unwrap();
-    let write = |path: &Path, rows: bool| {
-        let mut w =
-            parquet::arrow::ArrowWriter::try_new(std::fs::File::create(path).unwrap(), schema.clone(), None).unwrap();
-        if rows {
-            w.write(&batch).unwrap();
-        }
-        w.close().unwrap();
-        let bytes = std::fs::read(path).unwrap();
-        (mmrec_pipeline::tokenize::sha256_hex(&bytes), bytes.len() as u64)
-    };
-    let mut m = read_manifest(dir).unwrap();
-    let (sha256, bytes) = write(&path, true);
-    let domain = m
-        .domains
-        .iter_mut()
-        .find(|(_, v)| v.iter().any(|s| s.file == file))
-        .unwrap()
-        .1;
-    let entry = domain.iter_mut().find(|s| s.file == file).unwrap();
-    (entry.sha256, entry.bytes) = (sha256, bytes);
-    if let Some(copy) = empty_copy {
-        let (sha256, bytes) = write(&dir.join(copy), false);
-        domain.push(mmrec_schemas::ShardInfo {
-            file: copy.into(),
-            rows: 0,
-            tokens: 0,
-            bytes,
-            sha256,
-        });
-    }
-    mmrec_pipeline::split::write_manifest(dir, &m).unwrap();
-}
-
 #[test]
-fn shards_written_by_other_tools_are_read_by_validate_inspect_and_the_loader() {
+fn shards_written_by_other_tools_are_read_by_validate_and_inspect() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("s");
     assert!(split_fixtures(&out, &["--shard-docs", "50"]).status.success());
@@ -1208,15 +1138,6 @@ fn shards_written_by_other_tools_are_read_by_validate_inspect_and_the_loader() {
     }
     let report = validate(&out).unwrap();
     assert!(report.ok(), "{report:?}");
-    let cfg = mmrec_pipeline::loader::LoaderConfig {
-        seq_len: 64,
-        batch_size: 4,
-        ..mmrec_pipeline::loader::LoaderConfig::default()
-    };
-    let mut loader = mmrec_pipeline::loader::Loader::open(&[out], cfg, None).unwrap();
-    for _ in 0..20 {
-        loader.next_batch().unwrap().unwrap();
-    }
 }
 
 #[test]

@@ -1,14 +1,30 @@
-//! File formats shared by the MM-Rec crates (DESIGN.md §4–§5), versioned.
+//! Every on-disk contract of the MM-Rec toolkit (DESIGN.md §2, §4, §5), each with its one
+//! reader and one writer: the shard schema and shards (feature `shards`), `manifest.json`,
+//! quarantine records, model files (safetensors with the toolkit's `__metadata__`), the run
+//! config and the checkpoint's `state.json`; plus the crash-safe write and hashing helpers
+//! every writer uses. No candle here: the data tools and `mmrec-transfer` build without it.
 //!
-//! Every format here carries [`SCHEMA_VERSION`]; a reader refuses a newer major version
-//! instead of guessing at it.
+//! Every format carries [`SCHEMA_VERSION`]; a reader refuses a newer version instead of
+//! guessing at it.
 
-use std::collections::BTreeMap;
+pub mod atomic;
+pub mod checkpoint;
+mod error;
+pub mod manifest;
+pub mod model_file;
+pub mod rng;
+pub mod run_config;
+pub mod safetensors;
+#[cfg(feature = "shards")]
+pub mod shard;
+
+pub use error::{Error, IoContext, Result};
+pub use manifest::*;
+pub use model_file::{FusionMethod, ModelConfig, ModelMeta, Role};
+
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
 
-use arrow_schema::{DataType, Field, Schema};
 use serde::{Deserialize, Serialize};
 
 /// Version of the shard, manifest and checkpoint formats written by this build.
@@ -70,7 +86,9 @@ impl TokenWidth {
         }
     }
 
-    pub fn data_type(self) -> DataType {
+    #[cfg(feature = "shards")]
+    pub fn data_type(self) -> arrow_schema::DataType {
+        use arrow_schema::DataType;
         match self {
             TokenWidth::U16 => DataType::UInt16,
             TokenWidth::U32 => DataType::UInt32,
@@ -90,9 +108,19 @@ pub mod columns {
     pub const HASH: &str = "hash";
 }
 
+/// The special tokens every tokenizer the toolkit trains or accepts carries: documents end
+/// with [`EOT`]; packed batches pad with [`PAD`].
+pub mod special {
+    pub const EOT: &str = "<|endoftext|>";
+    pub const PAD: &str = "<|pad|>";
+}
+
 /// The Arrow schema of a shard (DESIGN §4).
-pub fn shard_schema(width: TokenWidth) -> Arc<Schema> {
+#[cfg(feature = "shards")]
+pub fn shard_schema(width: TokenWidth) -> std::sync::Arc<arrow_schema::Schema> {
+    use arrow_schema::{DataType, Field, Schema};
     use columns::*;
+    use std::sync::Arc;
     Arc::new(Schema::new(vec![
         Field::new(ID, DataType::Utf8, false),
         Field::new(DOMAIN, DataType::Utf8, false),
@@ -109,186 +137,9 @@ pub fn shard_schema(width: TokenWidth) -> Arc<Schema> {
     ]))
 }
 
-/// `manifest.json`, written beside the shards.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    pub schema_version: u32,
-    pub tool_version: String,
-    pub tokenizer: TokenizerInfo,
-    pub inputs: Vec<InputInfo>,
-    /// Shards per domain; a domain with no documents has an empty list.
-    pub domains: BTreeMap<Domain, Vec<ShardInfo>>,
-    pub totals: Totals,
-    pub rejected: Rejected,
-    pub settings: Settings,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TokenizerInfo {
-    pub path: String,
-    pub sha256: String,
-    pub vocab_size: usize,
-    pub token_width: TokenWidth,
-    /// Special tokens and their ids, e.g. `<|endoftext|>`.
-    pub special_tokens: BTreeMap<String, u32>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct InputInfo {
-    pub path: String,
-    pub bytes: u64,
-    pub sha256: String,
-    /// The domain the user declared (`--text`, `--code`, `--mixed`), or `auto`.
-    pub declared: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ShardInfo {
-    /// Path relative to the manifest's directory.
-    pub file: String,
-    pub rows: u64,
-    pub tokens: u64,
-    pub bytes: u64,
-    pub sha256: String,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Totals {
-    /// Every record read from the inputs (for a partitioned run: those of this part).
-    pub records_in: u64,
-    pub written: u64,
-    pub exact_duplicates: u64,
-    pub near_duplicates: u64,
-    pub quarantined: u64,
-    pub tokens: u64,
-    pub text_bytes: u64,
-    pub per_domain: BTreeMap<Domain, DomainTotals>,
-}
-
-impl Totals {
-    /// The accounting identity every run must satisfy: nothing is lost silently.
-    pub fn balances(&self) -> bool {
-        self.records_in == self.written + self.exact_duplicates + self.near_duplicates + self.quarantined
-    }
-}
-
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct DomainTotals {
-    pub documents: u64,
-    pub tokens: u64,
-    pub text_bytes: u64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Rejected {
-    pub count: u64,
-    pub by_reason: BTreeMap<String, u64>,
-    /// Path of the quarantine file relative to the manifest, one JSON object per record.
-    pub quarantine_file: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Settings {
-    pub classifier: String,
-    pub near_dup: Option<NearDupSettings>,
-    pub max_bytes: u64,
-    pub shard_docs: usize,
-    pub row_group_docs: usize,
-    /// Text bytes at which a shard, or a row group, is closed before its document count is
-    /// reached (0 in manifests written before these bounds existed: none).
-    #[serde(default)]
-    pub shard_bytes: u64,
-    #[serde(default)]
-    pub row_group_bytes: u64,
-    pub text_field: Option<String>,
-    pub seed: u64,
-    /// `i/n`: this manifest covers partition `i` of `n` (`0/1` for an unpartitioned run).
-    pub partition: Partition,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct NearDupSettings {
-    pub threshold: f64,
-    pub num_perm: usize,
-    pub bands: usize,
-    pub shingle_words: usize,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Partition {
-    pub index: u32,
-    pub count: u32,
-}
-
-impl Partition {
-    pub const WHOLE: Partition = Partition { index: 0, count: 1 };
-
-    /// Which partition a 64-bit key belongs to. Keys are content hashes, so exact duplicates
-    /// always meet in the same partition and per-partition dedup is global dedup.
-    pub fn owns(self, key: u64) -> bool {
-        // Multiply-shift spreads keys evenly even when `count` is not a power of two.
-        ((key as u128 * self.count as u128) >> 64) as u32 == self.index
-    }
-}
-
-impl fmt::Display for Partition {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.index, self.count)
-    }
-}
-
-impl FromStr for Partition {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (i, n) = s
-            .split_once('/')
-            .ok_or_else(|| format!("partition {s:?} must look like i/n, e.g. 0/4"))?;
-        let index: u32 = i
-            .trim()
-            .parse()
-            .map_err(|_| format!("partition index {i:?} is not a number"))?;
-        let count: u32 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("partition count {n:?} is not a number"))?;
-        if count == 0 || index >= count {
-            return Err(format!("partition {s:?}: need 0 <= i < n"));
-        }
-        Ok(Partition { index, count })
-    }
-}
-
-/// One line of `quarantine.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct QuarantineRecord {
-    pub file: String,
-    /// 1-based line for line-oriented inputs, row index for Parquet, 0 for a whole file.
-    pub line: u64,
-    pub reason: String,
-    pub detail: String,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn partitions_cover_every_key_exactly_once() {
-        for n in [1u32, 2, 3, 7] {
-            for key in (0..1000u64).map(|k| k.wrapping_mul(0x9E37_79B9_7F4A_7C15)) {
-                let owners = (0..n).filter(|&i| Partition { index: i, count: n }.owns(key)).count();
-                assert_eq!(owners, 1, "key {key} n {n}");
-            }
-        }
-    }
-
-    #[test]
-    fn partition_parse_rejects_out_of_range() {
-        assert_eq!("1/4".parse::<Partition>().unwrap(), Partition { index: 1, count: 4 });
-        assert!("4/4".parse::<Partition>().is_err());
-        assert!("0/0".parse::<Partition>().is_err());
-        assert!("x".parse::<Partition>().is_err());
-    }
 
     #[test]
     fn token_width_follows_vocabulary_size() {

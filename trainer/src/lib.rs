@@ -1,12 +1,16 @@
-//! The MM-Rec model (base, expert, fused) in candle, and its file format.
+//! `mmrec-train`: the optimiser, learning-rate schedules, the training loop (pretrain,
+//! finetune, fusion), evaluation and exact-resume checkpoints (DESIGN §5). The model lives
+//! in `mmrec-model`, batches come from `mmrec-loader`, and every file format from
+//! `mmrec-schemas`.
 
-pub mod bench;
-pub mod config;
-pub mod device;
-pub mod io;
-pub mod model;
 pub mod optim;
 pub mod train;
 
-pub use config::ModelConfig;
-pub use model::{initialise, masked_cross_entropy, FusedModel, FusionMethod, MMRecModel, Projection};
+/// The candle dtype a run's precision computes in; weights and optimiser state are f32
+/// either way.
+pub fn dtype(precision: train::Precision) -> candle_core::DType {
+    match precision {
+        train::Precision::F32 => candle_core::DType::F32,
+        train::Precision::Bf16 => candle_core::DType::BF16,
+    }
+}

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, IndexOp, Result, Tensor, Var};
-use serde::{Deserialize, Serialize};
 
-use crate::train::OptimConfig;
+use mmrec_schemas::checkpoint::ScheduleState;
+use mmrec_schemas::run_config::OptimConfig;
 
 /// One trainable tensor with its AdamW moments and its group's multipliers.
 pub struct Param {
@@ -126,32 +126,6 @@ impl AdamW {
             mmrec_kernels::adamw::apply(p.var.as_tensor(), &p.moments, lr_p, decay, corrections, self.cfg.eps)?;
         }
         Ok(())
-    }
-}
-
-/// What the schedule must remember across a resume.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ScheduleState {
-    /// ReduceLROnPlateau's multiplier on the scheduled rate.
-    pub plateau_mult: f64,
-    pub best_val: Option<f64>,
-    /// Evaluations since the last improvement (for the plateau).
-    pub bad_evals: u32,
-    /// Evaluations since the last improvement (for early stopping).
-    pub evals_since_best: u32,
-    /// Halvings applied by the NaN guard.
-    pub nan_mult: f64,
-}
-
-impl Default for ScheduleState {
-    fn default() -> Self {
-        ScheduleState {
-            plateau_mult: 1.0,
-            best_val: None,
-            bad_evals: 0,
-            evals_since_best: 0,
-            nan_mult: 1.0,
-        }
     }
 }
 

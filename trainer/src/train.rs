@@ -9,187 +9,26 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use mmrec_pipeline::loader::{Batch, Cursor, Loader, LoaderConfig, Split};
-use serde::{Deserialize, Serialize};
+use mmrec_loader::{Batch, Loader, LoaderConfig, Split};
+use mmrec_model::io;
+use mmrec_model::model::{initialise, tied_logits, BlockStack, FusedModel, MMRecModel, Projection};
+use mmrec_schemas::checkpoint::{
+    read_pointer, read_state, write_pointer, write_state, ScheduleState, TrainState, CHECKPOINTS,
+};
+use mmrec_schemas::model_file::is_frozen;
+pub use mmrec_schemas::run_config::{DataConfig, ModelSection, OptimConfig, Precision, RunConfig, TrainConfig};
+use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 
-use crate::io::{self, ModelMeta, Role};
-use crate::model::{initialise, tied_logits, BlockStack, FusedModel, MMRecModel, Projection};
-use crate::optim::{learning_rate, observe_validation, AdamW, ScheduleState};
-use crate::ModelConfig;
-
-/// Everything a run needs, as one plain struct: read from TOML, overridable field by field
-/// with `--set section.field=value`, printed at start and saved in every checkpoint.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TrainConfig {
-    pub model: ModelSection,
-    pub data: DataConfig,
-    pub optim: OptimConfig,
-    pub run: RunConfig,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ModelSection {
-    /// `tiny`, `small` or `medium` (pretrain only; finetune and fusion take the shape from
-    /// the `--init` file).
-    pub preset: String,
-    /// Seeds the initial weights (pretrain).
-    pub seed: u64,
-    pub dropout: f32,
-    pub uboo_weight: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DataConfig {
-    pub dirs: Vec<PathBuf>,
-    /// `text=0.4,code=0.4,mixed=0.2`
-    pub weights: String,
-    pub seq_len: usize,
-    pub batch_size: usize,
-    pub workers: usize,
-    pub val_permille: u32,
-    pub seed: u64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct OptimConfig {
-    pub lr: f64,
-    pub min_lr: f64,
-    pub warmup_steps: u64,
-    pub beta1: f64,
-    pub beta2: f64,
-    pub eps: f64,
-    pub weight_decay: f64,
-    pub grad_clip: f64,
-    pub grad_accum: usize,
-    pub embed_lr_mult: f64,
-    /// Block i's rate is `layer_decay^(L-1-i)` times the base rate.
-    pub layer_decay: f64,
-    pub fusion_lr_mult: f64,
-    pub plateau_factor: f64,
-    pub plateau_patience: u32,
-    pub plateau_threshold: f64,
-    /// Evaluations without improvement before stopping; 0 never stops early.
-    pub early_stop_patience: u32,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct RunConfig {
-    pub out: PathBuf,
-    pub steps: u64,
-    /// Stop after this many training tokens (0: only `steps` counts).
-    pub token_budget: u64,
-    pub eval_every: u64,
-    pub eval_batches: usize,
-    pub ckpt_every: u64,
-    pub keep_last: usize,
-    pub log_every: u64,
-    pub grad_checkpointing: bool,
-    /// Memory (MB) a micro-batch's activations may take; 0: what the device has free at
-    /// start. Over it, the micro-batch is halved and accumulation doubled.
-    pub memory_limit_mb: u64,
-    /// `f32`, or `bf16`: bf16 matmuls and activations over f32 master weights, moments,
-    /// scan and reductions (DESIGN §6).
-    pub precision: Precision,
-    /// Fine-tune or fuse on shards of another tokenizer of the same size (normally refused).
-    pub allow_tokenizer_mismatch: bool,
-}
-
-/// The dtype the model computes in; weights and optimiser state are f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl Precision {
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::F32 => DType::F32,
-            Precision::Bf16 => DType::BF16,
-        }
-    }
-}
-
-impl Default for ModelSection {
-    fn default() -> Self {
-        ModelSection {
-            preset: "tiny".into(),
-            seed: 0,
-            dropout: 0.0,
-            uboo_weight: 0.0,
-        }
-    }
-}
-
-impl Default for DataConfig {
-    fn default() -> Self {
-        DataConfig {
-            dirs: vec![],
-            weights: "text=0.4,code=0.4,mixed=0.2".into(),
-            seq_len: 256,
-            batch_size: 8,
-            workers: 2,
-            val_permille: 20,
-            seed: 0,
-        }
-    }
-}
-
-impl Default for OptimConfig {
-    fn default() -> Self {
-        OptimConfig {
-            lr: 3e-3,
-            min_lr: 3e-4,
-            warmup_steps: 50,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            grad_clip: 1.0,
-            grad_accum: 1,
-            embed_lr_mult: 1.0,
-            layer_decay: 1.0,
-            fusion_lr_mult: 1.0,
-            plateau_factor: 0.5,
-            plateau_patience: 2,
-            plateau_threshold: 1e-3,
-            early_stop_patience: 0,
-        }
-    }
-}
-
-impl Default for RunConfig {
-    fn default() -> Self {
-        RunConfig {
-            out: "runs/run".into(),
-            steps: 500,
-            token_budget: 0,
-            eval_every: 100,
-            eval_batches: 16,
-            ckpt_every: 100,
-            keep_last: 2,
-            log_every: 10,
-            grad_checkpointing: false,
-            memory_limit_mb: 0,
-            precision: Precision::F32,
-            allow_tokenizer_mismatch: false,
-        }
-    }
-}
+use crate::optim::{learning_rate, observe_validation, AdamW};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("config: {0}")]
     Config(String),
     #[error(transparent)]
-    Data(#[from] mmrec_pipeline::Error),
+    File(#[from] mmrec_schemas::Error),
+    #[error(transparent)]
+    Data(#[from] mmrec_loader::Error),
     #[error(transparent)]
     Model(#[from] io::Error),
     #[error(transparent)]
@@ -204,125 +43,6 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
     move |source| Error::Io {
         path: path.to_path_buf(),
         source,
-    }
-}
-
-impl TrainConfig {
-    /// Read a TOML file (or defaults) and apply `section.field=value` overrides, each
-    /// parsed as TOML (so `3e-4`, `true`, `"text"` and `["a", "b"]` all work).
-    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        Self::load_onto(toml::Table::new(), path, overrides)
-    }
-
-    /// The config to resume with: the checkpoint's, with this invocation's file and
-    /// overrides on top. Fields that decide what is being trained (the model, the data's
-    /// shape and mix, the batch) must not change; steps, cadences, learning rates, the
-    /// output directory and the precision may.
-    pub fn for_resume(saved: &TrainConfig, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        let base = toml::Table::try_from(saved).map_err(|e| Error::Config(format!("the checkpoint's config: {e}")))?;
-        let cfg = Self::load_onto(base, path, overrides)?;
-        let fixed = |c: &TrainConfig| {
-            [
-                ("model", toml::to_string(&c.model).unwrap_or_default()),
-                ("data.seq_len", c.data.seq_len.to_string()),
-                ("data.batch_size", c.data.batch_size.to_string()),
-                ("data.weights", c.data.weights.clone()),
-                ("data.seed", c.data.seed.to_string()),
-                ("data.val_permille", c.data.val_permille.to_string()),
-                ("optim.grad_accum", c.optim.grad_accum.to_string()),
-            ]
-        };
-        for ((field, was), (_, now)) in fixed(saved).into_iter().zip(fixed(&cfg)) {
-            if was != now {
-                return Err(Error::Config(format!("--resume cannot change {field} (the checkpoint has {}, this run asks for {}): start a new run, or fine-tune from the checkpoint's model", was.trim(), now.trim())));
-            }
-        }
-        Ok(cfg)
-    }
-
-    fn load_onto(mut doc: toml::Table, path: Option<&Path>, overrides: &[String]) -> Result<Self> {
-        if let Some(p) = path {
-            let text = std::fs::read_to_string(p).map_err(io_err(p))?;
-            let file: toml::Table = text
-                .parse()
-                .map_err(|e| Error::Config(format!("{}: {e}", p.display())))?;
-            for (section, values) in file {
-                match (doc.get_mut(&section).and_then(toml::Value::as_table_mut), values) {
-                    (Some(table), toml::Value::Table(values)) => table.extend(values),
-                    (_, values) => {
-                        doc.insert(section, values);
-                    }
-                }
-            }
-        }
-        for o in overrides {
-            let (key, value) = o
-                .split_once('=')
-                .ok_or_else(|| Error::Config(format!("override {o:?} must look like section.field=value")))?;
-            let (section, field) = key
-                .trim()
-                .split_once('.')
-                .ok_or_else(|| Error::Config(format!("override key {key:?} must be section.field, e.g. optim.lr")))?;
-            let parsed: toml::Value = format!("v = {value}")
-                .parse::<toml::Table>()
-                .ok()
-                .and_then(|mut t| t.remove("v"))
-                .unwrap_or_else(|| toml::Value::String(value.to_string()));
-            let table = doc
-                .entry(section.to_string())
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            table
-                .as_table_mut()
-                .ok_or_else(|| Error::Config(format!("{section} is not a section")))?
-                .insert(field.to_string(), parsed);
-        }
-        let cfg: TrainConfig = toml::Value::Table(doc)
-            .try_into()
-            .map_err(|e: toml::de::Error| Error::Config(e.to_string()))?;
-        cfg.check()?;
-        Ok(cfg)
-    }
-
-    fn check(&self) -> Result<()> {
-        let bad = |m: &str| Err(Error::Config(m.to_string()));
-        if self.data.seq_len == 0 || self.data.batch_size == 0 || self.optim.grad_accum == 0 {
-            return bad("data.seq_len, data.batch_size and optim.grad_accum must be at least 1");
-        }
-        if !(self.optim.lr > 0.0 && self.optim.min_lr >= 0.0 && self.optim.min_lr <= self.optim.lr) {
-            return bad("need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr");
-        }
-        if self.run.steps == 0 && self.run.token_budget == 0 {
-            return bad("set run.steps or run.token_budget");
-        }
-        if self.data.val_permille > 1000 {
-            return bad(&format!(
-                "data.val_permille {} is over 1000 (it is a share in per mille)",
-                self.data.val_permille
-            ));
-        }
-        if !(self.optim.plateau_factor > 0.0 && self.optim.plateau_factor <= 1.0) {
-            return bad(&format!(
-                "optim.plateau_factor {} must be in (0, 1]",
-                self.optim.plateau_factor
-            ));
-        }
-        if self.optim.grad_clip.is_nan() || self.optim.grad_clip < 0.0 {
-            return bad(&format!(
-                "optim.grad_clip {} must be ≥ 0 (0 turns clipping off)",
-                self.optim.grad_clip
-            ));
-        }
-        if !(0.0..1.0).contains(&self.model.dropout) {
-            return bad(&format!("model.dropout {} must be in [0, 1)", self.model.dropout));
-        }
-        if !(self.optim.eps > 0.0 && (0.0..1.0).contains(&self.optim.beta1) && (0.0..1.0).contains(&self.optim.beta2)) {
-            return bad("need optim.eps > 0 and optim.beta1, optim.beta2 in [0, 1)");
-        }
-        Ok(())
-    }
-
-    pub fn to_toml(&self) -> String {
-        toml::to_string(self).expect("config serialises")
     }
 }
 
@@ -347,7 +67,7 @@ impl Net {
         if precision == Precision::F32 {
             return Ok(self.clone());
         }
-        let vb = crate::model::cast_builder(vm, precision.dtype(), dev);
+        let vb = mmrec_model::model::cast_builder(vm, crate::dtype(precision), dev);
         Ok(match self {
             Net::Single(m) => Net::Single(MMRecModel::new(&m.cfg, vb)?),
             Net::Fused(m) => Net::Fused(FusedModel {
@@ -363,7 +83,7 @@ impl Net {
             Net::Single(m) => m.forward(tokens, None, train).map(|(l, _, aux)| (l, aux)),
             Net::Fused(m) => {
                 let (l, _) = m.forward(tokens, train)?;
-                let zero = Tensor::zeros((), crate::model::wide_dtype(l.dtype()), l.device())?;
+                let zero = Tensor::zeros((), mmrec_model::model::wide_dtype(l.dtype()), l.device())?;
                 Ok((l, zero))
             }
         }
@@ -426,7 +146,7 @@ pub fn loss_and_grads(
         (Net::Single(m), true) => m,
         _ => {
             let (logits, aux) = net.logits(inp, true)?;
-            let loss = (crate::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
+            let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
             collect(&loss.backward()?, &mut grads)?;
             return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads));
         }
@@ -446,7 +166,7 @@ pub fn loss_and_grads(
         &candle_nn::Module::forward(&stack.norm, top.as_tensor())?,
         model.embed.embeddings(),
     )?;
-    let ce = crate::model::masked_cross_entropy(&logits, tgt, mask)?;
+    let ce = mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)?;
     let store = ce.backward()?;
     collect(&store, &mut grads)?;
     let mut g = store
@@ -469,69 +189,6 @@ pub fn loss_and_grads(
     Ok((loss, grads))
 }
 
-/// Names matching any frozen pattern. Patterns are globs where `*` matches anything and
-/// `{a-b}` matches a number in that range (the `frozen` metadata of DESIGN §2).
-pub fn is_frozen(name: &str, patterns: &[String]) -> bool {
-    patterns.iter().any(|p| glob_match(p, name))
-}
-
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    fn go(p: &[u8], n: &[u8]) -> bool {
-        match p.first() {
-            None => n.is_empty(),
-            Some(b'*') => (0..=n.len()).any(|k| go(&p[1..], &n[k..])),
-            Some(b'{') => {
-                let Some(close) = p.iter().position(|&c| c == b'}') else {
-                    return false;
-                };
-                let range = std::str::from_utf8(&p[1..close]).unwrap_or("");
-                let digits = n.iter().take_while(|c| c.is_ascii_digit()).count();
-                if digits == 0 {
-                    return false;
-                }
-                let value: u64 = std::str::from_utf8(&n[..digits])
-                    .ok()
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(u64::MAX);
-                let ok = match range.split_once('-') {
-                    Some((a, b)) => {
-                        a.parse::<u64>().is_ok_and(|a| a <= value) && b.parse::<u64>().is_ok_and(|b| value <= b)
-                    }
-                    None => range.split(',').any(|v| v.parse::<u64>() == Ok(value)),
-                };
-                ok && go(&p[close + 1..], &n[digits..])
-            }
-            Some(c) => n.first() == Some(c) && go(&p[1..], &n[1..]),
-        }
-    }
-    go(pattern.as_bytes(), name.as_bytes())
-}
-
-/// What `state.json` holds (DESIGN §5).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainState {
-    pub schema_version: u32,
-    pub tool_version: String,
-    pub mode: String,
-    pub step: u64,
-    pub tokens_seen: u64,
-    pub adam_t: u64,
-    pub schedule: ScheduleState,
-    pub cursor: Option<Cursor>,
-    pub config: TrainConfig,
-    pub model_meta_role: Role,
-    pub recent: Vec<serde_json::Value>,
-    pub best_checkpoint: Option<String>,
-    /// Each loader batch is processed as this many micro-batches (1 unless memory forced
-    /// a fallback); kept so a resumed run sums gradients in the same order.
-    #[serde(default = "one")]
-    pub micro_splits: usize,
-}
-
-fn one() -> usize {
-    1
-}
-
 /// How a run starts.
 pub enum Init {
     /// A fresh model from the config's preset.
@@ -551,8 +208,6 @@ pub struct Session {
     pub state: TrainState,
     dev: Device,
 }
-
-pub const CHECKPOINTS: &str = "checkpoints";
 
 impl Session {
     /// Build the model and optimiser, from scratch, from an init file, or from the latest
@@ -577,14 +232,14 @@ impl Session {
         let (net, meta) = match &init {
             Init::Fresh => {
                 let (tokenizer, vocab) = data_tokenizer(&cfg.data.dirs)?;
-                let mut mc = ModelConfig::preset(&cfg.model.preset, vocab).ok_or_else(|| {
+                let mut mc = mmrec_model::preset(&cfg.model.preset, vocab).ok_or_else(|| {
                     Error::Config(format!("unknown preset {:?} (tiny, small, medium)", cfg.model.preset))
                 })?;
                 mc.dropout = cfg.model.dropout;
                 mc.uboo_weight = cfg.model.uboo_weight;
                 let net = Net::Single(MMRecModel::new(
                     &mc,
-                    crate::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev),
+                    mmrec_model::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev),
                 )?);
                 initialise(&vm, &mc)?;
                 (
@@ -601,13 +256,13 @@ impl Session {
                 )
             }
             Init::Model(path) => {
-                let meta = io::read_meta(path)?;
+                let meta = mmrec_schemas::safetensors::read_meta(path)?;
                 let net = Net::Single(MMRecModel::new(&meta.config, vb)?);
                 load_into(&vm, path)?;
                 (net, meta)
             }
             Init::Fused(path) => {
-                let mut meta = io::read_meta(path)?;
+                let mut meta = mmrec_schemas::safetensors::read_meta(path)?;
                 let method = meta.fusion.ok_or_else(|| {
                     Error::Config(format!(
                         "{} is not a fused model (no `fusion` metadata)",
@@ -685,8 +340,8 @@ impl Session {
 
     fn loader_config(&self, split: Split) -> Result<LoaderConfig> {
         let d = &self.cfg.data;
-        let weights = mmrec_pipeline::loader::parse_weights(&d.weights)
-            .map_err(|e| Error::Config(format!("data.weights: {e}")))?;
+        let weights =
+            mmrec_loader::parse_weights(&d.weights).map_err(|e| Error::Config(format!("data.weights: {e}")))?;
         Ok(LoaderConfig {
             seq_len: d.seq_len,
             batch_size: d.batch_size,
@@ -733,7 +388,7 @@ impl Session {
         let limit = if cfg.run.memory_limit_mb > 0 {
             cfg.run.memory_limit_mb * 1_000_000
         } else {
-            crate::device::free_memory(&self.dev)
+            mmrec_model::device::free_memory(&self.dev)
         };
         while bsz / self.state.micro_splits > 1
             && activation_bytes(
@@ -820,7 +475,7 @@ impl Session {
                 let waited = (loader.waited() - window.2).as_secs_f64();
                 record["tokens_per_s"] = serde_json::json!(window.1 as f64 / secs);
                 record["data_wait_pct"] = serde_json::json!(100.0 * waited / secs);
-                record["rss_mb"] = serde_json::json!(rss_mb());
+                record["rss_mb"] = serde_json::json!(mmrec_model::host::rss_bytes().unwrap_or(0) as f64 / 1e6);
                 window = (Instant::now(), 0, loader.waited());
             }
             record["tokens_seen"] = serde_json::json!(self.state.tokens_seen);
@@ -883,7 +538,7 @@ impl Session {
                 // Dropout masks from (seed, step, micro-batch): a resumed run draws the same.
                 let micro =
                     ((self.state.step << 24) ^ ((k as u64) << 12) ^ r0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                crate::model::set_dropout_seed(self.cfg.model.seed ^ micro);
+                mmrec_model::model::set_dropout_seed(self.cfg.model.seed ^ micro);
                 let (l, g) = loss_and_grads(
                     &net,
                     &self.vm,
@@ -948,12 +603,7 @@ impl Session {
         if best {
             self.state.best_checkpoint = Some(name.clone());
         }
-        let state_path = tmp.join("state.json");
-        std::fs::write(
-            &state_path,
-            serde_json::to_vec_pretty(&self.state).expect("state serialises"),
-        )
-        .map_err(io_err(&state_path))?;
+        write_state(&tmp, &self.state)?;
         let dest = root.join(&name);
         // Re-saving a step (a resumed finished run does): move the old copy aside first and
         // remove it only once the new one is in place, so a kill at any point leaves a
@@ -1002,7 +652,7 @@ impl Session {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, serde::Serialize)]
 pub struct Summary {
     pub steps: u64,
     pub tokens: u64,
@@ -1104,9 +754,9 @@ pub fn data_tokenizer(dirs: &[PathBuf]) -> Result<(String, usize)> {
     let first = dirs
         .first()
         .ok_or_else(|| Error::Config("data.dirs is empty: give shard directories (--data DIR)".into()))?;
-    let t = mmrec_pipeline::split::read_manifest(first)?.tokenizer;
+    let t = mmrec_schemas::read_manifest(first)?.tokenizer;
     for d in &dirs[1..] {
-        let other = mmrec_pipeline::split::read_manifest(d)?.tokenizer;
+        let other = mmrec_schemas::read_manifest(d)?.tokenizer;
         if other.sha256 != t.sha256 {
             return Err(Error::Config(format!(
                 "{} and {} were made with different tokenizers ({} and {})",
@@ -1216,50 +866,6 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-/// The checkpoint `which` (`latest`, `best`) names, if it is complete. For `latest`, when
-/// the pointer is missing or names an incomplete directory (a kill mid-save), the newest
-/// complete checkpoint instead: a resume never restarts from step 0 while one exists.
-pub fn read_pointer(root: &Path, which: &str) -> Option<String> {
-    let complete = |name: &str| root.join(name).join("state.json").exists();
-    let named = std::fs::read_to_string(root.join(which))
-        .ok()
-        .map(|s| s.trim().to_string());
-    if let Some(name) = named.filter(|n| complete(n)) {
-        return Some(name);
-    }
-    if which != "latest" {
-        return None;
-    }
-    let mut steps: Vec<String> = std::fs::read_dir(root)
-        .ok()?
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("step-") && complete(n))
-        .collect();
-    steps.sort();
-    steps.pop()
-}
-
-fn read_state(dir: &Path) -> Result<TrainState> {
-    let path = dir.join("state.json");
-    serde_json::from_slice(&std::fs::read(&path).map_err(io_err(&path))?)
-        .map_err(|e| Error::Config(format!("{}: {e}", path.display())))
-}
-
-/// The config saved in the latest checkpoint under `out`, if there is one.
-pub fn saved_config(out: &Path) -> Result<Option<TrainConfig>> {
-    let root = out.join(CHECKPOINTS);
-    read_pointer(&root, "latest")
-        .map(|name| read_state(&root.join(name)).map(|st| st.config))
-        .transpose()
-}
-
-fn write_pointer(root: &Path, which: &str, name: &str) -> Result<()> {
-    let tmp = root.join(format!(".{which}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, name).map_err(io_err(&tmp))?;
-    std::fs::rename(&tmp, root.join(which)).map_err(io_err(root))
-}
-
 fn is_out_of_memory(e: &candle_core::Error) -> bool {
     let m = e.to_string().to_ascii_lowercase();
     m.contains("out of memory") || m.contains("out_of_memory")
@@ -1276,16 +882,9 @@ pub fn activation_bytes(cfg: &ModelConfig, rows: usize, seq: usize, checkpointin
     4 * (rows * seq) as u64 * per_token
 }
 
-fn rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/statm")
-        .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
-        .map_or(0.0, |pages| pages * 4096.0 / 1e6)
-}
-
 /// Model files for `eval`: any role.
 pub fn load_net(path: &Path, dev: &Device) -> Result<Net> {
-    let meta = io::read_meta(path)?;
+    let meta = mmrec_schemas::safetensors::read_meta(path)?;
     Ok(match meta.role {
         Role::Fused => Net::Fused(io::load_fused(path, dev)?.0),
         _ => Net::Single(io::load_model(path, dev)?.0),

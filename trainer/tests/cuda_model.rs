@@ -6,9 +6,10 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
-use mmrec_trainer::model::seeded_builder;
+use mmrec_model::model::seeded_builder;
+use mmrec_model::{initialise, MMRecModel};
+use mmrec_schemas::ModelConfig;
 use mmrec_trainer::train::{loss_and_grads, Net, Precision};
-use mmrec_trainer::{initialise, MMRecModel, ModelConfig};
 
 /// Chunk levels and the memory window all engage within the sequence.
 fn cfg() -> ModelConfig {
@@ -87,7 +88,7 @@ fn worst_gradient(got: &BTreeMap<String, Vec<f64>>, want: &BTreeMap<String, Vec<
 }
 
 fn gpu() -> Device {
-    mmrec_trainer::device::parse("cuda").expect("these tests need a CUDA GPU")
+    mmrec_model::device::parse("cuda").expect("these tests need a CUDA GPU")
 }
 
 #[test]

@@ -6,24 +6,20 @@
 //! Tensors are copied byte for byte from a memory map of the source, so a transfer costs
 //! about what copying the file costs.
 
-pub mod header;
-
 use std::collections::BTreeMap;
-use std::io::{Seek, SeekFrom, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use header::{read_header, Dtype, Header, HeaderError, TensorInfo};
-use mmrec_trainer::io::{ModelMeta, Role};
-use mmrec_trainer::model::tensor_names;
-use mmrec_trainer::train::glob_match;
-use mmrec_trainer::{FusionMethod, ModelConfig};
+use mmrec_schemas::atomic::sha256_hex;
+use mmrec_schemas::model_file::{concat_fusion_init, glob_match, tensor_names};
+use mmrec_schemas::safetensors::{read_header, Dtype, Header, TensorInfo, Writer};
+use mmrec_schemas::{FusionMethod, ModelConfig, ModelMeta, Role};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
-    Header(#[from] HeaderError),
+    File(#[from] mmrec_schemas::Error),
     #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{0}")]
@@ -355,9 +351,7 @@ struct Output {
 }
 
 fn source_meta(h: &Header) -> Result<ModelMeta> {
-    let map: std::collections::HashMap<String, String> =
-        h.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    ModelMeta::from_map(&h.path, &map).map_err(|e| Error::Model(e.to_string()))
+    ModelMeta::from_map(&h.path, &h.metadata).map_err(|e| Error::Model(e.to_string()))
 }
 
 pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
@@ -375,7 +369,7 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
         n_layers: mapping.len(),
         ..meta.config.clone()
     };
-    let expected = tensor_names(&cfg, None).map_err(|e| Error::Model(e.to_string()))?;
+    let expected = tensor_names(&cfg, None);
     check_freeze_patterns(&opts.freeze, &expected)?;
 
     let mut rows = Vec::new();
@@ -541,7 +535,7 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
         ..mt.config.clone()
     };
     let d = cfg.d_model;
-    let expected = tensor_names(&cfg, Some(opts.method)).map_err(|e| Error::Model(e.to_string()))?;
+    let expected = tensor_names(&cfg, Some(opts.method));
     let mut rows = Vec::new();
     let mut outputs = Vec::new();
     let lookup = |h: &Header, name: &str| h.tensors.get(name).cloned();
@@ -591,13 +585,7 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
             },
             ("fusion.proj.weight", None) => {
                 row.status = Status::Initialised;
-                // [½I, ½I]: the fused model starts as the experts' average.
-                let mut v = vec![0f32; d * 2 * d];
-                for i in 0..d {
-                    v[i * 2 * d + i] = 0.5;
-                    v[i * 2 * d + d + i] = 0.5;
-                }
-                Some((Dtype::F32, Plan::Values(v)))
+                Some((Dtype::F32, Plan::Values(concat_fusion_init(d))))
             }
             (n, None) if n.starts_with("fusion.") => {
                 // Zero router weights and biases: equal weights to start; zero concat bias.
@@ -743,102 +731,43 @@ fn finish(
         report.out = None;
         return Ok(report);
     }
-    // Header: tensors in name order, packed back to back.
-    let mut hdr = serde_json::Map::new();
-    let mut offset = 0u64;
-    for o in &outputs {
-        let len = o.shape.iter().product::<u64>() * o.dtype.size();
-        hdr.insert(
-            o.name.clone(),
-            serde_json::json!({"dtype": o.dtype.name(), "shape": o.shape, "data_offsets": [offset, offset + len]}),
-        );
-        offset += len;
-    }
-    let mut md: serde_json::Map<String, serde_json::Value> = meta
-        .to_map()
-        .into_iter()
-        .map(|(k, v)| (k, serde_json::Value::String(v)))
+    let layout: Vec<(String, Dtype, Vec<u64>)> = outputs
+        .iter()
+        .map(|o| (o.name.clone(), o.dtype, o.shape.clone()))
         .collect();
+    let mut metadata = meta.to_map();
     if let Some(t) = source_metadata.get("tokenizer") {
-        md.insert("tokenizer".into(), serde_json::Value::String(t.clone()));
+        metadata.insert("tokenizer".into(), t.clone());
     }
-    hdr.insert("__metadata__".into(), serde_json::Value::Object(md));
-    let mut hjson = serde_json::to_string(&hdr).expect("header serialises");
-    while (hjson.len() + 8) % 8 != 0 {
-        hjson.push(' ');
-    }
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
+    let mut w = Writer::create(out, &layout, &metadata)?;
     // Outer error: I/O; inner: the first non-finite tensor, found while writing (each
     // tensor is checked just before it is copied, while its pages are hot).
     let result = std::thread::scope(|s| -> Result<Result<(), String>> {
         // Hash the sources on another core while this one writes.
-        let hashers: Vec<_> = maps
-            .iter()
-            .map(|m| s.spawn(move || crate::hex(&Sha256::digest(&m[..]))))
-            .collect();
-        let mut f = std::io::BufWriter::with_capacity(8 << 20, std::fs::File::create(&tmp).map_err(io_err(&tmp))?);
-        f.write_all(&(hjson.len() as u64).to_le_bytes()).map_err(io_err(&tmp))?;
-        f.write_all(hjson.as_bytes()).map_err(io_err(&tmp))?;
+        let hashers: Vec<_> = maps.iter().map(|m| s.spawn(move || sha256_hex(&m[..]))).collect();
         for o in &outputs {
             if let Some(summary) = non_finite(o, sources, &maps) {
                 return Ok(Err(summary));
             }
-            let overflows = write_tensor(&mut f, o, sources, &maps).map_err(io_err(&tmp))?;
+            let overflows = write_tensor(&mut w, o, sources, &maps).map_err(io_err(out))?;
             if overflows > 0 {
                 report.overflows.insert(o.name.clone(), overflows);
             }
         }
-        let mut f = f.into_inner().map_err(|e| Error::Io {
-            path: tmp.clone(),
-            source: e.into_error(),
-        })?;
-        if persist == Persist::Durable {
-            // Flush the tensors while the sources are still being hashed; only the header
-            // page is left for the final sync.
-            f.sync_data().map_err(io_err(&tmp))?;
-        }
-        // Fill in each source's sha256 (same length as the placeholder: the header keeps
-        // its size and every offset stays valid).
-        let mut header_bytes = hjson.into_bytes();
+        // Each source's sha256 takes its placeholder's place (same length: every offset
+        // stays valid).
         for h in hashers {
-            let sha = h.join().expect("hash thread");
-            if let Some(pos) = find(&header_bytes, SHA_PLACEHOLDER.as_bytes()) {
-                header_bytes[pos..pos + 64].copy_from_slice(sha.as_bytes());
-            }
-        }
-        f.seek(SeekFrom::Start(8)).map_err(io_err(&tmp))?;
-        f.write_all(&header_bytes).map_err(io_err(&tmp))?;
-        if persist == Persist::Durable {
-            // The header was rewritten in place: no size or allocation change, so a data
-            // sync covers it without a journal commit for the new modification time.
-            f.sync_data().map_err(io_err(&tmp))?;
+            w.patch_header(SHA_PLACEHOLDER.as_bytes(), h.join().expect("hash thread").as_bytes());
         }
         Ok(Ok(()))
     });
-    let failure = match result {
-        Ok(Ok(())) => None,
-        Ok(Err(summary)) => Some(rejected_non_finite(summary, report.clone())),
-        Err(e) => Some(e),
-    };
-    if let Some(e) = failure {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
+    match result {
+        Ok(Ok(())) => w.commit(persist == Persist::Durable)?,
+        Ok(Err(summary)) => return Err(rejected_non_finite(summary, report.clone())),
+        Err(e) => return Err(e),
     }
-    std::fs::rename(&tmp, out).map_err(io_err(out))?;
     report.written = true;
     Ok(report)
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn slice<'a>(maps: &'a [memmap2::Mmap], sources: &[&Header], file: usize, info: &TensorInfo) -> &'a [u8] {

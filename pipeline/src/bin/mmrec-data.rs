@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use mmrec_pipeline::catalog::{inspect, merge, validate};
 use mmrec_pipeline::dedup::DEFAULT_NEAR_DUP;
-use mmrec_pipeline::input::{expand_inputs, read_file, Record};
+use mmrec_pipeline::input::{read_texts, DeclaredInputs};
 use mmrec_pipeline::tokenize::train_bpe;
 use mmrec_pipeline::{split, InputSpec, PlainSplit, Progress, ReadOptions, SplitOptions};
 use mmrec_schemas::{Domain, NearDupSettings, Partition};
@@ -55,56 +55,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Benchmark split against the tokenizer alone and a Python reference; writes JSON.
-    ///
-    /// Builds a corpus of at least --min-mb from the given sources (each copy prefixed so
-    /// nothing deduplicates), then times `split` and the bare tokenizer at each thread
-    /// count, and the Python script if --python is given, in the same run.
-    Bench {
-        #[command(flatten)]
-        sources: DeclaredInputs,
-        #[arg(long)]
-        tokenizer: PathBuf,
-        #[arg(long, default_value_t = 100)]
-        min_mb: u64,
-        /// Thread counts to measure.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        threads: Vec<usize>,
-        /// Runs per measurement (interleaved); the fastest is reported.
-        #[arg(long, default_value_t = 2)]
-        repeats: usize,
-        /// Python interpreter with datasets, tokenizers and pyarrow installed.
-        #[arg(long)]
-        python: Option<PathBuf>,
-        /// The Python reference script.
-        #[arg(long, default_value = "bench/data_reference.py")]
-        python_script: PathBuf,
-        /// Where the report goes.
-        #[arg(long)]
-        out: PathBuf,
-    },
-    /// Benchmark the prefetching loader (tokens/s delivered) against a PyTorch DataLoader
-    /// reference on the same shards; writes JSON.
-    BenchLoader {
-        /// A shard directory (build one with `split`; at least 100M tokens for the README).
-        #[arg(long)]
-        shards: PathBuf,
-        #[arg(long, default_value_t = 512)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        workers: Vec<usize>,
-        /// Tokens to pull per measurement.
-        #[arg(long, default_value_t = 200_000_000)]
-        tokens: u64,
-        #[arg(long)]
-        python: Option<PathBuf>,
-        #[arg(long, default_value = "bench/loader_reference.py")]
-        python_script: PathBuf,
-        #[arg(long)]
-        out: PathBuf,
-    },
     /// Combine the output directories of a partitioned run (--part i/n for every i); with
     /// --near-dup parts, also remove near-duplicates across parts (rewriting the shards
     /// that lose documents).
@@ -134,38 +84,6 @@ enum TokenizerCommand {
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
     },
-}
-
-/// Inputs whose domain the user declares.
-#[derive(clap::Args)]
-struct DeclaredInputs {
-    /// Inputs whose documents are prose.
-    #[arg(long, num_args = 1.., value_name = "PATH")]
-    text: Vec<PathBuf>,
-    /// Inputs whose documents are source code.
-    #[arg(long, num_args = 1.., value_name = "PATH")]
-    code: Vec<PathBuf>,
-    /// Inputs whose documents mix prose and code.
-    #[arg(long, num_args = 1.., value_name = "PATH")]
-    mixed: Vec<PathBuf>,
-}
-
-impl DeclaredInputs {
-    fn specs(self) -> Vec<InputSpec> {
-        [
-            (self.text, Domain::Text),
-            (self.code, Domain::Code),
-            (self.mixed, Domain::Mixed),
-        ]
-        .into_iter()
-        .flat_map(|(paths, d)| {
-            paths.into_iter().map(move |path| InputSpec {
-                path,
-                declared: Some(d),
-            })
-        })
-        .collect()
-    }
 }
 
 #[derive(clap::Args)]
@@ -256,20 +174,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .into_iter()
                 .map(|path| InputSpec { path, declared: None })
                 .collect();
-            let files = expand_inputs(&specs, false)?;
             let opts = ReadOptions {
                 field,
                 max_bytes: u64::MAX,
                 plain_split: PlainSplit::File,
             };
-            let mut texts = Vec::new();
-            for f in &files {
-                for r in read_file(f, &opts)?.records {
-                    if let Record::Doc(d) = r {
-                        texts.push(d.text);
-                    }
-                }
-            }
+            let (texts, files) = read_texts(&specs, &opts)?;
             let n = texts.len();
             train_bpe(texts.into_iter(), vocab_size, min_frequency, &out)
                 .with_context(|| format!("training a tokenizer into {}", out.display()))?;
@@ -284,8 +194,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 String::new()
             };
             eprintln!(
-                "trained a {written}-entry byte-level BPE{short} on {n} documents from {} files: {}",
-                files.len(),
+                "trained a {written}-entry byte-level BPE{short} on {n} documents from {files} files: {}",
                 out.display()
             );
             Ok(ExitCode::SUCCESS)
@@ -367,56 +276,6 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 );
             }
             Ok(if v.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
-        }
-        Command::Bench {
-            sources,
-            tokenizer,
-            min_mb,
-            threads,
-            repeats,
-            python,
-            python_script,
-            out,
-        } => {
-            let sources = sources.specs();
-            let work = mmrec_pipeline::bench::default_work_dir();
-            eprintln!("building a corpus of at least {min_mb} MB in {}", work.display());
-            let corpus = mmrec_pipeline::bench::build_corpus(&sources, min_mb * 1_000_000, &work.join("corpus"))?;
-            let report = mmrec_pipeline::bench::run(
-                &corpus,
-                &tokenizer,
-                &work,
-                python.as_deref().map(|p| (p, python_script.as_path())),
-                &threads,
-                repeats,
-            )?;
-            let json = serde_json::to_string_pretty(&report)?;
-            std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
-            println!("{json}");
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::BenchLoader {
-            shards,
-            seq_len,
-            batch,
-            workers,
-            tokens,
-            python,
-            python_script,
-            out,
-        } => {
-            let report = mmrec_pipeline::bench::loader_bench(
-                &shards,
-                seq_len,
-                batch,
-                &workers,
-                tokens,
-                python.as_deref().map(|p| (p, python_script.as_path())),
-            )?;
-            let json = serde_json::to_string_pretty(&report)?;
-            std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
-            println!("{json}");
-            Ok(ExitCode::SUCCESS)
         }
         Command::Merge { parts, out } => {
             let m = merge(&parts, &out)?;

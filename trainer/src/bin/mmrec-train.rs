@@ -1,4 +1,4 @@
-//! `mmrec-train`: train, evaluate and benchmark MM-Rec models.
+//! `mmrec-train`: train and evaluate MM-Rec models.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,14 +7,19 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::Device;
-use clap::ValueEnum;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
-use mmrec_pipeline::loader::{LoaderConfig, Split};
+use mmrec_loader::{LoaderConfig, Split};
+use mmrec_schemas::checkpoint::saved_config;
+use mmrec_schemas::{ModelMeta, Role};
 use mmrec_trainer::train::{evaluate_net, load_net, Init, Precision, Session, TrainConfig};
 
 #[derive(Parser)]
-#[command(name = "mmrec-train", version, about = "Train, evaluate and benchmark MM-Rec models")]
+#[command(
+    name = "mmrec-train",
+    version,
+    about = "Train and evaluate MM-Rec models (benchmarks: mmrec-bench model)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -80,24 +85,6 @@ enum Command {
         #[arg(long)]
         allow_tokenizer_mismatch: bool,
     },
-    /// Benchmark. CPU: scan GB/s against memcpy and a naive candle loop, model forward /
-    /// forward+backward tokens/s per preset. GPU: scan GB/s against a device copy, model
-    /// forward and full training step (with AdamW) tokens/s, peak memory and MFU. Writes JSON.
-    Bench {
-        /// Compute precision of the GPU model figures.
-        #[arg(long, value_enum, default_value = "f32")]
-        precision: Precision,
-        #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
-        presets: Vec<String>,
-        #[arg(long, default_value_t = 8192)]
-        vocab: usize,
-        #[arg(long, default_value_t = 8)]
-        batch: usize,
-        #[arg(long, default_value_t = 512)]
-        seq_len: usize,
-        #[arg(long)]
-        out: PathBuf,
-    },
 }
 
 #[derive(Args)]
@@ -129,6 +116,22 @@ struct RunArgs {
     allow_tokenizer_mismatch: bool,
 }
 
+impl RunArgs {
+    /// The shorthand flags, on top of the config file and `--set`.
+    fn apply(&self, cfg: &mut TrainConfig) {
+        if !self.data.is_empty() {
+            cfg.data.dirs = self.data.clone();
+        }
+        if let Some(out) = &self.out {
+            cfg.run.out = out.clone();
+        }
+        if let Some(p) = self.precision {
+            cfg.run.precision = p;
+        }
+        cfg.run.allow_tokenizer_mismatch |= self.allow_tokenizer_mismatch;
+    }
+}
+
 fn main() -> ExitCode {
     // Die quietly like other Unix tools when the reader goes away (`| head`), instead of
     // panicking on the failed write.
@@ -143,7 +146,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let dev = mmrec_trainer::device::parse(&cli.device).map_err(anyhow::Error::msg)?;
+    let dev = mmrec_model::device::parse(&cli.device).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
@@ -159,10 +162,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             json,
             allow_tokenizer_mismatch,
         } => {
-            let meta = mmrec_trainer::io::read_meta(&model)?;
+            let meta = mmrec_schemas::safetensors::read_meta(&model)?;
             mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
             let net = load_net(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
-            let weights = mmrec_pipeline::loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
+            let weights = mmrec_loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
             let cfg = LoaderConfig {
                 seq_len,
                 batch_size,
@@ -209,18 +212,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             out,
         } => {
-            let cfg = mmrec_trainer::ModelConfig::preset(&preset, vocab)
-                .ok_or_else(|| anyhow::anyhow!("unknown preset {preset:?} (tiny, small, medium, large)"))?;
+            let cfg = mmrec_model::preset(&preset, vocab)
+                .ok_or_else(|| anyhow::anyhow!("unknown preset {preset:?} ({})", mmrec_model::PRESETS.join(", ")))?;
             let vm = candle_nn::VarMap::new();
-            mmrec_trainer::MMRecModel::new(
+            mmrec_model::MMRecModel::new(
                 &cfg,
-                mmrec_trainer::model::seeded_builder(&vm, seed, candle_core::DType::F32, &dev),
+                mmrec_model::model::seeded_builder(&vm, seed, candle_core::DType::F32, &dev),
             )?;
-            mmrec_trainer::initialise(&vm, &cfg)?;
-            let tensors = mmrec_trainer::io::varmap_tensors(&vm);
+            mmrec_model::initialise(&vm, &cfg)?;
+            let tensors = mmrec_model::io::varmap_tensors(&vm);
             let params: usize = tensors.iter().map(|(_, t)| t.elem_count()).sum();
-            let meta = mmrec_trainer::io::ModelMeta {
-                role: mmrec_trainer::io::Role::Base,
+            let meta = ModelMeta {
+                role: Role::Base,
                 domain: None,
                 config: cfg,
                 frozen: vec![],
@@ -228,58 +231,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 fusion: None,
                 tokenizer: None,
             };
-            mmrec_trainer::io::save(&out, &tensors, &meta)?;
+            mmrec_model::io::save(&out, &tensors, &meta)?;
             eprintln!("wrote {} ({params} parameters)", out.display());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Bench {
-            precision,
-            presets,
-            vocab,
-            batch,
-            seq_len,
-            out,
-        } => {
-            let json = if dev.is_cpu() {
-                serde_json::to_string_pretty(&mmrec_trainer::bench::cpu_bench(&presets, vocab, batch, seq_len)?)?
-            } else {
-                serde_json::to_string_pretty(&mmrec_trainer::bench::device_bench(
-                    &dev, &presets, vocab, batch, seq_len, precision,
-                )?)?
-            };
-            std::fs::write(&out, format!("{json}\n")).with_context(|| format!("writing {}", out.display()))?;
-            println!("{json}");
             Ok(ExitCode::SUCCESS)
         }
     }
 }
 
 fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
-    let mut overrides = args.set.clone();
-    if !args.data.is_empty() {
-        let list: Vec<String> = args.data.iter().map(|d| format!("{:?}", d.to_string_lossy())).collect();
-        overrides.push(format!("data.dirs=[{}]", list.join(",")));
-    }
-    if let Some(out) = &args.out {
-        overrides.push(format!("run.out={:?}", out.to_string_lossy()));
-    }
-    if args.allow_tokenizer_mismatch {
-        overrides.push("run.allow_tokenizer_mismatch=true".into());
-    }
-    if let Some(p) = args.precision {
-        overrides.push(format!(
-            "run.precision={:?}",
-            p.to_possible_value().expect("no skipped variants").get_name()
-        ));
-    }
-    let mut cfg = TrainConfig::load(args.config.as_deref(), &overrides)?;
+    let mut cfg = TrainConfig::load(args.config.as_deref(), &args.set)?;
     if args.resume {
         // Resume from the directory this run names, with its config and this run's
         // overrides on top (changes to what is being trained are refused).
-        if let Some(saved) = mmrec_trainer::train::saved_config(&cfg.run.out)? {
-            cfg = TrainConfig::for_resume(&saved, args.config.as_deref(), &overrides)?;
+        let out = args.out.as_deref().unwrap_or(&cfg.run.out);
+        if let Some(saved) = saved_config(out)? {
+            cfg = TrainConfig::for_resume(&saved, args.config.as_deref(), &args.set)?;
         }
     }
+    args.apply(&mut cfg);
     let mut session = Session::new(cfg, init, args.resume, dev)?;
     eprintln!(
         "# {} from step {} ({} trainable tensors, frozen: {:?})\n{}",

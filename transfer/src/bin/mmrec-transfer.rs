@@ -5,8 +5,8 @@ use std::process::ExitCode;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
-use mmrec_trainer::FusionMethod;
-use mmrec_transfer::header::Dtype;
+use mmrec_schemas::safetensors::Dtype;
+use mmrec_schemas::FusionMethod;
 use mmrec_transfer::{
     fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Persist, Report,
 };
@@ -53,7 +53,7 @@ struct ExpertArgs {
     freeze: Vec<String>,
     /// Output dtype (default: keep each tensor's).
     #[arg(long, value_enum)]
-    dtype: Option<OutDtype>,
+    dtype: Option<Dtype>,
     /// Allow target tensors the source lacks, each created by an --init policy.
     #[arg(long)]
     allow_partial: bool,
@@ -94,13 +94,6 @@ enum Target {
     Expert,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum OutDtype {
-    F32,
-    Bf16,
-    F16,
-}
-
 #[derive(Subcommand)]
 enum Command {
     /// Build a fused model from a text and a code expert.
@@ -110,7 +103,7 @@ enum Command {
         #[arg(long)]
         code: PathBuf,
         #[arg(long, value_enum, default_value = "concat")]
-        method: Method,
+        method: FusionMethod,
         /// The shared embedding: the experts' mean, or one of them.
         #[arg(long, value_enum, default_value = "mean")]
         embed: EmbedChoice,
@@ -122,12 +115,6 @@ enum Command {
     /// Header only (fast on any size): tensors, shapes, dtypes, parameters by module,
     /// metadata and lineage.
     Inspect { file: PathBuf },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Method {
-    Concat,
-    Gated,
 }
 
 fn main() -> ExitCode {
@@ -202,10 +189,6 @@ fn run(cli: Cli) -> Result<()> {
             out,
             write,
         }) => {
-            let method = match method {
-                Method::Concat => FusionMethod::Concat,
-                Method::Gated => FusionMethod::Gated,
-            };
             show(
                 &fuse(&FuseOptions {
                     text,
@@ -256,11 +239,6 @@ fn run(cli: Cli) -> Result<()> {
                     Ok((p.to_string(), policy))
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let dtype = a.dtype.map(|d| match d {
-                OutDtype::F32 => Dtype::F32,
-                OutDtype::Bf16 => Dtype::BF16,
-                OutDtype::F16 => Dtype::F16,
-            });
             show(
                 &to_expert(&ExpertOptions {
                     source,
@@ -268,7 +246,7 @@ fn run(cli: Cli) -> Result<()> {
                     domain,
                     layers,
                     freeze: a.freeze,
-                    dtype,
+                    dtype: a.dtype,
                     init,
                     persist: a.write.persist(),
                 })?,

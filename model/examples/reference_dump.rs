@@ -3,15 +3,16 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use mmrec_trainer::io::{save, varmap_tensors, ModelMeta, Role};
-use mmrec_trainer::{initialise, MMRecModel, ModelConfig};
+use mmrec_model::io::{save, varmap_tensors};
+use mmrec_model::{initialise, preset, MMRecModel};
+use mmrec_schemas::{ModelMeta, Role};
 
 fn main() -> anyhow::Result<()> {
     let out = std::path::PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "reference-dump".into()));
     std::fs::create_dir_all(&out)?;
     // The tiny preset with the default chunk levels [32, 256]; 600 tokens engage both, and
     // a window of 4 engages the window limit at level 32.
-    let mut cfg = ModelConfig::preset("tiny", 512).expect("tiny preset");
+    let mut cfg = preset("tiny", 512).expect("tiny preset");
     cfg.memory_window = 4;
     let vm = VarMap::new();
     let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;

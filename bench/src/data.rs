@@ -9,11 +9,11 @@ use rayon::prelude::*;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::dedup::DEFAULT_NEAR_DUP;
-use crate::error::{Error, IoContext, Result};
-use crate::input::{expand_inputs, read_file, InputSpec, PlainSplit, ReadOptions, Record};
-use crate::split::{split, SplitOptions, SplitReport};
-use crate::tokenize::LoadedTokenizer;
+use anyhow::{anyhow, Context, Result};
+use mmrec_pipeline::dedup::DEFAULT_NEAR_DUP;
+use mmrec_pipeline::input::{read_texts, InputSpec, PlainSplit, ReadOptions};
+use mmrec_pipeline::split::{split, SplitOptions, SplitReport};
+use mmrec_pipeline::tokenize::LoadedTokenizer;
 
 #[derive(Debug, Serialize)]
 pub struct Throughput {
@@ -69,24 +69,10 @@ pub struct Machine {
 }
 
 pub fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown".into());
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let kb: f64 = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or(0.0);
     Machine {
-        cpu,
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        memory_gb: kb / 1e6,
+        cpu: mmrec_model::host::cpu_name(),
+        cores: mmrec_model::host::cores(),
+        memory_gb: mmrec_model::host::meminfo_bytes("MemTotal").unwrap_or(0) as f64 / 1e9,
         os: std::env::consts::OS.into(),
     }
 }
@@ -95,7 +81,7 @@ pub fn machine() -> Machine {
 /// one file per domain. Each pass prefixes its copy number so that no document is an
 /// exact duplicate of another (dedup would otherwise skip the repeats' tokenizing).
 pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result<Vec<InputSpec>> {
-    std::fs::create_dir_all(dir).at(dir)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let opts = ReadOptions {
         field: None,
         max_bytes: u64::MAX,
@@ -105,15 +91,8 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
     for spec in sources {
         let domain = spec
             .declared
-            .ok_or_else(|| Error::Invalid(format!("bench source {} needs a declared domain", spec.path.display())))?;
-        let mut texts = Vec::new();
-        for f in expand_inputs(std::slice::from_ref(spec), false)? {
-            texts.extend(read_file(&f, &opts)?.records.into_iter().filter_map(|r| match r {
-                Record::Doc(d) => Some(d.text),
-                Record::Bad(_) => None,
-            }));
-        }
-        per_domain.push((domain, texts));
+            .ok_or_else(|| anyhow!("bench source {} needs a declared domain", spec.path.display()))?;
+        per_domain.push((domain, read_texts(std::slice::from_ref(spec), &opts)?.0));
     }
     let one_pass: u64 = per_domain
         .iter()
@@ -132,7 +111,7 @@ pub fn build_corpus(sources: &[InputSpec], min_bytes: u64, dir: &Path) -> Result
                 buf.push(b'\n');
             }
         }
-        std::fs::write(&path, &buf).at(&path)?;
+        std::fs::write(&path, &buf).with_context(|| format!("writing {}", path.display()))?;
         out.push(InputSpec {
             path,
             declared: Some(*domain),
@@ -152,7 +131,7 @@ pub fn run(
     threads: &[usize],
     repeats: usize,
 ) -> Result<BenchReport> {
-    let texts = read_texts(corpus)?;
+    let texts = read_texts(corpus, &BENCH_READ)?.0;
     let mut report = BenchReport {
         machine: machine(),
         repeats,
@@ -174,7 +153,7 @@ pub fn run(
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(n)
             .build()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
+            .map_err(|e| anyhow!(e.to_string()))?;
         let mut best_pipeline: Option<Throughput> = None;
         let mut best_tokenizer: Option<Throughput> = None;
         let mut best_hf: Option<Throughput> = None;
@@ -222,7 +201,7 @@ pub fn run(
                 let tokens: u64 = pool.install(|| {
                     texts
                         .par_iter()
-                        .with_max_len(crate::DOCS_PER_TASK)
+                        .with_max_len(mmrec_pipeline::DOCS_PER_TASK)
                         .map(|t| count(&tok, t))
                         .sum()
                 });
@@ -261,17 +240,15 @@ pub fn run(
             .arg(tokenizer)
             .arg(&out)
             .args(corpus.iter().map(|s| &s.path));
-        let o = cmd
-            .output()
-            .map_err(|e| Error::Invalid(format!("running {}: {e}", python.display())))?;
+        let o = cmd.output().map_err(|e| anyhow!("running {}: {e}", python.display()))?;
         if !o.status.success() {
-            return Err(Error::Invalid(format!(
+            return Err(anyhow!(
                 "python reference failed: {}",
                 String::from_utf8_lossy(&o.stderr)
-            )));
+            ));
         }
         let v: Value = serde_json::from_slice(o.stdout.trim_ascii())
-            .map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
+            .map_err(|e| anyhow!("python reference printed no JSON: {e}"))?;
         let py_mb_s = v["input_bytes"].as_f64().unwrap_or(0.0) / 1e6 / v["seconds"].as_f64().unwrap_or(f64::INFINITY);
         report.pipeline_vs_python = report.pipeline.last().map(|p| p.mb_per_s / py_mb_s);
         report.python_reference = Some(v);
@@ -292,17 +269,6 @@ const BENCH_READ: ReadOptions = ReadOptions {
     max_bytes: 64 << 20,
     plain_split: PlainSplit::File,
 };
-
-fn read_texts(corpus: &[InputSpec]) -> Result<Vec<String>> {
-    let mut texts = Vec::new();
-    for f in expand_inputs(corpus, false)? {
-        texts.extend(read_file(&f, &BENCH_READ)?.records.into_iter().filter_map(|r| match r {
-            Record::Doc(d) => Some(d.text),
-            Record::Bad(_) => None,
-        }));
-    }
-    Ok(texts)
-}
 
 pub fn default_work_dir() -> PathBuf {
     std::env::temp_dir().join("mmrec-data-bench")
@@ -330,8 +296,8 @@ pub fn loader_bench(
     tokens: u64,
     python: Option<(&Path, &Path)>,
 ) -> Result<LoaderBench> {
-    use crate::loader::{Loader, LoaderConfig};
-    let manifest = crate::split::read_manifest(dir)?;
+    use mmrec_loader::{Loader, LoaderConfig};
+    let manifest = mmrec_schemas::read_manifest(dir)?;
     let mut rust = Vec::new();
     for &w in workers {
         let cfg = LoaderConfig {
@@ -346,9 +312,7 @@ pub fn loader_bench(
         let started = Instant::now();
         let mut got = 0u64;
         while got < tokens {
-            let b = loader
-                .next_batch()
-                .ok_or_else(|| Error::Invalid("loader ended".into()))??;
+            let b = loader.next_batch().ok_or_else(|| anyhow!("loader ended"))??;
             got += b.tokens.len() as u64;
         }
         let secs = started.elapsed().as_secs_f64();
@@ -367,15 +331,15 @@ pub fn loader_bench(
                 tokens.to_string(),
             ])
             .output()
-            .map_err(|e| Error::Invalid(format!("running {}: {e}", py.display())))?;
+            .map_err(|e| anyhow!("running {}: {e}", py.display()))?;
         if !o.status.success() {
-            return Err(Error::Invalid(format!(
+            return Err(anyhow!(
                 "python reference failed: {}",
                 String::from_utf8_lossy(&o.stderr)
-            )));
+            ));
         }
         let v: Value = serde_json::from_slice(o.stdout.trim_ascii())
-            .map_err(|e| Error::Invalid(format!("python reference printed no JSON: {e}")))?;
+            .map_err(|e| anyhow!("python reference printed no JSON: {e}"))?;
         rust_vs_python = rust
             .last()
             .and_then(|r| Some(r["tokens_per_s"].as_f64()? / v["tokens_per_s"].as_f64()?));

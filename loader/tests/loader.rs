@@ -3,45 +3,15 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use mmrec_pipeline::loader::{in_validation, parse_weights, Batch, Cursor, Loader, LoaderConfig, Split};
-use mmrec_pipeline::shard::{token_lists, ShardReader};
-use mmrec_pipeline::split::read_manifest;
-use mmrec_pipeline::{split, InputSpec, SplitOptions};
+use mmrec_loader::{in_validation, parse_weights, Batch, Cursor, Loader, LoaderConfig, Split};
+use mmrec_schemas::read_manifest;
+use mmrec_schemas::shard::{token_lists, ShardReader};
 use mmrec_schemas::{columns, Domain};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
+use mmrec_tests::{fixture_shards, rewrite_foreign};
 
 /// Shards of the fixture corpora with many small row groups, built once per test binary.
 fn shards() -> PathBuf {
-    // Under the target dir, not a `TempDir`: a static is never dropped, so a temporary
-    // directory would outlive every run.
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("loader-test-shards");
-        let _ = std::fs::remove_dir_all(&dir);
-        let c = fixtures().join("corpora");
-        let inputs = [
-            ("wikitext.jsonl", Domain::Text),
-            ("python_stdlib.jsonl", Domain::Code),
-            ("chat.jsonl", Domain::Mixed),
-        ]
-        .into_iter()
-        .map(|(f, d)| InputSpec {
-            path: c.join(f),
-            declared: Some(d),
-        })
-        .collect();
-        let opts = SplitOptions {
-            shard_docs: 40,
-            row_group_docs: 8,
-            ..SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir)
-        };
-        split(&opts, &()).unwrap();
-        dir
-    })
-    .clone()
+    fixture_shards("loader", 40, 8)
 }
 
 fn cfg(workers: usize) -> LoaderConfig {
@@ -255,5 +225,28 @@ fn copy_dir(from: &Path, to: &Path) {
         } else {
             std::fs::copy(e.path(), dest).unwrap();
         }
+    }
+}
+
+#[test]
+fn shards_written_by_other_tools_feed_the_loader() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("s");
+    std::fs::create_dir_all(&out).unwrap();
+    copy_dir(&shards(), &out);
+    let m = read_manifest(&out).unwrap();
+    rewrite_foreign(
+        &out,
+        &m.domains[&Domain::Text][0].file,
+        Some("text/part-00000-99999.parquet"),
+    );
+    let cfg = LoaderConfig {
+        seq_len: 64,
+        batch_size: 4,
+        ..LoaderConfig::default()
+    };
+    let mut loader = Loader::open(&[out], cfg, None).unwrap();
+    for _ in 0..20 {
+        loader.next_batch().unwrap().unwrap();
     }
 }

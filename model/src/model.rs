@@ -3,8 +3,8 @@
 //! ```
 //! use candle_core::{DType, Device, Tensor};
 //! use candle_nn::{VarBuilder, VarMap};
-//! use mmrec_trainer::{ModelConfig, MMRecModel};
-//! let cfg = ModelConfig::preset("tiny", 256).unwrap();
+//! use mmrec_model::{preset, MMRecModel};
+//! let cfg = preset("tiny", 256).unwrap();
 //! let vm = VarMap::new();
 //! let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
 //! let tokens = Tensor::zeros((2, 10), DType::U32, &Device::Cpu)?;
@@ -16,7 +16,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 
-use crate::config::ModelConfig;
+use mmrec_schemas::rng::{splitmix, SplitMix};
+use mmrec_schemas::{FusionMethod, ModelConfig};
 
 /// `RMSNorm(x) = w ⊙ x / sqrt(mean(x²) + 1e-6)`.
 #[derive(Clone, Debug)]
@@ -130,8 +131,8 @@ pub fn initialise(varmap: &candle_nn::VarMap, cfg: &ModelConfig) -> Result<()> {
                 .collect();
             var.set(&Tensor::from_vec(bias, d, var.device())?.to_dtype(var.dtype())?)?;
         } else if name == "fusion.proj.weight" {
-            let half = (Tensor::eye(d, var.dtype(), var.device())? * 0.5)?;
-            var.set(&Tensor::cat(&[&half, &half], 1)?)?;
+            let init = mmrec_schemas::model_file::concat_fusion_init(d);
+            var.set(&Tensor::from_vec(init, (d, 2 * d), var.device())?.to_dtype(var.dtype())?)?;
         }
     }
     Ok(())
@@ -163,19 +164,73 @@ pub struct LevelState {
     pub partial: Tensor,
 }
 
+/// The MDI gates (DESIGN §2): `γ = clamp(σ(MLP_z(z)) σ(MLP_k(k)))` and the gated input
+/// `u = (1 − γ) σ(g) z`.
+#[derive(Clone, Debug)]
+pub struct Mdi {
+    z: Mlp,
+    k: Mlp,
+}
+
+impl Mdi {
+    fn new(d: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Mdi {
+            z: Mlp::gate(d, Init::Const(0.0), vb.pp("z"))?,
+            // +6: the k factor starts near 1, leaving the decay to the z factor.
+            k: Mlp::gate(d, Init::Const(6.0), vb.pp("k"))?,
+        })
+    }
+
+    /// (γ, u) from the `[q, k, z, g]` projection, as one fused op, in f32 when activations
+    /// are bf16: there every γ above about 0.998 would round to 1 (DESIGN §6).
+    fn forward(&self, z: &Tensor, k: &Tensor, qkzg: &Tensor) -> Result<(Tensor, Tensor)> {
+        mmrec_kernels::fused::mdi_gate(&self.z.forward(z)?, &self.k.forward(k)?, qkzg)
+    }
+}
+
+/// HDS memory attention (DESIGN §2): persistent slots plus chunk summaries of the scan
+/// state, read by multi-head attention.
+#[derive(Clone, Debug)]
+pub struct Memory {
+    slots: Tensor,
+    kv: Dense,
+    out: Dense,
+    cfg: ModelConfig,
+}
+
+/// `FFN(x) = W_down GELU(W_up x)`.
+#[derive(Clone, Debug)]
+pub struct Ffn {
+    up: Dense,
+    down: Dense,
+}
+
+impl Ffn {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Ffn {
+            up: dense(cfg.d_model, cfg.ffn_dim(), vb.pp("up"))?,
+            down: dense(cfg.ffn_dim(), cfg.d_model, vb.pp("down"))?,
+        })
+    }
+
+    /// With dropout on the hidden activations and the output (sites 1 and 2 of the block).
+    fn forward(&self, x: &Tensor, p: f32, train: bool, key: u64) -> Result<Tensor> {
+        let f = dropout(&mmrec_kernels::fused::gelu(&self.up.forward(x)?)?, p, train, (key, 1))?;
+        dropout(&self.down.forward(&f)?, p, train, (key, 2))
+    }
+}
+
+/// One MM-Rec block: `r = x + W_o(h + Memory(q, h))` over the gated scan `h`, then
+/// `y = r + FFN(RMSNorm(r))`.
 #[derive(Clone, Debug)]
 pub struct MMRecBlock {
     norm1: RmsNorm,
     in_proj: Dense,
-    mdi_z: Mlp,
-    mdi_k: Mlp,
-    slots: Tensor,
-    kv: Dense,
-    mem_out: Dense,
+    mdi: Mdi,
+    memory: Memory,
     out_proj: Dense,
     norm2: RmsNorm,
-    ffn_up: Dense,
-    ffn_down: Dense,
+    ffn: Ffn,
     uboo: Option<Mlp>,
     cfg: ModelConfig,
     /// A hash of the block's name (`blocks.3`, `experts.code.blocks.3`): its dropout masks'
@@ -195,22 +250,14 @@ pub enum Projection {
 impl MMRecBlock {
     pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.d_model;
-        let mdi = vb.pp("mdi");
         Ok(MMRecBlock {
             norm1: RmsNorm::new(d, vb.pp("norm1"))?,
             in_proj: dense(d, 4 * d, vb.pp("in_proj"))?,
-            mdi_z: Mlp::gate(d, Init::Const(0.0), mdi.pp("z"))?,
-            // +6: the k factor starts near 1, leaving the decay to the z factor.
-            mdi_k: Mlp::gate(d, Init::Const(6.0), mdi.pp("k"))?,
-            slots: vb
-                .pp("memory")
-                .get_with_hints((cfg.n_slots, d), "slots", Init::Randn { mean: 0.0, stdev: 0.02 })?,
-            kv: dense(d, 2 * d, vb.pp("memory").pp("kv"))?,
-            mem_out: dense(d, d, vb.pp("memory").pp("out"))?,
+            mdi: Mdi::new(d, vb.pp("mdi"))?,
+            memory: Memory::new(cfg, vb.pp("memory"))?,
             out_proj: dense(d, d, vb.pp("out_proj"))?,
             norm2: RmsNorm::new(d, vb.pp("norm2"))?,
-            ffn_up: dense(d, cfg.ffn_dim(), vb.pp("ffn").pp("up"))?,
-            ffn_down: dense(cfg.ffn_dim(), d, vb.pp("ffn").pp("down"))?,
+            ffn: Ffn::new(cfg, vb.pp("ffn"))?,
             uboo: if cfg.uboo_weight > 0.0 {
                 Some(Mlp::new(d, d, d, vb.pp("uboo"))?)
             } else {
@@ -278,22 +325,14 @@ impl MMRecBlock {
             qkzg.narrow(2, d, d)?.contiguous()?,
             qkzg.narrow(2, 2 * d, d)?.contiguous()?,
         );
-        // γ = clamp(σ(MLP_z(z)) σ(MLP_k(k))), u = (1 − γ) σ(g) z as one fused op, and the
-        // scan, in f32 when activations are bf16: there every γ above about 0.998 would
-        // round to 1 (DESIGN §6).
-        let (gamma, u) = mmrec_kernels::fused::mdi_gate(&self.mdi_z.forward(&z)?, &self.mdi_k.forward(&k)?, &qkzg)?;
+        let (gamma, u) = self.mdi.forward(&z, &k, &qkzg)?;
+        // The scan runs in f32 (DESIGN §6); its output goes back to the activations' dtype.
         let (h, h_last) = mmrec_kernels::scan(&gamma, &u, &state.h)?;
         let h = h.to_dtype(x.dtype())?;
-        let (c, levels) = self.memory(&q, &h, state)?;
+        let (c, levels) = self.memory.forward(&q, &h, state)?;
         let p = self.cfg.dropout;
         let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, p, train, (self.key, 0))?)?;
-        let f = dropout(
-            &mmrec_kernels::fused::gelu(&self.ffn_up.forward(&self.norm2.forward(&r)?)?)?,
-            p,
-            train,
-            (self.key, 1),
-        )?;
-        let y = (&r + dropout(&self.ffn_down.forward(&f)?, p, train, (self.key, 2))?)?;
+        let y = (&r + self.ffn.forward(&self.norm2.forward(&r)?, p, train, self.key)?)?;
         let aux = self.uboo_loss(&h)?;
         let t = x.dim(1)?;
         Ok((
@@ -321,11 +360,23 @@ impl MMRecBlock {
             _ => Tensor::zeros((), h.dtype(), h.device()),
         }
     }
+}
+
+impl Memory {
+    fn new(cfg: &ModelConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.d_model;
+        Ok(Memory {
+            slots: vb.get_with_hints((cfg.n_slots, d), "slots", Init::Randn { mean: 0.0, stdev: 0.02 })?,
+            kv: dense(d, 2 * d, vb.pp("kv"))?,
+            out: dense(d, d, vb.pp("out"))?,
+            cfg: cfg.clone(),
+        })
+    }
 
     /// HDS memory attention: each position reads the persistent slots and, per level, the
     /// summaries of chunks that ended before its own chunk started (at most
     /// `memory_window` of them), so it never sees its own chunk or the future.
-    fn memory(&self, q: &Tensor, h: &Tensor, state: &BlockState) -> Result<(Tensor, Vec<LevelState>)> {
+    fn forward(&self, q: &Tensor, h: &Tensor, state: &BlockState) -> Result<(Tensor, Vec<LevelState>)> {
         let (b, t, d) = h.dims3()?;
         let n_heads = self.cfg.n_heads;
         let dh = d / n_heads;
@@ -398,7 +449,7 @@ impl MMRecBlock {
         // in at least f32 (DESIGN §6).
         let attn = candle_nn::ops::softmax(&widen(&scores)?, D::Minus1)?.to_dtype(h.dtype())?;
         let ctx = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
-        Ok((self.mem_out.forward(&ctx)?, new_levels))
+        Ok((self.out.forward(&ctx)?, new_levels))
     }
 }
 
@@ -451,7 +502,7 @@ fn dropout(x: &Tensor, p: f32, train: bool, key: (u64, u64)) -> Result<Tensor> {
     // Drawn on the host: exact and device-independent; only runs with dropout pay for it.
     let mask: Vec<f32> = (0..x.elem_count() as u64)
         .map(|i| {
-            if SplitMix(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)).next() >> 11 < threshold {
+            if splitmix(seed ^ i.wrapping_mul(0xD1B5_4A32_D192_ED03)) >> 11 < threshold {
                 0.0
             } else {
                 keep
@@ -593,16 +644,6 @@ pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) ->
     )?;
     let n = mask.to_dtype(nll.dtype())?.sum_all()?;
     (nll.sum_all()? / n.maximum(1.0)?)?.reshape(())
-}
-
-/// How the fused model combines the experts' outputs per token.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum FusionMethod {
-    /// `f = Lin(2D→D)([y_text; y_code])`, initialised to `[½I, ½I]`.
-    Concat,
-    /// `w = softmax(Lin(2D→2)([y_text; y_code]))`, `f = w₀ y_text + w₁ y_code`.
-    Gated,
 }
 
 /// Shared embedding, the text and code experts' blocks side by side, a fusion layer, and
@@ -759,30 +800,6 @@ fn name_hash(name: &str) -> u64 {
     })
 }
 
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn uniform(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    /// Standard normal (Box–Muller).
-    fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-    }
-}
-
 /// A VarBuilder over existing variables that hands each one out cast to `dtype`: the
 /// model built from it computes in `dtype` (bf16 mixed precision) while gradients flow
 /// back through the casts to the f32 master weights. Build the model anew each step: the
@@ -817,7 +834,9 @@ impl candle_nn::var_builder::SimpleBackend for CastVars {
 
 /// Every tensor name and shape a model of this config has (fused: with its fusion layer),
 /// in name order, read off the module structure itself so no name table can drift.
-pub fn tensor_names(cfg: &ModelConfig, fused: Option<FusionMethod>) -> Result<Vec<(String, Vec<usize>)>> {
+/// The tensors the candle model asks its VarBuilder for, by name, with shapes: what
+/// `mmrec_schemas::model_file::tensor_names` must list (a test holds the two together).
+pub fn recorded_tensor_names(cfg: &ModelConfig, fused: Option<FusionMethod>) -> Result<Vec<(String, Vec<usize>)>> {
     let record = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
     let vb = VarBuilder::from_backend(Box::new(Recorder(record.clone())), DType::F32, Device::Cpu);
     match fused {

@@ -64,15 +64,7 @@ pub fn free_memory(dev: &Device) -> u64 {
             .context()
             .mem_get_info()
             .map_or(u64::MAX, |(free, _total)| free as u64),
-        _ => std::fs::read_to_string("/proc/meminfo")
-            .ok()
-            .and_then(|m| {
-                m.lines().find_map(|l| {
-                    l.strip_prefix("MemAvailable:")
-                        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
-                })
-            })
-            .map_or(u64::MAX, |kb| kb * 1000),
+        _ => crate::host::meminfo_bytes("MemAvailable").unwrap_or(u64::MAX),
     }
 }
 
@@ -85,7 +77,7 @@ pub fn gpu_name(dev: &Device) -> String {
             .context()
             .name()
             .unwrap_or_else(|e| format!("unknown GPU ({e})")),
-        _ => crate::bench::cpu_name(),
+        _ => crate::host::cpu_name(),
     }
 }
 

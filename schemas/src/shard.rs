@@ -1,4 +1,5 @@
-//! Parquet shards (DESIGN §4): writing and reading.
+//! Parquet shards (DESIGN §4): the one writer (`mmrec-data`) and the one reader (`mmrec-data`
+//! and the loader).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use arrow_array::types::{UInt16Type, UInt32Type};
 use arrow_array::{Array, ArrayRef, ListArray, RecordBatch, UInt16Array, UInt32Array, UInt64Array};
 use arrow_buffer::{OffsetBuffer, ScalarBuffer};
 use arrow_schema::{DataType, Field};
-use mmrec_schemas::{columns, shard_schema, Domain, TokenWidth};
+
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
@@ -17,7 +18,7 @@ use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
 use crate::atomic::{temp_path, HashingWriter};
-use crate::error::{Error, IoContext, Result};
+use crate::{columns, shard_schema, Domain, Error, IoContext, Result, TokenWidth};
 
 /// A document ready to be written: cleaned, classified and tokenized.
 pub struct ShardRow<'a> {
@@ -116,7 +117,7 @@ impl ShardWriter {
     }
 
     pub fn write(&mut self, rows: &[ShardRow]) -> Result<()> {
-        let batch = to_batch(rows, self.width, &self.schema)?;
+        let batch = to_batch(&self.path, rows, self.width, &self.schema)?;
         let writer = self.writer.as_mut().expect("a writer is open until finish");
         writer.write(&batch).map_err(|e| pq_err(&self.path, e))?;
         // The caller sizes row groups (by documents and text bytes): close this one now.
@@ -154,13 +155,15 @@ impl ShardWriter {
 }
 
 fn pq_err(path: &Path, e: parquet::errors::ParquetError) -> Error {
-    Error::Parquet {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    }
+    Error::format(path, e.to_string())
 }
 
-fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Schema>) -> Result<RecordBatch> {
+fn to_batch(
+    path: &Path,
+    rows: &[ShardRow],
+    width: TokenWidth,
+    schema: &Arc<arrow_schema::Schema>,
+) -> Result<RecordBatch> {
     let n = rows.len();
     let mut id = StringBuilder::with_capacity(n, n * 32);
     let mut domain = StringBuilder::with_capacity(n, n * 5);
@@ -172,7 +175,7 @@ fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Sch
     offsets.push(0i32);
     let total: usize = rows.iter().map(|r| r.tokens.len()).sum();
     if total > i32::MAX as usize {
-        return Err(Error::Invalid(format!("a row group of {n} documents holds {total} tokens, over the 2^31 a list column allows; lower --row-group-docs")));
+        return Err(Error::format(path, format!("a row group of {n} documents holds {total} tokens, over the 2^31 a list column allows; lower --row-group-docs")));
     }
     for r in rows {
         id.append_value(r.id);
@@ -217,7 +220,7 @@ fn to_batch(rows: &[ShardRow], width: TokenWidth, schema: &Arc<arrow_schema::Sch
             Arc::new(hash),
         ],
     )
-    .map_err(|e| Error::Invalid(format!("building a shard batch: {e}")))
+    .map_err(|e| Error::format(path, format!("building a shard batch: {e}")))
 }
 
 /// Reads selected columns of a shard, one record batch per row group.
@@ -229,10 +232,8 @@ pub struct ShardReader {
 impl ShardReader {
     pub fn open(path: &Path) -> Result<Self> {
         let file = std::fs::File::open(path).at(path)?;
-        let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| Error::Parquet {
-            path: path.to_path_buf(),
-            message: format!("not a readable Parquet shard: {e}"),
-        })?;
+        let builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| Error::format(path, format!("not a readable Parquet shard: {e}")))?;
         Ok(ShardReader {
             path: path.to_path_buf(),
             builder,
@@ -274,10 +275,7 @@ impl ShardReader {
     }
 
     fn err(&self, message: String) -> Error {
-        Error::Parquet {
-            path: self.path.clone(),
-            message,
-        }
+        Error::format(&self.path, message)
     }
 
     /// Iterate the named columns (in the order named) of the given row groups (None = all).
@@ -316,10 +314,7 @@ impl ShardReader {
         if let Some(groups) = row_groups {
             b = b.with_row_groups(groups);
         }
-        let reader = b.build().map_err(|e| Error::Parquet {
-            path: path.clone(),
-            message: e.to_string(),
-        })?;
+        let reader = b.build().map_err(|e| Error::format(&path, e.to_string()))?;
         // A projection yields columns in the file's order; callers get the order they asked.
         let wanted: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
         let in_order = move |b: RecordBatch| {
@@ -331,10 +326,7 @@ impl ShardReader {
         };
         Ok(reader.map(move |r| {
             r.and_then(|b| in_order(canonical_strings(b)))
-                .map_err(|e| Error::Parquet {
-                    path: path.clone(),
-                    message: format!("corrupt row group: {e}"),
-                })
+                .map_err(|e| Error::format(&path, format!("corrupt row group: {e}")))
         }))
     }
 }
@@ -387,73 +379,4 @@ pub fn token_lists(array: &dyn Array) -> Vec<Vec<u32>> {
             }
         })
         .collect()
-}
-
-/// Rewrite the shard at `path` (`file` relative to the manifest) without the rows in
-/// `drop` (0-based over the whole shard), keeping its row groups. Returns the new shard's
-/// manifest entry (None when no row is left, and the file is then left for the caller to
-/// remove) and the totals of what was dropped.
-pub fn rewrite_without(
-    path: &Path,
-    file: &str,
-    drop: &std::collections::HashSet<u32>,
-) -> Result<(Option<mmrec_schemas::ShardInfo>, mmrec_schemas::DomainTotals)> {
-    let reader = ShardReader::open(path)?;
-    let width = reader.token_width()?;
-    let cols = [
-        columns::ID,
-        columns::DOMAIN,
-        columns::LANG,
-        columns::SOURCE,
-        columns::TEXT,
-        columns::TOKENS,
-        columns::HASH,
-    ];
-    let mut writer = ShardWriter::create(path, width)?;
-    let mut lost = mmrec_schemas::DomainTotals::default();
-    let mut row = 0u32;
-    for batch in reader.batches(&cols, None)? {
-        let b = batch?;
-        let strings = |i: usize| b.column(i).as_string::<i32>();
-        let (id, domain, lang, source) = (strings(0), strings(1), strings(2), strings(3));
-        let (text, hash) = (
-            b.column(4).as_string::<i64>(),
-            b.column(6).as_primitive::<arrow_array::types::UInt64Type>(),
-        );
-        let mut rows = Vec::with_capacity(b.num_rows());
-        for (i, tokens) in token_lists(b.column(5).as_ref()).into_iter().enumerate() {
-            if drop.contains(&(row + i as u32)) {
-                lost.documents += 1;
-                lost.tokens += tokens.len() as u64;
-                lost.text_bytes += text.value(i).len() as u64;
-                continue;
-            }
-            let domain = domain.value(i).parse().map_err(|e: String| Error::Parquet {
-                path: path.to_path_buf(),
-                message: format!("row {}: {e}", row + i as u32),
-            })?;
-            rows.push(ShardRow {
-                id: id.value(i),
-                domain,
-                lang: lang.is_valid(i).then(|| lang.value(i)),
-                source: source.value(i),
-                text: text.value(i),
-                tokens,
-                hash: hash.value(i),
-            });
-        }
-        row += b.num_rows() as u32;
-        if !rows.is_empty() {
-            writer.write(&rows)?;
-        }
-    }
-    let written = writer.finish()?;
-    let info = (written.rows > 0).then(|| mmrec_schemas::ShardInfo {
-        file: file.to_string(),
-        rows: written.rows,
-        tokens: written.tokens,
-        bytes: written.bytes,
-        sha256: written.sha256,
-    });
-    Ok((info, lost))
 }

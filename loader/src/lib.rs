@@ -24,11 +24,26 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use mmrec_schemas::{columns, Domain};
 use serde::{Deserialize, Serialize};
 
-use crate::dedup::splitmix;
-use crate::error::{Error, Result};
-use crate::shard::ShardReader;
-use crate::split::read_manifest;
-use crate::tokenize::{EOT, PAD};
+pub use mmrec_schemas::checkpoint::{Cursor, StreamCursor};
+use mmrec_schemas::rng::splitmix;
+use mmrec_schemas::shard::ShardReader;
+use mmrec_schemas::special::{EOT, PAD};
+use mmrec_schemas::{read_manifest, MANIFEST};
+
+/// Why the loader cannot start or continue.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Schema(#[from] mmrec_schemas::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn manifest_err(path: &std::path::Path, message: String) -> Error {
+    mmrec_schemas::Error::format(path, message).into()
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoaderConfig {
@@ -94,29 +109,6 @@ pub struct Batch {
     /// The domain each row was drawn from.
     pub domains: Vec<Domain>,
     pub cursor: Cursor,
-}
-
-/// Where the stream stands after a batch: enough to continue it exactly.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Cursor {
-    pub batches: u64,
-    pub credits: BTreeMap<Domain, f64>,
-    pub streams: BTreeMap<Domain, StreamCursor>,
-    /// Real tokens delivered per domain so far.
-    pub tokens: BTreeMap<Domain, u64>,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StreamCursor {
-    pub epoch: u64,
-    /// Position in this epoch's row-group order of the next row group to read.
-    pub next: usize,
-    /// Shuffle buffer: (row group, row) references.
-    pub buffer: Vec<(u32, u32)>,
-    /// The document being packed: (row group, row, tokens already used).
-    pub current: Option<(u32, u32, u32)>,
-    pub rng: u64,
-    pub exhausted: bool,
 }
 
 /// One row group of one domain's shards.
@@ -250,32 +242,33 @@ impl Plan {
         let mut specials: Option<(String, u32, u32)> = None;
         for dir in dirs {
             let m = read_manifest(dir)?;
-            let mpath = dir.join(crate::split::MANIFEST);
+            let mpath = dir.join(MANIFEST);
             if let Some(want) = &cfg.tokenizer_sha256 {
                 if &m.tokenizer.sha256 != want {
-                    return Err(Error::Manifest {
-                        path: mpath,
-                        message: format!(
+                    return Err(manifest_err(
+                        &mpath,
+                        format!(
                             "shards were tokenized with tokenizer {}, the model expects {want}",
                             m.tokenizer.sha256
                         ),
-                    });
+                    ));
                 }
             }
-            let eot = *m.tokenizer.special_tokens.get(EOT).ok_or_else(|| Error::Manifest {
-                path: mpath.clone(),
-                message: format!("tokenizer has no {EOT}"),
-            })?;
+            let eot = *m
+                .tokenizer
+                .special_tokens
+                .get(EOT)
+                .ok_or_else(|| manifest_err(&mpath.clone(), format!("tokenizer has no {EOT}")))?;
             let pad = m.tokenizer.special_tokens.get(PAD).copied().unwrap_or(eot);
             match &specials {
                 Some((sha, _, _)) if sha != &m.tokenizer.sha256 => {
-                    return Err(Error::Manifest {
-                        path: mpath,
-                        message: format!(
+                    return Err(manifest_err(
+                        &mpath,
+                        format!(
                             "tokenizer {} differs from the other directories' {sha}",
                             m.tokenizer.sha256
                         ),
-                    })
+                    ))
                 }
                 Some(_) => {}
                 None => specials = Some((m.tokenizer.sha256.clone(), eot, pad)),

@@ -1,13 +1,14 @@
 //! `mmrec-transfer` on real model files.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use mmrec_trainer::io::{load_fused, load_model, save, varmap_tensors, ModelMeta, Role};
-use mmrec_trainer::{initialise, MMRecModel, ModelConfig};
-use mmrec_transfer::header::parse_header;
+use mmrec_model::io::{load_fused, load_model, save, varmap_tensors};
+use mmrec_model::{initialise, MMRecModel};
+use mmrec_schemas::{ModelConfig, ModelMeta, Role};
+use mmrec_tests::command;
 
 fn cfg() -> ModelConfig {
     ModelConfig {
@@ -54,10 +55,7 @@ fn base_file(dir: &Path, name: &str, edit: &[(&str, Option<Tensor>)]) -> PathBuf
 }
 
 fn transfer(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_mmrec-transfer"))
-        .args(args)
-        .output()
-        .unwrap()
+    command("mmrec-transfer").args(args).output().unwrap()
 }
 
 fn logits_of(path: &Path) -> Tensor {
@@ -93,12 +91,12 @@ fn a_freshly_transferred_expert_gives_bit_identical_logits() {
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(same(&logits_of(&base), &logits_of(&out)));
-    let meta = mmrec_trainer::io::read_meta(&out).unwrap();
+    let meta = mmrec_schemas::safetensors::read_meta(&out).unwrap();
     assert_eq!(
         (meta.role, meta.domain.as_deref(), meta.frozen),
         (Role::Expert, Some("code"), vec!["blocks.{0-1}.*".to_string()])
     );
-    let sha = mmrec_transfer::hex(&<sha2::Sha256 as sha2::Digest>::digest(std::fs::read(&base).unwrap()));
+    let sha = mmrec_schemas::atomic::sha256_hex(&std::fs::read(&base).unwrap());
     assert_eq!(
         meta.lineage["sources"][0]["sha256"], sha,
         "lineage records the source's sha256"
@@ -152,7 +150,7 @@ fn layer_maps_copy_skip_and_repeat_blocks() {
     let src = candle_core::safetensors::load(&base, &Device::Cpu).unwrap();
     let dst = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     assert!(same(&src["blocks.2.in_proj.weight"], &dst["blocks.1.in_proj.weight"]));
-    assert_eq!(mmrec_trainer::io::read_meta(&out).unwrap().config.n_layers, 2);
+    assert_eq!(mmrec_schemas::safetensors::read_meta(&out).unwrap().config.n_layers, 2);
     // A map past the source's blocks is refused.
     let o = transfer(&[
         base.to_str().unwrap(),
@@ -198,7 +196,7 @@ fn a_fused_model_with_its_gate_forced_to_one_expert_reproduces_that_expert() {
             *t = Tensor::new(&[200f32, -200.0], &Device::Cpu).unwrap();
         }
     }
-    let meta = mmrec_trainer::io::read_meta(&fused).unwrap();
+    let meta = mmrec_schemas::safetensors::read_meta(&fused).unwrap();
     save(&fused, &tensors, &meta).unwrap();
     let (model, _) = load_fused(&fused, &Device::Cpu).unwrap();
     let toks = Tensor::from_vec(
@@ -439,10 +437,10 @@ fn narrowing_conversions_report_overflows() {
     assert!(o.status.success());
     let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(report["overflows"]["norm.weight"], 2);
-    let h = mmrec_transfer::header::read_header(&out).unwrap();
+    let h = mmrec_schemas::safetensors::read_header(&out).unwrap();
     assert_eq!(
         h.tensors["blocks.0.ffn.up.weight"].dtype,
-        mmrec_transfer::header::Dtype::F16
+        mmrec_schemas::safetensors::Dtype::F16
     );
 }
 
@@ -485,35 +483,6 @@ fn forged_or_truncated_files_are_refused_with_a_clear_error() {
         );
         assert!(!out.exists());
     }
-    // Overlapping tensors and offsets out of range, in a hand-written header.
-    let overlap = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}"#;
-    let err = parse_header(Path::new("x"), overlap, 8 + overlap.len() as u64 + 12)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("overlap"), "{err}");
-    let wrong_size = br#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
-    assert!(parse_header(Path::new("x"), wrong_size, 100)
-        .unwrap_err()
-        .to_string()
-        .contains("needs 12 bytes"));
-    // A repeated key would let a forged file replace a tensor; bytes nothing claims are
-    // refused as the safetensors crate refuses them.
-    let twice = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
-    let err = parse_header(Path::new("x"), twice, 8 + twice.len() as u64 + 8)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("`a` appears twice"), "{err}");
-    let one = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
-    assert!(parse_header(Path::new("x"), one, 8 + one.len() as u64 + 4).is_ok());
-    let err = parse_header(Path::new("x"), one, 8 + one.len() as u64 + 9)
-        .unwrap_err()
-        .to_string();
-    assert!(err.contains("5 trailing bytes"), "{err}");
-    let gap = br#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
-    assert!(parse_header(Path::new("x"), gap, 8 + gap.len() as u64 + 8)
-        .unwrap_err()
-        .to_string()
-        .contains("unclaimed"));
     // Through the binary: `inspect` refuses a file with bytes appended.
     let mut padded = bytes.clone();
     padded.extend_from_slice(&[0u8; 16]);
@@ -528,34 +497,12 @@ fn forged_or_truncated_files_are_refused_with_a_clear_error() {
     );
 }
 
-mod fuzz {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
-
-        #[test]
-        fn arbitrary_header_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), file_len in 0u64..10_000) {
-            let _ = parse_header(Path::new("fuzz"), &bytes, file_len);
-        }
-
-        #[test]
-        fn mutated_valid_headers_never_panic(pos in 0usize..120, byte in any::<u8>(), extra in 0u64..64) {
-            let mut h = br#"{"w":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]},"__metadata__":{"format":"mmrec"}}"#.to_vec();
-            let p = pos % h.len();
-            h[p] = byte;
-            let _ = parse_header(Path::new("fuzz"), &h, 8 + h.len() as u64 + extra);
-        }
-    }
-}
-
 #[test]
 fn a_reader_that_goes_away_ends_the_output_quietly() {
     // `mmrec-transfer inspect model | head -3`: the closed pipe must not cause a panic.
     let dir = tempfile::tempdir().unwrap();
     let base = base_file(dir.path(), "base.safetensors", &[]);
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-transfer"))
+    let mut child = command("mmrec-transfer")
         .args(["inspect", base.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -2,47 +2,20 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use mmrec_trainer::io::{save, varmap_tensors, ModelMeta, Role};
-use mmrec_trainer::train::{glob_match, loss_and_grads, Net, TrainConfig};
-use mmrec_trainer::{initialise, MMRecModel, ModelConfig};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
-}
+use mmrec_model::io::{save, varmap_tensors};
+use mmrec_model::{initialise, MMRecModel};
+use mmrec_schemas::model_file::glob_match;
+use mmrec_schemas::{ModelConfig, ModelMeta, Role};
+use mmrec_tests::{command, fixture_shards};
+use mmrec_trainer::train::{loss_and_grads, Net, TrainConfig};
 
 /// Shards of the fixture corpora, built once per test binary.
 fn shards() -> PathBuf {
-    // Under the target dir, not a `TempDir`: a static is never dropped, so a temporary
-    // directory would outlive every run.
-    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| {
-        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("train-test-shards");
-        let _ = std::fs::remove_dir_all(&dir);
-        let c = fixtures().join("corpora");
-        let inputs = [
-            ("wikitext.jsonl", mmrec_schemas::Domain::Text),
-            ("python_stdlib.jsonl", mmrec_schemas::Domain::Code),
-            ("chat.jsonl", mmrec_schemas::Domain::Mixed),
-        ]
-        .into_iter()
-        .map(|(f, d)| mmrec_pipeline::InputSpec {
-            path: c.join(f),
-            declared: Some(d),
-        })
-        .collect();
-        let opts = mmrec_pipeline::SplitOptions {
-            shard_docs: 1000,
-            row_group_docs: 16,
-            ..mmrec_pipeline::SplitOptions::new(inputs, fixtures().join("tokenizer.json"), &dir)
-        };
-        mmrec_pipeline::split(&opts, &()).unwrap();
-        dir
-    })
-    .clone()
+    fixture_shards("train", 1000, 16)
 }
 
 /// Small, fast settings every test starts from.
@@ -70,11 +43,7 @@ fn base_args(out: &Path, steps: u64) -> Vec<String> {
 }
 
 fn mmrec_train(cmd: &str, args: &[String]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_mmrec-train"))
-        .arg(cmd)
-        .args(args)
-        .output()
-        .unwrap();
+    let out = command("mmrec-train").arg(cmd).args(args).output().unwrap();
     if !out.status.success() {
         eprintln!("stderr: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -96,7 +65,7 @@ fn losses(out: &Path) -> BTreeMap<u64, f64> {
 /// Start `pretrain` with `args` (writing to `out`), SIGKILL it once its checkpoint at
 /// `step` is in place, and check that it had not finished all `steps`.
 fn pretrain_killed_at_checkpoint(args: &[String], out: &Path, step: u64, steps: usize) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mmrec-train"))
+    let mut child = command("mmrec-train")
         .arg("pretrain")
         .args(args)
         .stdout(std::process::Stdio::null())
@@ -139,7 +108,7 @@ fn a_run_killed_with_sigkill_and_resumed_matches_an_uninterrupted_one_step_for_s
 fn sigterm_saves_a_checkpoint_writes_no_final_model_and_exits_143() {
     let dir = tempfile::tempdir().unwrap();
     let args = base_args(dir.path(), 100_000);
-    let child = Command::new(env!("CARGO_BIN_EXE_mmrec-train"))
+    let child = command("mmrec-train")
         .arg("pretrain")
         .args(&args)
         .stdout(std::process::Stdio::null())
@@ -182,11 +151,8 @@ extern "C" {
 #[test]
 fn finetuning_never_changes_frozen_tensors() {
     let dir = tempfile::tempdir().unwrap();
-    let vocab = mmrec_pipeline::split::read_manifest(&shards())
-        .unwrap()
-        .tokenizer
-        .vocab_size;
-    let cfg = ModelConfig::preset("tiny", vocab).unwrap();
+    let vocab = mmrec_schemas::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
+    let cfg = mmrec_model::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg).unwrap();
@@ -235,7 +201,7 @@ fn finetuning_never_changes_frozen_tensors() {
         }
     }
     assert!(same > 10 && changed > 10, "{same} frozen, {changed} trained");
-    let meta = mmrec_trainer::io::read_meta(&out.join("final.safetensors")).unwrap();
+    let meta = mmrec_schemas::safetensors::read_meta(&out.join("final.safetensors")).unwrap();
     assert_eq!(
         (meta.role, meta.domain.as_deref(), meta.frozen),
         (Role::Expert, Some("code"), frozen)
@@ -251,7 +217,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
 
 /// With dropout, the recomputed blocks must draw the masks the first pass drew.
 fn checkpointing_matches(dropout: f32) {
-    mmrec_trainer::model::set_dropout_seed(99);
+    mmrec_model::model::set_dropout_seed(99);
     let cfg = ModelConfig {
         vocab_size: 40,
         d_model: 16,
@@ -389,7 +355,7 @@ fn config_errors_name_the_field() {
 #[test]
 fn a_model_file_whose_config_is_invalid_is_refused_with_a_message_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig::preset("tiny", 64).unwrap();
+    let cfg = mmrec_model::preset("tiny", 64).unwrap();
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let path = dir.path().join("bad.safetensors");
@@ -496,15 +462,12 @@ fn a_kill_during_a_checkpoint_swap_resumes_from_the_newest_complete_checkpoint()
 #[test]
 fn fusion_training_changes_only_the_fusion_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let vocab = mmrec_pipeline::split::read_manifest(&shards())
-        .unwrap()
-        .tokenizer
-        .vocab_size;
-    let cfg = ModelConfig::preset("tiny", vocab).unwrap();
+    let vocab = mmrec_schemas::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
+    let cfg = mmrec_model::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
-    mmrec_trainer::FusedModel::new(
+    mmrec_model::FusedModel::new(
         &cfg,
-        mmrec_trainer::FusionMethod::Gated,
+        mmrec_schemas::FusionMethod::Gated,
         VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
     )
     .unwrap();
@@ -519,7 +482,7 @@ fn fusion_training_changes_only_the_fusion_layer() {
             config: cfg,
             frozen: vec!["embed.*".into(), "experts.*".into()],
             lineage: serde_json::Value::Null,
-            fusion: Some(mmrec_trainer::FusionMethod::Gated),
+            fusion: Some(mmrec_schemas::FusionMethod::Gated),
             tokenizer: None,
         },
     )
@@ -580,11 +543,14 @@ fn models_record_their_tokenizer_and_refuse_shards_of_another() {
     let (sha, vocab) = mmrec_trainer::train::data_tokenizer(&[shards()]).unwrap();
     let trained = dir.path().join("final.safetensors");
     assert_eq!(
-        mmrec_trainer::io::read_meta(&trained).unwrap().tokenizer.as_deref(),
+        mmrec_schemas::safetensors::read_meta(&trained)
+            .unwrap()
+            .tokenizer
+            .as_deref(),
         Some(sha.as_str())
     );
     // The same weights claiming another tokenizer of the same size, then another size.
-    let cfg = ModelConfig::preset("tiny", vocab).unwrap();
+    let cfg = mmrec_model::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
     MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     let write = |name: &str, config: ModelConfig| {

@@ -7,8 +7,11 @@ use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
-use crate::model::{initialise, masked_cross_entropy, MMRecModel, Projection};
-use crate::ModelConfig;
+use mmrec_model::model::seeded_builder;
+use mmrec_model::{device, initialise, masked_cross_entropy, MMRecModel, Projection};
+use mmrec_schemas::ModelConfig;
+use mmrec_trainer::optim::AdamW;
+use mmrec_trainer::train::{loss_and_grads, Net, OptimConfig, Precision};
 
 #[derive(Debug, Serialize)]
 pub struct ScanFigure {
@@ -146,7 +149,7 @@ fn naive_figure(shape: [usize; 3], memcpy: f64) -> Result<ScanFigure> {
 
 fn model_figure(preset: &str, vocab: usize, batch: usize, seq_len: usize, how: Projection) -> Result<ModelFigure> {
     let cfg =
-        ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+        mmrec_model::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let model = MMRecModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
@@ -195,7 +198,7 @@ pub fn cpu_bench(presets: &[String], vocab: usize, batch: usize, seq_len: usize)
         model.push(model_figure(p, vocab, batch, seq_len, Projection::Unfused)?);
     }
     Ok(CpuBench {
-        device: crate::bench::cpu_name(),
+        device: mmrec_model::host::cpu_name(),
         threads: rayon::current_num_threads(),
         build: if cfg!(debug_assertions) {
             "dev profile (candle, gemm and kernels at opt-level 2)"
@@ -211,21 +214,6 @@ pub fn cpu_bench(presets: &[String], vocab: usize, batch: usize, seq_len: usize)
     })
 }
 
-pub fn cpu_name() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let name = info
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    format!(
-        "{name}, {} cores",
-        std::thread::available_parallelism().map_or(1, |n| n.get())
-    )
-}
-
 /// `mmrec-train bench --device cuda`: the scan against a device-to-device copy, and the
 /// model's forward and full training step (forward, backward, AdamW) per preset.
 #[derive(Debug, Serialize)]
@@ -233,7 +221,7 @@ pub struct DeviceBench {
     pub device: String,
     pub gpu: String,
     pub candle: &'static str,
-    pub precision: crate::train::Precision,
+    pub precision: Precision,
     /// Read + write bandwidth of a 1 GiB device-to-device copy, measured in this run.
     pub copy_gb_per_s: f64,
     pub scan: Vec<ScanFigure>,
@@ -330,20 +318,16 @@ fn step_figure(
     vocab: usize,
     batch: usize,
     seq_len: usize,
-    precision: crate::train::Precision,
+    precision: Precision,
 ) -> Result<StepFigure> {
-    use crate::train::{loss_and_grads, Net, OptimConfig};
     let cfg =
-        ModelConfig::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+        mmrec_model::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
     let vm = VarMap::new();
-    let net = Net::Single(MMRecModel::new(
-        &cfg,
-        crate::model::seeded_builder(&vm, 0, DType::F32, dev),
-    )?);
+    let net = Net::Single(MMRecModel::new(&cfg, seeded_builder(&vm, 0, DType::F32, dev))?);
     initialise(&vm, &cfg)?;
-    let trainable = crate::io::varmap_vars(&vm);
+    let trainable = mmrec_model::io::varmap_vars(&vm);
     let parameters = trainable.iter().map(|(_, v)| v.elem_count()).sum();
-    let mut opt = crate::optim::AdamW::new(trainable, cfg.n_layers, OptimConfig::default())?;
+    let mut opt = AdamW::new(trainable, cfg.n_layers, OptimConfig::default())?;
     // Distinct random batches: the speed does not depend on the token values.
     let batches = (0..4)
         .map(|_| Tensor::rand(0f32, vocab as f32, (batch, seq_len + 1), dev)?.to_dtype(DType::U32))
@@ -359,13 +343,13 @@ fn step_figure(
         let (inp, _) = next()?;
         net.in_precision(&vm, precision, dev)?.logits(&inp, false).map(|_| ())
     })?;
-    crate::device::reset_peak_memory(dev)?;
+    device::reset_peak_memory(dev)?;
     let step = timed(dev, 3, 20, || {
         let (inp, tgt) = next()?;
         let (_, grads) = loss_and_grads(&net.in_precision(&vm, precision, dev)?, &vm, &inp, &tgt, &mask, false)?;
         opt.step(&grads, 1e-4, 1.0)
     })?;
-    let peak = crate::device::peak_memory(dev)?.map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64);
+    let peak = device::peak_memory(dev)?.map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64);
     let breakdown = step_breakdown(dev, &net, &vm, &mut opt, precision, &mut next, &mask)?;
     let tokens = (batch * seq_len) as f64;
     Ok(StepFigure {
@@ -388,10 +372,10 @@ fn step_figure(
 /// Where a training step's time goes: each part timed alone (median of 10, synchronised).
 fn step_breakdown(
     dev: &Device,
-    net: &crate::train::Net,
+    net: &Net,
     vm: &VarMap,
-    opt: &mut crate::optim::AdamW,
-    precision: crate::train::Precision,
+    opt: &mut AdamW,
+    precision: Precision,
     next: &mut dyn FnMut() -> Result<(Tensor, Tensor)>,
     mask: &Tensor,
 ) -> Result<std::collections::BTreeMap<&'static str, f64>> {
@@ -409,7 +393,7 @@ fn step_breakdown(
         let cast = net.in_precision(vm, precision, dev)?;
         lap("casts", &mut t)?;
         let (logits, aux) = cast.logits(&inp, true)?;
-        let loss = (crate::model::masked_cross_entropy(&logits, &tgt, mask)? + aux)?;
+        let loss = (masked_cross_entropy(&logits, &tgt, mask)? + aux)?;
         lap("forward", &mut t)?;
         let store = loss.backward()?;
         lap("backward", &mut t)?;
@@ -438,7 +422,7 @@ pub fn device_bench(
     vocab: usize,
     batch: usize,
     seq_len: usize,
-    precision: crate::train::Precision,
+    precision: Precision,
 ) -> Result<DeviceBench> {
     let copy = device_copy_gb_per_s(dev)?;
     let mut scan = Vec::new();
@@ -453,8 +437,8 @@ pub fn device_bench(
         .map(|p| step_figure(dev, p, vocab, batch, seq_len, precision))
         .collect::<Result<_>>()?;
     Ok(DeviceBench {
-        device: crate::device::name(dev),
-        gpu: crate::device::gpu_name(dev),
+        device: device::name(dev),
+        gpu: device::gpu_name(dev),
         candle: "0.11.1",
         precision,
         copy_gb_per_s: copy,

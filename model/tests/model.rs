@@ -3,8 +3,12 @@
 
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use mmrec_trainer::io::{load_fused, load_model, read_meta, save, varmap_tensors, ModelMeta, Role};
-use mmrec_trainer::{initialise, masked_cross_entropy, FusedModel, FusionMethod, MMRecModel, ModelConfig, Projection};
+use mmrec_model::io::{load_fused, load_model, save, varmap_tensors};
+use mmrec_model::model::recorded_tensor_names;
+use mmrec_model::{initialise, masked_cross_entropy, preset, FusedModel, MMRecModel, Projection, PRESETS};
+use mmrec_schemas::model_file::tensor_names;
+use mmrec_schemas::safetensors::read_meta;
+use mmrec_schemas::{FusionMethod, ModelConfig, ModelMeta, Role};
 
 /// A small config whose chunk levels and memory window all engage within ~100 tokens.
 fn small_cfg(vocab: usize, d: usize) -> ModelConfig {
@@ -62,7 +66,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 #[test]
 fn unfused_projection_gives_the_same_logits_as_the_fused_one() {
-    let cfg = ModelConfig::preset("tiny", 300).unwrap();
+    let cfg = preset("tiny", 300).unwrap();
     let (_, model) = build(&cfg, DType::F32);
     let t = Tensor::from_vec(tokens(2, 300, 300, 1), (2, 300), &Device::Cpu).unwrap();
     let fused = model.forward_with(&t, None, false, Projection::Fused).unwrap().0;
@@ -207,7 +211,7 @@ fn check_gradients(uboo_weight: f64, names: &[&str]) -> usize {
 
 #[test]
 fn decay_starts_spread_over_time_scales() {
-    let cfg = ModelConfig::preset("tiny", 100).unwrap();
+    let cfg = preset("tiny", 100).unwrap();
     let (vm, _) = build(&cfg, DType::F32);
     let data = vm.data().lock().unwrap();
     let z = candle_nn::ops::sigmoid(data["blocks.0.mdi.z.fc2.bias"].as_tensor())
@@ -230,7 +234,7 @@ fn decay_starts_spread_over_time_scales() {
 #[test]
 fn saved_models_load_by_memory_map_with_metadata_and_identical_logits() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig::preset("tiny", 120).unwrap();
+    let cfg = preset("tiny", 120).unwrap();
     let (vm, model) = build(&cfg, DType::F32);
     let meta = ModelMeta {
         role: Role::Base,
@@ -266,7 +270,7 @@ fn saved_models_load_by_memory_map_with_metadata_and_identical_logits() {
 #[test]
 fn fused_models_of_identical_experts_reproduce_the_expert() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = ModelConfig::preset("tiny", 90).unwrap();
+    let cfg = preset("tiny", 90).unwrap();
     let (vm, expert) = build(&cfg, DType::F32);
     let toks = tokens(1, 50, 90, 6);
     let want = logits(&expert, &toks, 1);
@@ -312,80 +316,6 @@ fn fused_models_of_identical_experts_reproduce_the_expert() {
 }
 
 #[test]
-fn bf16_mixed_precision_keeps_tiny_updates_in_the_f32_master_weights() {
-    use mmrec_trainer::optim::AdamW;
-    use mmrec_trainer::train::{loss_and_grads, Net, OptimConfig, Precision};
-    let cfg = small_cfg(50, 16);
-    let dev = Device::Cpu;
-    let vm = VarMap::new();
-    let net =
-        Net::Single(MMRecModel::new(&cfg, mmrec_trainer::model::seeded_builder(&vm, 1, DType::F32, &dev)).unwrap());
-    initialise(&vm, &cfg).unwrap();
-    let all = Tensor::from_vec(tokens(2, 41, 50, 3), (2, 41), &dev).unwrap();
-    let mask = Tensor::ones((2, 40), DType::F32, &dev).unwrap();
-    let bf16 = net.in_precision(&vm, Precision::Bf16, &dev).unwrap();
-    let (loss, grads) = loss_and_grads(
-        &bf16,
-        &vm,
-        &all.narrow(1, 0, 40).unwrap(),
-        &all.narrow(1, 1, 40).unwrap(),
-        &mask,
-        false,
-    )
-    .unwrap();
-    assert!(
-        loss.is_finite() && (loss - 50f64.ln()).abs() < 1.0,
-        "bf16 loss {loss} far from ln V at initialisation"
-    );
-    assert!(
-        grads.values().all(|g| g.dtype() == DType::F32),
-        "gradients must reach the f32 master weights as f32"
-    );
-    let params = mmrec_trainer::io::varmap_vars(&vm);
-    let w = params
-        .iter()
-        .find(|(n, _)| n == "blocks.0.ffn.up.weight")
-        .unwrap()
-        .1
-        .clone();
-    let before = w.as_tensor().copy().unwrap();
-    // Adam's first step moves each weight by about lr: 1e-6, far under bf16's spacing
-    // (2^-8 relative) for weights of size ~0.1.
-    let mut opt = AdamW::new(
-        params,
-        cfg.n_layers,
-        OptimConfig {
-            weight_decay: 0.0,
-            ..OptimConfig::default()
-        },
-    )
-    .unwrap();
-    opt.step(&grads, 1e-6, 1.0).unwrap();
-    let moved = max_abs_diff(w.as_tensor(), &before);
-    assert!(moved > 5e-7 && moved < 2e-6, "the f32 master weight moved by {moved}");
-    let changed = |a: &Tensor, b: &Tensor| {
-        a.ne(b)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .mean_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let bf16 = |t: &Tensor| t.to_dtype(DType::BF16).unwrap();
-    let (in_f32, in_bf16) = (
-        changed(w.as_tensor(), &before),
-        changed(&bf16(w.as_tensor()), &bf16(&before)),
-    );
-    assert!(in_f32 > 0.9, "only {in_f32} of the f32 weights moved");
-    assert!(
-        in_bf16 < 0.05,
-        "{in_bf16} of the weights changed in bf16: the update should vanish there"
-    );
-}
-
-#[test]
 fn saving_the_same_model_twice_gives_identical_files() {
     let cfg = small_cfg(50, 16);
     let (vm, _) = build(&cfg, DType::F32);
@@ -414,4 +344,23 @@ fn saving_the_same_model_twice_gives_identical_files() {
         read_meta(&dir.path().join("m0.safetensors")).unwrap().domain.as_deref(),
         Some("code")
     );
+}
+
+#[test]
+fn the_model_asks_for_exactly_the_tensors_the_file_contract_lists() {
+    for name in PRESETS {
+        for uboo_weight in [0.0, 0.1] {
+            let cfg = ModelConfig {
+                uboo_weight,
+                ..preset(name, 300).unwrap()
+            };
+            for fused in [None, Some(FusionMethod::Concat), Some(FusionMethod::Gated)] {
+                assert_eq!(
+                    recorded_tensor_names(&cfg, fused).unwrap(),
+                    tensor_names(&cfg, fused),
+                    "{name} uboo {uboo_weight} {fused:?}"
+                );
+            }
+        }
+    }
 }

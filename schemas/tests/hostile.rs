@@ -1,9 +1,9 @@
-//! Hostile input for the trainer's parsers: the TOML config, `state.json` and model-file
-//! metadata. Random and mutated text must give an error, never a panic.
+//! Hostile input for the run config (TOML), `state.json` and model-file metadata parsers. Random and mutated text must give an error, never a panic.
 
 use std::path::Path;
 
-use mmrec_trainer::train::{saved_config, TrainConfig};
+use mmrec_schemas::checkpoint::saved_config;
+use mmrec_schemas::run_config::TrainConfig;
 use proptest::prelude::*;
 
 fn mutated(valid: &[u8], pos: usize, byte: u8, cut: usize) -> Vec<u8> {
@@ -56,12 +56,12 @@ proptest! {
 
     #[test]
     fn model_file_metadata_is_an_error_not_a_panic(keys in proptest::collection::btree_map("[a-z_]{1,14}", "[ -~]{0,40}", 0..8)) {
-        let mut map: std::collections::HashMap<String, String> = keys.into_iter().collect();
+        let mut map: std::collections::BTreeMap<String, String> = keys;
         map.insert("format".into(), "mmrec".into());
-        let _ = mmrec_trainer::io::ModelMeta::from_map(Path::new("fuzz.safetensors"), &map);
+        let _ = mmrec_schemas::ModelMeta::from_map(Path::new("fuzz.safetensors"), &map);
         map.insert("schema_version".into(), "1".into());
         map.insert("role".into(), "base".into());
         map.insert("frozen".into(), "[]".into());
-        let _ = mmrec_trainer::io::ModelMeta::from_map(Path::new("fuzz.safetensors"), &map);
+        let _ = mmrec_schemas::ModelMeta::from_map(Path::new("fuzz.safetensors"), &map);
     }
 }
