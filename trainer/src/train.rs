@@ -369,146 +369,170 @@ impl Session {
     /// The training loop. Stops at `run.steps` / `run.token_budget`, on early stopping, or
     /// when `stop` is raised (SIGINT/SIGTERM), saving a checkpoint in every case.
     pub fn train(&mut self, stop: &AtomicBool, progress: &dyn Fn(&serde_json::Value)) -> Result<Summary> {
-        let cfg = self.cfg.clone();
-        let (bsz, seq) = (cfg.data.batch_size, cfg.data.seq_len);
-        std::fs::create_dir_all(&cfg.run.out).map_err(io_err(&cfg.run.out))?;
-        remove_stale_checkpoint_dirs(&cfg.run.out.join(CHECKPOINTS))?;
-        let log_path = cfg.run.out.join("metrics.jsonl");
-        truncate_metrics(&log_path, self.state.step)?;
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(io_err(&log_path))?;
-        let mut loader = Loader::open(
-            &cfg.data.dirs,
-            self.loader_config(Split::Train)?,
-            self.state.cursor.clone(),
-        )?;
-        let limit = if cfg.run.memory_limit_mb > 0 {
-            cfg.run.memory_limit_mb * 1_000_000
-        } else {
-            mmrec_model::device::free_memory(&self.dev)
-        };
-        while bsz / self.state.micro_splits > 1
-            && activation_bytes(
-                self.net.config(),
-                bsz.div_ceil(self.state.micro_splits),
-                seq,
-                cfg.run.grad_checkpointing,
-            ) > limit
-        {
-            self.state.micro_splits *= 2;
-        }
-        if self.state.micro_splits > 1 {
-            let rec = serde_json::json!({"step": self.state.step, "event": format!(
-                "a micro-batch of {bsz} rows needs about {} MB of activations, over the {} MB limit: {} micro-batches of {} rows per batch (same effective batch)",
-                activation_bytes(self.net.config(), bsz, seq, cfg.run.grad_checkpointing) / 1_000_000, limit / 1_000_000, self.state.micro_splits, bsz.div_ceil(self.state.micro_splits))});
-            writeln!(log, "{rec}").map_err(io_err(&log_path))?;
-            progress(&rec);
-        }
-        let started = Instant::now();
-        let mut window = (Instant::now(), 0u64, std::time::Duration::ZERO);
+        let (mut log, mut loader) = self.open_run(progress)?;
+        let (started, mut meter) = (Instant::now(), Throughput::new(&loader));
         let mut stopped_early = false;
-        while self.state.step < cfg.run.steps.max(1)
-            && (cfg.run.token_budget == 0 || self.state.tokens_seen < cfg.run.token_budget)
-        {
-            if stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let batches = (0..cfg.optim.grad_accum)
-                .map(|_| {
-                    loader
-                        .next_batch()
-                        .ok_or_else(|| Error::Config("the training loader ended".into()))?
-                        .map_err(Error::from)
-                })
-                .collect::<Result<Vec<Batch>>>()?;
-            let tokens: u64 = batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum();
-            let mut events = Vec::new();
-            let (loss, grads) = loop {
-                match self.accumulate(&batches, bsz, seq) {
-                    Ok(r) => break r,
-                    // An allocator that reports failure (candle's CUDA backend does) gets a
-                    // smaller micro-batch; the effective batch and the data stay the same.
-                    Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
-                        self.state.micro_splits *= 2;
-                        events.push(format!(
-                            "out of memory: micro-batch halved to {} rows, accumulation doubled",
-                            bsz.div_ceil(self.state.micro_splits)
-                        ));
-                    }
-                    Err(e) => return Err(e),
-                }
-            };
-            let accum = 1.0 / (cfg.optim.grad_accum * self.state.micro_splits) as f64;
-            let norm = self.opt.grad_norm(&grads)? * accum;
-            let lr = learning_rate(self.state.step, &cfg.optim, cfg.run.steps, &self.state.schedule);
-            let mut record = serde_json::json!({"step": self.state.step + 1, "loss": loss, "ppl": loss.exp(), "lr": lr, "grad_norm": norm});
-            if !events.is_empty() {
-                record["event"] = serde_json::json!(events.join("; "));
-            }
-            if loss.is_finite() && norm.is_finite() {
-                let clip = if cfg.optim.grad_clip > 0.0 && norm > cfg.optim.grad_clip {
-                    cfg.optim.grad_clip / norm
-                } else {
-                    1.0
-                };
-                self.opt.step(&grads, lr, accum * clip)?;
-            } else {
-                // NaN guard: skip the update, go back to the last checkpoint if the weights
-                // may be damaged, and halve the learning rate.
-                self.state.schedule.nan_mult *= 0.5;
-                let restored = self.restore_latest()?;
-                record["event"] = serde_json::json!(format!(
-                    "non-finite loss or gradient: step skipped, learning rate halved{}",
-                    if restored { ", last checkpoint restored" } else { "" }
-                ));
-            }
-            self.state.step += 1;
-            self.state.tokens_seen += tokens;
-            self.state.adam_t = self.opt.t;
+        while !self.budget_spent() && !stop.load(Ordering::Relaxed) {
+            let batches = next_batches(&mut loader, self.cfg.optim.grad_accum)?;
+            let mut record = self.step(&batches)?;
             self.state.cursor = loader.cursor().cloned();
-            window.1 += tokens;
-            if self.state.step % cfg.run.log_every.max(1) == 0 || record.get("event").is_some() {
-                let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-                let waited = (loader.waited() - window.2).as_secs_f64();
-                record["tokens_per_s"] = serde_json::json!(window.1 as f64 / secs);
-                record["data_wait_pct"] = serde_json::json!(100.0 * waited / secs);
-                record["rss_mb"] = serde_json::json!(mmrec_model::host::rss_bytes().unwrap_or(0) as f64 / 1e6);
-                window = (Instant::now(), 0, loader.waited());
-            }
+            meter.annotate(&mut record, &batches, &loader, self.state.step % self.cfg.run.log_every.max(1) == 0);
             record["tokens_seen"] = serde_json::json!(self.state.tokens_seen);
-            writeln!(log, "{record}").map_err(io_err(&log_path))?;
-            progress(&record);
+            log.write(&record, progress)?;
             self.remember(record);
-            let mut improved = false;
-            if cfg.run.eval_every > 0 && self.state.step % cfg.run.eval_every == 0 {
-                let val = self.evaluate(cfg.run.eval_batches)?;
-                let overall = val["all"];
-                improved = observe_validation(overall, &cfg.optim, &mut self.state.schedule);
-                let rec = serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult});
-                writeln!(log, "{rec}").map_err(io_err(&log_path))?;
-                progress(&rec);
-                self.remember(rec);
-                if cfg.optim.early_stop_patience > 0
-                    && self.state.schedule.evals_since_best >= cfg.optim.early_stop_patience
-                {
-                    stopped_early = true;
-                }
-            }
-            if improved || (cfg.run.ckpt_every > 0 && self.state.step % cfg.run.ckpt_every == 0) || stopped_early {
+            let improved = self.maybe_evaluate(&mut log, progress)?;
+            stopped_early = self.cfg.optim.early_stop_patience > 0
+                && self.state.schedule.evals_since_best >= self.cfg.optim.early_stop_patience;
+            let due = self.cfg.run.ckpt_every > 0 && self.state.step % self.cfg.run.ckpt_every == 0;
+            if improved || due || stopped_early {
                 self.save_checkpoint(improved)?;
             }
             if stopped_early {
                 break;
             }
         }
+        self.finish_run(stop.load(Ordering::Relaxed), started, stopped_early)
+    }
+
+    /// Whether `run.steps` (or `run.token_budget`, when set) is used up.
+    fn budget_spent(&self) -> bool {
+        let run = &self.cfg.run;
+        self.state.step >= run.steps.max(1) || (run.token_budget > 0 && self.state.tokens_seen >= run.token_budget)
+    }
+
+    /// Prepare the output directory (stale temporaries removed, metrics cut back to the
+    /// checkpoint's step), open the metrics log and the loader at the checkpoint's cursor,
+    /// and fit the micro-batch to the memory there is.
+    fn open_run(&mut self, progress: &dyn Fn(&serde_json::Value)) -> Result<(RunLog, Loader)> {
+        let out = self.cfg.run.out.clone();
+        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+        remove_stale_checkpoint_dirs(&out.join(CHECKPOINTS))?;
+        let path = out.join("metrics.jsonl");
+        truncate_metrics(&path, self.state.step)?;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        let mut log = RunLog { file, path };
+        let loader = Loader::open(
+            &self.cfg.data.dirs,
+            self.loader_config(Split::Train)?,
+            self.state.cursor.clone(),
+        )?;
+        if let Some(event) = self.fit_micro_batches() {
+            log.write(&serde_json::json!({"step": self.state.step, "event": event}), progress)?;
+        }
+        Ok((log, loader))
+    }
+
+    /// Split each batch into enough micro-batches that one's activations fit the memory
+    /// limit (or what the device has free); the event to log when it had to.
+    fn fit_micro_batches(&mut self) -> Option<String> {
+        let (bsz, seq, ckpt) = (
+            self.cfg.data.batch_size,
+            self.cfg.data.seq_len,
+            self.cfg.run.grad_checkpointing,
+        );
+        let limit = match self.cfg.run.memory_limit_mb {
+            0 => mmrec_model::device::free_memory(&self.dev),
+            mb => mb * 1_000_000,
+        };
+        let needs = |rows| activation_bytes(self.net.config(), rows, seq, ckpt);
+        while bsz / self.state.micro_splits > 1 && needs(bsz.div_ceil(self.state.micro_splits)) > limit {
+            self.state.micro_splits *= 2;
+        }
+        (self.state.micro_splits > 1).then(|| {
+            format!(
+                "a micro-batch of {bsz} rows needs about {} MB of activations, over the {} MB limit: {} micro-batches of {} rows per batch (same effective batch)",
+                needs(bsz) / 1_000_000,
+                limit / 1_000_000,
+                self.state.micro_splits,
+                bsz.div_ceil(self.state.micro_splits)
+            )
+        })
+    }
+
+    /// One optimiser step on `batches`: gradients (halving the micro-batch on an
+    /// out-of-memory error), then the clipped AdamW update or, on a non-finite loss or
+    /// gradient, the NaN guard. Returns the step's metrics record.
+    fn step(&mut self, batches: &[Batch]) -> Result<serde_json::Value> {
+        let (loss, grads, events) = self.gradients_with_retry(batches)?;
+        let optim = &self.cfg.optim;
+        let accum = 1.0 / (optim.grad_accum * self.state.micro_splits) as f64;
+        let norm = self.opt.grad_norm(&grads)? * accum;
+        let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule);
+        let mut record = serde_json::json!({"step": self.state.step + 1, "loss": loss, "ppl": loss.exp(), "lr": lr, "grad_norm": norm});
+        if !events.is_empty() {
+            record["event"] = serde_json::json!(events.join("; "));
+        }
+        if loss.is_finite() && norm.is_finite() {
+            let clip = if optim.grad_clip > 0.0 && norm > optim.grad_clip {
+                optim.grad_clip / norm
+            } else {
+                1.0
+            };
+            self.opt.step(&grads, lr, accum * clip)?;
+        } else {
+            record["event"] = serde_json::json!(self.nan_guard()?);
+        }
+        self.state.step += 1;
+        self.state.tokens_seen += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
+        self.state.adam_t = self.opt.t;
+        Ok(record)
+    }
+
+    fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(f64, BTreeMap<String, Tensor>, Vec<String>)> {
+        let bsz = self.cfg.data.batch_size;
+        let mut events = Vec::new();
+        loop {
+            match self.accumulate(batches, bsz, self.cfg.data.seq_len) {
+                Ok((loss, grads)) => return Ok((loss, grads, events)),
+                // An allocator that reports failure (candle's CUDA backend does) gets a
+                // smaller micro-batch; the effective batch and the data stay the same.
+                Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
+                    self.state.micro_splits *= 2;
+                    events.push(format!(
+                        "out of memory: micro-batch halved to {} rows, accumulation doubled",
+                        bsz.div_ceil(self.state.micro_splits)
+                    ));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// A non-finite loss or gradient: skip the update, go back to the last checkpoint if
+    /// the weights may be damaged, and halve the learning rate. Returns the event.
+    fn nan_guard(&mut self) -> Result<String> {
+        self.state.schedule.nan_mult *= 0.5;
+        let restored = self.restore_latest()?;
+        Ok(format!(
+            "non-finite loss or gradient: step skipped, learning rate halved{}",
+            if restored { ", last checkpoint restored" } else { "" }
+        ))
+    }
+
+    /// Evaluate when `run.eval_every` says so; whether validation improved.
+    fn maybe_evaluate(&mut self, log: &mut RunLog, progress: &dyn Fn(&serde_json::Value)) -> Result<bool> {
+        let every = self.cfg.run.eval_every;
+        if every == 0 || self.state.step % every != 0 {
+            return Ok(false);
+        }
+        let val = self.evaluate(self.cfg.run.eval_batches)?;
+        let improved = observe_validation(val["all"], &self.cfg.optim, &mut self.state.schedule);
+        let rec = serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult});
+        log.write(&rec, progress)?;
+        self.remember(rec);
+        Ok(improved)
+    }
+
+    /// The last checkpoint, and `final.safetensors` unless a signal stopped the run part-way
+    /// (the checkpoint is there to resume from; no `final` may suggest a finished model).
+    fn finish_run(&mut self, interrupted: bool, started: Instant, stopped_early: bool) -> Result<Summary> {
         self.save_checkpoint(false)?;
-        let final_path = cfg.run.out.join("final.safetensors");
-        // A signal stops a run part-way: the checkpoint is there to resume from, and no
-        // `final` may suggest a finished model.
-        if !stop.load(Ordering::Relaxed) {
+        let final_path = self.cfg.run.out.join("final.safetensors");
+        if !interrupted {
             self.export(&final_path)?;
         }
         Ok(Summary {
@@ -516,7 +540,7 @@ impl Session {
             tokens: self.state.tokens_seen,
             seconds: started.elapsed().as_secs_f64(),
             stopped_early,
-            interrupted: stop.load(Ordering::Relaxed),
+            interrupted,
             best_val: self.state.schedule.best_val,
             final_model: final_path,
         })
@@ -650,6 +674,64 @@ impl Session {
         )?;
         Ok(true)
     }
+}
+
+
+/// `metrics.jsonl`, with every record also handed to the progress callback.
+struct RunLog {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl RunLog {
+    fn write(&mut self, record: &serde_json::Value, progress: &dyn Fn(&serde_json::Value)) -> Result<()> {
+        writeln!(self.file, "{record}").map_err(io_err(&self.path))?;
+        progress(record);
+        Ok(())
+    }
+}
+
+/// Throughput over the steps since the last logged one: tokens/s, the share of that time
+/// spent waiting for data, and resident memory.
+struct Throughput {
+    since: Instant,
+    tokens: u64,
+    waited: std::time::Duration,
+}
+
+impl Throughput {
+    fn new(loader: &Loader) -> Self {
+        Throughput {
+            since: Instant::now(),
+            tokens: 0,
+            waited: loader.waited(),
+        }
+    }
+
+    fn annotate(&mut self, record: &mut serde_json::Value, batches: &[Batch], loader: &Loader, log_step: bool) {
+        self.tokens += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
+        if !(log_step || record.get("event").is_some()) {
+            return;
+        }
+        let secs = self.since.elapsed().as_secs_f64().max(1e-9);
+        let waited = (loader.waited() - self.waited).as_secs_f64();
+        record["tokens_per_s"] = serde_json::json!(self.tokens as f64 / secs);
+        record["data_wait_pct"] = serde_json::json!(100.0 * waited / secs);
+        record["rss_mb"] = serde_json::json!(mmrec_model::host::rss_bytes().unwrap_or(0) as f64 / 1e6);
+        *self = Throughput::new(loader);
+    }
+}
+
+/// The `n` batches of one optimiser step (gradient accumulation).
+fn next_batches(loader: &mut Loader, n: usize) -> Result<Vec<Batch>> {
+    (0..n)
+        .map(|_| {
+            loader
+                .next_batch()
+                .ok_or_else(|| Error::Config("the training loader ended".into()))?
+                .map_err(Error::from)
+        })
+        .collect()
 }
 
 #[derive(Debug, serde::Serialize)]
