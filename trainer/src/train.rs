@@ -199,6 +199,71 @@ pub enum Init {
     Fused(PathBuf),
 }
 
+
+impl Init {
+    /// The run's mode, as `state.json` records it.
+    fn mode(&self) -> &'static str {
+        match self {
+            Init::Fresh => "pretrain",
+            Init::Model(_) => "finetune",
+            Init::Fused(_) => "fusion",
+        }
+    }
+}
+
+/// The model a run starts from, with its metadata: a seeded fresh base of the preset, or
+/// the weights of an `--init` file (a fused one trains only its fusion layer).
+fn build_net(cfg: &TrainConfig, init: &Init, vm: &VarMap, dev: &Device) -> Result<(Net, ModelMeta)> {
+    let vb = VarBuilder::from_varmap(vm, DType::F32, dev);
+    Ok(match init {
+        Init::Fresh => {
+            let (tokenizer, vocab) = data_tokenizer(&cfg.data.dirs)?;
+            let mut mc = mmrec_model::preset(&cfg.model.preset, vocab).ok_or_else(|| {
+                Error::Config(format!(
+                    "unknown preset {:?} ({})",
+                    cfg.model.preset,
+                    mmrec_model::PRESETS.join(", ")
+                ))
+            })?;
+            mc.dropout = cfg.model.dropout;
+            mc.uboo_weight = cfg.model.uboo_weight;
+            let seeded = mmrec_model::model::seeded_builder(vm, cfg.model.seed, DType::F32, dev);
+            let net = Net::Single(MMRecModel::new(&mc, seeded)?);
+            initialise(vm, &mc)?;
+            let meta = ModelMeta {
+                role: Role::Base,
+                domain: None,
+                config: mc,
+                frozen: vec![],
+                lineage: serde_json::json!({}),
+                fusion: None,
+                tokenizer: Some(tokenizer),
+            };
+            (net, meta)
+        }
+        Init::Model(path) => {
+            let meta = mmrec_schemas::safetensors::read_meta(path)?;
+            let net = Net::Single(MMRecModel::new(&meta.config, vb)?);
+            load_into(vm, path)?;
+            (net, meta)
+        }
+        Init::Fused(path) => {
+            let mut meta = mmrec_schemas::safetensors::read_meta(path)?;
+            let method = meta.fusion.ok_or_else(|| {
+                Error::Config(format!("{} is not a fused model (no `fusion` metadata)", path.display()))
+            })?;
+            let mut fused = FusedModel::new(&meta.config, method, vb)?;
+            fused.experts_frozen = true;
+            load_into(vm, path)?;
+            // In fusion training only the fusion layer learns (DESIGN §1).
+            if !meta.frozen.iter().any(|p| p == "embed.*") {
+                meta.frozen.extend(["embed.*".to_string(), "experts.*".to_string()]);
+            }
+            (Net::Fused(fused), meta)
+        }
+    })
+}
+
 pub struct Session {
     pub cfg: TrainConfig,
     pub vm: VarMap,
@@ -213,121 +278,40 @@ impl Session {
     /// Build the model and optimiser, from scratch, from an init file, or from the latest
     /// checkpoint under `run.out` when `resume` is set and one exists.
     pub fn new(cfg: TrainConfig, init: Init, resume: bool, dev: &Device) -> Result<Self> {
-        let ckpt_dir = cfg.run.out.join(CHECKPOINTS);
-        let latest = if resume {
-            read_pointer(&ckpt_dir, "latest")
-        } else {
-            None
-        };
-        // `cfg` is already the one to resume with (see `TrainConfig::for_resume`).
-        let resumed_state = match &latest {
-            Some(name) => Some(TrainState {
-                config: cfg.clone(),
-                ..read_state(&ckpt_dir.join(name))?
-            }),
-            None => None,
-        };
         let vm = VarMap::new();
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, dev);
-        let (net, meta) = match &init {
-            Init::Fresh => {
-                let (tokenizer, vocab) = data_tokenizer(&cfg.data.dirs)?;
-                let mut mc = mmrec_model::preset(&cfg.model.preset, vocab).ok_or_else(|| {
-                    Error::Config(format!("unknown preset {:?} (tiny, small, medium)", cfg.model.preset))
-                })?;
-                mc.dropout = cfg.model.dropout;
-                mc.uboo_weight = cfg.model.uboo_weight;
-                let net = Net::Single(MMRecModel::new(
-                    &mc,
-                    mmrec_model::model::seeded_builder(&vm, cfg.model.seed, DType::F32, dev),
-                )?);
-                initialise(&vm, &mc)?;
-                (
-                    net,
-                    ModelMeta {
-                        role: Role::Base,
-                        domain: None,
-                        config: mc,
-                        frozen: vec![],
-                        lineage: serde_json::json!({}),
-                        fusion: None,
-                        tokenizer: Some(tokenizer),
-                    },
-                )
-            }
-            Init::Model(path) => {
-                let meta = mmrec_schemas::safetensors::read_meta(path)?;
-                let net = Net::Single(MMRecModel::new(&meta.config, vb)?);
-                load_into(&vm, path)?;
-                (net, meta)
-            }
-            Init::Fused(path) => {
-                let mut meta = mmrec_schemas::safetensors::read_meta(path)?;
-                let method = meta.fusion.ok_or_else(|| {
-                    Error::Config(format!(
-                        "{} is not a fused model (no `fusion` metadata)",
-                        path.display()
-                    ))
-                })?;
-                let mut fused = FusedModel::new(&meta.config, method, vb)?;
-                fused.experts_frozen = true;
-                load_into(&vm, path)?;
-                // In fusion training only the fusion layer learns (DESIGN §1).
-                if !meta.frozen.iter().any(|p| p == "embed.*") {
-                    meta.frozen.extend(["embed.*".to_string(), "experts.*".to_string()]);
-                }
-                (Net::Fused(fused), meta)
-            }
-        };
+        let (net, meta) = build_net(&cfg, &init, &vm, dev)?;
         let source = match &init {
             Init::Model(p) | Init::Fused(p) => p.clone(),
             Init::Fresh => cfg.run.out.clone(),
         };
         check_tokenizer(&meta, &source, &cfg.data.dirs, cfg.run.allow_tokenizer_mismatch)?;
-        let trainable: Vec<(String, Var)> = {
-            let data = vm.data().lock().expect("varmap lock");
-            let mut v: Vec<(String, Var)> = data
-                .iter()
-                .filter(|(n, _)| !is_frozen(n, &meta.frozen))
-                .map(|(n, v)| (n.clone(), v.clone()))
-                .collect();
-            v.sort_by(|a, b| a.0.cmp(&b.0));
-            v
-        };
+        let mut trainable: Vec<(String, Var)> = io::varmap_vars(&vm)
+            .into_iter()
+            .filter(|(n, _)| !is_frozen(n, &meta.frozen))
+            .collect();
+        // Name order: the optimiser's sums and its moments file must not depend on a
+        // HashMap's order.
+        trainable.sort_by(|a, b| a.0.cmp(&b.0));
         if trainable.is_empty() {
             return Err(Error::Config("every parameter is frozen: nothing to train".into()));
         }
-        let mut opt = AdamW::new(trainable, net.config().n_layers, cfg.optim.clone())?;
-        let mode = match init {
-            Init::Fresh => "pretrain",
-            Init::Model(_) => "finetune",
-            Init::Fused(_) => "fusion",
+        let opt = AdamW::new(trainable, net.config().n_layers, cfg.optim.clone())?;
+        let state = TrainState {
+            schema_version: mmrec_schemas::SCHEMA_VERSION,
+            tool_version: format!("mmrec-train {}", env!("CARGO_PKG_VERSION")),
+            mode: init.mode().into(),
+            step: 0,
+            tokens_seen: 0,
+            adam_t: 0,
+            schedule: ScheduleState::default(),
+            cursor: None,
+            config: cfg.clone(),
+            model_meta_role: meta.role,
+            recent: vec![],
+            best_checkpoint: None,
+            micro_splits: 1,
         };
-        let state = match resumed_state {
-            Some(st) => {
-                let dir = ckpt_dir.join(latest.as_deref().expect("resumed from latest"));
-                load_into(&vm, &dir.join("model.safetensors"))?;
-                load_moments(&mut opt, &dir.join("optimizer.safetensors"), dev)?;
-                opt.t = st.adam_t;
-                st
-            }
-            None => TrainState {
-                schema_version: mmrec_schemas::SCHEMA_VERSION,
-                tool_version: format!("mmrec-train {}", env!("CARGO_PKG_VERSION")),
-                mode: mode.into(),
-                step: 0,
-                tokens_seen: 0,
-                adam_t: 0,
-                schedule: ScheduleState::default(),
-                cursor: None,
-                config: cfg.clone(),
-                model_meta_role: meta.role,
-                recent: vec![],
-                best_checkpoint: None,
-                micro_splits: 1,
-            },
-        };
-        Ok(Session {
+        let mut session = Session {
             cfg,
             vm,
             net,
@@ -335,7 +319,30 @@ impl Session {
             meta,
             state,
             dev: dev.clone(),
-        })
+        };
+        if resume {
+            session.resume_latest()?;
+        }
+        Ok(session)
+    }
+
+    /// Weights, moments and state from the latest checkpoint under `run.out`, if any; the
+    /// config stays the one given (already checked by `TrainConfig::for_resume`).
+    fn resume_latest(&mut self) -> Result<()> {
+        let root = self.cfg.run.out.join(CHECKPOINTS);
+        let Some(name) = read_pointer(&root, "latest") else {
+            return Ok(());
+        };
+        let dir = root.join(name);
+        let state = read_state(&dir)?;
+        load_into(&self.vm, &dir.join("model.safetensors"))?;
+        load_moments(&mut self.opt, &dir.join("optimizer.safetensors"), &self.dev)?;
+        self.opt.t = state.adam_t;
+        self.state = TrainState {
+            config: self.cfg.clone(),
+            ..state
+        };
+        Ok(())
     }
 
     fn loader_config(&self, split: Split) -> Result<LoaderConfig> {
