@@ -16,8 +16,10 @@ pub mod dedup;
 mod error;
 pub mod global_dedup;
 mod gpt2_split;
+mod index;
 pub mod input;
 pub mod lang;
+mod shards;
 pub mod split;
 pub mod tokenize;
 

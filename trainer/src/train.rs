@@ -199,7 +199,6 @@ pub enum Init {
     Fused(PathBuf),
 }
 
-
 impl Init {
     /// The run's mode, as `state.json` records it.
     fn mode(&self) -> &'static str {
@@ -250,7 +249,10 @@ fn build_net(cfg: &TrainConfig, init: &Init, vm: &VarMap, dev: &Device) -> Resul
         Init::Fused(path) => {
             let mut meta = mmrec_schemas::safetensors::read_meta(path)?;
             let method = meta.fusion.ok_or_else(|| {
-                Error::Config(format!("{} is not a fused model (no `fusion` metadata)", path.display()))
+                Error::Config(format!(
+                    "{} is not a fused model (no `fusion` metadata)",
+                    path.display()
+                ))
             })?;
             let mut fused = FusedModel::new(&meta.config, method, vb)?;
             fused.experts_frozen = true;
@@ -383,7 +385,12 @@ impl Session {
             let batches = next_batches(&mut loader, self.cfg.optim.grad_accum)?;
             let mut record = self.step(&batches)?;
             self.state.cursor = loader.cursor().cloned();
-            meter.annotate(&mut record, &batches, &loader, self.state.step % self.cfg.run.log_every.max(1) == 0);
+            meter.annotate(
+                &mut record,
+                &batches,
+                &loader,
+                self.state.step % self.cfg.run.log_every.max(1) == 0,
+            );
             record["tokens_seen"] = serde_json::json!(self.state.tokens_seen);
             log.write(&record, progress)?;
             self.remember(record);
@@ -528,7 +535,8 @@ impl Session {
         }
         let val = self.evaluate(self.cfg.run.eval_batches)?;
         let improved = observe_validation(val["all"], &self.cfg.optim, &mut self.state.schedule);
-        let rec = serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult});
+        let rec =
+            serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult});
         log.write(&rec, progress)?;
         self.remember(rec);
         Ok(improved)
@@ -682,7 +690,6 @@ impl Session {
         Ok(true)
     }
 }
-
 
 /// `metrics.jsonl`, with every record also handed to the progress callback.
 struct RunLog {
