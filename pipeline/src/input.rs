@@ -9,7 +9,7 @@ use mmrec_schemas::{Domain, QuarantineRecord};
 use rayon::prelude::*;
 use serde_json::Value;
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{describe, Error, IoContext, Result};
 use crate::lang;
 
 /// One input as the user named it, with the domain they declared for it (None = classify).
@@ -202,12 +202,7 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
     let (inner_name, raw) = match read_decompressed(&file.path, opts, file.from_tree) {
         Ok(r) => r,
         // One unreadable or corrupt file inside a directory is quarantined, not fatal.
-        Err(e) if file.from_tree => {
-            let chain = std::iter::successors(Some(&e as &dyn std::error::Error), |e| e.source())
-                .map(|e| e.to_string())
-                .collect::<Vec<_>>();
-            return Ok(unread("unreadable", chain.join(": ")));
-        }
+        Err(e) if file.from_tree => return Ok(unread("unreadable", describe(&e))),
         Err(e) => return Err(e),
     };
     let Some(Raw {
@@ -236,7 +231,13 @@ pub fn read_file(file: &InputFile, opts: &ReadOptions) -> Result<ReadFile> {
     } else {
         match ext.as_str() {
             "jsonl" | "ndjson" | "json" => read_jsonl(&source, &bytes, opts),
-            "parquet" => read_parquet(&file.path, &source, bytes, opts)?,
+            "parquet" => match read_parquet(&file.path, &source, bytes, opts) {
+                Ok(records) => records,
+                // A Parquet file found inside a directory that is not a corpus (no text
+                // column, unreadable) is quarantined like any unreadable file there.
+                Err(e) if file.from_tree => return Ok(unread("unreadable", describe(&e))),
+                Err(e) => return Err(e),
+            },
             _ if lang::from_extension(&inner_name).is_some() => {
                 vec![read_source_file(&source, &inner_name, bytes, opts)]
             }

@@ -957,6 +957,16 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     std::os::unix::fs::symlink(tree.join("sub/algo.rs"), tree.join("link.rs")).unwrap();
     std::os::unix::fs::symlink(&tree, tree.join("sub/loop")).unwrap();
     std::fs::write(tree.join("broken.jsonl.gz"), b"not gzip at all").unwrap();
+    // Parquet that is not a corpus (no text column), as source trees carry as test data.
+    let batch = arrow_array::RecordBatch::try_from_iter([(
+        "x",
+        std::sync::Arc::new(arrow_array::Int32Array::from(vec![1, 2])) as arrow_array::ArrayRef,
+    )])
+    .unwrap();
+    let file = std::fs::File::create(tree.join("sub/data.parquet")).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(file, batch.schema(), None).unwrap();
+    w.write(&batch).unwrap();
+    w.close().unwrap();
     let fifo = tree.join("pipe");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let tok = tokenizer();
@@ -977,8 +987,8 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     assert!(run(&plain, &[]).status.success());
     let m = read_manifest(&plain).unwrap();
     assert!(m.totals.balances());
-    assert_eq!((m.totals.written, m.totals.records_in), (1, 5));
-    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink", 2), ("unreadable", 1)]
+    assert_eq!((m.totals.written, m.totals.records_in), (1, 6));
+    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink", 2), ("unreadable", 2)]
         .map(|(r, n)| (r.to_string(), n))
         .into();
     assert_eq!(quarantine_reasons(&plain), want);
@@ -988,7 +998,7 @@ fn links_fifos_and_unreadable_files_in_a_tree_are_quarantined_and_a_fifo_input_i
     assert!(run(&followed, &["--follow-symlinks"]).status.success());
     let m = read_manifest(&followed).unwrap();
     assert_eq!((m.totals.written, m.totals.exact_duplicates), (1, 1));
-    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink_loop", 1), ("unreadable", 1)]
+    let want: BTreeMap<String, usize> = [("not_a_regular_file", 1), ("symlink_loop", 1), ("unreadable", 2)]
         .map(|(r, n)| (r.to_string(), n))
         .into();
     assert_eq!(quarantine_reasons(&followed), want);

@@ -376,97 +376,19 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
     let mut outputs = Vec::new();
     let mut used = std::collections::BTreeSet::new();
     for (name, shape) in &expected {
-        let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
         let (template, index) = block_template(name);
         let src_name = match index {
             Some(i) => template.replacen("{}", &mapping[i].to_string(), 1),
             None => name.clone(),
         };
-        let frozen = opts.freeze.iter().any(|p| glob_match(p, name));
-        let mut row = Row {
-            target: name.clone(),
-            source: Some(src_name.clone()),
-            status: Status::Copied,
-            shape: shape.clone(),
-            from_dtype: None,
-            to_dtype: "F32",
-            frozen,
-        };
-        match header.tensors.get(&src_name) {
-            None => {
-                row.source = None;
-                match opts.init.iter().find(|(p, _)| glob_match(p, name)) {
-                    Some((_, policy)) => {
-                        row.status = Status::Initialised;
-                        outputs.push(Output {
-                            name: name.clone(),
-                            shape: shape.clone(),
-                            dtype: opts.dtype.unwrap_or(Dtype::F32),
-                            plan: Plan::Init(*policy),
-                        });
-                    }
-                    None => row.status = Status::Missing,
-                }
-                row.to_dtype = opts.dtype.unwrap_or(Dtype::F32).name();
-            }
-            Some(info) => {
-                used.insert(src_name.clone());
-                let to = opts.dtype.unwrap_or(info.dtype);
-                row.from_dtype = Some(info.dtype.name());
-                row.to_dtype = to.name();
-                row.status = if info.shape != shape {
-                    Status::ShapeMismatch
-                } else if to != info.dtype {
-                    Status::Converted
-                } else if src_name != *name {
-                    Status::Mapped
-                } else {
-                    Status::Copied
-                };
-                if row.status == Status::ShapeMismatch {
-                    row.shape = info.shape.clone();
-                }
-                outputs.push(Output {
-                    name: name.clone(),
-                    shape,
-                    dtype: to,
-                    plan: Plan::Copy {
-                        file: 0,
-                        info: info.clone(),
-                    },
-                });
-            }
+        let (row, output) = expert_row(opts, &header, name, shape, &src_name);
+        if row.source.is_some() {
+            used.insert(src_name);
         }
         rows.push(row);
+        outputs.extend(output);
     }
-    let kept: std::collections::BTreeSet<usize> = mapping.iter().copied().collect();
-    for (name, info) in &header.tensors {
-        if used.contains(name) {
-            continue;
-        }
-        let (_, index) = block_template(name);
-        let status = match index {
-            Some(i)
-                if i < src_layers
-                    && !kept.contains(&i)
-                    && expected
-                        .iter()
-                        .any(|(n, _)| block_template(n).0 == block_template(name).0) =>
-            {
-                Status::Skipped
-            }
-            _ => Status::Unexpected,
-        };
-        rows.push(Row {
-            target: name.clone(),
-            source: Some(name.clone()),
-            status,
-            shape: info.shape.clone(),
-            from_dtype: Some(info.dtype.name()),
-            to_dtype: info.dtype.name(),
-            frozen: false,
-        });
-    }
+    rows.extend(unused_source_rows(&header, &used, &mapping, &expected, src_layers));
     let out_meta = ModelMeta {
         role: Role::Expert,
         domain: Some(opts.domain.clone()),
@@ -485,6 +407,88 @@ pub fn to_expert(opts: &ExpertOptions) -> Result<Report> {
         opts.persist,
         &header.metadata,
     )
+}
+
+/// The target tensor `name`'s row and, unless it is missing, how to produce it: from the
+/// source's `src_name` (copied, mapped from another layer, or converted), or from an
+/// `--init` policy.
+fn expert_row(
+    opts: &ExpertOptions,
+    header: &Header,
+    name: &str,
+    shape: &[usize],
+    src_name: &str,
+) -> (Row, Option<Output>) {
+    let shape: Vec<u64> = shape.iter().map(|&d| d as u64).collect();
+    let mut row = Row {
+        target: name.to_string(),
+        source: Some(src_name.to_string()),
+        status: Status::Copied,
+        shape: shape.clone(),
+        from_dtype: None,
+        to_dtype: "F32",
+        frozen: opts.freeze.iter().any(|p| glob_match(p, name)),
+    };
+    let Some(info) = header.tensors.get(src_name) else {
+        row.source = None;
+        let dtype = opts.dtype.unwrap_or(Dtype::F32);
+        row.to_dtype = dtype.name();
+        let Some((_, policy)) = opts.init.iter().find(|(p, _)| glob_match(p, name)) else {
+            row.status = Status::Missing;
+            return (row, None);
+        };
+        row.status = Status::Initialised;
+        let plan = Plan::Init(*policy);
+        return (row, Some(Output { name: name.to_string(), shape, dtype, plan }));
+    };
+    let to = opts.dtype.unwrap_or(info.dtype);
+    row.from_dtype = Some(info.dtype.name());
+    row.to_dtype = to.name();
+    row.status = if info.shape != shape {
+        row.shape = info.shape.clone();
+        Status::ShapeMismatch
+    } else if to != info.dtype {
+        Status::Converted
+    } else if src_name != name {
+        Status::Mapped
+    } else {
+        Status::Copied
+    };
+    let plan = Plan::Copy { file: 0, info: info.clone() };
+    (row, Some(Output { name: name.to_string(), shape, dtype: to, plan }))
+}
+
+/// Rows for the source tensors no target took: blocks the layer map leaves out are
+/// skipped; anything else does not belong in the target model.
+fn unused_source_rows(
+    header: &Header,
+    used: &std::collections::BTreeSet<String>,
+    mapping: &[usize],
+    expected: &[(String, Vec<usize>)],
+    src_layers: usize,
+) -> Vec<Row> {
+    let kept: std::collections::BTreeSet<usize> = mapping.iter().copied().collect();
+    let is_block_tensor = |name: &str| expected.iter().any(|(n, _)| block_template(n).0 == block_template(name).0);
+    header
+        .tensors
+        .iter()
+        .filter(|(name, _)| !used.contains(*name))
+        .map(|(name, info)| {
+            let status = match block_template(name).1 {
+                Some(i) if i < src_layers && !kept.contains(&i) && is_block_tensor(name) => Status::Skipped,
+                _ => Status::Unexpected,
+            };
+            Row {
+                target: name.clone(),
+                source: Some(name.clone()),
+                status,
+                shape: info.shape.clone(),
+                from_dtype: Some(info.dtype.name()),
+                to_dtype: info.dtype.name(),
+                frozen: false,
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone)]
@@ -508,7 +512,52 @@ pub enum EmbedChoice {
 
 pub fn fuse(opts: &FuseOptions) -> Result<Report> {
     let (ht, hc) = (read_header(&opts.text)?, read_header(&opts.code)?);
-    let (mt, mc) = (source_meta(&ht)?, source_meta(&hc)?);
+    let mt = check_experts(opts, &ht, &hc)?;
+    let cfg = ModelConfig {
+        uboo_weight: 0.0,
+        ..mt.config.clone()
+    };
+    let expected = tensor_names(&cfg, Some(opts.method));
+    let mut rows = Vec::new();
+    let mut outputs = Vec::new();
+    for (name, shape) in &expected {
+        let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
+        let mut row = Row {
+            target: name.clone(),
+            source: None,
+            status: Status::Copied,
+            shape: shape.clone(),
+            from_dtype: Some("F32"),
+            to_dtype: "F32",
+            frozen: !name.starts_with("fusion."),
+        };
+        match fused_tensor(opts, &ht, &hc, name, &shape, cfg.d_model, &mut row)? {
+            Some((dtype, plan)) => outputs.push(Output {
+                name: name.clone(),
+                shape,
+                dtype,
+                plan,
+            }),
+            None => row.status = Status::Missing,
+        }
+        rows.push(row);
+    }
+    let meta = ModelMeta {
+        role: Role::Fused,
+        domain: None,
+        config: cfg,
+        frozen: vec!["embed.*".into(), "experts.*".into()],
+        lineage: serde_json::json!({"tool": tool_version(), "operation": "fuse", "sources": [{"path": opts.text, "sha256": SHA_PLACEHOLDER}, {"path": opts.code, "sha256": SHA_PLACEHOLDER}], "method": opts.method, "embed": format!("{:?}", opts.embed).to_lowercase()}),
+        fusion: Some(opts.method),
+        tokenizer: mt.tokenizer.clone(),
+    };
+    finish(&[&ht, &hc], rows, outputs, &meta, &opts.out, opts.persist, &ht.metadata)
+}
+
+/// The text expert's metadata, once both experts are known to be of one shape and one
+/// tokenizer.
+fn check_experts(opts: &FuseOptions, ht: &Header, hc: &Header) -> Result<ModelMeta> {
+    let (mt, mc) = (source_meta(ht)?, source_meta(hc)?);
     let comparable = |c: &ModelConfig| ModelConfig {
         dropout: 0.0,
         uboo_weight: 0.0,
@@ -530,91 +579,66 @@ pub fn fuse(opts: &FuseOptions) -> Result<Report> {
             )));
         }
     }
-    let cfg = ModelConfig {
-        uboo_weight: 0.0,
-        ..mt.config.clone()
-    };
-    let d = cfg.d_model;
-    let expected = tensor_names(&cfg, Some(opts.method));
-    let mut rows = Vec::new();
-    let mut outputs = Vec::new();
+    Ok(mt)
+}
+
+/// Where fused tensor `name` comes from: an expert's block, the shared embedding (one
+/// expert's or their mean), or the fusion layer's initial values; None when missing.
+/// Updates `row` with the source and status.
+fn fused_tensor(
+    opts: &FuseOptions,
+    ht: &Header,
+    hc: &Header,
+    name: &str,
+    shape: &[u64],
+    d: usize,
+    row: &mut Row,
+) -> Result<Option<(Dtype, Plan)>> {
     let lookup = |h: &Header, name: &str| h.tensors.get(name).cloned();
-    for (name, shape) in &expected {
-        let shape: Vec<u64> = shape.iter().map(|&x| x as u64).collect();
-        let mut row = Row {
-            target: name.clone(),
-            source: None,
-            status: Status::Copied,
-            shape: shape.clone(),
-            from_dtype: Some("F32"),
-            to_dtype: "F32",
-            frozen: !name.starts_with("fusion."),
-        };
-        let plan = if let Some(rest) = name.strip_prefix("experts.text.") {
-            row.source = Some(format!("{}:{rest}", opts.text.display()));
-            lookup(&ht, rest).map(|i| (0, i))
-        } else if let Some(rest) = name.strip_prefix("experts.code.") {
-            row.source = Some(format!("{}:{rest}", opts.code.display()));
-            lookup(&hc, rest).map(|i| (1, i))
-        } else {
-            None
-        };
-        let output_plan = match (name.as_str(), plan) {
-            (_, Some((file, info))) => {
-                if info.shape != shape {
-                    row.status = Status::ShapeMismatch;
-                }
-                row.from_dtype = Some(info.dtype.name());
-                row.to_dtype = info.dtype.name();
-                Some((info.dtype, Plan::Copy { file, info }))
+    let expert = if let Some(rest) = name.strip_prefix("experts.text.") {
+        row.source = Some(format!("{}:{rest}", opts.text.display()));
+        lookup(ht, rest).map(|i| (0, i))
+    } else if let Some(rest) = name.strip_prefix("experts.code.") {
+        row.source = Some(format!("{}:{rest}", opts.code.display()));
+        lookup(hc, rest).map(|i| (1, i))
+    } else {
+        None
+    };
+    Ok(match (name, expert) {
+        (_, Some((file, info))) => {
+            if info.shape != shape {
+                row.status = Status::ShapeMismatch;
             }
-            ("embed.weight", None) => match (lookup(&ht, name), lookup(&hc, name), opts.embed) {
-                (Some(a), _, EmbedChoice::Text) => Some((a.dtype, Plan::Copy { file: 0, info: a })),
-                (_, Some(b), EmbedChoice::Code) => Some((b.dtype, Plan::Copy { file: 1, info: b })),
-                (Some(a), Some(b), EmbedChoice::Mean) if a.dtype == Dtype::F32 && b.dtype == Dtype::F32 => {
-                    row.status = Status::Converted;
-                    row.source = Some("mean of both experts".into());
-                    Some((Dtype::F32, Plan::Mean { a: (0, a), b: (1, b) }))
-                }
-                (Some(_), Some(_), EmbedChoice::Mean) => {
-                    return Err(Error::Usage(
-                        "--embed mean needs f32 embeddings; pick --embed text or code".into(),
-                    ))
-                }
-                _ => None,
-            },
-            ("fusion.proj.weight", None) => {
-                row.status = Status::Initialised;
-                Some((Dtype::F32, Plan::Values(concat_fusion_init(d))))
+            row.from_dtype = Some(info.dtype.name());
+            row.to_dtype = info.dtype.name();
+            Some((info.dtype, Plan::Copy { file, info }))
+        }
+        ("embed.weight", None) => match (lookup(ht, name), lookup(hc, name), opts.embed) {
+            (Some(a), _, EmbedChoice::Text) => Some((a.dtype, Plan::Copy { file: 0, info: a })),
+            (_, Some(b), EmbedChoice::Code) => Some((b.dtype, Plan::Copy { file: 1, info: b })),
+            (Some(a), Some(b), EmbedChoice::Mean) if a.dtype == Dtype::F32 && b.dtype == Dtype::F32 => {
+                row.status = Status::Converted;
+                row.source = Some("mean of both experts".into());
+                Some((Dtype::F32, Plan::Mean { a: (0, a), b: (1, b) }))
             }
-            (n, None) if n.starts_with("fusion.") => {
-                // Zero router weights and biases: equal weights to start; zero concat bias.
-                row.status = Status::Initialised;
-                Some((Dtype::F32, Plan::Init(InitPolicy::Zeros)))
+            (Some(_), Some(_), EmbedChoice::Mean) => {
+                return Err(Error::Usage(
+                    "--embed mean needs f32 embeddings; pick --embed text or code".into(),
+                ))
             }
             _ => None,
-        };
-        match output_plan {
-            Some((dtype, plan)) => outputs.push(Output {
-                name: name.clone(),
-                shape,
-                dtype,
-                plan,
-            }),
-            None => row.status = Status::Missing,
+        },
+        ("fusion.proj.weight", None) => {
+            row.status = Status::Initialised;
+            Some((Dtype::F32, Plan::Values(concat_fusion_init(d))))
         }
-        rows.push(row);
-    }
-    let meta = ModelMeta {
-        role: Role::Fused,
-        domain: None,
-        config: cfg,
-        frozen: vec!["embed.*".into(), "experts.*".into()],
-        lineage: serde_json::json!({"tool": tool_version(), "operation": "fuse", "sources": [{"path": opts.text, "sha256": SHA_PLACEHOLDER}, {"path": opts.code, "sha256": SHA_PLACEHOLDER}], "method": opts.method, "embed": format!("{:?}", opts.embed).to_lowercase()}),
-        fusion: Some(opts.method),
-        tokenizer: mt.tokenizer.clone(),
-    };
-    finish(&[&ht, &hc], rows, outputs, &meta, &opts.out, opts.persist, &ht.metadata)
+        (n, None) if n.starts_with("fusion.") => {
+            // Zero router weights and biases: equal weights to start; zero concat bias.
+            row.status = Status::Initialised;
+            Some((Dtype::F32, Plan::Init(InitPolicy::Zeros)))
+        }
+        _ => None,
+    })
 }
 
 fn check_freeze_patterns(patterns: &[String], expected: &[(String, Vec<usize>)]) -> Result<()> {
@@ -665,6 +689,47 @@ fn finish(
         overflows: BTreeMap::new(),
         written: false,
     };
+    reject_bad_rows(&report)?;
+    let maps: Vec<memmap2::Mmap> = sources
+        .iter()
+        .map(|h| {
+            let f = std::fs::File::open(&h.path).map_err(io_err(&h.path))?;
+            // SAFETY: read-only map of a file this process does not modify. Not populated up
+            // front: the writer and the hashing thread then fault pages in concurrently.
+            unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io_err(&h.path))
+        })
+        .collect::<Result<_>>()?;
+    let bytes = SourceBytes { sources, maps: &maps };
+    if persist == Persist::DryRun {
+        report.overflows = bytes.count_overflows(&outputs);
+        if let Some(summary) = outputs.iter().find_map(|o| non_finite(o, sources, &maps)) {
+            return Err(rejected_non_finite(summary, report));
+        }
+        report.out = None;
+        return Ok(report);
+    }
+    let mut metadata = meta.to_map();
+    if let Some(t) = source_metadata.get("tokenizer") {
+        metadata.insert("tokenizer".into(), t.clone());
+    }
+    match bytes.write(&outputs, &metadata, out, persist)? {
+        Ok(overflows) => report.overflows = overflows,
+        Err(summary) => return Err(rejected_non_finite(summary, report)),
+    }
+    report.written = true;
+    Ok(report)
+}
+
+fn rejected_non_finite(summary: String, report: Report) -> Error {
+    Error::Rejected {
+        summary,
+        kind: Rejection::NonFinite,
+        report: Box::new(report),
+    }
+}
+
+/// Refuse a transfer whose rows show shape mismatches, missing or unexpected tensors.
+fn reject_bad_rows(report: &Report) -> Result<()> {
     for (status, kind, what) in [
         (Status::ShapeMismatch, Rejection::ShapeMismatch, "shape mismatch"),
         (
@@ -693,81 +758,80 @@ fn finish(
             return Err(Error::Rejected {
                 summary,
                 kind,
-                report: Box::new(report),
+                report: Box::new(report.clone()),
             });
         }
     }
-    let maps: Vec<memmap2::Mmap> = sources
-        .iter()
-        .map(|h| {
-            let f = std::fs::File::open(&h.path).map_err(io_err(&h.path))?;
-            // SAFETY: read-only map of a file this process does not modify. Not populated up
-            // front: the writer and the hashing thread then fault pages in concurrently.
-            unsafe { memmap2::MmapOptions::new().map(&f) }.map_err(io_err(&h.path))
-        })
-        .collect::<Result<_>>()?;
-    let rejected_non_finite = |summary: String, report: Report| Error::Rejected {
-        summary,
-        kind: Rejection::NonFinite,
-        report: Box::new(report),
-    };
-    if persist == Persist::DryRun {
-        // What a write would count while converting, counted into a scratch buffer.
+    Ok(())
+}
+
+/// The source files' headers and memory maps, from which output tensors are made.
+struct SourceBytes<'a> {
+    sources: &'a [&'a Header],
+    maps: &'a [memmap2::Mmap],
+}
+
+impl SourceBytes<'_> {
+    /// What a write would count as overflowing while converting, counted into a scratch
+    /// buffer (for a dry run).
+    fn count_overflows(&self, outputs: &[Output]) -> BTreeMap<String, u64> {
+        let mut overflows = BTreeMap::new();
         let mut scratch = Vec::new();
-        for o in &outputs {
+        for o in outputs {
             if let Plan::Copy { file, info } = &o.plan {
                 if o.dtype != info.dtype {
                     scratch.clear();
-                    let n = convert(slice(&maps, sources, *file, info), info.dtype, o.dtype, &mut scratch);
+                    let n = convert(slice(self.maps, self.sources, *file, info), info.dtype, o.dtype, &mut scratch);
                     if n > 0 {
-                        report.overflows.insert(o.name.clone(), n);
+                        overflows.insert(o.name.clone(), n);
                     }
                 }
             }
         }
-        if let Some(summary) = outputs.iter().find_map(|o| non_finite(o, sources, &maps)) {
-            return Err(rejected_non_finite(summary, report));
-        }
-        report.out = None;
-        return Ok(report);
+        overflows
     }
-    let layout: Vec<(String, Dtype, Vec<u64>)> = outputs
-        .iter()
-        .map(|o| (o.name.clone(), o.dtype, o.shape.clone()))
-        .collect();
-    let mut metadata = meta.to_map();
-    if let Some(t) = source_metadata.get("tokenizer") {
-        metadata.insert("tokenizer".into(), t.clone());
-    }
-    let mut w = Writer::create(out, &layout, &metadata)?;
-    // Outer error: I/O; inner: the first non-finite tensor, found while writing (each
-    // tensor is checked just before it is copied, while its pages are hot).
-    let result = std::thread::scope(|s| -> Result<Result<(), String>> {
-        // Hash the sources on another core while this one writes.
-        let hashers: Vec<_> = maps.iter().map(|m| s.spawn(move || sha256_hex(&m[..]))).collect();
-        for o in &outputs {
-            if let Some(summary) = non_finite(o, sources, &maps) {
-                return Ok(Err(summary));
+
+    /// Write the output file. Outer error: I/O; inner: the first non-finite tensor, found
+    /// while writing (each tensor is checked just before it is copied, while its pages are
+    /// hot). Ok: the tensors that overflowed in a dtype conversion, with counts.
+    fn write(
+        &self,
+        outputs: &[Output],
+        metadata: &BTreeMap<String, String>,
+        out: &Path,
+        persist: Persist,
+    ) -> Result<Result<BTreeMap<String, u64>, String>> {
+        let layout: Vec<(String, Dtype, Vec<u64>)> =
+            outputs.iter().map(|o| (o.name.clone(), o.dtype, o.shape.clone())).collect();
+        let mut w = Writer::create(out, &layout, metadata)?;
+        let mut overflows = BTreeMap::new();
+        let checked = std::thread::scope(|s| -> Result<Result<(), String>> {
+            // Hash the sources on another core while this one writes.
+            let hashers: Vec<_> = self.maps.iter().map(|m| s.spawn(move || sha256_hex(&m[..]))).collect();
+            for o in outputs {
+                if let Some(summary) = non_finite(o, self.sources, self.maps) {
+                    return Ok(Err(summary));
+                }
+                let n = write_tensor(&mut w, o, self.sources, self.maps).map_err(io_err(out))?;
+                if n > 0 {
+                    overflows.insert(o.name.clone(), n);
+                }
             }
-            let overflows = write_tensor(&mut w, o, sources, &maps).map_err(io_err(out))?;
-            if overflows > 0 {
-                report.overflows.insert(o.name.clone(), overflows);
+            // Each source's sha256 takes its placeholder's place (same length: every
+            // offset stays valid).
+            for h in hashers {
+                w.patch_header(SHA_PLACEHOLDER.as_bytes(), h.join().expect("hash thread").as_bytes());
             }
+            Ok(Ok(()))
+        })?;
+        match checked {
+            Ok(()) => {
+                w.commit(persist == Persist::Durable)?;
+                Ok(Ok(overflows))
+            }
+            Err(summary) => Ok(Err(summary)),
         }
-        // Each source's sha256 takes its placeholder's place (same length: every offset
-        // stays valid).
-        for h in hashers {
-            w.patch_header(SHA_PLACEHOLDER.as_bytes(), h.join().expect("hash thread").as_bytes());
-        }
-        Ok(Ok(()))
-    });
-    match result {
-        Ok(Ok(())) => w.commit(persist == Persist::Durable)?,
-        Ok(Err(summary)) => return Err(rejected_non_finite(summary, report.clone())),
-        Err(e) => return Err(e),
     }
-    report.written = true;
-    Ok(report)
 }
 
 fn slice<'a>(maps: &'a [memmap2::Mmap], sources: &[&Header], file: usize, info: &TensorInfo) -> &'a [u8] {
