@@ -158,69 +158,28 @@ pub fn run(
         let mut best_tokenizer: Option<Throughput> = None;
         let mut best_hf: Option<Throughput> = None;
         let mut best_near_dup: Option<Throughput> = None;
+        let timer = Timer {
+            pool: &pool,
+            corpus,
+            tokenizer,
+            work,
+            threads: n,
+            corpus_bytes: report.corpus_bytes,
+        };
         for _ in 0..repeats.max(1) {
-            let run_split = |near_dup: Option<NearDupSettings>| -> Result<(f64, SplitReport)> {
-                let out = work.join(format!("shards-{n}"));
-                let _ = std::fs::remove_dir_all(&out);
-                let opts = SplitOptions {
-                    near_dup,
-                    read: BENCH_READ,
-                    ..SplitOptions::new(corpus.to_vec(), tokenizer.to_path_buf(), out.clone())
-                };
-                let started = Instant::now();
-                let r = pool.install(|| split(&opts, &()))?;
-                let secs = started.elapsed().as_secs_f64();
-                let _ = std::fs::remove_dir_all(&out);
-                Ok((secs, r))
-            };
-            let (secs, r) = run_split(None)?;
+            let (secs, r) = timer.split(None)?;
             let t = &r.manifest.totals;
-            report.corpus_docs = t.written;
-            report.corpus_tokens = t.tokens;
-            keep_fastest(
-                &mut best_pipeline,
-                Throughput::new(n, secs, report.corpus_bytes, t.written, t.tokens),
-            );
-            let (secs, r) = run_split(Some(DEFAULT_NEAR_DUP))?;
-            keep_fastest(
-                &mut best_near_dup,
-                Throughput::new(
-                    n,
-                    secs,
-                    report.corpus_bytes,
-                    r.manifest.totals.records_in,
-                    r.manifest.totals.tokens,
-                ),
-            );
-
-            // Each tokenizer alone on the same documents, already in memory, freshly loaded as
-            // `split` loads it (so its word cache starts cold).
-            let encode_all = |count: &(dyn Fn(&LoadedTokenizer, &str) -> u64 + Sync)| -> Result<Throughput> {
-                let tok = LoadedTokenizer::load(tokenizer)?;
-                let started = Instant::now();
-                let tokens: u64 = pool.install(|| {
-                    texts
-                        .par_iter()
-                        .with_max_len(mmrec_pipeline::DOCS_PER_TASK)
-                        .map(|t| count(&tok, t))
-                        .sum()
-                });
-                Ok(Throughput::new(
-                    n,
-                    started.elapsed().as_secs_f64(),
-                    report.corpus_bytes,
-                    texts.len() as u64,
-                    tokens,
-                ))
-            };
-            keep_fastest(
-                &mut best_tokenizer,
-                encode_all(&|tok, t| tok.encode(t).map_or(0, |v| v.len() as u64))?,
-            );
-            keep_fastest(
-                &mut best_hf,
-                encode_all(&|tok, t| tok.tokenizer.encode_fast(t, false).map_or(0, |e| e.len() as u64))?,
-            );
+            (report.corpus_docs, report.corpus_tokens) = (t.written, t.tokens);
+            keep_fastest(&mut best_pipeline, timer.throughput(secs, t.written, t.tokens));
+            let (secs, r) = timer.split(Some(DEFAULT_NEAR_DUP))?;
+            let t = &r.manifest.totals;
+            keep_fastest(&mut best_near_dup, timer.throughput(secs, t.records_in, t.tokens));
+            let ours = timer.encode(&texts, &|tok, t| tok.encode(t).map_or(0, |v| v.len() as u64))?;
+            keep_fastest(&mut best_tokenizer, ours);
+            let hf = timer.encode(&texts, &|tok, t| {
+                tok.tokenizer.encode_fast(t, false).map_or(0, |e| e.len() as u64)
+            })?;
+            keep_fastest(&mut best_hf, hf);
         }
         report.hf_encode_alone.extend(best_hf);
         report.pipeline.extend(best_pipeline);
@@ -240,21 +199,74 @@ pub fn run(
             .arg(tokenizer)
             .arg(&out)
             .args(corpus.iter().map(|s| &s.path));
-        let o = cmd.output().map_err(|e| anyhow!("running {}: {e}", python.display()))?;
-        if !o.status.success() {
-            return Err(anyhow!(
-                "python reference failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        let v: Value = serde_json::from_slice(o.stdout.trim_ascii())
-            .map_err(|e| anyhow!("python reference printed no JSON: {e}"))?;
+        let v = python_reference_json(cmd)?;
         let py_mb_s = v["input_bytes"].as_f64().unwrap_or(0.0) / 1e6 / v["seconds"].as_f64().unwrap_or(f64::INFINITY);
         report.pipeline_vs_python = report.pipeline.last().map(|p| p.mb_per_s / py_mb_s);
         report.python_reference = Some(v);
         let _ = std::fs::remove_dir_all(&out);
     }
     Ok(report)
+}
+
+/// Times one thread count's runs over one corpus.
+struct Timer<'a> {
+    pool: &'a rayon::ThreadPool,
+    corpus: &'a [InputSpec],
+    tokenizer: &'a Path,
+    work: &'a Path,
+    threads: usize,
+    corpus_bytes: u64,
+}
+
+impl Timer<'_> {
+    fn throughput(&self, secs: f64, docs: u64, tokens: u64) -> Throughput {
+        Throughput::new(self.threads, secs, self.corpus_bytes, docs, tokens)
+    }
+
+    /// One `split` of the corpus into a scratch directory: seconds and its report.
+    fn split(&self, near_dup: Option<NearDupSettings>) -> Result<(f64, SplitReport)> {
+        let out = self.work.join(format!("shards-{}", self.threads));
+        let _ = std::fs::remove_dir_all(&out);
+        let opts = SplitOptions {
+            near_dup,
+            read: BENCH_READ,
+            ..SplitOptions::new(self.corpus.to_vec(), self.tokenizer.to_path_buf(), out.clone())
+        };
+        let started = Instant::now();
+        let r = self.pool.install(|| split(&opts, &()))?;
+        let secs = started.elapsed().as_secs_f64();
+        let _ = std::fs::remove_dir_all(&out);
+        Ok((secs, r))
+    }
+
+    /// A tokenizer alone on the same documents, already in memory, freshly loaded as
+    /// `split` loads it (so its word cache starts cold).
+    fn encode(&self, texts: &[String], count: &(dyn Fn(&LoadedTokenizer, &str) -> u64 + Sync)) -> Result<Throughput> {
+        let tok = LoadedTokenizer::load(self.tokenizer)?;
+        let started = Instant::now();
+        let tokens: u64 = self.pool.install(|| {
+            texts
+                .par_iter()
+                .with_max_len(mmrec_pipeline::DOCS_PER_TASK)
+                .map(|t| count(&tok, t))
+                .sum()
+        });
+        Ok(self.throughput(started.elapsed().as_secs_f64(), texts.len() as u64, tokens))
+    }
+}
+
+/// Run a Python reference script and parse the JSON it prints.
+fn python_reference_json(mut cmd: std::process::Command) -> Result<Value> {
+    let o = cmd
+        .output()
+        .map_err(|e| anyhow!("running {}: {e}", cmd.get_program().to_string_lossy()))?;
+    if !o.status.success() {
+        return Err(anyhow!(
+            "python reference failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ));
+    }
+    serde_json::from_slice(o.stdout.trim_ascii()).map_err(|e| anyhow!("python reference printed no JSON: {e}"))
 }
 
 fn keep_fastest(best: &mut Option<Throughput>, t: Throughput) {
@@ -321,25 +333,14 @@ pub fn loader_bench(
     let mut python_reference = None;
     let mut rust_vs_python = None;
     if let Some((py, script)) = python {
-        let o = std::process::Command::new(py)
-            .arg(script)
-            .arg(dir)
-            .args([
-                seq_len.to_string(),
-                batch_size.to_string(),
-                "2".into(),
-                tokens.to_string(),
-            ])
-            .output()
-            .map_err(|e| anyhow!("running {}: {e}", py.display()))?;
-        if !o.status.success() {
-            return Err(anyhow!(
-                "python reference failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        let v: Value = serde_json::from_slice(o.stdout.trim_ascii())
-            .map_err(|e| anyhow!("python reference printed no JSON: {e}"))?;
+        let mut cmd = std::process::Command::new(py);
+        cmd.arg(script).arg(dir).args([
+            seq_len.to_string(),
+            batch_size.to_string(),
+            "2".into(),
+            tokens.to_string(),
+        ]);
+        let v = python_reference_json(cmd)?;
         rust_vs_python = rust
             .last()
             .and_then(|r| Some(r["tokens_per_s"].as_f64()? / v["tokens_per_s"].as_f64()?));

@@ -225,6 +225,27 @@ fn job_span(job: usize, chunks: usize, blocks: usize, len: usize, (t, d): (usize
     }
 }
 
+/// The chunked scan's geometry: `chunks` chunks of `len` steps, `blocks` channel blocks.
+#[derive(Clone, Copy)]
+struct Chunking {
+    b: usize,
+    t: usize,
+    d: usize,
+    chunks: usize,
+    len: usize,
+    blocks: usize,
+}
+
+impl Chunking {
+    fn span(&self, job: usize) -> Span {
+        job_span(job, self.chunks, self.blocks, self.len, (self.t, self.d))
+    }
+
+    fn jobs(&self) -> usize {
+        self.b * self.chunks * self.blocks
+    }
+}
+
 fn chunked<T: Elem>(
     gamma: &[T],
     u: &[T],
@@ -234,17 +255,28 @@ fn chunked<T: Elem>(
     out: &mut [T],
     chunks: usize,
 ) {
-    let chunks = chunks.min(t);
-    let len = t.div_ceil(chunks);
-    let chunks = t.div_ceil(len);
-    let blocks = d.div_ceil(BLOCK);
+    let len = t.div_ceil(chunks.min(t));
+    let g = Chunking {
+        b,
+        t,
+        d,
+        chunks: t.div_ceil(len),
+        len,
+        blocks: d.div_ceil(BLOCK),
+    };
+    let decay = local_scans(gamma, u, g, dir, out);
+    let carry_in = chunk_carries(gamma, init, g, dir, out, &decay);
+    add_carries(gamma, g, dir, out, &carry_in);
+}
+
+/// Pass 1: every chunk scans from a zero state; returns the product of each chunk's decays.
+fn local_scans<T: Elem>(gamma: &[T], u: &[T], g: Chunking, dir: Direction, out: &mut [T]) -> Vec<T> {
+    let Chunking { b, t, d, chunks, .. } = g;
     let ptr = Out(out.as_mut_ptr());
-    // Pass 1: every chunk scans from a zero state and records the product of its decays.
     let mut decay = vec![T::ONE; b * chunks * d];
     let dptr = Out(decay.as_mut_ptr());
-    let span = |job: usize| job_span(job, chunks, blocks, len, (t, d));
-    (0..b * chunks * blocks).into_par_iter().for_each(|job| {
-        let Span { bi, ci, c0, c1, s0, s1 } = span(job);
+    (0..g.jobs()).into_par_iter().for_each(|job| {
+        let Span { bi, ci, c0, c1, s0, s1 } = g.span(job);
         let w = c1 - c0;
         let mut state = [T::ZERO; BLOCK];
         let mut prod = [T::ONE; BLOCK];
@@ -265,7 +297,14 @@ fn chunked<T: Elem>(
         }
         decay[(bi * chunks + ci) * d + c0..(bi * chunks + ci) * d + c1].copy_from_slice(&prod[..w]);
     });
-    // Carry into each chunk, sequentially over chunks (cheap: b·chunks·d values).
+    decay
+}
+
+/// The state carried into each chunk, sequentially over chunks (cheap: b·chunks·d values).
+fn chunk_carries<T: Elem>(gamma: &[T], init: &[T], g: Chunking, dir: Direction, out: &[T], decay: &[T]) -> Vec<T> {
+    let Chunking {
+        b, t, d, chunks, len, ..
+    } = g;
     let mut carry_in = vec![T::ZERO; b * chunks * d];
     for bi in 0..b {
         let mut carry: Vec<T> = init[bi * d..(bi + 1) * d].to_vec();
@@ -298,13 +337,19 @@ fn chunked<T: Elem>(
             }
         }
     }
-    // Pass 2: add the carried-in state, decayed through each step.
-    (0..b * chunks * blocks).into_par_iter().for_each(|job| {
-        let Span { bi, ci, c0, c1, s0, s1 } = span(job);
+    carry_in
+}
+
+/// Pass 2: add the carried-in state, decayed through each step.
+fn add_carries<T: Elem>(gamma: &[T], g: Chunking, dir: Direction, out: &mut [T], carry_in: &[T]) {
+    let Chunking { b, t, d, chunks, .. } = g;
+    let ptr = Out(out.as_mut_ptr());
+    (0..g.jobs()).into_par_iter().for_each(|job| {
+        let Span { bi, ci, c0, c1, s0, s1 } = g.span(job);
         let w = c1 - c0;
         let mut acc = [T::ZERO; BLOCK];
         acc[..w].copy_from_slice(&carry_in[(bi * chunks + ci) * d + c0..(bi * chunks + ci) * d + c1]);
-        // SAFETY: same disjoint region as in pass 1.
+        // SAFETY: job (bi, ci, blk) writes only rows bi, steps s0..s1, channels c0..c1.
         let out = unsafe { std::slice::from_raw_parts_mut(ptr.get(), b * t * d) };
         match dir {
             Direction::Forward => {

@@ -633,15 +633,21 @@ pub fn tied_logits(y: &Tensor, embed: &Tensor) -> Result<Tensor> {
     y.reshape((b * t, d))?.matmul(&embed.t()?)?.reshape((b, t, ()))
 }
 
-/// Mean cross-entropy of logits [B, T, V] against targets [B, T], counting only positions
-/// where `mask` [B, T] is 1 (padding targets are 0 there).
-pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+/// Per-position negative log-likelihood [B, T] of logits [B, T, V] against targets
+/// [B, T], zero where `mask` [B, T] is 0 (padding targets).
+pub fn token_nll(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
     let (b, t, v) = logits.dims3()?;
-    let nll = mmrec_kernels::loss::cross_entropy_rows(
+    mmrec_kernels::loss::cross_entropy_rows(
         &logits.reshape((b * t, v))?,
         &targets.reshape(b * t)?,
         &mask.reshape(b * t)?,
-    )?;
+    )?
+    .reshape((b, t))
+}
+
+/// Mean cross-entropy over the positions where `mask` is 1.
+pub fn masked_cross_entropy(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let nll = token_nll(logits, targets, mask)?;
     let n = mask.to_dtype(nll.dtype())?.sum_all()?;
     (nll.sum_all()? / n.maximum(1.0)?)?.reshape(())
 }

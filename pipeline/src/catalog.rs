@@ -310,6 +310,43 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
         .map(|p| Ok((p.clone(), read_manifest(p)?)))
         .collect::<Result<_>>()?;
     manifests.sort_by_key(|(_, m)| m.settings.partition.index);
+    check_parts(&manifests)?;
+    let first = &manifests[0].1;
+    std::fs::create_dir_all(out).at(out)?;
+    let mut merged = first.clone();
+    merged.settings.partition = Partition::WHOLE;
+    merged.totals = Totals::default();
+    merged.rejected.by_reason.clear();
+    merged.rejected.count = 0;
+    merged.domains.values_mut().for_each(Vec::clear);
+    let mut logs: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
+    for (dir, m) in &manifests {
+        link_shards(dir, m, out, &mut merged)?;
+        add_counts(&mut merged, m);
+        for file in [QUARANTINE, DUPLICATES] {
+            logs.entry(file)
+                .or_default()
+                .extend(std::fs::read(dir.join(file)).at(dir.join(file))?);
+        }
+    }
+    for (file, bytes) in logs {
+        write_atomic(&out.join(file), &bytes)?;
+    }
+    // Parts of a near-deduplicated run left that to the merge (see `global_dedup`).
+    if let (Some(nd), true) = (first.settings.near_dup, first.settings.partition.count > 1) {
+        let signatures = manifests
+            .iter()
+            .map(|(dir, _)| read_signatures(&dir.join(SIGNATURES)).map(|(_, records)| records))
+            .collect::<Result<Vec<_>>>()?;
+        apply_removals(out, &mut merged, &global_removals(nd, signatures))?;
+    }
+    write_manifest(out, &merged)?;
+    Ok(merged)
+}
+
+/// The parts (sorted by index) must be 0..n of one run: each once, with one tokenizer, the
+/// same settings and the same inputs.
+fn check_parts(manifests: &[(PathBuf, Manifest)]) -> Result<()> {
     let (first_dir, first) = manifests
         .first()
         .ok_or_else(|| Error::Invalid("merge needs at least one part".into()))?;
@@ -318,19 +355,21 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
         path: dir.join(MANIFEST),
         message,
     };
+    let strip = |m: &Manifest| mmrec_schemas::Settings {
+        partition: Partition::WHOLE,
+        ..m.settings.clone()
+    };
+    let shas = |m: &Manifest| m.inputs.iter().map(|i| i.sha256.clone()).collect::<Vec<_>>();
     for (i, (dir, m)) in manifests.iter().enumerate() {
-        if m.settings.partition
-            != (Partition {
-                index: i as u32,
-                count: n,
-            })
-        {
+        let expected = Partition {
+            index: i as u32,
+            count: n,
+        };
+        if m.settings.partition != expected {
+            let found = m.settings.partition;
             return Err(bad(
                 dir,
-                format!(
-                    "expected part {i}/{n}, found {} (parts must be 0..{n}, each once)",
-                    m.settings.partition
-                ),
+                format!("expected part {i}/{n}, found {found} (parts must be 0..{n}, each once)"),
             ));
         }
         if m.tokenizer.sha256 != first.tokenizer.sha256 {
@@ -344,14 +383,9 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
                 ),
             ));
         }
-        let strip = |m: &Manifest| mmrec_schemas::Settings {
-            partition: Partition::WHOLE,
-            ..m.settings.clone()
-        };
         if strip(m) != strip(first) {
             return Err(bad(dir, format!("settings differ from {}'s", first_dir.display())));
         }
-        let shas = |m: &Manifest| m.inputs.iter().map(|i| i.sha256.clone()).collect::<Vec<_>>();
         if shas(m) != shas(first) {
             return Err(bad(dir, format!("inputs differ from {}'s", first_dir.display())));
         }
@@ -362,74 +396,55 @@ pub fn merge(parts: &[PathBuf], out: &Path) -> Result<Manifest> {
             manifests.len()
         )));
     }
-    std::fs::create_dir_all(out).at(out)?;
-    let mut merged = first.clone();
-    merged.settings.partition = Partition::WHOLE;
-    merged.totals = Totals::default();
-    merged.rejected.by_reason.clear();
-    merged.rejected.count = 0;
-    merged.domains.values_mut().for_each(Vec::clear);
-    let mut logs: BTreeMap<&str, Vec<u8>> = BTreeMap::new();
-    for (dir, m) in &manifests {
-        for (domain, shards) in &m.domains {
-            std::fs::create_dir_all(out.join(domain.as_str())).at(out)?;
-            for s in shards {
-                let (src, dst) = (dir.join(&s.file), out.join(&s.file));
-                // Verified while merging: a corrupt part must not be linked into the result.
-                let (sha256, _) = file_sha256(&src)?;
-                if sha256 != s.sha256 {
-                    return Err(Error::Manifest {
-                        path: dir.join(MANIFEST),
-                        message: format!(
-                            "shard {} has sha256 {sha256}, the manifest says {} (corrupt or replaced)",
-                            s.file, s.sha256
-                        ),
-                    });
-                }
-                if std::fs::hard_link(&src, &dst).is_err() {
-                    let tmp = mmrec_schemas::atomic::temp_path(&dst);
-                    std::fs::copy(&src, &tmp).at(&src)?;
-                    std::fs::rename(&tmp, &dst).at(&dst)?;
-                }
-                merged.domains.entry(*domain).or_default().push(s.clone());
+    Ok(())
+}
+
+/// Link (or copy) part `dir`'s shards into `out`, each verified against its checksum
+/// first: a corrupt part must not be linked into the result.
+fn link_shards(dir: &Path, m: &Manifest, out: &Path, merged: &mut Manifest) -> Result<()> {
+    for (domain, shards) in &m.domains {
+        std::fs::create_dir_all(out.join(domain.as_str())).at(out)?;
+        for s in shards {
+            let (src, dst) = (dir.join(&s.file), out.join(&s.file));
+            let (sha256, _) = file_sha256(&src)?;
+            if sha256 != s.sha256 {
+                return Err(Error::Manifest {
+                    path: dir.join(MANIFEST),
+                    message: format!(
+                        "shard {} has sha256 {sha256}, the manifest says {} (corrupt or replaced)",
+                        s.file, s.sha256
+                    ),
+                });
             }
-        }
-        let t = &m.totals;
-        let mt = &mut merged.totals;
-        mt.records_in += t.records_in;
-        mt.written += t.written;
-        mt.exact_duplicates += t.exact_duplicates;
-        mt.near_duplicates += t.near_duplicates;
-        mt.quarantined += t.quarantined;
-        mt.tokens += t.tokens;
-        mt.text_bytes += t.text_bytes;
-        for (d, dt) in &t.per_domain {
-            let e = mt.per_domain.entry(*d).or_default();
-            e.documents += dt.documents;
-            e.tokens += dt.tokens;
-            e.text_bytes += dt.text_bytes;
-        }
-        merged.rejected.count += m.rejected.count;
-        for (r, c) in &m.rejected.by_reason {
-            *merged.rejected.by_reason.entry(r.clone()).or_default() += c;
-        }
-        for file in [QUARANTINE, DUPLICATES] {
-            logs.entry(file)
-                .or_default()
-                .extend(std::fs::read(dir.join(file)).at(dir.join(file))?);
+            if std::fs::hard_link(&src, &dst).is_err() {
+                let tmp = mmrec_schemas::atomic::temp_path(&dst);
+                std::fs::copy(&src, &tmp).at(&src)?;
+                std::fs::rename(&tmp, &dst).at(&dst)?;
+            }
+            merged.domains.entry(*domain).or_default().push(s.clone());
         }
     }
-    for (file, bytes) in logs {
-        write_atomic(&out.join(file), &bytes)?;
+    Ok(())
+}
+
+/// Add a part's totals and rejection counts to the merged manifest's.
+fn add_counts(merged: &mut Manifest, m: &Manifest) {
+    let (t, mt) = (&m.totals, &mut merged.totals);
+    mt.records_in += t.records_in;
+    mt.written += t.written;
+    mt.exact_duplicates += t.exact_duplicates;
+    mt.near_duplicates += t.near_duplicates;
+    mt.quarantined += t.quarantined;
+    mt.tokens += t.tokens;
+    mt.text_bytes += t.text_bytes;
+    for (d, dt) in &t.per_domain {
+        let e = mt.per_domain.entry(*d).or_default();
+        e.documents += dt.documents;
+        e.tokens += dt.tokens;
+        e.text_bytes += dt.text_bytes;
     }
-    // Parts of a near-deduplicated run left that to the merge (see `global_dedup`).
-    if let (Some(nd), true) = (first.settings.near_dup, n > 1) {
-        let signatures = manifests
-            .iter()
-            .map(|(dir, _)| read_signatures(&dir.join(SIGNATURES)).map(|(_, records)| records))
-            .collect::<Result<Vec<_>>>()?;
-        apply_removals(out, &mut merged, &global_removals(nd, signatures))?;
+    merged.rejected.count += m.rejected.count;
+    for (r, c) in &m.rejected.by_reason {
+        *merged.rejected.by_reason.entry(r.clone()).or_default() += c;
     }
-    write_manifest(out, &merged)?;
-    Ok(merged)
 }

@@ -128,6 +128,9 @@ fn routed_documents(src: &Sources, f: usize, route: &[(usize, usize, usize)]) ->
     Ok(out)
 }
 
+/// A row group's documents (with their index entries) and their tokens.
+type TokenizedGroup = (Vec<(usize, Document)>, Vec<Vec<u32>>);
+
 /// A shard being written: its planned row groups, the documents of the one filling up, and
 /// the tokenized one waiting to be written.
 struct OpenShard {
@@ -135,7 +138,7 @@ struct OpenShard {
     /// Sizes of the row groups still to fill, in order.
     groups: std::collections::VecDeque<usize>,
     pending: Vec<(usize, Document)>,
-    ready: Option<(Vec<(usize, Document)>, Vec<Vec<u32>>)>,
+    ready: Option<TokenizedGroup>,
     domain: Domain,
     file: String,
 }

@@ -92,13 +92,8 @@ impl Net {
 
 /// Per-row summed negative log-likelihood and target counts, for per-domain evaluation.
 pub fn row_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
-    let (b, t, v) = logits.dims3()?;
-    let nll = mmrec_kernels::loss::cross_entropy_rows(
-        &logits.reshape((b * t, v))?,
-        &targets.reshape(b * t)?,
-        &mask.reshape(b * t)?,
-    )?;
-    let sums = nll.reshape((b, t))?.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let nll = mmrec_model::model::token_nll(logits, targets, mask)?;
+    let sums = nll.sum(1)?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
     let counts = mask.to_dtype(DType::F64)?.sum(1)?.to_vec1::<f64>()?;
     Ok((sums, counts))
 }

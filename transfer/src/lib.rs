@@ -439,7 +439,15 @@ fn expert_row(
         };
         row.status = Status::Initialised;
         let plan = Plan::Init(*policy);
-        return (row, Some(Output { name: name.to_string(), shape, dtype, plan }));
+        return (
+            row,
+            Some(Output {
+                name: name.to_string(),
+                shape,
+                dtype,
+                plan,
+            }),
+        );
     };
     let to = opts.dtype.unwrap_or(info.dtype);
     row.from_dtype = Some(info.dtype.name());
@@ -454,8 +462,19 @@ fn expert_row(
     } else {
         Status::Copied
     };
-    let plan = Plan::Copy { file: 0, info: info.clone() };
-    (row, Some(Output { name: name.to_string(), shape, dtype: to, plan }))
+    let plan = Plan::Copy {
+        file: 0,
+        info: info.clone(),
+    };
+    (
+        row,
+        Some(Output {
+            name: name.to_string(),
+            shape,
+            dtype: to,
+            plan,
+        }),
+    )
 }
 
 /// Rows for the source tensors no target took: blocks the layer map leaves out are
@@ -468,7 +487,11 @@ fn unused_source_rows(
     src_layers: usize,
 ) -> Vec<Row> {
     let kept: std::collections::BTreeSet<usize> = mapping.iter().copied().collect();
-    let is_block_tensor = |name: &str| expected.iter().any(|(n, _)| block_template(n).0 == block_template(name).0);
+    let is_block_tensor = |name: &str| {
+        expected
+            .iter()
+            .any(|(n, _)| block_template(n).0 == block_template(name).0)
+    };
     header
         .tensors
         .iter()
@@ -781,7 +804,12 @@ impl SourceBytes<'_> {
             if let Plan::Copy { file, info } = &o.plan {
                 if o.dtype != info.dtype {
                     scratch.clear();
-                    let n = convert(slice(self.maps, self.sources, *file, info), info.dtype, o.dtype, &mut scratch);
+                    let n = convert(
+                        slice(self.maps, self.sources, *file, info),
+                        info.dtype,
+                        o.dtype,
+                        &mut scratch,
+                    );
                     if n > 0 {
                         overflows.insert(o.name.clone(), n);
                     }
@@ -801,8 +829,10 @@ impl SourceBytes<'_> {
         out: &Path,
         persist: Persist,
     ) -> Result<Result<BTreeMap<String, u64>, String>> {
-        let layout: Vec<(String, Dtype, Vec<u64>)> =
-            outputs.iter().map(|o| (o.name.clone(), o.dtype, o.shape.clone())).collect();
+        let layout: Vec<(String, Dtype, Vec<u64>)> = outputs
+            .iter()
+            .map(|o| (o.name.clone(), o.dtype, o.shape.clone()))
+            .collect();
         let mut w = Writer::create(out, &layout, metadata)?;
         let mut overflows = BTreeMap::new();
         let checked = std::thread::scope(|s| -> Result<Result<(), String>> {

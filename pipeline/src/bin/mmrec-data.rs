@@ -1,7 +1,7 @@
 //! `mmrec-data`: turn raw corpora into tokenized Parquet shards, and check them.
 
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -169,95 +169,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             field,
             inputs,
-        }) => {
-            let specs: Vec<InputSpec> = inputs
-                .into_iter()
-                .map(|path| InputSpec { path, declared: None })
-                .collect();
-            let opts = ReadOptions {
-                field,
-                max_bytes: u64::MAX,
-                plain_split: PlainSplit::File,
-            };
-            let (texts, files) = read_texts(&specs, &opts)?;
-            let n = texts.len();
-            train_bpe(texts.into_iter(), vocab_size, min_frequency, &out)
-                .with_context(|| format!("training a tokenizer into {}", out.display()))?;
-            // The trainer stops early when the corpus has fewer merges to offer: report
-            // what was written, not what was asked for.
-            let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(&out)?.info.vocab_size;
-            let short = if written < vocab_size {
-                format!(
-                    " (asked for {vocab_size}: the corpus offers no more merges at --min-frequency {min_frequency})"
-                )
-            } else {
-                String::new()
-            };
-            eprintln!(
-                "trained a {written}-entry byte-level BPE{short} on {n} documents from {files} files: {}",
-                out.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+        }) => train_tokenizer(inputs, field, vocab_size, min_frequency, &out),
         Command::Split(args) => split_command(args),
-        Command::Inspect { dir, samples, json } => {
-            let ins = inspect(&dir, samples, 300)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&ins)?);
-                return Ok(ExitCode::SUCCESS);
-            }
-            let m = &ins.manifest;
-            let t = &m.totals;
-            println!(
-                "{}: {} documents, {} tokens, {} text bytes (schema v{}, {})",
-                dir.display(),
-                t.written,
-                t.tokens,
-                t.text_bytes,
-                m.schema_version,
-                m.tool_version
-            );
-            println!(
-                "tokenizer {} (vocab {}, {:?} tokens, sha256 {})",
-                m.tokenizer.path,
-                m.tokenizer.vocab_size,
-                m.tokenizer.token_width,
-                &m.tokenizer.sha256[..12]
-            );
-            println!(
-                "records in {} = written {} + exact duplicates {} + near duplicates {} + quarantined {}",
-                t.records_in, t.written, t.exact_duplicates, t.near_duplicates, t.quarantined
-            );
-            for (reason, n) in &m.rejected.by_reason {
-                println!("  quarantined {reason}: {n}");
-            }
-            println!(
-                "{:<6} {:>6} {:>10} {:>12} {:>12}",
-                "domain", "shards", "documents", "tokens", "text bytes"
-            );
-            for (d, dt) in &t.per_domain {
-                println!(
-                    "{:<6} {:>6} {:>10} {:>12} {:>12}",
-                    d.as_str(),
-                    m.domains.get(d).map_or(0, Vec::len),
-                    dt.documents,
-                    dt.tokens,
-                    dt.text_bytes
-                );
-            }
-            for (d, samples) in &ins.samples {
-                for s in samples {
-                    println!(
-                        "\n--- {d} sample {} (lang {}, {} tokens)\n{}",
-                        s.id,
-                        s.lang.as_deref().unwrap_or("-"),
-                        s.n_tokens,
-                        s.text
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Inspect { dir, samples, json } => inspect_command(&dir, samples, json),
         Command::Validate { dir, json } => {
             let v = validate(&dir)?;
             if json {
@@ -291,6 +205,100 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn train_tokenizer(
+    inputs: Vec<PathBuf>,
+    field: Option<String>,
+    vocab_size: usize,
+    min_frequency: u64,
+    out: &Path,
+) -> Result<ExitCode> {
+    let specs: Vec<InputSpec> = inputs
+        .into_iter()
+        .map(|path| InputSpec { path, declared: None })
+        .collect();
+    let opts = ReadOptions {
+        field,
+        max_bytes: u64::MAX,
+        plain_split: PlainSplit::File,
+    };
+    let (texts, files) = read_texts(&specs, &opts)?;
+    let n = texts.len();
+    train_bpe(texts.into_iter(), vocab_size, min_frequency, out)
+        .with_context(|| format!("training a tokenizer into {}", out.display()))?;
+    // The trainer stops early when the corpus has fewer merges to offer: report
+    // what was written, not what was asked for.
+    let written = mmrec_pipeline::tokenize::LoadedTokenizer::load(out)?.info.vocab_size;
+    let short = if written < vocab_size {
+        format!(" (asked for {vocab_size}: the corpus offers no more merges at --min-frequency {min_frequency})")
+    } else {
+        String::new()
+    };
+    eprintln!(
+        "trained a {written}-entry byte-level BPE{short} on {n} documents from {files} files: {}",
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_command(dir: &Path, samples: usize, json: bool) -> Result<ExitCode> {
+    let ins = inspect(dir, samples, 300)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ins)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &ins.manifest;
+    let t = &m.totals;
+    println!(
+        "{}: {} documents, {} tokens, {} text bytes (schema v{}, {})",
+        dir.display(),
+        t.written,
+        t.tokens,
+        t.text_bytes,
+        m.schema_version,
+        m.tool_version
+    );
+    println!(
+        "tokenizer {} (vocab {}, {:?} tokens, sha256 {})",
+        m.tokenizer.path,
+        m.tokenizer.vocab_size,
+        m.tokenizer.token_width,
+        &m.tokenizer.sha256[..12]
+    );
+    println!(
+        "records in {} = written {} + exact duplicates {} + near duplicates {} + quarantined {}",
+        t.records_in, t.written, t.exact_duplicates, t.near_duplicates, t.quarantined
+    );
+    for (reason, n) in &m.rejected.by_reason {
+        println!("  quarantined {reason}: {n}");
+    }
+    println!(
+        "{:<6} {:>6} {:>10} {:>12} {:>12}",
+        "domain", "shards", "documents", "tokens", "text bytes"
+    );
+    for (d, dt) in &t.per_domain {
+        println!(
+            "{:<6} {:>6} {:>10} {:>12} {:>12}",
+            d.as_str(),
+            m.domains.get(d).map_or(0, Vec::len),
+            dt.documents,
+            dt.tokens,
+            dt.text_bytes
+        );
+    }
+    for (d, samples) in &ins.samples {
+        for s in samples {
+            println!(
+                "\n--- {d} sample {} (lang {}, {} tokens)\n{}",
+                s.id,
+                s.lang.as_deref().unwrap_or("-"),
+                s.n_tokens,
+                s.text
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn split_command(a: SplitArgs) -> Result<ExitCode> {

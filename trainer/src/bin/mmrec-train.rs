@@ -60,31 +60,34 @@ enum Command {
         out: PathBuf,
     },
     /// Loss and perplexity per domain on the held-out split of shard directories.
-    Eval {
-        #[arg(long)]
-        model: PathBuf,
-        #[arg(long = "data", required = true, num_args = 1..)]
-        data: Vec<PathBuf>,
-        #[arg(long, default_value_t = 256)]
-        seq_len: usize,
-        #[arg(long, default_value_t = 8)]
-        batch_size: usize,
-        /// Held-out share in per mille: must match training's data.val_permille.
-        #[arg(long, default_value_t = 20)]
-        val_permille: u32,
-        /// Domains to evaluate.
-        #[arg(long, default_value = "text=1,code=1,mixed=1")]
-        domains: String,
-        /// At most this many batches per domain (0: the whole held-out split).
-        #[arg(long, default_value_t = 0)]
-        max_batches: usize,
-        #[arg(long)]
-        json: bool,
-        /// Evaluate although the model was trained with another tokenizer (of the same
-        /// size) than the shards were made with.
-        #[arg(long)]
-        allow_tokenizer_mismatch: bool,
-    },
+    Eval(EvalArgs),
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long = "data", required = true, num_args = 1..)]
+    data: Vec<PathBuf>,
+    #[arg(long, default_value_t = 256)]
+    seq_len: usize,
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Held-out share in per mille: must match training's data.val_permille.
+    #[arg(long, default_value_t = 20)]
+    val_permille: u32,
+    /// Domains to evaluate.
+    #[arg(long, default_value = "text=1,code=1,mixed=1")]
+    domains: String,
+    /// At most this many batches per domain (0: the whole held-out split).
+    #[arg(long, default_value_t = 0)]
+    max_batches: usize,
+    #[arg(long)]
+    json: bool,
+    /// Evaluate although the model was trained with another tokenizer (of the same
+    /// size) than the shards were made with.
+    #[arg(long)]
+    allow_tokenizer_mismatch: bool,
 }
 
 #[derive(Args)]
@@ -151,61 +154,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
-        Command::Eval {
-            model,
-            data,
-            seq_len,
-            batch_size,
-            val_permille,
-            domains,
-            max_batches,
-            json,
-            allow_tokenizer_mismatch,
-        } => {
-            let meta = mmrec_schemas::safetensors::read_meta(&model)?;
-            mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
-            let net = load_net(&model, &dev).with_context(|| format!("loading {}", model.display()))?;
-            let weights = mmrec_loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
-            let cfg = LoaderConfig {
-                seq_len,
-                batch_size,
-                val_permille,
-                weights,
-                split: Split::Validation,
-                workers: 2,
-                ..LoaderConfig::default()
-            };
-            let losses = evaluate_net(&net, &data, &cfg, max_batches, &dev)?;
-            let unigram = mmrec_trainer::train::unigram_entropy(&data, &cfg, max_batches)?;
-            let report: serde_json::Map<String, serde_json::Value> = losses
-                .iter()
-                .map(|(d, l)| {
-                    (
-                        d.clone(),
-                        serde_json::json!({"loss": l, "perplexity": l.exp(), "unigram_entropy": unigram.get(d)}),
-                    )
-                })
-                .collect();
-            if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?
-                );
-            } else {
-                println!(
-                    "{}   (loss in nats/token; unigram = entropy of the held-out tokens' own unigram distribution)",
-                    model.display()
-                );
-                for (d, l) in &losses {
-                    println!(
-                        "  {d:<6} loss {l:.4}  perplexity {:>9.2}  unigram {:.4}",
-                        l.exp(),
-                        unigram.get(d).copied().unwrap_or(f64::NAN)
-                    );
-                }
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Eval(args) => eval_command(args, &dev),
         Command::Init {
             preset,
             vocab,
@@ -238,6 +187,103 @@ fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
+fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
+    let EvalArgs {
+        model,
+        data,
+        seq_len,
+        batch_size,
+        val_permille,
+        domains,
+        max_batches,
+        json,
+        allow_tokenizer_mismatch,
+    } = args;
+    let meta = mmrec_schemas::safetensors::read_meta(&model)?;
+    mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
+    let net = load_net(&model, dev).with_context(|| format!("loading {}", model.display()))?;
+    let weights = mmrec_loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
+    let cfg = LoaderConfig {
+        seq_len,
+        batch_size,
+        val_permille,
+        weights,
+        split: Split::Validation,
+        workers: 2,
+        ..LoaderConfig::default()
+    };
+    let losses = evaluate_net(&net, &data, &cfg, max_batches, dev)?;
+    let unigram = mmrec_trainer::train::unigram_entropy(&data, &cfg, max_batches)?;
+    let report: serde_json::Map<String, serde_json::Value> = losses
+        .iter()
+        .map(|(d, l)| {
+            (
+                d.clone(),
+                serde_json::json!({"loss": l, "perplexity": l.exp(), "unigram_entropy": unigram.get(d)}),
+            )
+        })
+        .collect();
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?
+        );
+    } else {
+        println!(
+            "{}   (loss in nats/token; unigram = entropy of the held-out tokens' own unigram distribution)",
+            model.display()
+        );
+        for (d, l) in &losses {
+            println!(
+                "  {d:<6} loss {l:.4}  perplexity {:>9.2}  unigram {:.4}",
+                l.exp(),
+                unigram.get(d).copied().unwrap_or(f64::NAN)
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress_bar(total: u64, at: u64, hidden: bool) -> ProgressBar {
+    let bar = if hidden {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(total)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{pos}/{len} [{bar:30}] ETA {eta} {msg}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(at);
+    bar
+}
+
+/// One metrics record: a JSON line with `--json`, else the progress bar's position and
+/// message, with validations and events printed above it.
+fn show_record(rec: &serde_json::Value, bar: &ProgressBar, json: bool) {
+    if json {
+        println!("{rec}");
+    } else if let Some(val) = rec.get("val") {
+        bar.println(format!("step {} validation {}", rec["step"], val));
+    } else {
+        bar.set_position(rec["step"].as_u64().unwrap_or(0));
+        let tps = rec
+            .get("tokens_per_s")
+            .and_then(|v| v.as_f64())
+            .map(|v| format!(" {v:.0} tok/s"))
+            .unwrap_or_default();
+        bar.set_message(format!(
+            "loss {:.4} lr {:.2e}{tps}",
+            rec["loss"].as_f64().unwrap_or(f64::NAN),
+            rec["lr"].as_f64().unwrap_or(0.0)
+        ));
+        if let Some(ev) = rec.get("event") {
+            bar.println(format!("step {}: {}", rec["step"], ev));
+        }
+    }
+}
+
 fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
     let mut cfg = TrainConfig::load(args.config.as_deref(), &args.set)?;
     if args.resume {
@@ -265,41 +311,9 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
         signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)
             .context("installing the signal handler")?;
     }
-    let total = session.cfg.run.steps;
-    let bar = if args.json {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(total)
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{pos}/{len} [{bar:30}] ETA {eta} {msg}")
-            .expect("static template")
-            .progress_chars("=> "),
-    );
-    bar.set_position(session.state.step);
+    let bar = progress_bar(session.cfg.run.steps, session.state.step, args.json);
     let json = args.json;
-    let summary = session.train(&stop, &|rec| {
-        if json {
-            println!("{rec}");
-        } else if let Some(val) = rec.get("val") {
-            bar.println(format!("step {} validation {}", rec["step"], val));
-        } else {
-            bar.set_position(rec["step"].as_u64().unwrap_or(0));
-            let tps = rec
-                .get("tokens_per_s")
-                .and_then(|v| v.as_f64())
-                .map(|v| format!(" {v:.0} tok/s"))
-                .unwrap_or_default();
-            bar.set_message(format!(
-                "loss {:.4} lr {:.2e}{tps}",
-                rec["loss"].as_f64().unwrap_or(f64::NAN),
-                rec["lr"].as_f64().unwrap_or(0.0)
-            ));
-            if let Some(ev) = rec.get("event") {
-                bar.println(format!("step {}: {}", rec["step"], ev));
-            }
-        }
-    })?;
+    let summary = session.train(&stop, &|rec| show_record(rec, &bar, json))?;
     bar.finish_and_clear();
     eprintln!(
         "{} steps, {} tokens in {:.1} s{}{}; best validation loss {}; model: {}",

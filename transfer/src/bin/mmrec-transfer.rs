@@ -1,6 +1,6 @@
 //! `mmrec-transfer`: base → expert, experts → fused model, and header inspection.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Result;
@@ -159,28 +159,7 @@ fn show(report: &Report, json: bool) {
 fn run(cli: Cli) -> Result<()> {
     let json = cli.expert.json;
     match cli.command {
-        Some(Command::Inspect { file }) => {
-            let ins = inspect(&file)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&ins)?);
-                return Ok(());
-            }
-            println!(
-                "{}: {} bytes, {} tensors, {} parameters",
-                ins.path,
-                ins.bytes,
-                ins.tensors.len(),
-                ins.total_params
-            );
-            for (k, v) in &ins.metadata {
-                println!("  {k}: {v}");
-            }
-            println!("parameters by module:");
-            for (m, n) in &ins.params_by_module {
-                println!("  {m:<40} {n:>12}");
-            }
-            Ok(())
-        }
+        Some(Command::Inspect { file }) => inspect_command(&file, json),
         Some(Command::Fuse {
             text,
             code,
@@ -202,57 +181,82 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        None => {
-            let a = cli.expert;
-            let source = a.source.ok_or_else(|| {
-                anyhow::anyhow!(
-                    "give a source model (mmrec-transfer base.safetensors --to expert ...) or a subcommand; see --help"
-                )
-            })?;
-            if a.to.is_none() {
-                anyhow::bail!("--to expert is required");
-            }
-            let out = a.out.ok_or_else(|| anyhow::anyhow!("--out is required"))?;
-            let domain = a
-                .domain
-                .ok_or_else(|| anyhow::anyhow!("--domain is required (text, code, ...)"))?;
-            let layers = match (a.layers, a.map) {
-                (Some(l), _) => LayerMap::parse_layers(&l)?,
-                (None, Some(m)) => LayerMap::parse_map(&m, a.n_layers.unwrap_or(0))?,
-                (None, None) => LayerMap::Identity,
-            };
-            if !a.init.is_empty() && !a.allow_partial {
-                anyhow::bail!("--init needs --allow-partial");
-            }
-            let init = a
-                .init
-                .iter()
-                .map(|s| {
-                    let (p, v) = s
-                        .split_once('=')
-                        .ok_or_else(|| anyhow::anyhow!("--init {s:?} must be PATTERN=zeros|ones"))?;
-                    let policy = match v {
-                        "zeros" => InitPolicy::Zeros,
-                        "ones" => InitPolicy::Ones,
-                        other => anyhow::bail!("--init policy {other:?}: zeros or ones"),
-                    };
-                    Ok((p.to_string(), policy))
-                })
-                .collect::<Result<Vec<_>>>()?;
-            show(
-                &to_expert(&ExpertOptions {
-                    source,
-                    out,
-                    domain,
-                    layers,
-                    freeze: a.freeze,
-                    dtype: a.dtype,
-                    init,
-                    persist: a.write.persist(),
-                })?,
-                json,
-            );
-            Ok(())
-        }
+        None => expert_command(cli.expert, json),
     }
+}
+
+fn inspect_command(file: &Path, json: bool) -> Result<()> {
+    let ins = inspect(file)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&ins)?);
+        return Ok(());
+    }
+    println!(
+        "{}: {} bytes, {} tensors, {} parameters",
+        ins.path,
+        ins.bytes,
+        ins.tensors.len(),
+        ins.total_params
+    );
+    for (k, v) in &ins.metadata {
+        println!("  {k}: {v}");
+    }
+    println!("parameters by module:");
+    for (m, n) in &ins.params_by_module {
+        println!("  {m:<40} {n:>12}");
+    }
+    Ok(())
+}
+
+/// `mmrec-transfer SOURCE --to expert ...`: the arguments checked and turned into options.
+fn expert_command(a: ExpertArgs, json: bool) -> Result<()> {
+    let source = a.source.ok_or_else(|| {
+        anyhow::anyhow!(
+            "give a source model (mmrec-transfer base.safetensors --to expert ...) or a subcommand; see --help"
+        )
+    })?;
+    if a.to.is_none() {
+        anyhow::bail!("--to expert is required");
+    }
+    let out = a.out.ok_or_else(|| anyhow::anyhow!("--out is required"))?;
+    let domain = a
+        .domain
+        .ok_or_else(|| anyhow::anyhow!("--domain is required (text, code, ...)"))?;
+    let layers = match (a.layers, a.map) {
+        (Some(l), _) => LayerMap::parse_layers(&l)?,
+        (None, Some(m)) => LayerMap::parse_map(&m, a.n_layers.unwrap_or(0))?,
+        (None, None) => LayerMap::Identity,
+    };
+    if !a.init.is_empty() && !a.allow_partial {
+        anyhow::bail!("--init needs --allow-partial");
+    }
+    let init = a
+        .init
+        .iter()
+        .map(|s| {
+            let (p, v) = s
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--init {s:?} must be PATTERN=zeros|ones"))?;
+            let policy = match v {
+                "zeros" => InitPolicy::Zeros,
+                "ones" => InitPolicy::Ones,
+                other => anyhow::bail!("--init policy {other:?}: zeros or ones"),
+            };
+            Ok((p.to_string(), policy))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    show(
+        &to_expert(&ExpertOptions {
+            source,
+            out,
+            domain,
+            layers,
+            freeze: a.freeze,
+            dtype: a.dtype,
+            init,
+            persist: a.write.persist(),
+        })?,
+        json,
+    );
+    Ok(())
 }
