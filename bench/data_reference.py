@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Python reference for `mmrec-data bench`: the same job with HF datasets + tokenizers +
+"""Python reference for `mmrec-bench data`: the same job with HF datasets + tokenizers +
 to_parquet (read JSONL, tokenize every document, write Parquet with text and tokens).
 It does less than mmrec-data (no validation, dedup, classification or manifest).
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Python reference for `mmrec-data bench-loader`: PyTorch DataLoader with worker processes
+"""Python reference for `mmrec-bench loader`: PyTorch DataLoader with worker processes
 over pyarrow row groups, packing documents + <|endoftext|> into [B, T+1] rows the way the
 Rust loader does (shuffled row groups, no cross-worker ordering guarantees).
 

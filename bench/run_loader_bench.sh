@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mmrec-target}"
 S="${CORPORA:-../shared/corpora}"
 w="${WORK:-/tmp/loaderbench}"
-cargo build --release -p mmrec-pipeline
+cargo build --release -p mmrec-pipeline -p mmrec-bench
 B="$CARGO_TARGET_DIR/release/mmrec-data"
+BENCH="$CARGO_TARGET_DIR/release/mmrec-bench"
 mkdir -p "$w" bench/out bench/results
 [ -f bench/out/tokenizer-8k.json ] || "$B" tokenizer train --vocab-size 8192 --out bench/out/tokenizer-8k.json "$S/wikitext.jsonl" "$S/python_stdlib.jsonl" "$S/chat.jsonl"
 if [ ! -f "$w/shards/manifest.json" ]; then
@@ -33,5 +34,5 @@ for d, v in docs.items():
 PY
   "$B" split --text "$w/text.jsonl" --code "$w/code.jsonl" --mixed "$w/mixed.jsonl" --tokenizer bench/out/tokenizer-8k.json --out "$w/shards"
 fi
-"$B" bench-loader --shards "$w/shards" --seq-len 512 --batch 8 --workers 1,2 --tokens 200000000 \
+"$BENCH" loader --shards "$w/shards" --seq-len 512 --batch 8 --workers 1,2 --tokens 200000000 \
   --python bench/.venv/bin/python --out bench/results/loader.json

@@ -5,7 +5,7 @@
 # Usage: scripts/build-cuda.sh [DEST]            (default .carry/cuda)
 # Uses nvcc from PATH when there is one, else installs CUDA 13.0 from PyPI wheels with
 # scripts/cuda-toolchain.sh. Writes DEST/bin/*.gz (stripped, gzipped): mmrec-train,
-# mmrec-data and the GPU test executables; scripts/gpu-check.sh unpacks and runs them.
+# mmrec-data, mmrec-bench and the GPU test executables; scripts/gpu-check.sh unpacks and runs them.
 # The first build takes about 20 minutes on 2 cores (candle's own kernels); keep the
 # target directory (CARGO_TARGET_DIR, default ~/.cache/mmrec-target-cuda) between builds.
 set -euo pipefail
@@ -17,7 +17,7 @@ if ! command -v nvcc >/dev/null; then
   eval "$(scripts/cuda-toolchain.sh)"
 fi
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
-features=(--release --workspace --locked --features mmrec-trainer/cuda)
+features=(--release --workspace --locked --features mmrec-trainer/cuda,mmrec-bench/cuda)
 cargo build "${features[@]}" --bins
 tests=$(cargo test "${features[@]}" --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys
@@ -26,7 +26,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
         print(m["executable"])')
 rm -rf "$dest/bin" && mkdir -p "$dest/bin"
-for exe in "$CARGO_TARGET_DIR"/release/mmrec-train "$CARGO_TARGET_DIR"/release/mmrec-data $tests; do
+for exe in "$CARGO_TARGET_DIR"/release/{mmrec-train,mmrec-data,mmrec-bench} $tests; do
   name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
   strip -o "$dest/bin/$name" "$exe"
   gzip -f "$dest/bin/$name"

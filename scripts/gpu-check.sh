@@ -31,7 +31,7 @@ done
 echo "== benchmarks: ours (f32, bf16) and PyTorch (eager, torch.compile), same GPU, same run"
 shape=(--batch 32 --seq-len 1024 --vocab 8192)
 for p in f32 bf16; do
-  mmrec-train bench --device cuda --precision $p --presets "${PRESETS:-small,medium}" "${shape[@]}" \
+  mmrec-bench model --device cuda --precision $p --presets "${PRESETS:-small,medium}" "${shape[@]}" \
     --out "$results/bench-$p.json" >/dev/null || status=1
 done
 for preset in ${PRESETS//,/ }; do

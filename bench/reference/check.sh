@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mmrec-target}"
 out="${1:-bench/out/reference-dump}"
-cargo run --quiet --example reference_dump -p mmrec-trainer -- "$out"
+cargo run --quiet --example reference_dump -p mmrec-model -- "$out"
 "${PYTHON:-bench/.venv/bin/python}" bench/reference/compare.py "$out" | tee bench/results/reference-check.json

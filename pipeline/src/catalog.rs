@@ -12,10 +12,9 @@ use serde::Serialize;
 
 use crate::error::{Error, IoContext, Result};
 use crate::global_dedup::{apply_removals, global_removals, read_signatures, SIGNATURES};
-use crate::split::{DUPLICATES, QUARANTINE};
 use mmrec_schemas::atomic::{file_sha256, write_atomic};
 use mmrec_schemas::shard::ShardReader;
-use mmrec_schemas::{read_manifest, write_manifest, MANIFEST};
+use mmrec_schemas::{read_manifest, write_manifest, DUPLICATES, MANIFEST, QUARANTINE};
 
 #[derive(Debug, Default, Serialize)]
 pub struct Validation {

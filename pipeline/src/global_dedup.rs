@@ -21,12 +21,12 @@ use mmrec_schemas::{Manifest, NearDupSettings, ShardInfo};
 
 use crate::dedup::NearDedup;
 use crate::error::{Error, IoContext, Result};
-use crate::split::DuplicateRecord;
 use arrow_array::cast::AsArray;
 use arrow_array::Array;
 use mmrec_schemas::atomic::write_atomic;
 use mmrec_schemas::columns;
 use mmrec_schemas::shard::{token_lists, ShardReader, ShardRow, ShardWriter};
+use mmrec_schemas::DuplicateRecord;
 
 pub const SIGNATURES: &str = "near_dup_signatures.bin";
 const FORMAT: &str = "mmrec-near-dup-signatures";
@@ -209,7 +209,7 @@ pub fn apply_removals(out: &Path, merged: &mut Manifest, removals: &[Removal]) -
         }
         *shards = kept;
     }
-    let log = out.join(crate::split::DUPLICATES);
+    let log = out.join(mmrec_schemas::DUPLICATES);
     let mut bytes = std::fs::read(&log).at(&log)?;
     for r in removals {
         serde_json::to_writer(&mut bytes, &r.record).expect("duplicate records serialise");

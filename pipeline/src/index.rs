@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use mmrec_schemas::{Domain, InputInfo, NearDupSettings, QuarantineRecord};
+use mmrec_schemas::{Domain, DuplicateRecord, InputInfo, NearDupSettings, QuarantineRecord};
 use rayon::prelude::*;
 use xxhash_rust::xxh3::xxh3_64;
 
@@ -14,7 +14,7 @@ use crate::dedup::{normalized_hash, ExactDedup, MinHasher, NearDedup};
 use crate::error::Result;
 use crate::global_dedup::order_key;
 use crate::input::{read_file, Document, InputFile, Record};
-use crate::split::{DuplicateRecord, Progress, SplitOptions};
+use crate::options::{Progress, SplitOptions};
 use crate::DOCS_PER_TASK;
 
 /// One document of this part, without its text.

@@ -19,6 +19,7 @@ mod gpt2_split;
 mod index;
 pub mod input;
 pub mod lang;
+mod options;
 mod shards;
 pub mod split;
 pub mod tokenize;

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, IoContext, Result};
 use crate::index::DocEntry;
 use crate::input::{read_file, Document, InputFile, Record};
-use crate::split::{bounded_runs, Progress, SplitOptions};
+use crate::options::{Progress, SplitOptions};
 use crate::tokenize::LoadedTokenizer;
 use crate::DOCS_PER_TASK;
 
@@ -26,6 +26,30 @@ pub struct PlannedShard {
     pub file: String,
     pub docs: Vec<usize>,
     pub fingerprint: u64,
+}
+
+/// Consecutive runs of `items`, each closed before it would pass `max_items` items or
+/// `max_bytes` bytes; an item larger than `max_bytes` makes a run of its own.
+pub(crate) fn bounded_runs(
+    items: &[usize],
+    max_items: usize,
+    max_bytes: u64,
+    bytes_of: impl Fn(usize) -> usize,
+) -> Vec<&[usize]> {
+    let mut runs = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (k, &item) in items.iter().enumerate() {
+        let b = bytes_of(item) as u64;
+        if k > start && (k - start == max_items || bytes + b > max_bytes) {
+            runs.push(&items[start..k]);
+            (start, bytes) = (k, 0);
+        }
+        bytes += b;
+    }
+    if start < items.len() {
+        runs.push(&items[start..]);
+    }
+    runs
 }
 
 /// Sidecar proving a shard was completed by a run with the same plan.
@@ -261,4 +285,29 @@ fn completed(state_dir: &Path, p: &PlannedShard, path: &Path) -> Result<Option<S
     }
     let (sha256, bytes) = file_sha256(path)?;
     Ok((sha256 == state.info.sha256 && bytes == state.info.bytes).then_some(state.info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bounded_runs;
+
+    #[test]
+    fn runs_close_before_either_bound_would_be_passed() {
+        let sizes = [3usize, 4, 1, 9, 2, 2, 2, 2, 2];
+        let items: Vec<usize> = (0..sizes.len()).collect();
+        let runs = |max_items, max_bytes| {
+            bounded_runs(&items, max_items, max_bytes, |i| sizes[i])
+                .into_iter()
+                .map(<[usize]>::to_vec)
+                .collect::<Vec<_>>()
+        };
+        // 8 bytes: 3+4+1 fits exactly; 9 alone is over and still gets a run of its own.
+        assert_eq!(runs(100, 8), [vec![0, 1, 2], vec![3], vec![4, 5, 6, 7], vec![8]]);
+        assert_eq!(runs(2, 100), [vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8]]);
+        assert_eq!(
+            runs(3, 5),
+            [vec![0], vec![1, 2], vec![3], vec![4, 5], vec![6, 7], vec![8]]
+        );
+        assert!(bounded_runs(&[], 1, 1, |_| 0).is_empty());
+    }
 }

@@ -11,80 +11,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use mmrec_schemas::{
-    Domain, DomainTotals, Manifest, NearDupSettings, Partition, Rejected, Settings, ShardInfo, Totals, SCHEMA_VERSION,
-};
-use serde::{Deserialize, Serialize};
+use mmrec_schemas::{Domain, DomainTotals, Manifest, Rejected, Settings, ShardInfo, Totals, SCHEMA_VERSION};
+use serde::Serialize;
 use xxhash_rust::xxh3::Xxh3;
 
 use crate::classify::CLASSIFIER_NAME;
 use crate::error::{Error, IoContext, Result};
 use crate::global_dedup::{write_signatures, SignatureRecord, SIGNATURES};
 use crate::index::{deduplicate, index_inputs, Dedup, DocEntry, Index};
-use crate::input::{expand_inputs, InputSpec, ReadOptions};
-use crate::shards::{write_shards, PlannedShard, Sources};
+use crate::input::expand_inputs;
+pub use crate::options::{Progress, SplitOptions};
+use crate::shards::{bounded_runs, write_shards, PlannedShard, Sources};
 use crate::tokenize::LoadedTokenizer;
 use mmrec_schemas::atomic::{is_temp_name, write_atomic};
-use mmrec_schemas::{write_manifest, MANIFEST};
+use mmrec_schemas::{write_manifest, DUPLICATES, MANIFEST, QUARANTINE};
 
-pub const QUARANTINE: &str = "quarantine.jsonl";
-pub const DUPLICATES: &str = "duplicates.jsonl";
 const STATE_DIR: &str = ".state";
-
-#[derive(Debug, Clone)]
-pub struct SplitOptions {
-    pub inputs: Vec<InputSpec>,
-    pub tokenizer: PathBuf,
-    pub out: PathBuf,
-    pub read: ReadOptions,
-    pub near_dup: Option<NearDupSettings>,
-    pub shard_docs: usize,
-    pub row_group_docs: usize,
-    /// Text bytes at which a shard or row group closes early: source files can be large, and
-    /// a row group is held in memory twice over (tokens, Arrow batch, encoded pages) while
-    /// it is written.
-    pub shard_bytes: u64,
-    pub row_group_bytes: u64,
-    pub partition: Partition,
-    pub seed: u64,
-    /// Read what symbolic links inside input directories point to (off: they are
-    /// quarantined as `symlink`).
-    pub follow_symlinks: bool,
-}
-
-impl SplitOptions {
-    /// The defaults of `mmrec-data split`: 4 MiB records, one document per plain-text file,
-    /// shards of 50 000 documents or 256 MiB of text in row groups of 2048 documents or
-    /// 8 MiB of text, exact dedup only, no partition.
-    pub fn new(inputs: Vec<InputSpec>, tokenizer: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
-        SplitOptions {
-            inputs,
-            tokenizer: tokenizer.into(),
-            out: out.into(),
-            read: ReadOptions {
-                field: None,
-                max_bytes: 4 << 20,
-                plain_split: crate::input::PlainSplit::File,
-            },
-            near_dup: None,
-            shard_docs: 50_000,
-            row_group_docs: 2048,
-            shard_bytes: 256 << 20,
-            row_group_bytes: 8 << 20,
-            partition: Partition::WHOLE,
-            seed: 0,
-            follow_symlinks: false,
-        }
-    }
-}
-
-/// Hooks for a progress display; the library itself never prints.
-pub trait Progress: Sync {
-    fn phase(&self, _name: &'static str, _total_bytes: u64) {}
-    fn advance(&self, _bytes: u64, _docs: u64, _tokens: u64) {}
-}
-
-impl Progress for () {}
 
 #[derive(Debug, Clone, Serialize)]
 pub struct SplitReport {
@@ -95,14 +37,6 @@ pub struct SplitReport {
     pub input_bytes: u64,
     pub seconds: f64,
     pub tokenize_seconds: f64,
-}
-
-/// One line of `duplicates.jsonl`: what dedup removed and the document it kept instead.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DuplicateRecord {
-    pub id: String,
-    pub kind: String,
-    pub kept: String,
 }
 
 pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport> {
@@ -285,30 +219,6 @@ fn write_part_signatures(
     write_signatures(&opts.out.join(SIGNATURES), num_perm, &records)
 }
 
-/// Consecutive runs of `items`, each closed before it would pass `max_items` items or
-/// `max_bytes` bytes; an item larger than `max_bytes` makes a run of its own.
-pub(crate) fn bounded_runs(
-    items: &[usize],
-    max_items: usize,
-    max_bytes: u64,
-    bytes_of: impl Fn(usize) -> usize,
-) -> Vec<&[usize]> {
-    let mut runs = Vec::new();
-    let (mut start, mut bytes) = (0, 0u64);
-    for (k, &item) in items.iter().enumerate() {
-        let b = bytes_of(item) as u64;
-        if k > start && (k - start == max_items || bytes + b > max_bytes) {
-            runs.push(&items[start..k]);
-            (start, bytes) = (k, 0);
-        }
-        bytes += b;
-    }
-    if start < items.len() {
-        runs.push(&items[start..]);
-    }
-    runs
-}
-
 /// Delete leftovers a killed or different earlier run left in this part's namespace:
 /// temporary files, and shards that are not in the current plan.
 fn remove_stale(opts: &SplitOptions, plan: &[PlannedShard]) -> Result<()> {
@@ -347,29 +257,4 @@ pub fn write_jsonl<T: Serialize>(path: &Path, rows: &[T]) -> Result<()> {
         buf.push(b'\n');
     }
     Ok(write_atomic(path, &buf)?)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::bounded_runs;
-
-    #[test]
-    fn runs_close_before_either_bound_would_be_passed() {
-        let sizes = [3usize, 4, 1, 9, 2, 2, 2, 2, 2];
-        let items: Vec<usize> = (0..sizes.len()).collect();
-        let runs = |max_items, max_bytes| {
-            bounded_runs(&items, max_items, max_bytes, |i| sizes[i])
-                .into_iter()
-                .map(<[usize]>::to_vec)
-                .collect::<Vec<_>>()
-        };
-        // 8 bytes: 3+4+1 fits exactly; 9 alone is over and still gets a run of its own.
-        assert_eq!(runs(100, 8), [vec![0, 1, 2], vec![3], vec![4, 5, 6, 7], vec![8]]);
-        assert_eq!(runs(2, 100), [vec![0, 1], vec![2, 3], vec![4, 5], vec![6, 7], vec![8]]);
-        assert_eq!(
-            runs(3, 5),
-            [vec![0], vec![1, 2], vec![3], vec![4, 5], vec![6, 7], vec![8]]
-        );
-        assert!(bounded_runs(&[], 1, 1, |_| 0).is_empty());
-    }
 }

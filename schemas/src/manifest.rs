@@ -11,6 +11,9 @@ use serde::{Deserialize, Serialize};
 use crate::{atomic, Domain, Error, Result, TokenWidth, SCHEMA_VERSION};
 
 pub const MANIFEST: &str = "manifest.json";
+/// Beside the manifest: the records set aside, and what dedup removed.
+pub const QUARANTINE: &str = "quarantine.jsonl";
+pub const DUPLICATES: &str = "duplicates.jsonl";
 
 /// `manifest.json`, written beside the shards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +162,14 @@ impl FromStr for Partition {
         }
         Ok(Partition { index, count })
     }
+}
+
+/// One line of `duplicates.jsonl`: what dedup removed and the document it kept instead.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DuplicateRecord {
+    pub id: String,
+    pub kind: String,
+    pub kept: String,
 }
 
 /// One line of `quarantine.jsonl`.
