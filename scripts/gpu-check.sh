@@ -3,7 +3,9 @@
 # a short training run, from the binaries scripts/build-cuda.sh packed.
 #
 # Usage: scripts/gpu-check.sh [CARRY] [RESULTS]   (defaults .carry/cuda and bench/results/gpu)
-# CARRY holds bin/*.gz and optionally wheels/ (accelerated-scan for the PyTorch reference)
+# STAGES picks what runs (default: all of "tests bench torch train profile"); PRESETS the
+# benchmark presets (default small,medium).
+# CARRY holds bin/*.xz and optionally wheels/ (accelerated-scan for the PyTorch reference)
 # and jit-cache.tar (the CUDA JIT cache of an earlier run: saves ~20 s of start-up).
 # Every result is written under RESULTS: test logs, JSON benchmarks, the training metrics.
 set -uo pipefail
@@ -12,7 +14,11 @@ carry="${1:-.carry/cuda}"
 results="${2:-bench/results/gpu}"
 PRESETS="${PRESETS:-small,medium}"
 mkdir -p "$results" /tmp/mmrec-bin
-for f in "$carry"/bin/*.gz; do gunzip -c "$f" >"/tmp/mmrec-bin/$(basename "$f" .gz)"; done
+# Python's lzma: the GPU machine's image may not have the xz tool.
+for f in "$carry"/bin/*.xz; do
+  python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
+    "$f" "/tmp/mmrec-bin/$(basename "$f" .xz)"
+done
 chmod +x /tmp/mmrec-bin/*
 export PATH=/tmp/mmrec-bin:$PATH CUDA_CACHE_PATH=/tmp/mmrec-jit
 mkdir -p "$CUDA_CACHE_PATH"
@@ -20,21 +26,24 @@ mkdir -p "$CUDA_CACHE_PATH"
 if ls "$carry"/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/mmrec-site "$carry"/wheels/*.whl && export PYTHONPATH=/tmp/mmrec-site
 fi
+STAGES="${STAGES:-tests bench torch train profile}"
+has() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$results/gpu.txt" 2>&1
-for t in /tmp/mmrec-bin/cuda_*; do
+has tests && for t in /tmp/mmrec-bin/cuda_*; do
   echo "== $(basename "$t")"
   "$t" --test-threads=1 2>&1 | tee "$results/test-$(basename "$t").log" | grep -E "^test |test result|panicked|error" || status=1
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 done
 
-echo "== benchmarks: ours (f32, bf16) and PyTorch (eager, torch.compile), same GPU, same run"
 shape=(--batch 32 --seq-len 1024 --vocab 8192)
-for p in f32 bf16; do
+has bench && for p in ${PRECISIONS:-f32 bf16}; do
+  echo "== benchmark: ours, $p"
   mmrec-bench model --device cuda --precision $p --presets "${PRESETS:-small,medium}" "${shape[@]}" \
     --out "$results/bench-$p.json" >/dev/null || status=1
 done
-for preset in ${PRESETS//,/ }; do
+has torch && for preset in ${PRESETS//,/ }; do
+  echo "== benchmark: PyTorch eager and torch.compile, $preset"
   # One process per mode: a CUDA error in one must not take the other's figures with it.
   for mode in eager compile; do
     # Tried twice: the reference has failed at random with CUBLAS_STATUS_EXECUTION_FAILED
@@ -46,13 +55,20 @@ for preset in ${PRESETS//,/ }; do
     done
   done
 done
-python3 bench/gpu_report.py "$results" | tee "$results/summary.txt" || status=1
+has bench && { python3 bench/gpu_report.py "$results" | tee "$results/summary.txt" || status=1; }
 
-echo "== training on the fixtures: bf16 on the GPU, then the checkpoint resumed on the CPU"
 work=/tmp/mmrec-train-check
-rm -rf "$work" && mkdir -p "$work"
-mmrec-data split --text fixtures/corpora/wikitext.jsonl --code fixtures/corpora/python_stdlib.jsonl \
-  --mixed fixtures/corpora/chat.jsonl --tokenizer fixtures/tokenizer.json --out "$work/shards" >/dev/null || status=1
+if has train || has profile; then
+  rm -rf "$work" && mkdir -p "$work"
+  mmrec-data split --text fixtures/corpora/wikitext.jsonl --code fixtures/corpora/python_stdlib.jsonl \
+    --mixed fixtures/corpora/chat.jsonl --tokenizer fixtures/tokenizer.json --out "$work/shards" >/dev/null || status=1
+fi
+if has profile; then
+  echo "== profile: every kernel of a bf16 medium training step, timed by Nsight Compute"
+  bash bench/gpu_profile.sh "$work/shards" "$results" || status=1
+fi
+has train || { tar -cf "$results/jit-cache.tar" -C "$CUDA_CACHE_PATH" . 2>/dev/null; exit $status; }
+echo "== training on the fixtures: bf16 on the GPU, then the checkpoint resumed on the CPU"
 run=(--data "$work/shards" --json --set data.seq_len=256 --set data.batch_size=16 --set run.eval_every=100)
 mmrec-train pretrain --device cuda --precision bf16 "${run[@]}" --out "$work/gpu" --set 'model.preset="small"' \
   --set run.steps=300 >"$results/train-gpu.jsonl" || status=1
