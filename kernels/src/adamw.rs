@@ -37,6 +37,45 @@ pub fn moments(moments: &Tensor, grad: &Tensor, beta1: f64, beta2: f64, scale: f
     )
 }
 
+/// `acc[0] += Σ grad²` in place (acc [1] f32): the global gradient norm's sum, one kernel
+/// per tensor and a single read-back for all of them.
+pub fn add_squares(acc: &Tensor, grad: &Tensor) -> candle_core::Result<()> {
+    if acc.dims() != [1] {
+        candle_core::bail!("add_squares: the accumulator must have shape [1], not {:?}", acc.dims());
+    }
+    let grad = grad.flatten_all()?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+    acc.inplace_op2(&grad, &AddSquares)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct AddSquares;
+
+impl InplaceOp2 for AddSquares {
+    fn name(&self) -> &'static str {
+        "mmrec-add-squares"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let sum: f64 = f32_ref(s2, l2, "the gradient")?
+            .iter()
+            .map(|&g| g as f64 * g as f64)
+            .sum();
+        f32_mut(s1, l1, "the accumulator")?[0] += sum as f32;
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &mut candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
+        crate::cuda::add_squares((s1, l1), (s2, l2))
+    }
+}
+
 /// `θ ← θ · decay − lr · (m / c1) / (sqrt(v / c2) + ε)` in place, with the bias corrections
 /// `(c1, c2)`.
 pub fn apply(

@@ -426,6 +426,22 @@ pub fn adamw_moments(
     launch_elementwise(args, n)
 }
 
+/// `acc[0] += Σ g²` in place, g f32.
+pub fn add_squares(acc: (&mut CudaStorage, &Layout), grad: (&CudaStorage, &Layout)) -> Result<()> {
+    let dev = acc.0.device().clone();
+    let n = grad.1.shape().elem_count();
+    let gv = contiguous_view::<f32>(grad.0, grad.1, "add_squares: gradient")?;
+    let Some((lo, hi)) = acc.1.contiguous_offsets() else {
+        candle_core::bail!("add_squares: the accumulator must be contiguous")
+    };
+    let mut av = acc.0.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
+    let func = dev.get_or_load_custom_func("mmrec_add_squares", "mmrec_fused", FUSED_PTX)?;
+    let n64 = n as u64;
+    let mut args = func.builder();
+    args.arg(&gv).arg(&mut av).arg(&n64);
+    launch_elementwise(args, n)
+}
+
 /// AdamW's parameter update in place on `theta` [n] f32 from `moments` [2, n].
 pub fn adamw_apply(
     theta: (&mut CudaStorage, &Layout),
@@ -485,6 +501,67 @@ pub fn gelu(x: (&CudaStorage, &Layout), dy: Option<(&CudaStorage, &Layout)>) -> 
             None => args.arg(&null),
         };
         args.arg(&out).arg(&n64);
+        launch_elementwise(args, n)?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
+
+/// Softmax over the last dimension of x [N, E] (rows of E), or with `dy` its backward from
+/// the forward's output y (passed as `x`): dx = y ⊙ (dy − Σ y ⊙ dy); in x's dtype.
+pub fn softmax(
+    x: (&CudaStorage, &Layout),
+    dy: Option<(&CudaStorage, &Layout)>,
+    (n, e): (usize, usize),
+) -> Result<CudaStorage> {
+    let dev = x.0.device().clone();
+    with_float!(x.0.dtype(), "softmax", |T| {
+        let xv = contiguous_view::<T>(x.0, x.1, "softmax: x")?;
+        let dyv = dy.map(|(s, l)| contiguous_view::<T>(s, l, "softmax: dy")).transpose()?;
+        // SAFETY: the warp that takes a row writes all of it.
+        let out = unsafe { dev.alloc::<T>(n * e)? };
+        let func =
+            dev.get_or_load_custom_func(&format!("mmrec_softmax_{}", suffix(T::DTYPE)), "mmrec_fused", FUSED_PTX)?;
+        let (ni, ei, null) = (n as i32, e as i32, 0usize);
+        let mut args = func.builder();
+        args.arg(&xv);
+        match &dyv {
+            Some(v) => args.arg(v),
+            None => args.arg(&null),
+        };
+        args.arg(&out).arg(&ni).arg(&ei);
+        if n > 0 {
+            // Eight warps (rows) per block.
+            let cfg = LaunchConfig {
+                grid_dim: (blocks(n, 8), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: the arguments match mmrec_softmax_* in fused.cu.
+            unsafe { args.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    })
+}
+
+/// y [N, D] + b [D] broadcast over rows, in y's dtype.
+pub fn bias_add(y: (&CudaStorage, &Layout), b: (&CudaStorage, &Layout), d: usize) -> Result<CudaStorage> {
+    let dev = y.0.device().clone();
+    let n = y.1.shape().elem_count();
+    with_float!(y.0.dtype(), "bias add", |T| {
+        let (yv, bv) = (
+            contiguous_view::<T>(y.0, y.1, "bias add: y")?,
+            contiguous_view::<T>(b.0, b.1, "bias add: b")?,
+        );
+        // SAFETY: the grid-stride loop writes every element.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let func = dev.get_or_load_custom_func(
+            &format!("mmrec_bias_add_{}", suffix(T::DTYPE)),
+            "mmrec_fused",
+            FUSED_PTX,
+        )?;
+        let (n64, d32) = (n as u64, d as u32);
+        let mut args = func.builder();
+        args.arg(&yv).arg(&bv).arg(&out).arg(&n64).arg(&d32);
         launch_elementwise(args, n)?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev))
     })

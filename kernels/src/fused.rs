@@ -504,6 +504,185 @@ impl CustomOp2 for GeluGrad {
     }
 }
 
+/// Softmax over the last dimension, statistics in f32 whatever the dtype, in one pass
+/// forward and one backward (candle's composed softmax ran max, subtract, exp, sum and
+/// divide, each a kernel, and as many again backward, over the attention scores). A row
+/// that is all −∞ gives zeros.
+pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1(Softmax)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Softmax;
+
+/// (y, dy) → y ⊙ (dy − Σ y ⊙ dy), rows of the last dimension.
+#[derive(Clone, Copy, Debug)]
+struct SoftmaxGrad;
+
+fn last_dim_rows(l: &Layout) -> (usize, usize) {
+    let e = l.dims().last().copied().unwrap_or(1).max(1);
+    (l.shape().elem_count() / e, e)
+}
+
+fn softmax_cpu(
+    s: &CpuStorage,
+    l: &Layout,
+    dy: Option<(&CpuStorage, &Layout)>,
+) -> candle_core::Result<(CpuStorage, Shape)> {
+    let (_, e) = last_dim_rows(l);
+    let out = with_cpu_float!(s, "softmax", |T| {
+        let x = cpu_slice::<T>(s, l, "softmax: x")?;
+        let mut out = vec![T::from_f64(0.0); x.len()];
+        match dy {
+            None => out.par_chunks_mut(e).zip(x.par_chunks(e)).for_each(|(o, xr)| {
+                let m = xr.iter().map(|v| v.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    return;
+                }
+                let sum: f64 = xr.iter().map(|v| (v.to_f64() - m).exp()).sum();
+                for (o, v) in o.iter_mut().zip(xr) {
+                    *o = T::from_f64((v.to_f64() - m).exp() / sum);
+                }
+            }),
+            Some((ds, dl)) => {
+                let dy = cpu_slice::<T>(ds, dl, "softmax: dy")?;
+                out.par_chunks_mut(e)
+                    .zip(x.par_chunks(e).zip(dy.par_chunks(e)))
+                    .for_each(|(o, (yr, dr))| {
+                        let dot: f64 = yr.iter().zip(dr).map(|(y, d)| y.to_f64() * d.to_f64()).sum();
+                        for (o, (y, d)) in o.iter_mut().zip(yr.iter().zip(dr)) {
+                            *o = T::from_f64(y.to_f64() * (d.to_f64() - dot));
+                        }
+                    })
+            }
+        }
+        T::to_cpu_storage_owned(out)
+    });
+    Ok((out, l.shape().clone()))
+}
+
+impl candle_core::CustomOp1 for Softmax {
+    fn name(&self) -> &'static str {
+        "mmrec-softmax"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        softmax_cpu(s, l, None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((crate::cuda::softmax((s, l), None, last_dim_rows(l))?, l.shape().clone()))
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad).map(Some)
+    }
+}
+
+impl CustomOp2 for SoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "mmrec-softmax-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        softmax_cpu(s1, l1, Some((s2, l2)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        Ok((
+            crate::cuda::softmax((s1, l1), Some((s2, l2)), last_dim_rows(l1))?,
+            l1.shape().clone(),
+        ))
+    }
+}
+
+/// `y + b` for y [N, D] and a bias b [D], in one pass; the backward passes dy through and
+/// sums its rows into db with one matrix-vector product.
+pub fn bias_add(y: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let (_, d) = y.dims2()?;
+    if b.dims() != [d] {
+        candle_core::bail!("bias_add: bias {:?} does not match rows of {d}", b.dims());
+    }
+    y.contiguous()?.apply_op2(&b.contiguous()?, BiasAdd)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct BiasAdd;
+
+impl CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "mmrec-bias-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = l2.shape().elem_count().max(1);
+        let out = with_cpu_float!(s1, "bias add", |T| {
+            let (y, b) = (
+                cpu_slice::<T>(s1, l1, "bias add: y")?,
+                cpu_slice::<T>(s2, l2, "bias add: b")?,
+            );
+            let mut out = vec![T::from_f64(0.0); y.len()];
+            out.par_chunks_mut(d).zip(y.par_chunks(d)).for_each(|(o, yr)| {
+                for ((o, y), b) in o.iter_mut().zip(yr).zip(b) {
+                    *o = *y + *b;
+                }
+            });
+            T::to_cpu_storage_owned(out)
+        });
+        Ok((out, l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let d = l2.shape().elem_count().max(1);
+        Ok((crate::cuda::bias_add((s1, l1), (s2, l2), d)?, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        y: &Tensor,
+        _b: &Tensor,
+        _out: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = y.dim(0)?;
+        let db = Tensor::ones((1, n), dy.dtype(), dy.device())?
+            .matmul(&dy.contiguous()?)?
+            .squeeze(0)?;
+        Ok((Some(dy.clone()), Some(db)))
+    }
+}
+
 /// Rows of `table` [V, D] for `ids` (u32, any shape, each below V): `[…ids, D]`. Its backward adds each
 /// row's gradient into the table's gradient in one parallel pass (candle's `index_add`
 /// ran it as D threads each walking all N ids).

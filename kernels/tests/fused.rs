@@ -169,39 +169,78 @@ fn gate_outputs_are_f32_for_bf16_inputs() {
     assert!((g - 0.999_33).abs() < 1e-5, "{g}");
 }
 
-#[test]
-fn gelu_matches_candles_erf_gelu_and_finite_differences() {
-    let s: &[usize] = &[4, 33];
-    let (x, probe) = (random(s, -5.0, 5.0, 9), random(s, -1.0, 1.0, 10));
-    assert!(
-        max_abs(
-            &mmrec_kernels::fused::gelu(&t(&x, s)).unwrap(),
-            &t(&x, s).gelu_erf().unwrap()
-        ) < 1e-12
-    );
-    let loss = |a: &[Tensor]| {
-        (mmrec_kernels::fused::gelu(&a[0]).unwrap() * t(&probe, s))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let v = Var::from_slice(&x, s, &Device::Cpu).unwrap();
-    let grads = (mmrec_kernels::fused::gelu(v.as_tensor()).unwrap() * t(&probe, s))
+/// The gradient of Σ probe ⊙ op(x) with respect to x, by autograd.
+fn probe_grad(op: &dyn Fn(&Tensor) -> Tensor, x: &[f64], s: &[usize], probe: &[f64]) -> Vec<f64> {
+    let v = Var::from_slice(x, s, &Device::Cpu).unwrap();
+    let grads = (op(v.as_tensor()) * t(probe, s))
         .unwrap()
         .sum_all()
         .unwrap()
         .backward()
         .unwrap();
-    let analytic = grads
+    grads
         .get(v.as_tensor())
         .unwrap()
         .flatten_all()
         .unwrap()
         .to_vec1::<f64>()
-        .unwrap();
-    check_gradient(&[x], &[s], 0, &analytic, &loss);
+        .unwrap()
+}
+
+/// Σ probe ⊙ op(x), for finite differences.
+fn probe_loss<'a>(
+    op: &'a dyn Fn(&Tensor) -> Tensor,
+    probe: &'a [f64],
+    s: &'a [usize],
+) -> impl Fn(&[Tensor]) -> f64 + 'a {
+    move |a: &[Tensor]| {
+        (op(&a[0]) * t(probe, s))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+}
+
+#[test]
+fn gelu_matches_candles_erf_gelu_and_finite_differences() {
+    let s: &[usize] = &[4, 33];
+    let (x, probe) = (random(s, -5.0, 5.0, 9), random(s, -1.0, 1.0, 10));
+    let op = |x: &Tensor| mmrec_kernels::fused::gelu(x).unwrap();
+    assert!(max_abs(&op(&t(&x, s)), &t(&x, s).gelu_erf().unwrap()) < 1e-12);
+    let analytic = probe_grad(&op, &x, s, &probe);
+    check_gradient(&[x], &[s], 0, &analytic, &probe_loss(&op, &probe, s));
+}
+
+#[test]
+fn softmax_matches_a_sequential_reference_and_finite_differences() {
+    let s: &[usize] = &[3, 5, 37];
+    let (mut x, probe) = (random(s, -8.0, 8.0, 11), random(s, -1.0, 1.0, 12));
+    // Hidden entries (−∞) as the attention mask makes them, and one row hidden entirely.
+    for i in (0..x.len()).step_by(7) {
+        x[i] = f64::NEG_INFINITY;
+    }
+    x[37..74].fill(f64::NEG_INFINITY);
+    let op = |x: &Tensor| mmrec_kernels::fused::softmax_last_dim(x).unwrap();
+    let got = op(&t(&x, s)).flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    for (row, out) in x.chunks(37).zip(got.chunks(37)) {
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let mut sum = 0.0;
+        for v in row {
+            sum += if m == f64::NEG_INFINITY { 0.0 } else { (v - m).exp() };
+        }
+        for (v, o) in row.iter().zip(out) {
+            let want = if m == f64::NEG_INFINITY {
+                0.0
+            } else {
+                (v - m).exp() / sum
+            };
+            assert!((o - want).abs() < 1e-14, "{o} vs {want}");
+        }
+    }
+    let analytic = probe_grad(&op, &x, s, &probe);
+    check_gradient(&[x], &[s], 0, &analytic, &probe_loss(&op, &probe, s));
 }
 
 #[test]
@@ -258,4 +297,61 @@ fn embedding_gathers_rows_and_adds_gradients_back_per_id() {
         .index_add(&ids.flatten_all().unwrap(), &probe.reshape((6, 3)).unwrap(), 0)
         .unwrap();
     assert!(max_abs(grads.get(var.as_tensor()).unwrap(), &want) < 1e-15);
+}
+
+#[test]
+fn add_squares_accumulates_the_sum_of_squares_of_every_tensor() {
+    let acc = Tensor::zeros(1, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let (a, b) = (random(&[7, 13], -2.0, 2.0, 21), random(&[1000], -1.0, 1.0, 22));
+    for v in [&a, &b] {
+        let g = Tensor::from_slice(v, v.len(), &Device::Cpu)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap();
+        mmrec_kernels::adamw::add_squares(&acc, &g).unwrap();
+    }
+    let want: f64 = a.iter().chain(&b).map(|v| (*v as f32 as f64).powi(2)).sum();
+    let got = acc.to_vec1::<f32>().unwrap()[0] as f64;
+    assert!((got - want).abs() < 1e-5 * want, "{got} vs {want}");
+}
+
+#[test]
+fn bias_add_matches_its_definition_and_finite_differences() {
+    let (ys, bs): (&[usize], &[usize]) = (&[6, 9], &[9]);
+    let (y, b, probe) = (
+        random(ys, -2.0, 2.0, 31),
+        random(bs, -1.0, 1.0, 32),
+        random(ys, -1.0, 1.0, 33),
+    );
+    let out = mmrec_kernels::fused::bias_add(&t(&y, ys), &t(&b, bs)).unwrap();
+    let want = t(&y, ys).broadcast_add(&t(&b, bs)).unwrap();
+    assert!(max_abs(&out, &want) < 1e-15);
+    let loss = |a: &[Tensor]| {
+        (mmrec_kernels::fused::bias_add(&a[0], &a[1]).unwrap() * t(&probe, ys))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (vy, vb) = (
+        Var::from_slice(&y, ys, &Device::Cpu).unwrap(),
+        Var::from_slice(&b, bs, &Device::Cpu).unwrap(),
+    );
+    let grads = (mmrec_kernels::fused::bias_add(vy.as_tensor(), vb.as_tensor()).unwrap() * t(&probe, ys))
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    for (which, v) in [(0, &vy), (1, &vb)] {
+        let analytic = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        check_gradient(&[y.clone(), b.clone()], &[ys, bs], which, &analytic, &loss);
+    }
 }

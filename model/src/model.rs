@@ -53,9 +53,9 @@ pub fn wide_dtype(dtype: DType) -> DType {
     }
 }
 
-/// A linear layer applied as one 2-D matmul over all leading dimensions. candle's
-/// `Linear` multiplies a [B, T, D] input by a weight broadcast per batch row, and its
-/// backward then materialises B weight-sized gradients and sums them.
+/// A linear layer applied as one 2-D matmul over all leading dimensions, then the fused
+/// bias add. candle's `Linear` multiplies a [B, T, D] input by a weight broadcast per batch
+/// row, and its backward then materialises B weight-sized gradients and sums them.
 #[derive(Clone, Debug)]
 pub struct Dense(pub Linear);
 
@@ -68,15 +68,10 @@ impl Module for Dense {
         let dims = x.dims();
         let (rows, d_in) = (dims[..dims.len() - 1].iter().product::<usize>(), dims[dims.len() - 1]);
         let x = x.reshape((rows, d_in))?;
-        let y = match (x.device().is_cuda(), self.0.bias()) {
-            // On CUDA the bias enters as a rank-1 matmul, ones [N, 1] × b [1, D]: the
-            // backward of a broadcast add reduces over rows with one thread per column
-            // and strided (uncoalesced) reads, while this one is a cuBLAS product.
-            (true, Some(b)) => {
-                (x.matmul(&self.0.weight().t()?)?
-                    + Tensor::ones((rows, 1), b.dtype(), b.device())?.matmul(&b.unsqueeze(0)?)?)?
-            }
-            _ => self.0.forward(&x)?,
+        let y = x.matmul(&self.0.weight().t()?)?;
+        let y = match self.0.bias() {
+            Some(b) => mmrec_kernels::fused::bias_add(&y, b)?,
+            None => y,
         };
         let mut out = dims.to_vec();
         *out.last_mut().expect("a tensor with dimensions") = y.dim(1)?;
@@ -445,9 +440,8 @@ impl Memory {
         let qh = heads(q, t)?;
         let mask = visibility_mask(visible.into_iter().flatten().collect(), (t, n_e), h.dtype(), h.device())?;
         let scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
-        // The composed softmax (candle 0.11's fused `softmax_last_dim` drops its gradient),
-        // in at least f32 (DESIGN §6).
-        let attn = candle_nn::ops::softmax(&widen(&scores)?, D::Minus1)?.to_dtype(h.dtype())?;
+        // One fused pass each way, statistics in f32 whatever the dtype (DESIGN §6).
+        let attn = mmrec_kernels::fused::softmax_last_dim(&scores)?;
         let ctx = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((self.out.forward(&ctx)?, new_levels))
     }

@@ -91,21 +91,19 @@ impl AdamW {
         Ok(AdamW { params, t: 0, cfg })
     }
 
-    /// Global L2 norm of the gradients of the trainable parameters.
+    /// Global L2 norm of the gradients of the trainable parameters: summed where the
+    /// gradients live, one kernel per tensor, read back once per step.
     pub fn grad_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-        // Summed where the gradients live, read back once: one device sync per step, not
-        // one per parameter tensor.
-        let mut sq: Option<Tensor> = None;
+        let Some(first) = self.params.first() else {
+            return Ok(0.0);
+        };
+        let acc = Tensor::zeros(1, DType::F32, first.var.device())?;
         for p in &self.params {
             if let Some(g) = grads.get(&p.name) {
-                let s = g.sqr()?.sum_all()?.to_dtype(DType::F64)?;
-                sq = Some(match sq {
-                    Some(total) => (total + s)?,
-                    None => s,
-                });
+                mmrec_kernels::adamw::add_squares(&acc, g)?;
             }
         }
-        Ok(sq.map_or(Ok(0.0), |t| t.to_scalar::<f64>())?.sqrt())
+        Ok((acc.to_vec1::<f32>()?[0] as f64).sqrt())
     }
 
     /// One update at learning rate `lr`, gradients scaled by `scale` (clipping and

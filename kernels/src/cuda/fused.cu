@@ -167,6 +167,16 @@ extern "C" __global__ void mmrec_adamw_moments(float *mv, const float *g, unsign
     }
 }
 
+// acc[0] += Σ g²: one launch per gradient tensor towards the global gradient norm (the
+// composed square, sum, cast and add were four launches and a full-size temporary each).
+extern "C" __global__ void mmrec_add_squares(const float *g, float *acc, unsigned long long n) {
+    float s = 0.f;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        s += g[i] * g[i];
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+    if (threadIdx.x % 32 == 0) atomicAdd(acc, s);
+}
+
 // θ ← θ · decay − lr · (m / c1) / (sqrt(v / c2) + ε).
 extern "C" __global__ void mmrec_adamw_apply(float *theta, const float *mv, unsigned long long n, float lr,
                                              float decay, float c1, float c2, float eps) {
@@ -219,3 +229,59 @@ __device__ void embedding_backward(const uint32_t *ids, const T *dy, float *dtab
 
 INSTANTIATE_EMBEDDING(float, f32)
 INSTANTIATE_EMBEDDING(__nv_bfloat16, bf16)
+
+// Softmax over the last dimension, one warp per row, statistics in f32: y = exp(x − max) /
+// Σ exp(x − max); a row that is all −∞ (nothing visible) gives zeros. With `dy`, the
+// backward from (y, dy): dx = y ⊙ (dy − Σ y ⊙ dy).
+template <typename T>
+__device__ void softmax_rows(const T *x, const T *dy, T *out, int N, int E) {
+    int lane = threadIdx.x % 32;
+    int warps = blockDim.x / 32;
+    for (int r = blockIdx.x * warps + threadIdx.x / 32; r < N; r += gridDim.x * warps) {
+        const T *xr = x + (size_t)r * E;
+        T *outr = out + (size_t)r * E;
+        if (dy) {
+            const T *dyr = dy + (size_t)r * E;
+            float dot = 0.f;
+            for (int j = lane; j < E; j += 32) dot += to_f(xr[j]) * to_f(dyr[j]);
+            for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, off);
+            for (int j = lane; j < E; j += 32) outr[j] = from_f<T>(to_f(xr[j]) * (to_f(dyr[j]) - dot));
+            continue;
+        }
+        float m = -INFINITY;
+        for (int j = lane; j < E; j += 32) m = fmaxf(m, to_f(xr[j]));
+        for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+        float s = 0.f;
+        if (m != -INFINITY) {
+            for (int j = lane; j < E; j += 32) s += __expf(to_f(xr[j]) - m);
+        }
+        for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffff, s, off);
+        float inv = s > 0.f ? 1.f / s : 0.f;
+        for (int j = lane; j < E; j += 32) outr[j] = from_f<T>(m == -INFINITY ? 0.f : __expf(to_f(xr[j]) - m) * inv);
+    }
+}
+
+#define INSTANTIATE_SOFTMAX(T, SUFFIX)                                                                \
+    extern "C" __global__ void mmrec_softmax_##SUFFIX(const T *x, const T *dy, T *out, int N, int E) { \
+        softmax_rows<T>(x, dy, out, N, E);                                                            \
+    }
+
+INSTANTIATE_SOFTMAX(float, f32)
+INSTANTIATE_SOFTMAX(__nv_bfloat16, bf16)
+
+// out[r, j] = y[r, j] + b[j] over y [N, D]: a linear layer's bias in one pass (a broadcast
+// add ran candle's strided kernel; a rank-1 product wrote a full [N, D] tensor first).
+template <typename T>
+__device__ void bias_add(const T *y, const T *b, T *out, size_t n, unsigned int d) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = from_f<T>(to_f(y[i]) + to_f(b[i % d]));
+}
+
+#define INSTANTIATE_BIAS(T, SUFFIX)                                                                   \
+    extern "C" __global__ void mmrec_bias_add_##SUFFIX(const T *y, const T *b, T *out, unsigned long long n, \
+                                                       unsigned int d) {                              \
+        bias_add<T>(y, b, out, n, d);                                                                 \
+    }
+
+INSTANTIATE_BIAS(float, f32)
+INSTANTIATE_BIAS(__nv_bfloat16, bf16)

@@ -3,7 +3,7 @@
 
 use super::{gpu, rel};
 use candle_core::{DType, Device, Tensor, Var};
-use mmrec_kernels::fused::{mdi_gate, rms_norm};
+use mmrec_kernels::fused::{bias_add, mdi_gate, rms_norm, softmax_last_dim};
 
 /// Outputs and input gradients of Σ probe ⊙ op(inputs) on `dev` in `dtype`.
 fn run(
@@ -121,4 +121,48 @@ fn embedding_backward_on_the_gpu_matches_the_cpu() {
     compare(&[table], &[probe], &|x| {
         vec![mmrec_kernels::fused::embedding(&x[0], &ids.to_device(x[0].device()).unwrap()).unwrap()]
     });
+}
+
+#[test]
+fn softmax_on_the_gpu_matches_the_cpu() {
+    let cpu = Device::Cpu;
+    for (n, e) in [(3, 7), (4096, 52), (100, 300)] {
+        // Every fifth entry hidden (−∞), as the attention mask hides them.
+        let hidden: Vec<f32> = (0..n * e)
+            .map(|i| if i % 5 == 0 { f32::NEG_INFINITY } else { 0.0 })
+            .collect();
+        let x = (Tensor::randn(0f32, 3.0, (n, e), &cpu).unwrap() + Tensor::from_vec(hidden, (n, e), &cpu).unwrap())
+            .unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (n, e), &cpu).unwrap();
+        compare(&[x], &[probe], &|a| vec![softmax_last_dim(&a[0]).unwrap()]);
+    }
+}
+
+#[test]
+fn add_squares_on_the_gpu_matches_the_cpu() {
+    let cpu = Device::Cpu;
+    let grads: Vec<Tensor> = [(512, 2048), (7, 3), (1, 1_000_003)]
+        .into_iter()
+        .map(|shape| Tensor::randn(0f32, 1.0, shape, &cpu).unwrap())
+        .collect();
+    let sum = |dev: &Device| {
+        let acc = Tensor::zeros(1, DType::F32, dev).unwrap();
+        for g in &grads {
+            mmrec_kernels::adamw::add_squares(&acc, &g.to_device(dev).unwrap()).unwrap();
+        }
+        acc.to_vec1::<f32>().unwrap()[0]
+    };
+    let (want, got) = (sum(&cpu), sum(&gpu()));
+    assert!(((got - want) / want).abs() < 1e-5, "{got} vs {want}");
+}
+
+#[test]
+fn bias_add_on_the_gpu_matches_the_cpu() {
+    let cpu = Device::Cpu;
+    for (n, d) in [(3, 5), (32768, 512), (1000, 2048)] {
+        let y = Tensor::randn(0f32, 1.0, (n, d), &cpu).unwrap();
+        let b = Tensor::randn(0f32, 1.0, d, &cpu).unwrap();
+        let probe = Tensor::randn(0f32, 1.0, (n, d), &cpu).unwrap();
+        compare(&[y, b], &[probe], &|a| vec![bias_add(&a[0], &a[1]).unwrap()]);
+    }
 }
