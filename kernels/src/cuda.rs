@@ -506,14 +506,12 @@ pub fn gelu(x: (&CudaStorage, &Layout), dy: Option<(&CudaStorage, &Layout)>) -> 
     })
 }
 
-/// Softmax over the last dimension of x [N, E] (rows of E), or with `dy` its backward from
+/// Softmax over the last dimension of x (rows of E), or with `dy` its backward from
 /// the forward's output y (passed as `x`): dx = y ⊙ (dy − Σ y ⊙ dy); in x's dtype.
-pub fn softmax(
-    x: (&CudaStorage, &Layout),
-    dy: Option<(&CudaStorage, &Layout)>,
-    (n, e): (usize, usize),
-) -> Result<CudaStorage> {
+pub fn softmax(x: (&CudaStorage, &Layout), dy: Option<(&CudaStorage, &Layout)>) -> Result<CudaStorage> {
     let dev = x.0.device().clone();
+    let e = x.1.dims().last().copied().unwrap_or(1).max(1);
+    let n = x.1.shape().elem_count() / e;
     with_float!(x.0.dtype(), "softmax", |T| {
         let xv = contiguous_view::<T>(x.0, x.1, "softmax: x")?;
         let dyv = dy.map(|(s, l)| contiguous_view::<T>(s, l, "softmax: dy")).transpose()?;

@@ -412,6 +412,64 @@ impl CustomOp3 for MdiGateGrad {
     }
 }
 
+/// The custom op `$op` (one input) and its backward `$grad` (inputs: the forward's input,
+/// or its output when `backward_from_output`, then dy), both computed by one CPU function `$cpu(s, l, dy)` and one CUDA
+/// function `$cuda((s, l), dy)`, with `dy` None for the forward.
+macro_rules! op_with_grad {
+    ($op:ident, $grad:ident, $name:literal, $cpu:path, $cuda:path, backward_from_output: $from_output:literal) => {
+        impl candle_core::CustomOp1 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+                $cpu(s, l, None)
+            }
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s: &candle_core::CudaStorage,
+                l: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+                Ok(($cuda((s, l), None)?, l.shape().clone()))
+            }
+
+            fn bwd(&self, x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
+                let from = if $from_output { y } else { x };
+                from.apply_op2_no_bwd(&dy.contiguous()?, &$grad).map(Some)
+            }
+        }
+
+        impl CustomOp2 for $grad {
+            fn name(&self) -> &'static str {
+                concat!($name, "-backward")
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                $cpu(s1, l1, Some((s2, l2)))
+            }
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+                Ok(($cuda((s1, l1), Some((s2, l2)))?, l1.shape().clone()))
+            }
+        }
+    };
+}
+
 /// GELU in its erf form, `x Φ(x)`, with a one-pass backward (candle's composed backward
 /// ran eight element-wise ops over the FFN's 4D-wide activations).
 pub fn gelu(x: &Tensor) -> candle_core::Result<Tensor> {
@@ -454,56 +512,6 @@ fn map_cpu(s: &CpuStorage, l: &Layout, dy: Option<(&CpuStorage, &Layout)>) -> ca
     Ok((out, l.shape().clone()))
 }
 
-impl candle_core::CustomOp1 for Gelu {
-    fn name(&self) -> &'static str {
-        "mmrec-gelu"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        map_cpu(s, l, None)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::gelu((s, l), None)?, l.shape().clone()))
-    }
-
-    fn bwd(&self, x: &Tensor, _y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        x.apply_op2_no_bwd(&dy.contiguous()?, &GeluGrad).map(Some)
-    }
-}
-
-impl CustomOp2 for GeluGrad {
-    fn name(&self) -> &'static str {
-        "mmrec-gelu-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        map_cpu(s1, l1, Some((s2, l2)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::gelu((s1, l1), Some((s2, l2)))?, l1.shape().clone()))
-    }
-}
-
 /// Softmax over the last dimension, statistics in f32 whatever the dtype, in one pass
 /// forward and one backward (candle's composed softmax ran max, subtract, exp, sum and
 /// divide, each a kernel, and as many again backward, over the attention scores). A row
@@ -519,17 +527,12 @@ struct Softmax;
 #[derive(Clone, Copy, Debug)]
 struct SoftmaxGrad;
 
-fn last_dim_rows(l: &Layout) -> (usize, usize) {
-    let e = l.dims().last().copied().unwrap_or(1).max(1);
-    (l.shape().elem_count() / e, e)
-}
-
 fn softmax_cpu(
     s: &CpuStorage,
     l: &Layout,
     dy: Option<(&CpuStorage, &Layout)>,
 ) -> candle_core::Result<(CpuStorage, Shape)> {
-    let (_, e) = last_dim_rows(l);
+    let e = l.dims().last().copied().unwrap_or(1).max(1);
     let out = with_cpu_float!(s, "softmax", |T| {
         let x = cpu_slice::<T>(s, l, "softmax: x")?;
         let mut out = vec![T::from_f64(0.0); x.len()];
@@ -559,59 +562,6 @@ fn softmax_cpu(
         T::to_cpu_storage_owned(out)
     });
     Ok((out, l.shape().clone()))
-}
-
-impl candle_core::CustomOp1 for Softmax {
-    fn name(&self) -> &'static str {
-        "mmrec-softmax"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        softmax_cpu(s, l, None)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((crate::cuda::softmax((s, l), None, last_dim_rows(l))?, l.shape().clone()))
-    }
-
-    fn bwd(&self, _x: &Tensor, y: &Tensor, dy: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        y.apply_op2_no_bwd(&dy.contiguous()?, &SoftmaxGrad).map(Some)
-    }
-}
-
-impl CustomOp2 for SoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "mmrec-softmax-backward"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        softmax_cpu(s1, l1, Some((s2, l2)))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        Ok((
-            crate::cuda::softmax((s1, l1), Some((s2, l2)), last_dim_rows(l1))?,
-            l1.shape().clone(),
-        ))
-    }
 }
 
 /// `y + b` for y [N, D] and a bias b [D], in one pass; the backward passes dy through and
@@ -682,6 +632,9 @@ impl CustomOp2 for BiasAdd {
         Ok((Some(dy.clone()), Some(db)))
     }
 }
+
+op_with_grad!(Gelu, GeluGrad, "mmrec-gelu", map_cpu, crate::cuda::gelu, backward_from_output: false);
+op_with_grad!(Softmax, SoftmaxGrad, "mmrec-softmax", softmax_cpu, crate::cuda::softmax, backward_from_output: true);
 
 /// Rows of `table` [V, D] for `ids` (u32, any shape, each below V): `[…ids, D]`. Its backward adds each
 /// row's gradient into the table's gradient in one parallel pass (candle's `index_add`

@@ -12,16 +12,11 @@ use mmrec_trainer::train::{loss_and_grads, Net, OptimConfig, Precision};
 
 #[test]
 fn bf16_mixed_precision_keeps_tiny_updates_in_the_f32_master_weights() {
+    // Chunk levels and the memory window all engage within the 40 tokens.
     let cfg = ModelConfig {
-        vocab_size: 50,
-        d_model: 16,
-        n_layers: 2,
-        n_heads: 2,
-        n_slots: 3,
         chunk_sizes: vec![4, 16],
         memory_window: 3,
-        dropout: 0.0,
-        uboo_weight: 0.0,
+        ..mmrec_model::preset("tiny", 50).unwrap()
     };
     let dev = Device::Cpu;
     let vm = VarMap::new();
