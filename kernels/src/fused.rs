@@ -335,10 +335,12 @@ impl CustomOp3 for MdiGate {
                 grad: grad.contiguous()?,
             },
         )?;
+        // Contiguous slices of the flat result: views, no copies.
+        let n = a.dim(0)?;
         Ok((
-            Some(all.narrow(1, 0, d)?),
-            Some(all.narrow(1, d, d)?),
-            Some(all.narrow(1, 2 * d, 4 * d)?),
+            Some(all.narrow(0, 0, n * d)?.reshape((n, d))?),
+            Some(all.narrow(0, n * d, n * d)?.reshape((n, d))?),
+            Some(all.narrow(0, 2 * n * d, 4 * n * d)?.reshape((n, 4 * d))?),
         ))
     }
 }
@@ -365,8 +367,15 @@ impl CustomOp3 for MdiGateGrad {
                 cpu_slice::<T>(s2, l2, "mdi gate: b")?,
                 cpu_slice::<T>(s3, l3, "mdi gate: projection")?,
             );
+            // Block after block, as the CUDA kernel writes it: da [N, D], db [N, D], dp [N, 4D].
             let mut out = vec![T::from_f64(0.0); 6 * n * d];
-            out.par_chunks_mut(6 * d.max(1)).enumerate().for_each(|(r, o)| {
+            let (dab, dp) = out.split_at_mut(2 * n * d);
+            let (da, db) = dab.split_at_mut(n * d);
+            let rows = da
+                .par_chunks_mut(d.max(1))
+                .zip(db.par_chunks_mut(d.max(1)))
+                .zip(dp.par_chunks_mut(4 * d.max(1)));
+            rows.enumerate().for_each(|(r, ((da, db), dp))| {
                 for c in 0..d {
                     let i = r * d + c;
                     let (z, g) = (p[r * 4 * d + 2 * d + c].to_f64(), p[r * 4 * d + 3 * d + c].to_f64());
@@ -378,15 +387,15 @@ impl CustomOp3 for MdiGateGrad {
                     } else {
                         0.0
                     };
-                    o[c] = T::from_f64(draw * sb * sa * (1.0 - sa));
-                    o[d + c] = T::from_f64(draw * sa * sb * (1.0 - sb));
-                    o[4 * d + c] = T::from_f64(du * (1.0 - gamma) * sg);
-                    o[5 * d + c] = T::from_f64(du * (1.0 - gamma) * z * sg * (1.0 - sg));
+                    da[c] = T::from_f64(draw * sb * sa * (1.0 - sa));
+                    db[c] = T::from_f64(draw * sa * sb * (1.0 - sb));
+                    dp[2 * d + c] = T::from_f64(du * (1.0 - gamma) * sg);
+                    dp[3 * d + c] = T::from_f64(du * (1.0 - gamma) * z * sg * (1.0 - sg));
                 }
             });
             T::to_cpu_storage_owned(out)
         });
-        Ok((out, Shape::from((n, 6 * d))))
+        Ok((out, Shape::from(6 * n * d)))
     }
 
     #[cfg(feature = "cuda")]
@@ -407,7 +416,7 @@ impl CustomOp3 for MdiGateGrad {
         };
         Ok((
             crate::cuda::gate((s1, l1), (s2, l2), (s3, l3), Some((g, layout)), (n, d))?,
-            Shape::from((n, 6 * d)),
+            Shape::from(6 * n * d),
         ))
     }
 }

@@ -113,7 +113,9 @@ __device__ void gate_forward(const T *a, const T *b, const T *p, float *out, int
     }
 }
 
-// grad: dγ [N, D] then du [N, D] (f32). out [N, 6D] per row: da | db | dq = 0 | dk = 0 | dz | dg.
+// grad: dγ [N, D] then du [N, D] (f32). out, block after block: da [N, D], db [N, D], then
+// dp [N, 4D] (per row dq = 0 | dk = 0 | dz | dg), so each is a contiguous slice of it and
+// no copy is needed to hand them to autograd.
 template <typename T>
 __device__ void gate_backward(const T *a, const T *b, const T *p, const float *grad, T *out, int N, int D) {
     size_t n = (size_t)N * D;
@@ -124,13 +126,13 @@ __device__ void gate_backward(const T *a, const T *b, const T *p, const float *g
         float raw = sa * sb, gamma = fminf(fmaxf(raw, GAMMA_LO), GAMMA_HI);
         float dgamma = grad[i], du = grad[n + i];
         float draw = (raw >= GAMMA_LO && raw <= GAMMA_HI) ? dgamma - du * sg * z : 0.f;
-        T *o = out + r * 6 * D;
-        o[c] = from_f<T>(draw * sb * sa * (1.f - sa));
-        o[D + c] = from_f<T>(draw * sa * sb * (1.f - sb));
-        o[2 * D + c] = from_f<T>(0.f);
-        o[3 * D + c] = from_f<T>(0.f);
-        o[4 * D + c] = from_f<T>(du * (1.f - gamma) * sg);
-        o[5 * D + c] = from_f<T>(du * (1.f - gamma) * z * sg * (1.f - sg));
+        out[i] = from_f<T>(draw * sb * sa * (1.f - sa));
+        out[n + i] = from_f<T>(draw * sa * sb * (1.f - sb));
+        T *dp = out + 2 * n + r * 4 * D;
+        dp[c] = from_f<T>(0.f);
+        dp[D + c] = from_f<T>(0.f);
+        dp[2 * D + c] = from_f<T>(du * (1.f - gamma) * sg);
+        dp[3 * D + c] = from_f<T>(du * (1.f - gamma) * z * sg * (1.f - sg));
     }
 }
 
