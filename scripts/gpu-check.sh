@@ -3,7 +3,7 @@
 # a short training run, from the binaries scripts/build-cuda.sh packed.
 #
 # Usage: scripts/gpu-check.sh [CARRY] [RESULTS]   (defaults .carry/cuda and bench/results/gpu)
-# STAGES picks what runs (default: all of "tests bench torch train profile"); PRESETS the
+# STAGES picks what runs (default: all of "tests bench torch train curves profile"); PRESETS the
 # benchmark presets (default small,medium).
 # CARRY holds bin/*.xz and optionally wheels/ (accelerated-scan for the PyTorch reference)
 # and jit-cache.tar (the CUDA JIT cache of an earlier run: saves ~20 s of start-up).
@@ -26,7 +26,7 @@ mkdir -p "$CUDA_CACHE_PATH"
 if ls "$carry"/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/mmrec-site "$carry"/wheels/*.whl && export PYTHONPATH=/tmp/mmrec-site
 fi
-STAGES="${STAGES:-tests bench torch train profile}"
+STAGES="${STAGES:-tests bench torch train curves profile}"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$results/gpu.txt" 2>&1
@@ -58,10 +58,20 @@ done
 has bench && { python3 bench/gpu_report.py "$results" | tee "$results/summary.txt" || status=1; }
 
 work=/tmp/mmrec-train-check
-if has train || has profile; then
+if has train || has curves || has profile; then
   rm -rf "$work" && mkdir -p "$work"
   mmrec-data split --text fixtures/corpora/wikitext.jsonl --code fixtures/corpora/python_stdlib.jsonl \
     --mixed fixtures/corpora/chat.jsonl --tokenizer fixtures/tokenizer.json --out "$work/shards" >/dev/null || status=1
+fi
+if has curves; then
+  echo "== 500 steps of small in f32 and in bf16, same seed and data: do the loss curves agree?"
+  for p in f32 bf16; do
+    mmrec-train pretrain --device cuda --precision $p --data "$work/shards" --out "$work/curve-$p" --json \
+      --set 'model.preset="small"' --set run.steps=500 --set data.seq_len=256 --set data.batch_size=16 \
+      --set run.eval_every=50 --set run.eval_batches=8 >"$results/curve-$p.jsonl" || status=1
+  done
+  python3 bench/compare_curves.py "$results/curve-f32.jsonl" "$results/curve-bf16.jsonl" \
+    >"$results/curves.json" || status=1
 fi
 if has profile; then
   echo "== profile: every kernel of a bf16 medium training step, timed by Nsight Compute"
