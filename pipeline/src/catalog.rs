@@ -416,14 +416,20 @@ fn link_shards(dir: &Path, m: &Manifest, out: &Path, merged: &mut Manifest) -> R
                 });
             }
             if std::fs::hard_link(&src, &dst).is_err() {
-                let tmp = mmrec_schemas::atomic::temp_path(&dst);
-                std::fs::copy(&src, &tmp).at(&src)?;
-                std::fs::rename(&tmp, &dst).at(&dst)?;
+                copy_atomic(&src, &dst)?;
             }
             merged.domains.entry(*domain).or_default().push(s.clone());
         }
     }
     Ok(())
+}
+
+/// Copy `src` to `dst` under a temporary name, renamed into place when complete.
+fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
+    let mut from = std::fs::File::open(src).at(src)?;
+    let mut to = mmrec_schemas::atomic::AtomicFile::create(dst)?;
+    std::io::copy(&mut from, to.writer()).at(dst)?;
+    Ok(to.commit(true)?)
 }
 
 /// Add a part's totals and rejection counts to the merged manifest's.

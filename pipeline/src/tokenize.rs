@@ -8,7 +8,7 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::{AddedToken, Tokenizer, TokenizerBuilder};
 
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 
 use mmrec_schemas::atomic::sha256_hex;
 pub use mmrec_schemas::special::{EOT, PAD};
@@ -337,9 +337,8 @@ where
     .build()
     .map_err(|e| tok_err(out, e))?;
     tokenizer.train(&mut trainer, texts).map_err(|e| tok_err(out, e))?;
-    let tmp = mmrec_schemas::atomic::temp_path(out);
-    tokenizer.save(&tmp, false).map_err(|e| tok_err(out, e))?;
-    std::fs::rename(&tmp, out).at(out)?;
+    let json = tokenizer.to_string(false).map_err(|e| tok_err(out, e))?;
+    mmrec_schemas::atomic::write_atomic(out, json.as_bytes())?;
     Ok(out.to_path_buf())
 }
 

@@ -950,9 +950,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
         .map(|l| format!("{l}\n"))
         .collect();
     if keep.len() != text.len() {
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, keep).map_err(io_err(&tmp))?;
-        std::fs::rename(&tmp, path).map_err(io_err(path))?;
+        mmrec_schemas::atomic::write_atomic(path, keep.as_bytes())?;
     }
     Ok(())
 }
