@@ -75,36 +75,7 @@ fn rms_norm_matches_its_definition_and_finite_differences() {
             &composed_rms_norm(&t(&x, xs), &t(&w, ws))
         ) < 1e-12
     );
-    let loss = |a: &[Tensor]| {
-        (rms_norm(&a[0], &a[1]).unwrap() * t(&probe, ps))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let (vx, vw) = (
-        Var::from_slice(&x, xs, &Device::Cpu).unwrap(),
-        Var::from_slice(&w, ws, &Device::Cpu).unwrap(),
-    );
-    let grads = (rms_norm(vx.as_tensor(), vw.as_tensor()).unwrap() * t(&probe, ps))
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    let g = |v: &Var| {
-        grads
-            .get(v.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    let inputs = [x, w];
-    check_gradient(&inputs, &[xs, ws], 0, &g(&vx), &loss);
-    check_gradient(&inputs, &[xs, ws], 1, &g(&vw), &loss);
+    check_two_input_op(&|a, b| rms_norm(a, b).unwrap(), [(&x, xs), (&w, ws)], &probe);
 }
 
 fn composed_gate(a: &Tensor, b: &Tensor, p: &Tensor) -> (Tensor, Tensor) {
@@ -167,6 +138,33 @@ fn gate_outputs_are_f32_for_bf16_inputs() {
     // σ(8)² = 0.99933: distinct from 1 in f32, where bf16 would round it to 1.0.
     let g = gamma.flatten_all().unwrap().to_vec1::<f32>().unwrap()[0];
     assert!((g - 0.999_33).abs() < 1e-5, "{g}");
+}
+
+/// Both input gradients of Σ probe ⊙ op(a, b), by autograd, against finite differences.
+fn check_two_input_op(op: &dyn Fn(&Tensor, &Tensor) -> Tensor, inputs: [(&Vec<f64>, &[usize]); 2], probe: &[f64]) {
+    let vars = inputs.map(|(v, s)| Var::from_slice(v, s, &Device::Cpu).unwrap());
+    let out = op(vars[0].as_tensor(), vars[1].as_tensor());
+    let shape = out.dims().to_vec();
+    let grads = (out * t(probe, &shape)).unwrap().sum_all().unwrap().backward().unwrap();
+    let loss = |a: &[Tensor]| {
+        (op(&a[0], &a[1]) * t(probe, &shape))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let values = [inputs[0].0.clone(), inputs[1].0.clone()];
+    for (which, v) in vars.iter().enumerate() {
+        let analytic = grads
+            .get(v.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        check_gradient(&values, &[inputs[0].1, inputs[1].1], which, &analytic, &loss);
+    }
 }
 
 /// The gradient of Σ probe ⊙ op(x) with respect to x, by autograd.
@@ -326,32 +324,9 @@ fn bias_add_matches_its_definition_and_finite_differences() {
     let out = mmrec_kernels::fused::bias_add(&t(&y, ys), &t(&b, bs)).unwrap();
     let want = t(&y, ys).broadcast_add(&t(&b, bs)).unwrap();
     assert!(max_abs(&out, &want) < 1e-15);
-    let loss = |a: &[Tensor]| {
-        (mmrec_kernels::fused::bias_add(&a[0], &a[1]).unwrap() * t(&probe, ys))
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    };
-    let (vy, vb) = (
-        Var::from_slice(&y, ys, &Device::Cpu).unwrap(),
-        Var::from_slice(&b, bs, &Device::Cpu).unwrap(),
+    check_two_input_op(
+        &|a, b| mmrec_kernels::fused::bias_add(a, b).unwrap(),
+        [(&y, ys), (&b, bs)],
+        &probe,
     );
-    let grads = (mmrec_kernels::fused::bias_add(vy.as_tensor(), vb.as_tensor()).unwrap() * t(&probe, ys))
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .backward()
-        .unwrap();
-    for (which, v) in [(0, &vy), (1, &vb)] {
-        let analytic = grads
-            .get(v.as_tensor())
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap();
-        check_gradient(&[y.clone(), b.clone()], &[ys, bs], which, &analytic, &loss);
-    }
 }
