@@ -3,6 +3,7 @@
 //! exact and near dedup over the index. Memory grows with the number of documents, not
 //! with their size: the text is read again, file by file, when the shards are written.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use mmrec_schemas::{Domain, DuplicateRecord, InputInfo, NearDupSettings, QuarantineRecord};
@@ -41,61 +42,76 @@ impl DocEntry {
     }
 }
 
+/// A file's documents kept from pass 1 for pass 2 (by their place among the file's
+/// documents), so that pass 2 need not read the file again.
+pub type Retained = std::sync::Mutex<Option<Vec<(usize, Document)>>>;
+
 /// What pass 1 found: the index of this part's documents in input order, its quarantined
-/// records, and each input's manifest entry.
+/// records, each input's manifest entry, and per input the documents kept in memory.
 pub struct Index {
     pub docs: Vec<DocEntry>,
     pub quarantine: Vec<QuarantineRecord>,
     pub inputs: Vec<InputInfo>,
+    pub retained: Vec<Retained>,
 }
 
 /// Read every input (parallel over files; records stay in file order) into the index.
 /// Each file's documents are hashed, classified and cut to this part as soon as they are
-/// parsed, and their text is dropped.
+/// parsed. Their text is kept for pass 2 while `keep_text_bytes` allows (which files fit
+/// depends on timing; the output does not), and dropped otherwise.
 pub fn index_inputs(opts: &SplitOptions, files: &[InputFile], progress: &dyn Progress) -> Result<Index> {
     let hasher = opts.near_dup.as_ref().map(|nd| MinHasher::new(nd, opts.seed));
-    let per_file: Vec<(Vec<DocEntry>, Vec<QuarantineRecord>, InputInfo)> = files
+    let budget = std::sync::atomic::AtomicU64::new(opts.keep_text_bytes);
+    let per_file: Vec<(Vec<DocEntry>, Vec<QuarantineRecord>, InputInfo, Retained)> = files
         .par_iter()
         .enumerate()
         .map(|(file_index, f)| {
             let read = read_file(f, &opts.read)?;
             progress.advance(read.bytes, 0, 0);
             let (docs, bad) = owned_records(opts, read.records);
-            let entries = docs
+            let (entries, docs): (Vec<DocEntry>, Vec<(usize, Document)>) = docs
                 .into_par_iter()
                 .with_max_len(DOCS_PER_TASK)
-                .filter_map(|(ordinal, d, hash)| {
-                    opts.partition.owns(hash).then(|| DocEntry {
+                .filter(|(_, _, hash)| opts.partition.owns(*hash))
+                .map(|(ordinal, d, hash)| {
+                    let entry = DocEntry {
                         domain: d.domain_hint.unwrap_or_else(|| classify(&d.text)),
                         signature: hasher.as_ref().map(|h| h.signature(&d.text)),
                         text_hash: xxh3_64(d.text.as_bytes()),
                         len: d.text.len() as u64,
-                        id: Arc::from(d.id),
-                        lang: d.lang,
+                        id: Arc::from(d.id.as_str()),
+                        lang: d.lang.clone(),
                         file: file_index,
                         ordinal,
                         hash,
-                    })
+                    };
+                    (entry, (ordinal, d))
                 })
-                .collect();
+                .unzip();
+            let size: u64 = docs.iter().map(|(_, d)| (d.text.len() + d.id.len()) as u64).sum();
+            let fits = budget
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| left.checked_sub(size))
+                .is_ok();
             let info = InputInfo {
                 path: f.path.to_string_lossy().into_owned(),
                 bytes: read.bytes,
                 sha256: read.sha256,
                 declared: f.declared.map_or("auto".to_string(), |d| d.to_string()),
             };
-            Ok((entries, bad, info))
+            Ok((entries, bad, info, std::sync::Mutex::new(fits.then_some(docs))))
         })
         .collect::<Result<_>>()?;
     let mut index = Index {
         docs: Vec::new(),
         quarantine: Vec::new(),
         inputs: Vec::with_capacity(per_file.len()),
+        retained: Vec::with_capacity(per_file.len()),
     };
-    for (docs, bad, info) in per_file {
+    for (docs, bad, info, retained) in per_file {
         index.docs.extend(docs);
         index.quarantine.extend(bad);
         index.inputs.push(info);
+        index.retained.push(retained);
     }
     Ok(index)
 }

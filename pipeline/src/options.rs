@@ -25,6 +25,9 @@ pub struct SplitOptions {
     /// Read what symbolic links inside input directories point to (off: they are
     /// quarantined as `symlink`).
     pub follow_symlinks: bool,
+    /// Bytes of document text kept in memory between the two passes: inputs whose
+    /// documents fit are not read again (faster); the rest are (bounded memory).
+    pub keep_text_bytes: u64,
 }
 
 impl SplitOptions {
@@ -49,6 +52,7 @@ impl SplitOptions {
             partition: Partition::WHOLE,
             seed: 0,
             follow_symlinks: false,
+            keep_text_bytes: 512 << 20,
         }
     }
 }

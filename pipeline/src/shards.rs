@@ -13,7 +13,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
-use crate::index::DocEntry;
+use crate::index::{DocEntry, Retained};
 use crate::input::{read_file, Document, InputFile, Record};
 use crate::options::{Progress, SplitOptions};
 use crate::tokenize::LoadedTokenizer;
@@ -68,6 +68,8 @@ pub struct Sources<'a> {
     /// of mixed contents.
     pub sha256: Vec<&'a str>,
     pub docs: &'a [DocEntry],
+    /// Per input, its documents when pass 1 kept them in memory.
+    pub retained: &'a [Retained],
     pub state_dir: &'a Path,
 }
 
@@ -126,8 +128,26 @@ pub fn write_shards(src: &Sources, plan: &[PlannedShard], progress: &dyn Progres
         .collect())
 }
 
-/// Re-read input `f` and pick out the documents `route` (sorted by place) names.
+/// The documents of input `f` that `route` (sorted by place) names: kept from pass 1, or
+/// read again.
 fn routed_documents(src: &Sources, f: usize, route: &[(usize, usize, usize)]) -> Result<Vec<(usize, usize, Document)>> {
+    let kept = src.retained[f].lock().map_or(None, |mut r| r.take());
+    let docs: Vec<(usize, Document)> = match kept {
+        Some(docs) => docs,
+        None => reread(src, f)?,
+    };
+    let mut wanted = route.iter().peekable();
+    let mut out = Vec::with_capacity(route.len());
+    for (ordinal, doc) in docs {
+        if let Some(&(_, s, i)) = wanted.next_if(|(o, _, _)| *o == ordinal) {
+            out.push((s, i, doc));
+        }
+    }
+    Ok(out)
+}
+
+/// Input `f`'s documents with their places, read again; an error if the file changed.
+fn reread(src: &Sources, f: usize) -> Result<Vec<(usize, Document)>> {
     let file = &src.files[f];
     let read = read_file(file, &src.opts.read)?;
     if read.sha256 != src.sha256[f] {
@@ -138,18 +158,11 @@ fn routed_documents(src: &Sources, f: usize, route: &[(usize, usize, usize)]) ->
             read.sha256
         )));
     }
-    let mut wanted = route.iter().peekable();
-    let mut out = Vec::with_capacity(route.len());
     let docs = read.records.into_iter().filter_map(|r| match r {
         Record::Doc(d) => Some(d),
         Record::Bad(_) => None,
     });
-    for (ordinal, doc) in docs.enumerate() {
-        if let Some(&(_, s, i)) = wanted.next_if(|(o, _, _)| *o == ordinal) {
-            out.push((s, i, doc));
-        }
-    }
-    Ok(out)
+    Ok(docs.enumerate().collect())
 }
 
 /// A row group's documents (with their index entries) and their tokens.

@@ -73,6 +73,7 @@ pub fn split(opts: &SplitOptions, progress: &dyn Progress) -> Result<SplitReport
         files: &files,
         sha256: index.inputs.iter().map(|i| i.sha256.as_str()).collect(),
         docs: &index.docs,
+        retained: &index.retained,
         state_dir: &state_dir,
     };
     let outcomes = write_shards(&sources, &plan, progress)?;

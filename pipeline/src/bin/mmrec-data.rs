@@ -109,6 +109,10 @@ struct SplitArgs {
     /// them as `symlink`; links that loop are quarantined either way).
     #[arg(long)]
     follow_symlinks: bool,
+    /// Document text (MB) kept in memory between split's two passes: inputs that fit are not
+    /// read a second time. Peak memory grows by about this much; 0 re-reads everything.
+    #[arg(long, default_value_t = 512)]
+    keep_text_mb: u64,
     /// How plain-text files are cut into documents.
     #[arg(long, value_enum, default_value_t = PlainSplit::File)]
     plain_split: PlainSplit,
@@ -330,6 +334,7 @@ fn split_command(a: SplitArgs) -> Result<ExitCode> {
         partition: a.part,
         seed: a.seed,
         follow_symlinks: a.follow_symlinks,
+        keep_text_bytes: a.keep_text_mb << 20,
     };
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(a.threads.unwrap_or(0))
