@@ -110,7 +110,8 @@ struct SplitArgs {
     #[arg(long)]
     follow_symlinks: bool,
     /// Document text (MB) kept in memory between split's two passes: inputs that fit are not
-    /// read a second time. Peak memory grows by about this much; 0 re-reads everything.
+    /// read a second time. Kept text costs more memory than its size (262 MB of it added
+    /// 0.45 GB of peak RSS in one measurement); 0 re-reads everything.
     #[arg(long, default_value_t = 512)]
     keep_text_mb: u64,
     /// How plain-text files are cut into documents.
