@@ -247,6 +247,19 @@ fn gate_dims(a: &Layout, b: &Layout, p: &Layout) -> candle_core::Result<(usize, 
     Ok((n, d))
 }
 
+/// The gate's three CPU inputs: the two MLP outputs and the projection.
+fn gate_slices<'a, T: WithDType>(
+    a: (&'a CpuStorage, &Layout),
+    b: (&'a CpuStorage, &Layout),
+    p: (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(&'a [T], &'a [T], &'a [T])> {
+    Ok((
+        cpu_slice::<T>(a.0, a.1, "mdi gate: a")?,
+        cpu_slice::<T>(b.0, b.1, "mdi gate: b")?,
+        cpu_slice::<T>(p.0, p.1, "mdi gate: projection")?,
+    ))
+}
+
 fn sigmoid(x: f64) -> f64 {
     1.0 / (1.0 + (-x).exp())
 }
@@ -274,11 +287,7 @@ impl CustomOp3 for MdiGate {
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, d) = gate_dims(l1, l2, l3)?;
         let out = with_cpu_float!(s1, "mdi gate", |T| {
-            let (a, b, p) = (
-                cpu_slice::<T>(s1, l1, "mdi gate: a")?,
-                cpu_slice::<T>(s2, l2, "mdi gate: b")?,
-                cpu_slice::<T>(s3, l3, "mdi gate: projection")?,
-            );
+            let (a, b, p) = gate_slices::<T>((s1, l1), (s2, l2), (s3, l3))?;
             let (gamma, u): (Vec<f64>, Vec<f64>) = (0..n * d)
                 .into_par_iter()
                 .map(|i| {
@@ -362,11 +371,7 @@ impl CustomOp3 for MdiGateGrad {
         let (n, d) = gate_dims(l1, l2, l3)?;
         let grad = self.grad.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
         let out = with_cpu_float!(s1, "mdi gate backward", |T| {
-            let (a, b, p) = (
-                cpu_slice::<T>(s1, l1, "mdi gate: a")?,
-                cpu_slice::<T>(s2, l2, "mdi gate: b")?,
-                cpu_slice::<T>(s3, l3, "mdi gate: projection")?,
-            );
+            let (a, b, p) = gate_slices::<T>((s1, l1), (s2, l2), (s3, l3))?;
             // Block after block, as the CUDA kernel writes it: da [N, D], db [N, D], dp [N, 4D].
             let mut out = vec![T::from_f64(0.0); 6 * n * d];
             let (dab, dp) = out.split_at_mut(2 * n * d);
