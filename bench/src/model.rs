@@ -346,8 +346,8 @@ fn step_figure(
     device::reset_peak_memory(dev)?;
     let step = timed(dev, 3, 20, || {
         let (inp, tgt) = next()?;
-        let (_, grads) = loss_and_grads(&net.in_precision(&vm, precision, dev)?, &vm, &inp, &tgt, &mask, false)?;
-        opt.step(&grads, 1e-4, 1.0)
+        let (loss, grads) = loss_and_grads(&net.in_precision(&vm, precision, dev)?, &vm, &inp, &tgt, &mask, false)?;
+        opt.update(&grads, &loss, 1e-4, 1.0, 1.0).map(|_| ())
     })?;
     let peak = device::peak_memory(dev)?.map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64);
     let breakdown = step_breakdown(dev, &net, &vm, &mut opt, precision, &mut next, &mask)?;
@@ -393,7 +393,7 @@ fn step_breakdown(
         let cast = net.in_precision(vm, precision, dev)?;
         lap("casts", &mut t)?;
         let (logits, aux) = cast.logits(&inp, true)?;
-        let loss = (masked_cross_entropy(&logits, &tgt, mask)? + aux)?;
+        let loss = (masked_cross_entropy(&logits, &tgt, mask)? + aux)?.to_dtype(DType::F32)?;
         lap("forward", &mut t)?;
         let store = loss.backward()?;
         lap("backward", &mut t)?;
@@ -402,10 +402,8 @@ fn step_breakdown(
             .iter()
             .filter_map(|p| store.get(p.var.as_tensor()).map(|g| (p.name.clone(), g.clone())))
             .collect();
-        opt.grad_norm(&grads)?;
-        lap("grad_norm", &mut t)?;
-        opt.step(&grads, 1e-4, 1.0)?;
-        lap("adamw", &mut t)?;
+        opt.update(&grads, &loss, 1e-4, 1.0, 1.0)?;
+        lap("norm_clip_adamw", &mut t)?;
     }
     Ok(parts
         .into_iter()

@@ -21,7 +21,7 @@ const CHUNK: usize = 128;
 pub enum Kernel {
     /// (γ, u, h0) → h.
     Forward,
-    /// (dy, γ, h, h0) → [du; dγ], two [B, T, D] blocks.
+    /// (dy, γ, h, h0) → [dγ; du], two [B, T, D] blocks.
     Backward,
     /// (dy, γ) → the adjoint g.
     Adjoint,
@@ -241,9 +241,16 @@ fn launch_rows<T: DeviceRepr, O: CudaDType + DeviceRepr>(
 }
 
 const FUSED_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-/// Must match NORM_THREADS and MAX_PER_THREAD in fused.cu.
+/// Must match NORM_THREADS and NORM_MAX_WIDTH in fused.cu.
 const NORM_THREADS: u32 = 256;
-pub const NORM_MAX_WIDTH: usize = 256 * 8;
+pub const NORM_MAX_WIDTH: usize = 2048;
+
+/// The RMSNorm kernel for rows of width `d`: one warp per row, `PER_LANE` columns per lane
+/// (the smallest instantiated power of two with 32 · PER_LANE ≥ d).
+fn norm_kernel(direction: &str, d: usize, dtype: DType) -> String {
+    let per_lane = d.div_ceil(32).next_power_of_two().max(2);
+    format!("mmrec_rmsnorm_{direction}_{per_lane}_{}", suffix(dtype))
+}
 
 /// Run `$body` with `$t` the Rust type of `$dtype` (f32 or bf16).
 macro_rules! with_float {
@@ -285,11 +292,7 @@ pub fn rms_norm(x: (&CudaStorage, &Layout), w: (&CudaStorage, &Layout), (n, d): 
         );
         // SAFETY: every row is written by the block that takes it.
         let y = unsafe { dev.alloc::<T>(n * d)? };
-        let func = dev.get_or_load_custom_func(
-            &format!("mmrec_rmsnorm_fwd_{}", suffix(T::DTYPE)),
-            "mmrec_fused",
-            FUSED_PTX,
-        )?;
+        let func = dev.get_or_load_custom_func(&norm_kernel("fwd", d, T::DTYPE), "mmrec_fused", FUSED_PTX)?;
         let (ni, di) = (n as i32, d as i32);
         let mut args = func.builder();
         args.arg(&xv).arg(&wv).arg(&y).arg(&ni).arg(&di);
@@ -313,11 +316,7 @@ pub fn rms_norm_grad(
             contiguous_view::<T>(w.0, w.1, "rmsnorm: weight")?,
             contiguous_view::<T>(dy.0, dy.1, "rmsnorm: dy")?,
         );
-        let func = dev.get_or_load_custom_func(
-            &format!("mmrec_rmsnorm_bwd_{}", suffix(T::DTYPE)),
-            "mmrec_fused",
-            FUSED_PTX,
-        )?;
+        let func = dev.get_or_load_custom_func(&norm_kernel("bwd", d, T::DTYPE), "mmrec_fused", FUSED_PTX)?;
         let (ni, di, null) = (n as i32, d as i32, 0usize);
         let mut args = func.builder();
         args.arg(&xv).arg(&wv).arg(&dyv);
@@ -340,8 +339,10 @@ fn launch_norm(mut args: candle_core::cuda_backend::cudarc::driver::LaunchArgs, 
     if rows == 0 {
         return Ok(());
     }
+    // A warp per row; enough blocks to fill the GPU, few enough that the backward's
+    // per-block atomics into dw stay cheap.
     let cfg = LaunchConfig {
-        grid_dim: (blocks(rows, 1).min(132 * 4), 1, 1),
+        grid_dim: (blocks(rows, (NORM_THREADS / 32) as usize).min(132 * 8), 1, 1),
         block_dim: (NORM_THREADS, 1, 1),
         shared_mem_bytes: 0,
     };
@@ -367,8 +368,9 @@ pub fn gate(
             contiguous_view::<T>(p.0, p.1, "gate: projection")?,
         );
         let (ni, di) = (n as i32, d as i32);
+        // One row per block at a time (gate_forward in fused.cu).
         let cfg = LaunchConfig {
-            grid_dim: (blocks(n * d, 256), 1, 1),
+            grid_dim: (blocks(n, 1), 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -410,11 +412,13 @@ pub fn gate(
 pub fn adamw_moments(
     moments: (&mut CudaStorage, &Layout),
     grad: (&CudaStorage, &Layout),
-    (b1, b2, scale): (f32, f32, f32),
+    ctl: (&CudaStorage, &Layout),
+    (b1, b2): (f32, f32),
 ) -> Result<()> {
     let dev = moments.0.device().clone();
     let n = moments.1.shape().elem_count() / 2;
     let gv = contiguous_view::<f32>(grad.0, grad.1, "adamw: gradient")?;
+    let cv = contiguous_view::<f32>(ctl.0, ctl.1, "adamw: control")?;
     let Some((lo, hi)) = moments.1.contiguous_offsets() else {
         candle_core::bail!("adamw: moments must be contiguous")
     };
@@ -422,7 +426,7 @@ pub fn adamw_moments(
     let func = dev.get_or_load_custom_func("mmrec_adamw_moments", "mmrec_fused", FUSED_PTX)?;
     let n64 = n as u64;
     let mut args = func.builder();
-    args.arg(&mut mv).arg(&gv).arg(&n64).arg(&b1).arg(&b2).arg(&scale);
+    args.arg(&mut mv).arg(&gv).arg(&cv).arg(&n64).arg(&b1).arg(&b2);
     launch_elementwise(args, n)
 }
 
@@ -442,15 +446,41 @@ pub fn add_squares(acc: (&mut CudaStorage, &Layout), grad: (&CudaStorage, &Layou
     launch_elementwise(args, n)
 }
 
+/// The step's control values [3] (adamw.rs `control`) from Σ g² [1] and the loss [1].
+pub fn adamw_control(
+    squares: (&CudaStorage, &Layout),
+    loss: (&CudaStorage, &Layout),
+    (accum, clip): (f32, f32),
+) -> Result<CudaStorage> {
+    let dev = squares.0.device().clone();
+    let sv = contiguous_view::<f32>(squares.0, squares.1, "adamw control: sums of squares")?;
+    let lv = contiguous_view::<f32>(loss.0, loss.1, "adamw control: loss")?;
+    // SAFETY: the kernel writes all three elements.
+    let mut out = unsafe { dev.alloc::<f32>(3) }?;
+    let func = dev.get_or_load_custom_func("mmrec_adamw_control", "mmrec_fused", FUSED_PTX)?;
+    let mut args = func.builder();
+    args.arg(&sv).arg(&lv).arg(&mut out).arg(&accum).arg(&clip);
+    let one = LaunchConfig {
+        grid_dim: (1, 1, 1),
+        block_dim: (1, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: one thread reads one element of each input and writes `out`.
+    unsafe { args.launch(one) }.w()?;
+    Ok(CudaStorage::wrap_cuda_slice(out, dev))
+}
+
 /// AdamW's parameter update in place on `theta` [n] f32 from `moments` [2, n].
 pub fn adamw_apply(
     theta: (&mut CudaStorage, &Layout),
     moments: (&CudaStorage, &Layout),
+    ctl: (&CudaStorage, &Layout),
     (lr, decay, c1, c2, eps): (f32, f32, f32, f32, f32),
 ) -> Result<()> {
     let dev = theta.0.device().clone();
     let n = theta.1.shape().elem_count();
     let mv = contiguous_view::<f32>(moments.0, moments.1, "adamw: moments")?;
+    let cv = contiguous_view::<f32>(ctl.0, ctl.1, "adamw: control")?;
     let Some((lo, hi)) = theta.1.contiguous_offsets() else {
         candle_core::bail!("adamw: parameters must be contiguous")
     };
@@ -460,6 +490,7 @@ pub fn adamw_apply(
     let mut args = func.builder();
     args.arg(&mut th)
         .arg(&mv)
+        .arg(&cv)
         .arg(&n64)
         .arg(&lr)
         .arg(&decay)

@@ -36,10 +36,17 @@ pub fn rms_norm(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
 /// a, b [B, T, D] are the gate MLPs' outputs and z, g are columns 2D.. and 3D.. of the
 /// projection `qkzg` [B, T, 4D]. γ and u come out in at least f32 (DESIGN §6).
 pub fn mdi_gate(a: &Tensor, b: &Tensor, qkzg: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let both = mdi_gate_stacked(a, b, qkzg)?;
+    Ok((both.i(0)?, both.i(1)?))
+}
+
+/// [`mdi_gate`]'s γ and u stacked as one [2, B, T, D] tensor, the input of
+/// [`crate::scan_stacked`].
+pub fn mdi_gate_stacked(a: &Tensor, b: &Tensor, qkzg: &Tensor) -> candle_core::Result<Tensor> {
     let (bs, t, d) = a.dims3()?;
     let rows = |x: &Tensor, w: usize| x.contiguous()?.reshape((bs * t, w));
     let both = rows(a, d)?.apply_op3(&rows(b, d)?, &rows(qkzg, 4 * d)?, MdiGate)?;
-    Ok((both.i(0)?.reshape((bs, t, d))?, both.i(1)?.reshape((bs, t, d))?))
+    both.reshape((2, bs, t, d))
 }
 
 /// Run `$body` with `$t` the element type of a CPU storage (f32, f64, bf16).

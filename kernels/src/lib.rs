@@ -59,8 +59,9 @@ pub struct Scan;
 #[derive(Clone, Copy, Debug)]
 pub struct ScanAdjoint;
 
-/// The whole backward of [`Scan`] in one pass over (dy, γ, h): the adjoint g (which is
-/// ∂L/∂u) and ∂L/∂γ_t = g_t ⊙ h_{t-1}, stacked as [2, B, T, D]. `h0` supplies h_{-1}.
+/// The whole backward of [`Scan`] in one pass over (dy, γ, h): ∂L/∂γ_t = g_t ⊙ h_{t-1} and
+/// the adjoint g (which is ∂L/∂u), stacked as [2, B, T, D] in the order of the scan's
+/// inputs. `h0` supplies h_{-1}.
 #[derive(Clone, Debug)]
 pub struct ScanBackward {
     pub h0: Tensor,
@@ -158,9 +159,87 @@ impl CustomOp3 for Scan {
         let both = dh
             .contiguous()?
             .apply_op3_no_bwd(gamma, h, &ScanBackward { h0: h0.clone() })?;
-        let (g, dgamma) = (both.i(0)?, both.i(1)?);
+        let (dgamma, g) = (both.i(0)?, both.i(1)?);
         let dh0 = (gamma.i((.., 0, ..))? * g.i((.., 0, ..))?)?;
         Ok((Some(dgamma), Some(g), Some(dh0)))
+    }
+}
+
+/// [`scan`] over γ and u stacked as one [2, B, T, D] tensor, as the MDI gate produces them:
+/// the backward then returns one stacked gradient, where two separate inputs each cost a
+/// zero-padded full-size copy and an add in candle's autograd.
+pub fn scan_stacked(gamma_u: &Tensor, h0: &Tensor) -> candle_core::Result<(Tensor, Tensor)> {
+    let (two, _, t, _) = gamma_u.dims4()?;
+    if two != 2 {
+        candle_core::bail!("scan_stacked: expected [2, B, T, D], got {:?}", gamma_u.dims());
+    }
+    if gamma_u.device().is_cpu() && matches!(gamma_u.dtype(), DType::BF16 | DType::F16) {
+        return scan(&gamma_u.i(0)?, &gamma_u.i(1)?, h0);
+    }
+    let h = gamma_u.contiguous()?.apply_op2(&h0.contiguous()?, StackedScan)?;
+    let last = if t == 0 { h0.clone() } else { h.i((.., t - 1, ..))? };
+    Ok((h, last))
+}
+
+/// [`Scan`] with γ and u as the two halves of one contiguous input.
+#[derive(Clone, Copy, Debug)]
+struct StackedScan;
+
+/// The layouts of γ and u inside a contiguous stacked [2, B, T, D] input.
+fn stacked_halves(l: &Layout) -> candle_core::Result<(Layout, Layout)> {
+    let (_, b, t, d) = l.shape().dims4()?;
+    let Some((start, _)) = l.contiguous_offsets() else {
+        candle_core::bail!("scan_stacked: the input must be contiguous")
+    };
+    let half = |k: usize| Layout::contiguous_with_offset((b, t, d), start + k * b * t * d);
+    Ok((half(0), half(1)))
+}
+
+impl CustomOp2 for StackedScan {
+    fn name(&self) -> &'static str {
+        "mmrec-scan-stacked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (lg, lu) = stacked_halves(l1)?;
+        run_cpu((s1, &lg), (s1, &lu), Some((s2, l2)), Direction::Forward)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let (lg, lu) = stacked_halves(l1)?;
+        let dims = check_shapes(&lg, &lu, Some(l2))?;
+        Ok((
+            cuda::launch(cuda::Kernel::Forward, &[(s1, &lg), (s1, &lu), (s2, l2)], dims)?,
+            Shape::from(dims),
+        ))
+    }
+
+    fn bwd(
+        &self,
+        gamma_u: &Tensor,
+        h0: &Tensor,
+        h: &Tensor,
+        dh: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let gamma = gamma_u.i(0)?;
+        let both = dh
+            .contiguous()?
+            .apply_op3_no_bwd(&gamma, h, &ScanBackward { h0: h0.clone() })?;
+        let dh0 = (gamma.i((.., 0, ..))? * both.i((1, .., 0, ..))?)?;
+        Ok((Some(both), Some(dh0)))
     }
 }
 
@@ -201,9 +280,9 @@ impl CustomOp3 for ScanBackward {
                 let g = g.as_slice::<$t>()?;
                 let h = cpu_slice::<$t>(s3, l3, "scan: h")?;
                 let h0 = h0.to_vec1::<$t>()?;
-                let mut out = g.to_vec();
-                out.resize(2 * g.len(), 0 as $t);
-                let (_, dgamma) = out.split_at_mut(g.len());
+                let mut out = vec![0 as $t; 2 * g.len()];
+                let (dgamma, du) = out.split_at_mut(g.len());
+                du.copy_from_slice(g);
                 // dγ_t = g_t h_{t-1}, one D-row per task, h_{-1} from h0.
                 dgamma.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, row)| {
                     let (bi, at) = (r / t, r * d);

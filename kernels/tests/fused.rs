@@ -252,8 +252,13 @@ fn adamw_in_place_matches_the_update_written_out() {
         let g = random(&[n], -1.0, 1.0, 20 + step);
         let gt = Tensor::from_vec(g.iter().map(|&v| v as f32).collect::<Vec<_>>(), n, &Device::Cpu).unwrap();
         let c = (1.0 - b1.powi(step as i32), 1.0 - b2.powi(step as i32));
-        mmrec_kernels::adamw::moments(&moments, &gt, b1, b2, 0.5).unwrap();
-        mmrec_kernels::adamw::apply(&theta, &moments, lr, 1.0 - lr * wd, c, eps).unwrap();
+        // Scale ½ (two micro-batches), a clip threshold above the norm: no clipping.
+        let squares = Tensor::zeros(1, DType::F32, &Device::Cpu).unwrap();
+        mmrec_kernels::adamw::add_squares(&squares, &gt).unwrap();
+        let loss = Tensor::new(&[2f32], &Device::Cpu).unwrap();
+        let ctl = mmrec_kernels::adamw::control(&squares, &loss, 0.5, 1e3).unwrap();
+        mmrec_kernels::adamw::moments(&moments, &gt, &ctl, b1, b2).unwrap();
+        mmrec_kernels::adamw::apply(&theta, &moments, &ctl, lr, 1.0 - lr * wd, c, eps).unwrap();
         for i in 0..n {
             let gi = 0.5 * g[i];
             m[i] = b1 * m[i] + (1.0 - b1) * gi;

@@ -1,6 +1,6 @@
 //! Choosing where to run (`--device cpu|cuda|cuda:N|auto`) and what memory it has.
 
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 
 /// `cpu`, `cuda` (GPU 0), `cuda:N`, or `auto`: a GPU when this binary was built with CUDA
 /// and a driver and GPU are present, else the CPU.
@@ -95,5 +95,71 @@ pub fn reset_peak_memory(dev: &Device) -> candle_core::Result<()> {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => mmrec_kernels::cuda::reset_peak_memory(cuda),
         _ => Ok(()),
+    }
+}
+
+/// Host-to-device copies of token batches without a synchronisation: on the GPU the data
+/// goes through a small ring of page-locked buffers and is copied asynchronously on the
+/// compute stream (a copy from pageable memory waits for the GPU's queue to drain). Each
+/// buffer is refilled only once its previous copy has finished, which also bounds how far
+/// the host runs ahead of the GPU. On the CPU it is a plain tensor construction.
+#[derive(Default)]
+pub struct Uploader {
+    #[cfg(feature = "cuda")]
+    ring: Vec<candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u32>>,
+    #[cfg(feature = "cuda")]
+    next: usize,
+}
+
+/// Page-locked buffers in the ring: a copy in flight, one being filled, one spare.
+#[cfg(feature = "cuda")]
+const RING: usize = 3;
+
+impl Uploader {
+    /// `data` as a u32 tensor of `shape` on `dev`.
+    pub fn u32_tensor(
+        &mut self,
+        data: &[u32],
+        shape: (usize, usize, usize),
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        match dev {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(cuda) => self.pinned_copy(data, shape, cuda),
+            _ => Tensor::from_slice(data, shape, dev),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn pinned_copy(
+        &mut self,
+        data: &[u32],
+        shape: (usize, usize, usize),
+        cuda: &candle_core::CudaDevice,
+    ) -> candle_core::Result<Tensor> {
+        use candle_core::cuda_backend::WrapErr;
+        let stream = cuda.cuda_stream();
+        if self.ring.get(self.next).is_none_or(|b| b.len() != data.len()) {
+            // SAFETY: the buffer is filled below before any copy reads it.
+            let fresh = unsafe { stream.context().alloc_pinned::<u32>(data.len()) }.w()?;
+            match self.ring.get_mut(self.next) {
+                Some(slot) => *slot = fresh,
+                None => self.ring.push(fresh),
+            }
+        }
+        let buf = &mut self.ring[self.next];
+        // Waits only for this buffer's previous copy, RING batches ago.
+        buf.as_mut_slice().w()?.copy_from_slice(data);
+        // SAFETY: the copy below writes every element before anything reads them.
+        let mut dst = unsafe { stream.alloc::<u32>(data.len()) }.w()?;
+        stream.memcpy_htod(buf, &mut dst).w()?;
+        self.next = (self.next + 1) % RING;
+        let storage = candle_core::CudaStorage::wrap_cuda_slice(dst, cuda.clone());
+        Ok(Tensor::from_storage(
+            candle_core::Storage::Cuda(storage),
+            shape,
+            candle_core::op::BackpropOp::none(),
+            false,
+        ))
     }
 }

@@ -176,10 +176,11 @@ impl Mdi {
         })
     }
 
-    /// (γ, u) from the `[q, k, z, g]` projection, as one fused op, in f32 when activations
-    /// are bf16: there every γ above about 0.998 would round to 1 (DESIGN §6).
-    fn forward(&self, z: &Tensor, k: &Tensor, qkzg: &Tensor) -> Result<(Tensor, Tensor)> {
-        mmrec_kernels::fused::mdi_gate(&self.z.forward(z)?, &self.k.forward(k)?, qkzg)
+    /// (γ, u) stacked as [2, B, T, D] from the `[q, k, z, g]` projection, as one fused op,
+    /// in f32 when activations are bf16: there every γ above about 0.998 would round to 1
+    /// (DESIGN §6).
+    fn forward(&self, z: &Tensor, k: &Tensor, qkzg: &Tensor) -> Result<Tensor> {
+        mmrec_kernels::fused::mdi_gate_stacked(&self.z.forward(z)?, &self.k.forward(k)?, qkzg)
     }
 }
 
@@ -320,9 +321,9 @@ impl MMRecBlock {
             qkzg.narrow(2, d, d)?.contiguous()?,
             qkzg.narrow(2, 2 * d, d)?.contiguous()?,
         );
-        let (gamma, u) = self.mdi.forward(&z, &k, &qkzg)?;
+        let gamma_u = self.mdi.forward(&z, &k, &qkzg)?;
         // The scan runs in f32 (DESIGN §6); its output goes back to the activations' dtype.
-        let (h, h_last) = mmrec_kernels::scan(&gamma, &u, &state.h)?;
+        let (h, h_last) = mmrec_kernels::scan_stacked(&gamma_u, &state.h)?;
         let h = h.to_dtype(x.dtype())?;
         let (c, levels) = self.memory.forward(&q, &h, state)?;
         let p = self.cfg.dropout;

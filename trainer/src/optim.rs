@@ -91,37 +91,64 @@ impl AdamW {
         Ok(AdamW { params, t: 0, cfg })
     }
 
-    /// Global L2 norm of the gradients of the trainable parameters: summed where the
-    /// gradients live, one kernel per tensor, read back once per step.
-    pub fn grad_norm(&self, grads: &BTreeMap<String, Tensor>) -> Result<f64> {
-        let Some(first) = self.params.first() else {
-            return Ok(0.0);
-        };
-        let acc = Tensor::zeros(1, DType::F32, first.var.device())?;
+    /// Σ g² over the trainable parameters' gradients, [1] f32 where they live: one kernel
+    /// per tensor, nothing read back.
+    pub fn sum_squares(&self, grads: &BTreeMap<String, Tensor>) -> Result<Tensor> {
+        let dev = self
+            .params
+            .first()
+            .map_or(candle_core::Device::Cpu, |p| p.var.device().clone());
+        let acc = Tensor::zeros(1, DType::F32, &dev)?;
         for p in &self.params {
             if let Some(g) = grads.get(&p.name) {
                 mmrec_kernels::adamw::add_squares(&acc, g)?;
             }
         }
-        Ok((acc.to_vec1::<f32>()?[0] as f64).sqrt())
+        Ok(acc)
     }
 
-    /// One update at learning rate `lr`, gradients scaled by `scale` (clipping and
-    /// accumulation folded into one factor): two in-place kernels per tensor.
-    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, scale: f64) -> Result<()> {
+    /// One optimiser step without a host–device synchronisation: the gradients' norm, the
+    /// clipping factor and the check for a non-finite `loss` [1] or norm are computed on the
+    /// device ([`mmrec_kernels::adamw::control`]) and the update reads them there, skipping
+    /// itself after a non-finite one. `accum` scales the summed gradients (1 / micro-batches);
+    /// `clip` ≤ 0 turns clipping off. Returns the control tensor [scale, skip, norm].
+    pub fn update(
+        &mut self,
+        grads: &BTreeMap<String, Tensor>,
+        loss: &Tensor,
+        lr: f64,
+        accum: f64,
+        clip: f64,
+    ) -> Result<Tensor> {
+        let ctl = mmrec_kernels::adamw::control(&self.sum_squares(grads)?, loss, accum, clip)?;
+        self.step(grads, lr, &ctl)?;
+        Ok(ctl)
+    }
+
+    /// AdamW at learning rate `lr` under a control tensor: two in-place kernels per tensor.
+    /// `t` counts steps taken, skipped ones included (their skip is known only on the device).
+    fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64, ctl: &Tensor) -> Result<()> {
         self.t += 1;
         let (b1, b2) = (self.cfg.beta1, self.cfg.beta2);
         let corrections = (1.0 - b1.powi(self.t as i32), 1.0 - b2.powi(self.t as i32));
         for p in &mut self.params {
             let Some(g) = grads.get(&p.name) else { continue };
-            mmrec_kernels::adamw::moments(&p.moments, &g.to_dtype(DType::F32)?, b1, b2, scale)?;
+            mmrec_kernels::adamw::moments(&p.moments, &g.to_dtype(DType::F32)?, ctl, b1, b2)?;
             let lr_p = lr * p.lr_mult;
             let decay = if p.decay {
                 1.0 - lr_p * self.cfg.weight_decay
             } else {
                 1.0
             };
-            mmrec_kernels::adamw::apply(p.var.as_tensor(), &p.moments, lr_p, decay, corrections, self.cfg.eps)?;
+            mmrec_kernels::adamw::apply(
+                p.var.as_tensor(),
+                &p.moments,
+                ctl,
+                lr_p,
+                decay,
+                corrections,
+                self.cfg.eps,
+            )?;
         }
         Ok(())
     }

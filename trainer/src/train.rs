@@ -10,8 +10,9 @@ use std::time::Instant;
 use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use mmrec_loader::{Batch, Loader, LoaderConfig, Split};
+use mmrec_model::device::Uploader;
 use mmrec_model::io;
-use mmrec_model::model::{initialise, tied_logits, BlockStack, FusedModel, MMRecModel, Projection};
+use mmrec_model::model::{initialise, tied_logits, widen, BlockStack, FusedModel, MMRecModel, Projection};
 use mmrec_schemas::checkpoint::{
     read_pointer, read_state, write_pointer, write_state, ScheduleState, TrainState, CHECKPOINTS,
 };
@@ -20,6 +21,7 @@ pub use mmrec_schemas::run_config::{DataConfig, ModelSection, OptimConfig, Preci
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 
 use crate::optim::{learning_rate, observe_validation, AdamW};
+use mmrec_kernels::adamw::{CONTROL_NORM, CONTROL_SKIP};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -98,21 +100,28 @@ pub fn row_losses(logits: &Tensor, targets: &Tensor, mask: &Tensor) -> candle_co
     Ok((sums, counts))
 }
 
-/// A batch as tensors: inputs [B, T], targets [B, T], target mask [B, T].
+/// A batch as tensors: inputs [B, T], targets [B, T], target mask [B, T]; tokens and mask
+/// go to the device in one copy.
 pub fn batch_tensors(
     b: &Batch,
-    batch: usize,
-    seq_len: usize,
+    (batch, seq_len): (usize, usize),
     dtype: DType,
     dev: &Device,
+    uploader: &mut Uploader,
 ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
-    let all = Tensor::from_slice(&b.tokens, (batch, seq_len + 1), dev)?;
-    let mask = Tensor::from_slice(&b.mask, (batch, seq_len + 1), dev)?.to_dtype(dtype)?;
+    let packed: Vec<u32> = b
+        .tokens
+        .iter()
+        .copied()
+        .chain(b.mask.iter().map(|&m| m as u32))
+        .collect();
+    let both = uploader.u32_tensor(&packed, (2, batch, seq_len + 1), dev)?;
+    let (all, mask) = (both.i(0)?, both.i(1)?.to_dtype(dtype)?);
     Ok((all.i((.., ..seq_len))?, all.i((.., 1..))?, mask.i((.., 1..))?))
 }
 
-/// Loss and gradients by parameter name. With checkpointing, only each block's input is
-/// kept from the forward pass; the backward recomputes one block at a time and chains the
+/// Loss (a scalar tensor on the device, at least f32: nothing is read back) and gradients by
+/// parameter name. With checkpointing, only each block's input is kept from the forward pass; the backward recomputes one block at a time and chains the
 /// gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's activations.
 pub fn loss_and_grads(
     net: &Net,
@@ -121,7 +130,7 @@ pub fn loss_and_grads(
     tgt: &Tensor,
     mask: &Tensor,
     checkpointing: bool,
-) -> candle_core::Result<(f64, BTreeMap<String, Tensor>)> {
+) -> candle_core::Result<(Tensor, BTreeMap<String, Tensor>)> {
     let named = io::varmap_vars(vm);
     let collect =
         |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
@@ -143,7 +152,7 @@ pub fn loss_and_grads(
             let (logits, aux) = net.logits(inp, true)?;
             let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
             collect(&loss.backward()?, &mut grads)?;
-            return Ok((loss.to_dtype(DType::F64)?.to_scalar::<f64>()?, grads));
+            return Ok((widen(&loss)?, grads));
         }
     };
     let stack: &BlockStack = &model.stack;
@@ -168,12 +177,12 @@ pub fn loss_and_grads(
         .get(top.as_tensor())
         .expect("the head depends on the stack")
         .clone();
-    let mut loss = ce.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+    let mut loss = widen(&ce)?;
     for (i, blk) in stack.blocks.iter().enumerate().rev() {
         let x = Var::from_tensor(&inputs[i])?;
         let (y, _, aux) = blk.forward(x.as_tensor(), &states[i], true, Projection::Fused)?;
         let aux = (aux * model.cfg.uboo_weight)?;
-        loss += aux.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        loss = (loss + widen(&aux)?)?;
         let surrogate = ((y * &g)?.sum_all()? + aux)?;
         let store = surrogate.backward()?;
         collect(&store, &mut grads)?;
@@ -269,6 +278,7 @@ pub struct Session {
     pub meta: ModelMeta,
     pub state: TrainState,
     dev: Device,
+    uploader: Uploader,
 }
 
 impl Session {
@@ -316,6 +326,7 @@ impl Session {
             meta,
             state,
             dev: dev.clone(),
+            uploader: Uploader::default(),
         };
         if resume {
             session.resume_latest()?;
@@ -375,32 +386,70 @@ impl Session {
     pub fn train(&mut self, stop: &AtomicBool, progress: &dyn Fn(&serde_json::Value)) -> Result<Summary> {
         let (mut log, mut loader) = self.open_run(progress)?;
         let (started, mut meter) = (Instant::now(), Throughput::new(&loader));
+        let mut pending = Vec::new();
         let mut stopped_early = false;
         while !self.budget_spent() && !stop.load(Ordering::Relaxed) {
             let batches = next_batches(&mut loader, self.cfg.optim.grad_accum)?;
-            let mut record = self.step(&batches)?;
+            pending.push(self.step(&batches)?);
             self.state.cursor = loader.cursor().cloned();
-            meter.annotate(
-                &mut record,
-                &batches,
-                &loader,
-                self.state.step % self.cfg.run.log_every.max(1) == 0,
-            );
-            record["tokens_seen"] = serde_json::json!(self.state.tokens_seen);
-            log.write(&record, progress)?;
-            self.remember(record);
+            meter.count(&batches);
+            let run = &self.cfg.run;
+            let (eval_due, ckpt_due) = (self.due(run.eval_every), self.due(run.ckpt_every));
+            if self.due(run.log_every.max(1)) || eval_due || ckpt_due {
+                self.flush(&mut pending, &mut log, &mut meter, &loader, progress)?;
+            }
             let improved = self.maybe_evaluate(&mut log, progress)?;
             stopped_early = self.cfg.optim.early_stop_patience > 0
                 && self.state.schedule.evals_since_best >= self.cfg.optim.early_stop_patience;
-            let due = self.cfg.run.ckpt_every > 0 && self.state.step % self.cfg.run.ckpt_every == 0;
-            if improved || due || stopped_early {
+            if improved || ckpt_due || stopped_early {
                 self.save_checkpoint(improved)?;
             }
             if stopped_early {
                 break;
             }
         }
+        self.flush(&mut pending, &mut log, &mut meter, &loader, progress)?;
         self.finish_run(stop.load(Ordering::Relaxed), started, stopped_early)
+    }
+
+    /// Whether the step just taken is a multiple of `every` (0: never).
+    fn due(&self, every: u64) -> bool {
+        every > 0 && self.state.step % every == 0
+    }
+
+    /// Read the pending steps' losses and gradient norms back in one transfer (the only
+    /// host–device synchronisation of the loop, once per `log_every` steps or at an
+    /// evaluation or checkpoint), complete and write their records, and run the NaN guard
+    /// for each step the device skipped.
+    fn flush(
+        &mut self,
+        pending: &mut Vec<PendingStep>,
+        log: &mut RunLog,
+        meter: &mut Throughput,
+        loader: &Loader,
+        progress: &dyn Fn(&serde_json::Value),
+    ) -> Result<()> {
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let values = Tensor::stack(&pending.iter().map(|p| p.values.clone()).collect::<Vec<_>>(), 0)?;
+        let values = values.to_vec2::<f32>()?;
+        let last = pending.len() - 1;
+        for (i, (mut p, v)) in pending.drain(..).zip(values).enumerate() {
+            let (loss, norm) = (v[0] as f64, v[1 + CONTROL_NORM] as f64);
+            p.record["loss"] = serde_json::json!(loss);
+            p.record["ppl"] = serde_json::json!(loss.exp());
+            p.record["grad_norm"] = serde_json::json!(norm);
+            if v[1 + CONTROL_SKIP] != 0.0 {
+                p.record["event"] = serde_json::json!(self.nan_guard()?);
+            }
+            if i == last && (p.log_step || p.record.get("event").is_some()) {
+                meter.annotate(&mut p.record, loader);
+            }
+            log.write(&p.record, progress)?;
+            self.remember(p.record);
+        }
+        Ok(())
     }
 
     /// Whether `run.steps` (or `run.token_budget`, when set) is used up.
@@ -463,35 +512,29 @@ impl Session {
     }
 
     /// One optimiser step on `batches`: gradients (halving the micro-batch on an
-    /// out-of-memory error), then the clipped AdamW update or, on a non-finite loss or
-    /// gradient, the NaN guard. Returns the step's metrics record.
-    fn step(&mut self, batches: &[Batch]) -> Result<serde_json::Value> {
+    /// out-of-memory error), then the clipped AdamW update, which the device skips after a
+    /// non-finite loss or gradient. Returns the step's record, to be completed by `flush`.
+    fn step(&mut self, batches: &[Batch]) -> Result<PendingStep> {
         let (loss, grads, events) = self.gradients_with_retry(batches)?;
         let optim = &self.cfg.optim;
         let accum = 1.0 / (optim.grad_accum * self.state.micro_splits) as f64;
-        let norm = self.opt.grad_norm(&grads)? * accum;
         let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule);
-        let mut record = serde_json::json!({"step": self.state.step + 1, "loss": loss, "ppl": loss.exp(), "lr": lr, "grad_norm": norm});
-        if !events.is_empty() {
-            record["event"] = serde_json::json!(events.join("; "));
-        }
-        if loss.is_finite() && norm.is_finite() {
-            let clip = if optim.grad_clip > 0.0 && norm > optim.grad_clip {
-                optim.grad_clip / norm
-            } else {
-                1.0
-            };
-            self.opt.step(&grads, lr, accum * clip)?;
-        } else {
-            record["event"] = serde_json::json!(self.nan_guard()?);
-        }
+        let ctl = self.opt.update(&grads, &loss, lr, accum, optim.grad_clip)?;
         self.state.step += 1;
         self.state.tokens_seen += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
         self.state.adam_t = self.opt.t;
-        Ok(record)
+        let mut record = serde_json::json!({"step": self.state.step, "lr": lr, "tokens_seen": self.state.tokens_seen});
+        if !events.is_empty() {
+            record["event"] = serde_json::json!(events.join("; "));
+        }
+        Ok(PendingStep {
+            record,
+            values: Tensor::cat(&[loss.reshape(1)?, ctl], 0)?,
+            log_step: self.due(self.cfg.run.log_every.max(1)),
+        })
     }
 
-    fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(f64, BTreeMap<String, Tensor>, Vec<String>)> {
+    fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(Tensor, BTreeMap<String, Tensor>, Vec<String>)> {
         let bsz = self.cfg.data.batch_size;
         let mut events = Vec::new();
         loop {
@@ -511,8 +554,9 @@ impl Session {
         }
     }
 
-    /// A non-finite loss or gradient: skip the update, go back to the last checkpoint if
-    /// the weights may be damaged, and halve the learning rate. Returns the event.
+    /// After a non-finite loss or gradient (whose update the device skipped): go back to the
+    /// last checkpoint, as later steps may have damaged the weights, and halve the learning
+    /// rate. Returns the event.
     fn nan_guard(&mut self) -> Result<String> {
         self.state.schedule.nan_mult *= 0.5;
         let restored = self.restore_latest()?;
@@ -524,8 +568,7 @@ impl Session {
 
     /// Evaluate when `run.eval_every` says so; whether validation improved.
     fn maybe_evaluate(&mut self, log: &mut RunLog, progress: &dyn Fn(&serde_json::Value)) -> Result<bool> {
-        let every = self.cfg.run.eval_every;
-        if every == 0 || self.state.step % every != 0 {
+        if !self.due(self.cfg.run.eval_every) {
             return Ok(false);
         }
         let val = self.evaluate(self.cfg.run.eval_batches)?;
@@ -556,17 +599,17 @@ impl Session {
         })
     }
 
-    /// Summed loss and gradients over the step's batches, each split into
-    /// `micro_splits` row groups (scaled later by the number of micro-batches).
-    fn accumulate(&self, batches: &[Batch], bsz: usize, seq: usize) -> Result<(f64, BTreeMap<String, Tensor>)> {
+    /// Mean loss (on the device) and summed gradients over the step's batches, each split
+    /// into `micro_splits` row groups (gradients scaled later by the number of micro-batches).
+    fn accumulate(&mut self, batches: &[Batch], bsz: usize, seq: usize) -> Result<(Tensor, BTreeMap<String, Tensor>)> {
         let rows = bsz.div_ceil(self.state.micro_splits);
         let n_micro = (batches.len() * bsz.div_ceil(rows)) as f64;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
-        let mut loss = 0.0;
+        let mut loss = Tensor::zeros((), DType::F32, &self.dev)?;
         // The weights change once a step: one set of bf16 casts serves every micro-batch.
         let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
         for (k, batch) in batches.iter().enumerate() {
-            let (inp, tgt, mask) = batch_tensors(batch, bsz, seq, DType::F32, &self.dev)?;
+            let (inp, tgt, mask) = batch_tensors(batch, (bsz, seq), DType::F32, &self.dev, &mut self.uploader)?;
             for r0 in (0..bsz).step_by(rows) {
                 let n = rows.min(bsz - r0);
                 // Dropout masks from (seed, step, micro-batch): a resumed run draws the same.
@@ -581,7 +624,7 @@ impl Session {
                     &mask.narrow(0, r0, n)?,
                     self.cfg.run.grad_checkpointing,
                 )?;
-                loss += l / n_micro;
+                loss = (loss + (l.to_dtype(DType::F32)? / n_micro)?)?;
                 for (name, t) in g {
                     let sum = match grads.remove(&name) {
                         Some(prev) => (prev + t)?,
@@ -700,6 +743,15 @@ impl RunLog {
     }
 }
 
+/// A step whose loss and gradient norm are still on the device; `flush` completes its
+/// record.
+struct PendingStep {
+    record: serde_json::Value,
+    /// [4] f32: the loss, then the optimiser's control values (scale, skip, norm).
+    values: Tensor,
+    log_step: bool,
+}
+
 /// Throughput over the steps since the last logged one: tokens/s, the share of that time
 /// spent waiting for data, and resident memory.
 struct Throughput {
@@ -717,11 +769,11 @@ impl Throughput {
         }
     }
 
-    fn annotate(&mut self, record: &mut serde_json::Value, batches: &[Batch], loader: &Loader, log_step: bool) {
+    fn count(&mut self, batches: &[Batch]) {
         self.tokens += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
-        if !(log_step || record.get("event").is_some()) {
-            return;
-        }
+    }
+
+    fn annotate(&mut self, record: &mut serde_json::Value, loader: &Loader) {
         let secs = self.since.elapsed().as_secs_f64().max(1e-9);
         let waited = (loader.waited() - self.waited).as_secs_f64();
         record["tokens_per_s"] = serde_json::json!(self.tokens as f64 / secs);
@@ -765,6 +817,7 @@ pub fn evaluate_net(
 ) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
     let (mut all_s, mut all_c) = (0.0, 0.0);
+    let mut uploader = Uploader::default();
     for d in base.weights.keys() {
         let cfg = LoaderConfig {
             split: Split::Validation,
@@ -774,7 +827,8 @@ pub fn evaluate_net(
         let mut loader = Loader::open(dirs, cfg, None)?;
         let (mut s, mut c, mut n) = (0.0, 0.0, 0);
         while let Some(batch) = loader.next_batch() {
-            let (inp, tgt, mask) = batch_tensors(&batch?, base.batch_size, base.seq_len, DType::F32, dev)?;
+            let (inp, tgt, mask) =
+                batch_tensors(&batch?, (base.batch_size, base.seq_len), DType::F32, dev, &mut uploader)?;
             let (logits, _) = net.logits(&inp, false)?;
             let (rs, rc) = row_losses(&logits, &tgt, &mask)?;
             s += rs.iter().sum::<f64>();

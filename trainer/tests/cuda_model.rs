@@ -50,6 +50,7 @@ fn loss_and_grads_on(dev: &Device, precision: Precision, checkpointing: bool) ->
         checkpointing,
     )
     .unwrap();
+    let loss = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let grads = grads
         .into_iter()
         .map(|(n, g)| {

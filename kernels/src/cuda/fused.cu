@@ -13,7 +13,8 @@
 #include <stdint.h>
 
 #define NORM_THREADS 256
-#define MAX_PER_THREAD 8  // D ≤ 2048
+#define NORM_WARPS (NORM_THREADS / 32)
+#define NORM_MAX_WIDTH 2048  // 32 lanes × the largest PER_LANE instantiated below
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -21,78 +22,77 @@ template <typename T> __device__ __forceinline__ T from_f(float x);
 template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
 template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float partial[NORM_THREADS / 32];
-    __shared__ float total;
+__device__ __forceinline__ float warp_sum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-    __syncthreads();
-    if (threadIdx.x < 32) {
-        v = threadIdx.x < NORM_THREADS / 32 ? partial[threadIdx.x] : 0.f;
-        for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffff, v, off);
-        if (threadIdx.x == 0) total = v;
-    }
-    __syncthreads();
-    float out = total;
-    __syncthreads();  // `total` and `partial` are reused by the next call
-    return out;
+    return v;
 }
 
-// Rows are handed out block-strided so that dw can be accumulated per block in registers.
-template <typename T>
+// RMSNorm runs one warp per row: lane l holds columns l, l + 32, … (PER_LANE of them, a
+// compile-time count so they stay in registers) and the row's sums are warp shuffles. A
+// block per row with block-wide reductions spent most of its time in barriers (5.4 ms a
+// `medium` step for the backward, 4× its memory traffic).
+template <typename T, int PER_LANE>
 __device__ void rmsnorm_forward(const T *x, const T *w, T *y, int N, int D) {
-    for (int r = blockIdx.x; r < N; r += gridDim.x) {
-        const T *xr = x + (size_t)r * D;
-        float v[MAX_PER_THREAD], ss = 0.f;
+    const int lane = threadIdx.x % 32;
+    for (size_t r = (size_t)blockIdx.x * NORM_WARPS + threadIdx.x / 32; r < (size_t)N; r += (size_t)gridDim.x * NORM_WARPS) {
+        const T *xr = x + r * D;
+        float v[PER_LANE], ss = 0.f;
 #pragma unroll
-        for (int k = 0; k < MAX_PER_THREAD; ++k) {
-            int j = threadIdx.x + k * NORM_THREADS;
+        for (int k = 0; k < PER_LANE; ++k) {
+            int j = lane + 32 * k;
             v[k] = j < D ? to_f(xr[j]) : 0.f;
             ss += v[k] * v[k];
         }
-        float inv = rsqrtf(block_sum(ss) / D + 1e-6f);
+        float inv = rsqrtf(warp_sum(ss) / D + 1e-6f);
 #pragma unroll
-        for (int k = 0; k < MAX_PER_THREAD; ++k) {
-            int j = threadIdx.x + k * NORM_THREADS;
-            if (j < D) y[(size_t)r * D + j] = from_f<T>(v[k] * inv * to_f(w[j]));
+        for (int k = 0; k < PER_LANE; ++k) {
+            int j = lane + 32 * k;
+            if (j < D) y[r * D + j] = from_f<T>(v[k] * inv * to_f(w[j]));
         }
     }
 }
 
-// dx into dx, or (with dx null) dw's per-block sums atomically added into dw (f32, zeroed
-// by the caller): two launches, since the two outputs differ in dtype and shape.
-template <typename T>
+// dx into dx, or (with dx null) dw: each warp sums its rows' dy ⊙ n in registers, the
+// block's warps meet in shared memory, and one atomic per column and block goes to dw
+// (f32, zeroed by the caller). Two launches, since the outputs differ in dtype and shape.
+template <typename T, int PER_LANE>
 __device__ void rmsnorm_backward(const T *x, const T *w, const T *dy, T *dx, float *dw, int N, int D) {
-    float dw_acc[MAX_PER_THREAD];
+    __shared__ float block_dw[NORM_MAX_WIDTH];
+    const int lane = threadIdx.x % 32;
+    float dw_acc[PER_LANE];
 #pragma unroll
-    for (int k = 0; k < MAX_PER_THREAD; ++k) dw_acc[k] = 0.f;
-    for (int r = blockIdx.x; r < N; r += gridDim.x) {
-        const T *xr = x + (size_t)r * D, *dyr = dy + (size_t)r * D;
-        float v[MAX_PER_THREAD], g[MAX_PER_THREAD], wg[MAX_PER_THREAD], ss = 0.f, dot = 0.f;
+    for (int k = 0; k < PER_LANE; ++k) dw_acc[k] = 0.f;
+    for (size_t r = (size_t)blockIdx.x * NORM_WARPS + threadIdx.x / 32; r < (size_t)N; r += (size_t)gridDim.x * NORM_WARPS) {
+        const T *xr = x + r * D, *dyr = dy + r * D;
+        float v[PER_LANE], g[PER_LANE], ss = 0.f, dot = 0.f;
 #pragma unroll
-        for (int k = 0; k < MAX_PER_THREAD; ++k) {
-            int j = threadIdx.x + k * NORM_THREADS;
+        for (int k = 0; k < PER_LANE; ++k) {
+            int j = lane + 32 * k;
             bool in = j < D;
             v[k] = in ? to_f(xr[j]) : 0.f;
             g[k] = in ? to_f(dyr[j]) : 0.f;
-            wg[k] = in ? g[k] * to_f(w[j]) : 0.f;
             ss += v[k] * v[k];
-            dot += wg[k] * v[k];
+            dot += in ? g[k] * to_f(w[j]) * v[k] : 0.f;
         }
-        float inv = rsqrtf(block_sum(ss) / D + 1e-6f);
-        float mean_wgn = block_sum(dot) * inv / D;  // mean(w ⊙ dy ⊙ n)
+        float inv = rsqrtf(warp_sum(ss) / D + 1e-6f);
+        float mean_wgn = warp_sum(dot) * inv / D;  // mean(w ⊙ dy ⊙ n)
 #pragma unroll
-        for (int k = 0; k < MAX_PER_THREAD; ++k) {
-            int j = threadIdx.x + k * NORM_THREADS;
+        for (int k = 0; k < PER_LANE; ++k) {
+            int j = lane + 32 * k;
             dw_acc[k] += g[k] * v[k] * inv;
-            if (dx && j < D) dx[(size_t)r * D + j] = from_f<T>((wg[k] - v[k] * inv * mean_wgn) * inv);
+            if (dx && j < D) dx[r * D + j] = from_f<T>((g[k] * to_f(w[j]) - v[k] * inv * mean_wgn) * inv);
         }
     }
+    if (!dw) return;
+    for (int j = threadIdx.x; j < D; j += blockDim.x) block_dw[j] = 0.f;
+    __syncthreads();
 #pragma unroll
-    for (int k = 0; k < MAX_PER_THREAD; ++k) {
-        int j = threadIdx.x + k * NORM_THREADS;
-        if (dw && j < D) atomicAdd(&dw[j], dw_acc[k]);
+    for (int k = 0; k < PER_LANE; ++k) {
+        int j = lane + 32 * k;
+        if (j < D) atomicAdd(&block_dw[j], dw_acc[k]);
     }
+    __syncthreads();
+    for (int j = threadIdx.x; j < D; j += blockDim.x) atomicAdd(&dw[j], block_dw[j]);
 }
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-x)); }
@@ -104,8 +104,11 @@ __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + __expf(-
 template <typename T>
 __device__ void gate_forward(const T *a, const T *b, const T *p, float *out, int N, int D) {
     size_t n = (size_t)N * D;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / D, c = i % D;
+    // Rows over blocks and columns over threads: no per-element division by D (a 64-bit
+    // division is emulated in software and made this kernel compute-bound).
+    for (size_t r = blockIdx.x; r < (size_t)N; r += gridDim.x)
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        size_t i = r * D + c;
         float z = to_f(p[r * 4 * D + 2 * D + c]), g = to_f(p[r * 4 * D + 3 * D + c]);
         float gamma = fminf(fmaxf(sigmoid(to_f(a[i])) * sigmoid(to_f(b[i])), GAMMA_LO), GAMMA_HI);
         out[i] = gamma;
@@ -119,8 +122,9 @@ __device__ void gate_forward(const T *a, const T *b, const T *p, float *out, int
 template <typename T>
 __device__ void gate_backward(const T *a, const T *b, const T *p, const float *grad, T *out, int N, int D) {
     size_t n = (size_t)N * D;
-    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
-        size_t r = i / D, c = i % D;
+    for (size_t r = blockIdx.x; r < (size_t)N; r += gridDim.x)
+    for (int c = threadIdx.x; c < D; c += blockDim.x) {
+        size_t i = r * D + c;
         float z = to_f(p[r * 4 * D + 2 * D + c]), sg = sigmoid(to_f(p[r * 4 * D + 3 * D + c]));
         float sa = sigmoid(to_f(a[i])), sb = sigmoid(to_f(b[i]));
         float raw = sa * sb, gamma = fminf(fmaxf(raw, GAMMA_LO), GAMMA_HI);
@@ -136,15 +140,25 @@ __device__ void gate_backward(const T *a, const T *b, const T *p, const float *g
     }
 }
 
+// RMSNorm kernels per row width: mmrec_rmsnorm_{fwd,bwd}_<PER_LANE>_<dtype> serves D ≤ 32 · PER_LANE.
+#define INSTANTIATE_NORM(T, SUFFIX, P)                                                                \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                        \
+        mmrec_rmsnorm_fwd_##P##_##SUFFIX(const T *x, const T *w, T *y, int N, int D) {                \
+        rmsnorm_forward<T, P>(x, w, y, N, D);                                                         \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                        \
+        mmrec_rmsnorm_bwd_##P##_##SUFFIX(const T *x, const T *w, const T *dy, T *dx, float *dw, int N, \
+                                         int D) {                                                     \
+        rmsnorm_backward<T, P>(x, w, dy, dx, dw, N, D);                                               \
+    }
+
 #define INSTANTIATE(T, SUFFIX)                                                                        \
-    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                        \
-        mmrec_rmsnorm_fwd_##SUFFIX(const T *x, const T *w, T *y, int N, int D) {                      \
-        rmsnorm_forward<T>(x, w, y, N, D);                                                            \
-    }                                                                                                 \
-    extern "C" __global__ void __launch_bounds__(NORM_THREADS)                                        \
-        mmrec_rmsnorm_bwd_##SUFFIX(const T *x, const T *w, const T *dy, T *dx, float *dw, int N, int D) { \
-        rmsnorm_backward<T>(x, w, dy, dx, dw, N, D);                                                  \
-    }                                                                                                 \
+    INSTANTIATE_NORM(T, SUFFIX, 2)                                                                    \
+    INSTANTIATE_NORM(T, SUFFIX, 4)                                                                    \
+    INSTANTIATE_NORM(T, SUFFIX, 8)                                                                    \
+    INSTANTIATE_NORM(T, SUFFIX, 16)                                                                   \
+    INSTANTIATE_NORM(T, SUFFIX, 32)                                                                   \
+    INSTANTIATE_NORM(T, SUFFIX, 64)                                                                   \
     extern "C" __global__ void mmrec_gate_fwd_##SUFFIX(const T *a, const T *b, const T *p, float *out,  \
                                                        int N, int D) {                                \
         gate_forward<T>(a, b, p, out, N, D);                                                          \
@@ -158,10 +172,14 @@ INSTANTIATE(float, f32)
 INSTANTIATE(__nv_bfloat16, bf16)
 
 // AdamW in two in-place passes over f32 tensors (the trainer's master weights and moments),
-// instead of fifteen allocating element-wise ops per parameter tensor.
+// instead of fifteen allocating element-wise ops per parameter tensor. ctl [3] (written by
+// mmrec_adamw_control): the gradient scale s, a skip flag, the norm; read on the device so
+// that the host never waits for the norm or the loss.
 // moments [2, n] (m then v), g [n]: m ← β1 m + (1 − β1) s g, v ← β2 v + (1 − β2) (s g)².
-extern "C" __global__ void mmrec_adamw_moments(float *mv, const float *g, unsigned long long n, float b1,
-                                               float b2, float scale) {
+extern "C" __global__ void mmrec_adamw_moments(float *mv, const float *g, const float *ctl, unsigned long long n,
+                                               float b1, float b2) {
+    if (ctl[1] != 0.f) return;
+    const float scale = ctl[0];
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float gi = g[i] * scale;
         mv[i] = b1 * mv[i] + (1.f - b1) * gi;
@@ -179,9 +197,22 @@ extern "C" __global__ void mmrec_add_squares(const float *g, float *acc, unsigne
     if (threadIdx.x % 32 == 0) atomicAdd(acc, s);
 }
 
-// θ ← θ · decay − lr · (m / c1) / (sqrt(v / c2) + ε).
-extern "C" __global__ void mmrec_adamw_apply(float *theta, const float *mv, unsigned long long n, float lr,
-                                             float decay, float c1, float c2, float eps) {
+// ctl = [accum · min(1, clip / norm), skip, norm] with norm = sqrt(Σ g²) · accum; skip when
+// the loss or the norm is not finite (adamw.rs `control_values` is the same on the CPU).
+extern "C" __global__ void mmrec_adamw_control(const float *squares, const float *loss, float *ctl, float accum,
+                                               float clip) {
+    const float norm = sqrtf(squares[0]) * accum;
+    const bool finite = isfinite(loss[0]) && isfinite(norm);
+    const float clipped = (clip > 0.f && norm > clip) ? clip / norm : 1.f;
+    ctl[0] = accum * clipped;
+    ctl[1] = finite ? 0.f : 1.f;
+    ctl[2] = norm;
+}
+
+// θ ← θ · decay − lr · (m / c1) / (sqrt(v / c2) + ε), unless ctl says skip.
+extern "C" __global__ void mmrec_adamw_apply(float *theta, const float *mv, const float *ctl, unsigned long long n,
+                                             float lr, float decay, float c1, float c2, float eps) {
+    if (ctl[1] != 0.f) return;
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
         float update = (mv[i] / c1) / (sqrtf(mv[n + i] / c2) + eps);
         theta[i] = theta[i] * decay - lr * update;

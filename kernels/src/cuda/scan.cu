@@ -187,7 +187,8 @@ __device__ __forceinline__ float next_gate(const T *gamma, size_t i, int ti, int
             [&](size_t i, int, float state) { h[i] = from_f<T>(state); });                          \
     }                                                                                               \
     /* Backward, fused: the adjoint g_t = dy_t + γ_{t+1} g_{t+1} from the end, and             */  \
-    /* dγ_t = g_t h_{t-1} (h_{-1} = h0): du = g to out[0], dγ to out[1], each [B, T, D].       */  \
+    /* dγ_t = g_t h_{t-1} (h_{-1} = h0): dγ to out[0], du = g to out[1], each [B, T, D], in  */  \
+    /* the order (γ, u) of the inputs, so a stacked (γ, u) gets its gradient as one tensor.  */  \
     extern "C" __global__ void __launch_bounds__(WARPS * LANES)                                     \
         mmrec_scan_bwd_##SUFFIX(const T *dy, const T *gamma, const T *h, const T *h0, T *out, int B, \
                                 int Tn, int D, unsigned *scratch) {                                 \
@@ -199,10 +200,11 @@ __device__ __forceinline__ float next_gate(const T *gamma, size_t i, int ti, int
                 x = to_f(dy[i]);                                                                    \
             },                                                                                      \
             [&](size_t i, int ti, float state) {                                                    \
-                size_t row = i / ((size_t)Tn * D), d = i % D;                                       \
-                float prev = ti > 0 ? to_f(h[i - D]) : to_f(h0[row * D + d]);                       \
-                out[i] = from_f<T>(state);                                                          \
-                out[n + i] = from_f<T>(state * prev);                                               \
+                /* h0's index only at t = 0: a 64-bit division per element cost bandwidth. */     \
+                float prev = ti > 0 ? to_f(h[i - D])                                                \
+                                    : to_f(h0[(i / ((size_t)Tn * D)) * D + i % D]);                 \
+                out[i] = from_f<T>(state * prev);                                                   \
+                out[n + i] = from_f<T>(state);                                                      \
             });                                                                                     \
     }                                                                                               \
     /* The adjoint alone (g only), as ScanAdjoint on the CPU: dy and γ in, g out. */               \

@@ -46,7 +46,7 @@ fn compare(inputs: &[Tensor], probes: &[Tensor], op: &dyn Fn(&[Tensor]) -> Vec<T
 #[test]
 fn rms_norm_on_the_gpu_matches_the_cpu() {
     let cpu = Device::Cpu;
-    for (n, d) in [(3, 24), (4096, 512), (100, 1000), (64, 2048)] {
+    for (n, d) in [(3, 24), (257, 100), (999, 256), (4096, 512), (100, 1000), (64, 2048)] {
         let x = Tensor::randn(0f32, 2.0, (n, d), &cpu).unwrap();
         let w = Tensor::rand(0.5f32, 1.5, d, &cpu).unwrap();
         let probe = Tensor::randn(0f32, 1.0, (n, d), &cpu).unwrap();
@@ -85,18 +85,25 @@ fn gelu_on_the_gpu_matches_the_cpu() {
 fn adamw_on_the_gpu_matches_the_cpu() {
     let n = 1_000_003;
     let start = Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap();
-    let grads: Vec<Tensor> = (0..3)
+    let grads: Vec<Tensor> = (0..4)
         .map(|_| Tensor::randn(0f32, 1.0, n, &Device::Cpu).unwrap())
         .collect();
     let run = |dev: &Device| {
         let theta = start.to_device(dev).unwrap();
         let moments = Tensor::zeros((2, n), DType::F32, dev).unwrap();
         for (step, g) in grads.iter().enumerate() {
+            let g = g.to_device(dev).unwrap();
             let c = (1.0 - 0.9f64.powi(step as i32 + 1), 1.0 - 0.95f64.powi(step as i32 + 1));
-            mmrec_kernels::adamw::moments(&moments, &g.to_device(dev).unwrap(), 0.9, 0.95, 0.7).unwrap();
-            mmrec_kernels::adamw::apply(&theta, &moments, 1e-3, 0.999, c, 1e-8).unwrap();
+            let squares = Tensor::zeros(1, DType::F32, dev).unwrap();
+            mmrec_kernels::adamw::add_squares(&squares, &g).unwrap();
+            // The norm is about 0.7 · 1000 = 700: clipped to 500. The third step's loss is
+            // not finite: the device skips it.
+            let loss = Tensor::new(&[if step == 2 { f32::NAN } else { 3.0 }], dev).unwrap();
+            let ctl = mmrec_kernels::adamw::control(&squares, &loss, 0.7, 500.0).unwrap();
+            mmrec_kernels::adamw::moments(&moments, &g, &ctl, 0.9, 0.95).unwrap();
+            mmrec_kernels::adamw::apply(&theta, &moments, &ctl, 1e-3, 0.999, c, 1e-8).unwrap();
         }
-        theta
+        Tensor::cat(&[theta, moments.flatten_all().unwrap()], 0).unwrap()
     };
     let err = rel(&run(&gpu()), &run(&Device::Cpu));
     assert!(err < 1e-6, "relative error {err:e}");

@@ -5,7 +5,7 @@
 
 use super::gpu;
 use candle_core::{DType, Device, Tensor, Var};
-use mmrec_kernels::{reference_scan, scan};
+use mmrec_kernels::{reference_scan, scan, scan_stacked};
 use rand::{Rng, SeedableRng};
 
 fn random(n: usize, lo: f64, hi: f64, rng: &mut rand::rngs::StdRng) -> Vec<f64> {
@@ -163,5 +163,47 @@ fn fused_backward_matches_the_cpu_path() {
     for (i, dims) in [(2, 17, 5), (4, 1000, 130), (1, 30_000, 8)].into_iter().enumerate() {
         let err = backward_error(dims, 20 + i as u64);
         assert!(err < 1e-5, "dims {dims:?}: relative error {err:e}");
+    }
+}
+
+/// The stacked scan (γ and u as one [2, B, T, D] input, as the model runs it) on the GPU in
+/// f32 against the CPU in f64: states, final state and the gradients of Σ w ⊙ h.
+#[test]
+fn stacked_scan_matches_the_cpu_path() {
+    let (b, t, d) = (3, 700, 67);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let mut gamma_u = random(b * t * d, 0.3, 1.0, &mut rng);
+    gamma_u.extend(random(b * t * d, -1.0, 1.0, &mut rng));
+    let h0 = random(b * d, -1.0, 1.0, &mut rng);
+    let w = random(b * t * d, -1.0, 1.0, &mut rng);
+    let run = |dev: &Device, dtype: DType| -> Vec<Vec<f64>> {
+        let on = |v: &[f64], shape: &[usize]| {
+            Tensor::from_slice(v, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+                .to_device(dev)
+                .unwrap()
+        };
+        let stacked = Var::from_tensor(&on(&gamma_u, &[2, b, t, d])).unwrap();
+        let start = Var::from_tensor(&on(&h0, &[b, d])).unwrap();
+        let (h, last) = scan_stacked(stacked.as_tensor(), start.as_tensor()).unwrap();
+        let store = (&h * on(&w, &[b, t, d]))
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        vec![
+            to_f64(&h),
+            to_f64(&last),
+            to_f64(store.get(stacked.as_tensor()).unwrap()),
+            to_f64(store.get(start.as_tensor()).unwrap()),
+        ]
+    };
+    let (got, want) = (run(&gpu(), DType::F32), run(&Device::Cpu, DType::F64));
+    for (what, (g, w)) in ["h", "last", "d(γ, u)", "dh0"].iter().zip(got.iter().zip(&want)) {
+        let err = rel_err(g, w);
+        assert!(err < 1e-5, "{what}: relative error {err:e}");
     }
 }
