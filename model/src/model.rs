@@ -13,7 +13,7 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
-use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{Embedding, Init, Linear, VarBuilder};
 
 use mmrec_schemas::rng::{splitmix, SplitMix};
@@ -312,12 +312,14 @@ impl MMRecBlock {
         train: bool,
         how: Projection,
     ) -> Result<(Tensor, BlockState, Tensor)> {
-        let d = self.cfg.d_model;
+        let (b, t, d) = x.dims3()?;
         let xn = self.norm1.forward(x)?;
         let qkzg = self.project(&xn, how)?;
-        // k and z feed matmuls, which on CUDA need rows laid out contiguously.
+        // q split into heads as a view of the projection, [B, T, H, D/H]; k and z feed
+        // matmuls, which on CUDA need rows laid out contiguously.
+        let n_heads = self.cfg.n_heads;
         let (q, k, z) = (
-            qkzg.narrow(2, 0, d)?,
+            qkzg.reshape((b, t, 4, n_heads, d / n_heads))?.i((.., .., 0))?,
             qkzg.narrow(2, d, d)?.contiguous()?,
             qkzg.narrow(2, 2 * d, d)?.contiguous()?,
         );
@@ -330,7 +332,6 @@ impl MMRecBlock {
         let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, p, train, (self.key, 0))?)?;
         let y = (&r + self.ffn.forward(&self.norm2.forward(&r)?, p, train, self.key)?)?;
         let aux = self.uboo_loss(&h)?;
-        let t = x.dim(1)?;
         Ok((
             y,
             BlockState {
@@ -371,7 +372,8 @@ impl Memory {
 
     /// HDS memory attention: each position reads the persistent slots and, per level, the
     /// summaries of chunks that ended before its own chunk started (at most
-    /// `memory_window` of them), so it never sees its own chunk or the future.
+    /// `memory_window` of them), so it never sees its own chunk or the future. `q` comes
+    /// split into heads, [B, T, H, D/H].
     fn forward(&self, q: &Tensor, h: &Tensor, state: &BlockState) -> Result<(Tensor, Vec<LevelState>)> {
         let (b, t, d) = h.dims3()?;
         let n_heads = self.cfg.n_heads;
@@ -438,7 +440,7 @@ impl Memory {
         let kv = self.kv.forward(&mem)?;
         let heads = |x: &Tensor, n: usize| x.reshape((b, n, n_heads, dh))?.transpose(1, 2)?.contiguous();
         let (k, v) = (heads(&kv.narrow(2, 0, d)?, n_e)?, heads(&kv.narrow(2, d, d)?, n_e)?);
-        let qh = heads(q, t)?;
+        let qh = q.transpose(1, 2)?.contiguous()?;
         let mask = visibility_mask(visible.into_iter().flatten().collect(), (t, n_e), h.dtype(), h.device())?;
         let scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
         // One fused pass each way, statistics in f32 whatever the dtype (DESIGN §6).

@@ -524,27 +524,15 @@ impl Tensor {
                         grads.accumulate(arg, &grad.neg()?)?
                     }
                     &Op::Narrow(ref arg, dim, start_idx, len) => {
-                        let arg_dims = arg.dims();
-                        let left_pad = if start_idx == 0 {
-                            None
+                        // mmrec patch: zeros of the argument's shape with the gradient
+                        // copied into its slice, where upstream concatenated zero pads
+                        // (copying the zeros as well as the slice).
+                        let arg_grad = if len == arg.dims()[dim] {
+                            grad
                         } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = start_idx;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let right_pad = arg_dims[dim] - start_idx - len;
-                        let right_pad = if right_pad == 0 {
-                            None
-                        } else {
-                            let mut dims = arg_dims.to_vec();
-                            dims[dim] = right_pad;
-                            Some(Tensor::zeros(dims, grad.dtype(), grad.device())?)
-                        };
-                        let arg_grad = match (left_pad, right_pad) {
-                            (None, None) => grad,
-                            (Some(l), None) => Tensor::cat(&[&l, &grad], dim)?,
-                            (None, Some(r)) => Tensor::cat(&[&grad, &r], dim)?,
-                            (Some(l), Some(r)) => Tensor::cat(&[&l, &grad, &r], dim)?,
+                            let full = Tensor::zeros(arg.dims(), grad.dtype(), grad.device())?;
+                            full.slice_set(&grad.contiguous()?, dim, start_idx)?;
+                            full
                         };
                         grads.accumulate(arg, &arg_grad)?
                     }
