@@ -3,7 +3,7 @@
 # a short training run, from the binaries scripts/build-cuda.sh packed.
 #
 # Usage: scripts/gpu-check.sh [CARRY] [RESULTS]   (defaults .carry/cuda and bench/results/gpu)
-# STAGES picks what runs (default: all of "tests bench torch train curves profile"); PRESETS the
+# STAGES picks what runs (default: all of "tests bench torch train curves profile oom"); PRESETS the
 # benchmark presets (default small,medium).
 # CARRY holds bin/*.xz and optionally wheels/ (accelerated-scan for the PyTorch reference)
 # and jit-cache.tar (the CUDA JIT cache of an earlier run: saves ~20 s of start-up).
@@ -26,7 +26,7 @@ mkdir -p "$CUDA_CACHE_PATH"
 if ls "$carry"/wheels/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --target /tmp/mmrec-site "$carry"/wheels/*.whl && export PYTHONPATH=/tmp/mmrec-site
 fi
-STAGES="${STAGES:-tests bench torch train curves profile}"
+STAGES="${STAGES:-tests bench torch train curves profile oom}"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv >"$results/gpu.txt" 2>&1
@@ -58,7 +58,7 @@ done
 has bench && { python3 bench/gpu_report.py "$results" | tee "$results/summary.txt" || status=1; }
 
 work=/tmp/mmrec-train-check
-if has train || has curves || has profile; then
+if has train || has curves || has profile || has oom; then
   rm -rf "$work" && mkdir -p "$work"
   mmrec-data split --text fixtures/corpora/wikitext.jsonl --code fixtures/corpora/python_stdlib.jsonl \
     --mixed fixtures/corpora/chat.jsonl --tokenizer fixtures/tokenizer.json --out "$work/shards" >/dev/null || status=1
@@ -72,6 +72,15 @@ if has curves; then
   done
   python3 bench/compare_curves.py "$results/curve-f32.jsonl" "$results/curve-bf16.jsonl" \
     >"$results/curves.json" || status=1
+fi
+if has oom; then
+  echo "== a real out-of-memory on the GPU: the micro-batch halves and training goes on"
+  # The limit check passes (a limit far above the GPU's memory), so the first micro-batch of
+  # 64 × 4096 tokens (about 180 GiB of activations) fails to allocate for real.
+  mmrec-train pretrain --device cuda --precision bf16 --data "$work/shards" --out "$work/oom" --json \
+    --set 'model.preset="medium"' --set data.seq_len=4096 --set data.batch_size=64 --set run.steps=2 \
+    --set run.memory_limit_mb=100000000 --set run.eval_every=0 >"$results/oom.jsonl" || status=1
+  grep -q "out of memory: micro-batch halved" "$results/oom.jsonl" || { echo "no out-of-memory event"; status=1; }
 fi
 if has profile; then
   echo "== profile: every kernel of a bf16 medium training step, timed by Nsight Compute"

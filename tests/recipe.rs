@@ -90,8 +90,27 @@ fn base_to_experts_to_fused_model_through_every_binary() {
     assert_eq!((expert.role, expert.domain.as_deref()), (Role::Expert, Some("code")));
     assert_eq!(expert.frozen, ["embed.*"]);
 
+    // The trained experts merged into one model of the base's size: their lineage (through
+    // transfer and fine-tuning) names the trained base.
+    std::fs::create_dir(d.join("merged")).unwrap();
+    transfer(&[
+        "merge",
+        "--base",
+        &path("base/final.safetensors"),
+        "--experts",
+        &path("text/final.safetensors"),
+        &path("code/final.safetensors"),
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--out",
+        &path("merged/final.safetensors"),
+    ]);
+    assert_eq!(read_meta(&d.join("merged/final.safetensors")).unwrap().role, Role::Base);
+
     let shards = fixture_shards("recipe", 1000, 16).display().to_string();
-    for model in ["base", "text", "code", "fused"] {
+    for model in ["base", "text", "code", "fused", "merged"] {
         let file = path(&format!("{model}/final.safetensors"));
         let args = [
             "eval",
@@ -108,6 +127,7 @@ fn base_to_experts_to_fused_model_through_every_binary() {
         let o = run("mmrec-train", &args);
         assert!(o.status.success(), "eval {model}");
         let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(report["tokens_per_s"].as_f64().is_some_and(|t| t > 0.0), "{report}");
         for domain in ["text", "code", "mixed"] {
             let loss = report["domains"][domain]["loss"].as_f64();
             assert!(

@@ -513,3 +513,179 @@ fn a_reader_that_goes_away_ends_the_output_quietly() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// An expert of `base` (through `mmrec-transfer --to expert`, so its lineage names the
+/// base), then "fine-tuned": every tensor shifted by seeded noise, the metadata kept.
+fn fine_tuned_expert(dir: &Path, base: &Path, domain: &str, seed: u64) -> PathBuf {
+    let out = dir.join(format!("{domain}.safetensors"));
+    let o = transfer(&[
+        base.to_str().unwrap(),
+        "--to",
+        "expert",
+        "--domain",
+        domain,
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = mmrec_schemas::safetensors::read_meta(&out).unwrap();
+    let mut rng = mmrec_schemas::rng::SplitMix(seed);
+    let tensors: Vec<(String, Tensor)> = candle_core::safetensors::load(&out, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            let noise: Vec<f32> = (0..t.elem_count()).map(|_| 0.01 * rng.normal() as f32).collect();
+            let shifted = (&t + Tensor::from_vec(noise, t.shape(), &Device::Cpu).unwrap()).unwrap();
+            (n, shifted)
+        })
+        .collect();
+    save(&out, &tensors, &meta).unwrap();
+    out
+}
+
+fn tensors_of(path: &Path) -> std::collections::HashMap<String, Vec<u32>> {
+    candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| {
+            (
+                n,
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+fn merge(base: &Path, experts: &[&Path], out: &Path, extra: &[&str]) -> Output {
+    let mut args = vec!["merge", "--base", base.to_str().unwrap(), "--experts"];
+    args.extend(experts.iter().map(|p| p.to_str().unwrap()));
+    args.extend(["--out", out.to_str().unwrap()]);
+    args.extend(extra);
+    transfer(&args)
+}
+
+#[test]
+fn merging_reproduces_an_expert_or_the_base_and_writes_a_usable_base_with_lineage() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_file(dir.path(), "base.safetensors", &[]);
+    let text = fine_tuned_expert(dir.path(), &base, "text", 1);
+    let code = fine_tuned_expert(dir.path(), &base, "code", 2);
+    let first = dir.path().join("first.safetensors");
+    let o = merge(
+        &base,
+        &[&text, &code],
+        &first,
+        &["--method", "linear", "--weights", "1,0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        tensors_of(&first),
+        tensors_of(&text),
+        "linear (1, 0) is the first expert bit for bit"
+    );
+    let zero = dir.path().join("zero.safetensors");
+    let o = merge(
+        &base,
+        &[&text, &code],
+        &zero,
+        &["--method", "task-arithmetic", "--lambda", "0"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        tensors_of(&zero),
+        tensors_of(&base),
+        "task arithmetic with λ = 0 is the base"
+    );
+    // Every method gives a normal base-role model file that loads and runs.
+    for method in ["linear", "task-arithmetic", "ties", "dare"] {
+        let out = dir.path().join(format!("{method}.safetensors"));
+        let o = merge(&base, &[&text, &code], &out, &["--method", method, "--density", "0.5"]);
+        assert!(o.status.success(), "{method}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(logits_of(&out).dims(), [2, 70, 97]);
+        let meta = mmrec_schemas::safetensors::read_meta(&out).unwrap();
+        assert_eq!((meta.role, meta.lineage["method"].as_str()), (Role::Base, Some(method)));
+        let sha = |p: &Path| mmrec_schemas::atomic::sha256_hex(&std::fs::read(p).unwrap());
+        let sources: Vec<&str> = (0..3)
+            .map(|i| meta.lineage["sources"][i]["sha256"].as_str().unwrap())
+            .collect();
+        assert_eq!(sources, [sha(&base), sha(&text), sha(&code)]);
+    }
+    // DARE: the same seed gives the same file, another seed another model.
+    let again = dir.path().join("dare-again.safetensors");
+    let other = dir.path().join("dare-other.safetensors");
+    merge(
+        &base,
+        &[&text, &code],
+        &again,
+        &["--method", "dare", "--density", "0.5"],
+    );
+    merge(
+        &base,
+        &[&text, &code],
+        &other,
+        &["--method", "dare", "--density", "0.5", "--seed", "9"],
+    );
+    let dare = dir.path().join("dare.safetensors");
+    assert_eq!(std::fs::read(&dare).unwrap(), std::fs::read(&again).unwrap());
+    assert_ne!(tensors_of(&dare), tensors_of(&other));
+}
+
+#[test]
+fn merging_refuses_experts_of_another_base_or_shape_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_file(dir.path(), "base.safetensors", &[]);
+    let text = fine_tuned_expert(dir.path(), &base, "text", 1);
+    let other_base = base_file(
+        dir.path(),
+        "other.safetensors",
+        &[(
+            "embed.weight",
+            Some(Tensor::ones((97, 32), DType::F32, &Device::Cpu).unwrap()),
+        )],
+    );
+    let stranger = fine_tuned_expert(dir.path(), &other_base, "code", 2);
+    let out = dir.path().join("merged.safetensors");
+    let o = merge(&base, &[&text, &stranger], &out, &["--method", "ties"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("does not descend from") && err.contains("code.safetensors"),
+        "{err}"
+    );
+    assert!(!out.exists());
+    let o = merge(&base, &[&text, &stranger], &out, &["--method", "ties", "--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // A tensor of another shape is refused even with --force.
+    let odd = base_file(
+        dir.path(),
+        "odd.safetensors",
+        &[(
+            "blocks.0.ffn.up.bias",
+            Some(Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap()),
+        )],
+    );
+    let o = merge(
+        &base,
+        &[&text, &odd],
+        &dir.path().join("x.safetensors"),
+        &["--method", "linear", "--force"],
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.code() == Some(2) && err.contains("blocks.0.ffn.up.bias"),
+        "{err}"
+    );
+    let o = merge(
+        &base,
+        &[&text],
+        &dir.path().join("y.safetensors"),
+        &["--method", "dare", "--density", "0"],
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--density must be in (0, 1]"));
+}

@@ -115,6 +115,22 @@ pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// After an out-of-memory error: wait for the GPU, clear the error cudarc may have recorded
+/// on the context (it would come back from the next allocation), and hand the pool's free
+/// memory back to the driver, so that a retry with a smaller micro-batch starts from an
+/// empty pool rather than from blocks cut to the failed attempt's sizes.
+pub fn release_cached_memory(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    // The failed allocation's error may also sit recorded on the context (cudarc records
+    // errors met while dropping buffers), where every later call would return it.
+    let _recorded = stream.context().check_err();
+    stream.synchronize().w()?;
+    let _recorded = stream.context().check_err();
+    // SAFETY: a plain driver call on the device's default pool, nothing in flight.
+    unsafe { sys::cuMemPoolTrimTo(default_pool(dev)?, 0).result().w() }
+}
+
 /// The most device memory the default pool has had in use since the last
 /// [`reset_peak_memory`] (candle allocates through it, stream-ordered).
 pub fn peak_memory(dev: &CudaDevice) -> Result<u64> {

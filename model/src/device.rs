@@ -81,6 +81,16 @@ pub fn gpu_name(dev: &Device) -> String {
     }
 }
 
+/// After an out-of-memory error: give the device's cached free memory back (the GPU's
+/// stream-ordered pool; nothing on the CPU).
+pub fn release_cached_memory(dev: &Device) -> candle_core::Result<()> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => mmrec_kernels::cuda::release_cached_memory(cuda),
+        _ => Ok(()),
+    }
+}
+
 /// Peak device memory in use since [`reset_peak_memory`]; None on the CPU.
 pub fn peak_memory(dev: &Device) -> candle_core::Result<Option<u64>> {
     match dev {

@@ -35,6 +35,12 @@ pub enum Error {
     Model(#[from] io::Error),
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
+    /// A tensor operation that failed outside the forward and backward passes.
+    #[error("{during}: {source}")]
+    During {
+        during: &'static str,
+        source: candle_core::Error,
+    },
     #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -372,13 +378,14 @@ impl Session {
     /// Mean validation loss per domain (and overall), at most `max_batches` per domain.
     pub fn evaluate(&self, max_batches: usize) -> Result<BTreeMap<String, f64>> {
         let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
-        evaluate_net(
+        let (losses, _tokens) = evaluate_net(
             &net,
             &self.cfg.data.dirs,
             &self.loader_config(Split::Validation)?,
             max_batches,
             &self.dev,
-        )
+        )?;
+        Ok(losses)
     }
 
     /// The training loop. Stops at `run.steps` / `run.token_budget`, on early stopping, or
@@ -432,8 +439,12 @@ impl Session {
         if pending.is_empty() {
             return Ok(());
         }
-        let values = Tensor::stack(&pending.iter().map(|p| p.values.clone()).collect::<Vec<_>>(), 0)?;
-        let values = values.to_vec2::<f32>()?;
+        let values = Tensor::stack(&pending.iter().map(|p| p.values.clone()).collect::<Vec<_>>(), 0)
+            .and_then(|v| v.to_vec2::<f32>())
+            .map_err(|source| Error::During {
+                during: "reading the losses back",
+                source,
+            })?;
         let last = pending.len() - 1;
         for (i, (mut p, v)) in pending.drain(..).zip(values).enumerate() {
             let (loss, norm) = (v[0] as f64, v[1 + CONTROL_NORM] as f64);
@@ -519,7 +530,13 @@ impl Session {
         let optim = &self.cfg.optim;
         let accum = 1.0 / (optim.grad_accum * self.state.micro_splits) as f64;
         let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule);
-        let ctl = self.opt.update(&grads, &loss, lr, accum, optim.grad_clip)?;
+        let ctl = self
+            .opt
+            .update(&grads, &loss, lr, accum, optim.grad_clip)
+            .map_err(|source| Error::During {
+                during: "the optimiser update",
+                source,
+            })?;
         self.state.step += 1;
         self.state.tokens_seen += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
         self.state.adam_t = self.opt.t;
@@ -543,6 +560,7 @@ impl Session {
                 // An allocator that reports failure (candle's CUDA backend does) gets a
                 // smaller micro-batch; the effective batch and the data stay the same.
                 Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
+                    mmrec_model::device::release_cached_memory(&self.dev)?;
                     self.state.micro_splits *= 2;
                     events.push(format!(
                         "out of memory: micro-batch halved to {} rows, accumulation doubled",
@@ -806,15 +824,16 @@ pub struct Summary {
     pub final_model: PathBuf,
 }
 
-/// Mean loss per domain and overall (`all`, token-weighted) on the held-out split: each
-/// domain gets its own loader, so a batch cap never starves a domain.
+/// Mean loss per domain and overall (`all`, token-weighted) on the held-out split, and the
+/// number of tokens scored: each domain gets its own loader, so a batch cap never starves
+/// a domain.
 pub fn evaluate_net(
     net: &Net,
     dirs: &[PathBuf],
     base: &LoaderConfig,
     max_batches: usize,
     dev: &Device,
-) -> Result<BTreeMap<String, f64>> {
+) -> Result<(BTreeMap<String, f64>, u64)> {
     let mut out = BTreeMap::new();
     let (mut all_s, mut all_c) = (0.0, 0.0);
     let mut uploader = Uploader::default();
@@ -845,7 +864,7 @@ pub fn evaluate_net(
         }
     }
     out.insert("all".into(), if all_c > 0.0 { all_s / all_c } else { f64::NAN });
-    Ok(out)
+    Ok((out, all_c as u64))
 }
 
 /// Entropy (nats) of the unigram distribution of the held-out targets, per domain and

@@ -16,6 +16,9 @@ use mmrec_schemas::safetensors::{read_header, Dtype, Header, TensorInfo, Writer}
 use mmrec_schemas::{FusionMethod, ModelConfig, ModelMeta, Role};
 use serde::Serialize;
 
+mod merge;
+pub use merge::{merge, merge_values, MergeMethod, MergeOptions, MergeParams};
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
@@ -81,6 +84,8 @@ pub enum Status {
     Unexpected,
     /// A source block the layer mapping leaves out.
     Skipped,
+    /// Computed from the base and the experts (`merge`).
+    Merged,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -341,6 +346,11 @@ enum Plan {
     },
     /// Explicit f32 values (fusion layer initialisation).
     Values(Vec<f32>),
+    /// The same tensor of the base (first) and of each expert, merged (`merge`).
+    Merge {
+        inputs: Vec<(usize, TensorInfo)>,
+        params: MergeParams,
+    },
 }
 
 struct Output {
@@ -909,6 +919,22 @@ fn write_tensor(f: &mut impl Write, o: &Output, sources: &[&Header], maps: &[mem
         Plan::Values(v) => f
             .write_all(&v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
             .map(|()| 0),
+        Plan::Merge { inputs, params } => {
+            let values: Vec<Vec<f64>> = inputs
+                .iter()
+                .map(|(file, info)| decode(slice(maps, sources, *file, info), info.dtype).collect())
+                .collect();
+            let merged = merge_values(&o.name, &values[0], &values[1..], params);
+            let mut buf = Vec::with_capacity(n * o.dtype.size() as usize);
+            let mut overflows = 0;
+            for v in merged {
+                let start = buf.len();
+                encode(v, o.dtype, &mut buf);
+                overflows +=
+                    u64::from(v.is_finite() && decode(&buf[start..], o.dtype).next().is_some_and(f64::is_infinite));
+            }
+            f.write_all(&buf).map(|()| overflows)
+        }
     }
 }
 
@@ -1065,6 +1091,7 @@ fn non_finite(o: &Output, sources: &[&Header], maps: &[memmap2::Mmap]) -> Option
     let inputs: Vec<(usize, &TensorInfo)> = match &o.plan {
         Plan::Copy { file, info } => vec![(*file, info)],
         Plan::Mean { a, b } => vec![(a.0, &a.1), (b.0, &b.1)],
+        Plan::Merge { inputs, .. } => inputs.iter().map(|(f, i)| (*f, i)).collect(),
         Plan::Init(_) | Plan::Values(_) => return None,
     };
     inputs.into_iter().find_map(|(file, info)| {

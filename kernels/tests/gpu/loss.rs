@@ -46,11 +46,24 @@ fn gpu_cross_entropy_matches_the_cpu_in_f32_and_bf16() {
             // Same inputs (rounded to dtype first on both): f32 arithmetic on the GPU
             // against f64 on the CPU; bf16 gradients round on output.
             let tol = if dtype == DType::BF16 { 1e-2 } else { 1e-5 };
-            assert!(
-                rel(&rows, &want_rows) < 1e-5,
-                "({n}, {v}) {dtype:?} rows: {:e}",
-                rel(&rows, &want_rows)
-            );
+            // Losses relative to at least one nat per row: a row whose loss is near zero
+            // (a confident correct prediction) cannot have f32's relative accuracy, and
+            // with three rows (two of them perhaps masked) that made the check flaky.
+            let norm = |t: &Tensor| {
+                t.to_dtype(DType::F64)
+                    .unwrap()
+                    .sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
+                    .sqrt()
+            };
+            let rows_err =
+                norm(&(&rows.to_dtype(DType::F64).unwrap() - &want_rows.to_dtype(DType::F64).unwrap()).unwrap())
+                    / norm(&want_rows).max((n as f64).sqrt());
+            assert!(rows_err < 1e-5, "({n}, {v}) {dtype:?} rows: {rows_err:e}");
             assert!(
                 rel(&grad, &want_grad) < tol,
                 "({n}, {v}) {dtype:?} dlogits: {:e}",

@@ -212,7 +212,10 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
         workers: 2,
         ..LoaderConfig::default()
     };
-    let losses = evaluate_net(&net, &data, &cfg, max_batches, dev)?;
+    let started = std::time::Instant::now();
+    let (losses, tokens) = evaluate_net(&net, &data, &cfg, max_batches, dev)?;
+    // Scoring throughput: loading, forward passes and the loss, one synchronisation per batch.
+    let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
     let unigram = mmrec_trainer::train::unigram_entropy(&data, &cfg, max_batches)?;
     let report: serde_json::Map<String, serde_json::Value> = losses
         .iter()
@@ -226,7 +229,9 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
     if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"model": model, "domains": report}))?
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": model, "domains": report, "tokens": tokens, "tokens_per_s": tokens_per_s})
+            )?
         );
     } else {
         println!(
@@ -240,6 +245,7 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
                 unigram.get(d).copied().unwrap_or(f64::NAN)
             );
         }
+        println!("  {tokens} tokens scored at {tokens_per_s:.0} tokens/s");
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mmrec_schemas::safetensors::Dtype;
 use mmrec_schemas::FusionMethod;
 use mmrec_transfer::{
-    fuse, inspect, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, Persist, Report,
+    fuse, inspect, merge, to_expert, EmbedChoice, Error, ExpertOptions, FuseOptions, InitPolicy, LayerMap, MergeMethod,
+    MergeOptions, Persist, Report,
 };
 
 /// Exit codes: 0 done, 2 usage or I/O error, 3 shape mismatch, 4 missing tensors,
@@ -17,7 +18,7 @@ use mmrec_transfer::{
 #[command(
     name = "mmrec-transfer",
     version,
-    about = "Move MM-Rec weights between roles: base → expert, experts → fused",
+    about = "Move MM-Rec weights between roles: base → expert, experts → fused or merged",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
@@ -112,6 +113,40 @@ enum Command {
         #[command(flatten)]
         write: WriteArgs,
     },
+    /// Merge experts fine-tuned from one base into one model of the base's size (a base
+    /// file): every tensor, embedding and norms included, by the same rule.
+    Merge {
+        /// The base the experts were fine-tuned from.
+        #[arg(long)]
+        base: PathBuf,
+        /// The experts (each must name the base's sha256 in its lineage, or --force).
+        #[arg(long, num_args = 1.., required = true)]
+        experts: Vec<PathBuf>,
+        /// linear: Σ wᵢθᵢ / Σ wᵢ; task-arithmetic: base + λ Σ wᵢ(θᵢ − base); ties: task
+        /// vectors trimmed to the top --density, signs elected, agreeing values averaged;
+        /// dare: entries dropped with probability 1 − density, the rest scaled by 1/density.
+        #[arg(long, value_enum)]
+        method: MergeMethod,
+        /// One weight per expert, comma-separated (default: 1 each).
+        #[arg(long, value_delimiter = ',')]
+        weights: Option<Vec<f64>>,
+        /// Fraction of each task vector kept (ties, dare), in (0, 1].
+        #[arg(long, default_value_t = 0.2)]
+        density: f64,
+        /// Scale of the merged task vector (task-arithmetic, ties, dare).
+        #[arg(long, default_value_t = 1.0)]
+        lambda: f64,
+        /// DARE's random seed: the same seed gives the same model.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Merge experts whose lineage does not name the base.
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        write: WriteArgs,
+    },
     /// Header only (fast on any size): tensors, shapes, dtypes, parameters by module,
     /// metadata and lineage.
     Inspect { file: PathBuf },
@@ -174,6 +209,35 @@ fn run(cli: Cli) -> Result<()> {
                     code,
                     method,
                     embed,
+                    out,
+                    persist: write.persist(),
+                })?,
+                json,
+            );
+            Ok(())
+        }
+        Some(Command::Merge {
+            base,
+            experts,
+            method,
+            weights,
+            density,
+            lambda,
+            seed,
+            force,
+            out,
+            write,
+        }) => {
+            show(
+                &merge(&MergeOptions {
+                    base,
+                    experts,
+                    weights,
+                    method,
+                    density,
+                    lambda,
+                    seed,
+                    force,
                     out,
                     persist: write.persist(),
                 })?,

@@ -1153,7 +1153,7 @@ impl<U: crate::op::BinaryOpT> Map2 for U {
         let shape = lhs_l.shape();
         let dims = shape.dims();
         let elem_count = shape.elem_count();
-        let cfg = LaunchConfig::for_num_elems(elem_count as u32);
+        let cfg = elementwise_launch::<T>(elem_count, lhs_l.is_contiguous() && rhs_l.is_contiguous());
         let dims_and_strides = if lhs_l.is_contiguous() && rhs_l.is_contiguous() {
             SlicePtrOrNull::Null
         } else {
@@ -1190,7 +1190,7 @@ impl Map2Any for Cmp {
         let shape = lhs_l.shape();
         let dims = shape.dims();
         let elem_count = shape.elem_count();
-        let cfg = LaunchConfig::for_num_elems(elem_count as u32);
+        let cfg = elementwise_launch::<T>(elem_count, lhs_l.is_contiguous() && rhs_l.is_contiguous());
         let dims_and_strides = if lhs_l.is_contiguous() && rhs_l.is_contiguous() {
             SlicePtrOrNull::Null
         } else {
@@ -1220,6 +1220,31 @@ impl Map2Any for Cmp {
         unsafe { builder.launch(cfg) }.w()?;
         Ok(S::U8(out))
     }
+}
+
+/// mmrec patch: the launch of an element-wise kernel over `el` elements. The kernels
+/// loop grid-stride, and their contiguous paths move 16 bytes per thread (8 bf16 or 4
+/// f32), so a contiguous operand needs a grid for `el / (16 / size)` threads: upstream
+/// launched one thread per element, and the blocks with nothing to do made a bf16 add
+/// take twice its memory time.
+fn elementwise_launch<T>(el: usize, contiguous: bool) -> LaunchConfig {
+    let per_thread = if contiguous { (16 / std::mem::size_of::<T>()).max(1) } else { 1 };
+    LaunchConfig::for_num_elems(el.div_ceil(per_thread) as u32)
+}
+
+/// mmrec patch: whether `ucopy`'s 16-byte strided path (candle-kernels' `strided_copy_vec16`)
+/// applies to a copy of `src_l` into `dst_offset`: the innermost dimension contiguous and
+/// whole vectors, every other stride and both offsets whole vectors.
+fn vec16_copy(src_l: &Layout, elem_size: usize, dst_offset: usize) -> bool {
+    let v = (16 / elem_size).max(1);
+    let (dims, stride) = (src_l.dims(), src_l.stride());
+    let n = dims.len();
+    (1..=8).contains(&n)
+        && stride[n - 1] == 1
+        && dims[n - 1] % v == 0
+        && stride[..n - 1].iter().all(|s| s % v == 0)
+        && src_l.start_offset() % v == 0
+        && dst_offset % v == 0
 }
 
 fn slice_src_and_dst<'a, T>(
@@ -2366,7 +2391,13 @@ impl BackendStorage for CudaStorage {
         if el_count == 0 {
             return Ok(());
         }
-        let cfg = LaunchConfig::for_num_elems(el_count as u32);
+        let elem_size = self.dtype().size_in_bytes();
+        let cfg = match self.dtype() {
+            DType::BF16 | DType::F16 | DType::F32 if vec16_copy(src_l, elem_size, dst_offset) => {
+                LaunchConfig::for_num_elems(el_count.div_ceil(16 / elem_size) as u32)
+            }
+            _ => LaunchConfig::for_num_elems(el_count as u32),
+        };
         let dev = &self.device;
         let ds = SlicePtrOrNull::params_from_layout(dev, src_l)?;
         match (&self.slice, &mut dst.slice) {
