@@ -670,3 +670,34 @@ fn runs_with_dropout_repeat_and_resume_exactly() {
         "a resumed run with dropout retraces the uninterrupted one"
     );
 }
+
+#[test]
+fn generate_streams_a_continuation_that_repeats_for_a_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(mmrec_train("pretrain", &base_args(dir.path(), 2)).status.success());
+    let model = dir.path().join("final.safetensors");
+    let tokenizer = mmrec_tests::fixtures().join("tokenizer.json");
+    let generate = |seed: &str, tok: &Path| {
+        command("mmrec-train")
+            .args(["generate", "--device", "cpu", "--model"])
+            .arg(&model)
+            .arg("--tokenizer")
+            .arg(tok)
+            .args(["--prompt", "def parse(line):", "--max-tokens", "24", "--seed", seed])
+            .output()
+            .unwrap()
+    };
+    let a = generate("1", &tokenizer);
+    let (out, err) = (String::from_utf8_lossy(&a.stdout), String::from_utf8_lossy(&a.stderr));
+    assert!(a.status.success(), "{err}");
+    assert!(out.starts_with("def parse(line):") && out.len() > "def parse(line):".len(), "{out}");
+    assert!(err.contains("tokens generated at") && err.contains("tokens/s"), "{err}");
+    assert_eq!(a.stdout, generate("1", &tokenizer).stdout);
+    assert_ne!(a.stdout, generate("2", &tokenizer).stdout);
+    // The model records its tokenizer's sha256: another tokenizer file is refused.
+    let other = dir.path().join("other-tokenizer.json");
+    std::fs::write(&other, std::fs::read_to_string(&tokenizer).unwrap().replacen('{', "{ ", 1)).unwrap();
+    let refused = generate("1", &other);
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("another tokenizer"));
+}

@@ -692,21 +692,34 @@ impl FusedModel {
 
     /// Logits [B, T, V] and the per-token expert weights ([B, T, 2] for `gated`).
     pub fn forward(&self, tokens: &Tensor, train: bool) -> Result<(Tensor, Option<Tensor>)> {
+        self.forward_from(tokens, None, train)
+            .map(|(logits, weights, _)| (logits, weights))
+    }
+
+    /// [`FusedModel::forward`] continuing from both experts' states (None: a fresh
+    /// sequence); also returns the states after `tokens`, (text, code).
+    pub fn forward_from(
+        &self,
+        tokens: &Tensor,
+        state: Option<&FusedState>,
+        train: bool,
+    ) -> Result<(Tensor, Option<Tensor>, FusedState)> {
         let b = tokens.dim(0)?;
         let x = mmrec_kernels::fused::embedding(self.embed.embeddings(), tokens)?;
         let dt = x.dtype();
-        let (yt, _, _) = self.text.forward(
-            &x,
-            &self.text.initial_state(b, dt, x.device())?,
-            train,
-            Projection::Fused,
-        )?;
-        let (yc, _, _) = self.code.forward(
-            &x,
-            &self.code.initial_state(b, dt, x.device())?,
-            train,
-            Projection::Fused,
-        )?;
+        let fresh;
+        let (st, sc) = match state {
+            Some((st, sc)) => (st, sc),
+            None => {
+                fresh = (
+                    self.text.initial_state(b, dt, x.device())?,
+                    self.code.initial_state(b, dt, x.device())?,
+                );
+                (&fresh.0, &fresh.1)
+            }
+        };
+        let (yt, st, _) = self.text.forward(&x, st, train, Projection::Fused)?;
+        let (yc, sc, _) = self.code.forward(&x, sc, train, Projection::Fused)?;
         let (yt, yc) = if self.experts_frozen {
             (yt.detach(), yc.detach())
         } else {
@@ -726,9 +739,12 @@ impl FusedModel {
         } else {
             self.embed.embeddings().clone()
         };
-        Ok((tied_logits(&f, &embed)?, weights))
+        Ok((tied_logits(&f, &embed)?, weights, (st, sc)))
     }
 }
+
+/// A fused model's recurrent state: the text expert's blocks', then the code expert's.
+pub type FusedState = (Vec<BlockState>, Vec<BlockState>);
 
 /// A VarBuilder that creates missing variables in `varmap` from candle's `Init`
 /// descriptions with a seeded generator, each tensor's stream derived from (seed, name):

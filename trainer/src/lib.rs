@@ -1,8 +1,9 @@
 //! `mmrec-train`: the optimiser, learning-rate schedules, the training loop (pretrain,
-//! finetune, fusion), evaluation and exact-resume checkpoints (DESIGN §5). The model lives
+//! finetune, fusion), evaluation, text generation and exact-resume checkpoints (DESIGN §5). The model lives
 //! in `mmrec-model`, batches come from `mmrec-loader`, and every file format from
 //! `mmrec-schemas`.
 
+pub mod generate;
 pub mod optim;
 pub mod train;
 

@@ -61,6 +61,41 @@ enum Command {
     },
     /// Loss and perplexity per domain on the held-out split of shard directories.
     Eval(EvalArgs),
+    /// Write text with a model: the prompt through the parallel scan once, then one token
+    /// at a time with the carried state (O(1) per token), streamed to stdout.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// A base, expert or fused model file.
+    #[arg(long)]
+    model: PathBuf,
+    /// The tokenizer the model was trained with (its sha256 is checked against the model's).
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The text to continue.
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// A file whose text to continue.
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    #[arg(long, default_value_t = 200)]
+    max_tokens: usize,
+    /// Softmax temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f64,
+    /// Draw from the k most likely tokens only (0: all).
+    #[arg(long, default_value_t = 50)]
+    top_k: usize,
+    /// Draw from the most likely tokens holding this much probability (1: all).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f64,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Generate although the model records another tokenizer.
+    #[arg(long)]
+    allow_tokenizer_mismatch: bool,
 }
 
 #[derive(Args)]
@@ -155,6 +190,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
         Command::Eval(args) => eval_command(args, &dev),
+        Command::Generate(args) => generate_command(args, &dev),
         Command::Init {
             preset,
             vocab,
@@ -247,6 +283,89 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
         }
         println!("  {tokens} tokens scored at {tokens_per_s:.0} tokens/s");
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn generate_command(a: GenerateArgs, dev: &Device) -> Result<ExitCode> {
+    use std::io::Write;
+    let meta = mmrec_schemas::safetensors::read_meta(&a.model)?;
+    let (sha, _) = mmrec_schemas::atomic::file_sha256(&a.tokenizer)?;
+    if meta.tokenizer.as_ref().is_some_and(|t| *t != sha) && !a.allow_tokenizer_mismatch {
+        anyhow::bail!(
+            "{} was trained with another tokenizer than {} (sha256 {} against {sha}); --allow-tokenizer-mismatch goes on anyway",
+            a.model.display(),
+            a.tokenizer.display(),
+            meta.tokenizer.as_deref().unwrap_or("")
+        );
+    }
+    let tok = tokenizers::Tokenizer::from_file(&a.tokenizer)
+        .map_err(|e| anyhow::anyhow!("reading the tokenizer {}: {e}", a.tokenizer.display()))?;
+    if tok.get_vocab_size(true) != meta.config.vocab_size {
+        anyhow::bail!(
+            "{} has {} tokens, the model a vocabulary of {}",
+            a.tokenizer.display(),
+            tok.get_vocab_size(true),
+            meta.config.vocab_size
+        );
+    }
+    let text = match (a.prompt, &a.prompt_file) {
+        (Some(p), _) => p,
+        (None, Some(f)) => std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+        (None, None) => anyhow::bail!("give the text to continue: --prompt TEXT or --prompt-file FILE"),
+    };
+    // Training documents follow a separator: so does the prompt.
+    let eot = tok.token_to_id("<|endoftext|>");
+    let encoded = tok
+        .encode(text.as_str(), false)
+        .map_err(|e| anyhow::anyhow!("encoding the prompt: {e}"))?;
+    let prompt: Vec<u32> = eot.into_iter().chain(encoded.get_ids().iter().copied()).collect();
+    let net = load_net(&a.model, dev).with_context(|| format!("loading {}", a.model.display()))?;
+    let sampling = mmrec_trainer::generate::Sampling {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+    };
+    let mut out = std::io::stdout().lock();
+    write!(out, "{text}")?;
+    // Each token's text is the growth of the decoded whole: a character split over two
+    // tokens decodes to U+FFFD until its second token arrives.
+    let (mut ids, mut shown, mut failed) = (Vec::new(), String::new(), None);
+    let done = mmrec_trainer::generate::generate(&net, &prompt, a.max_tokens, &sampling, eot, |t| {
+        if Some(t) == eot {
+            return std::ops::ControlFlow::Continue(());
+        }
+        ids.push(t);
+        let shown_now = match tok.decode(&ids, false) {
+            Ok(s) => s,
+            Err(e) => {
+                failed = Some(anyhow::anyhow!("decoding: {e}"));
+                return std::ops::ControlFlow::Break(());
+            }
+        };
+        if !shown_now.ends_with('\u{FFFD}') {
+            if let Some(new) = shown_now.strip_prefix(shown.as_str()) {
+                if let Err(e) = write!(out, "{new}").and_then(|()| out.flush()) {
+                    failed = Some(e.into());
+                    return std::ops::ControlFlow::Break(());
+                }
+            }
+            shown = shown_now;
+        }
+        std::ops::ControlFlow::Continue(())
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    writeln!(out)?;
+    eprintln!(
+        "{} prompt tokens in {:.2} s; {} tokens generated at {:.1} tokens/s (seed {})",
+        done.prompt_tokens,
+        done.prompt_secs,
+        done.tokens.len(),
+        done.tokens.len().saturating_sub(1) as f64 / done.decode_secs.max(1e-9),
+        a.seed
+    );
     Ok(ExitCode::SUCCESS)
 }
 
