@@ -690,14 +690,36 @@ fn generate_streams_a_continuation_that_repeats_for_a_seed() {
     let a = generate("1", &tokenizer);
     let (out, err) = (String::from_utf8_lossy(&a.stdout), String::from_utf8_lossy(&a.stderr));
     assert!(a.status.success(), "{err}");
-    assert!(out.starts_with("def parse(line):") && out.len() > "def parse(line):".len(), "{out}");
+    assert!(
+        out.starts_with("def parse(line):") && out.len() > "def parse(line):".len(),
+        "{out}"
+    );
     assert!(err.contains("tokens generated at") && err.contains("tokens/s"), "{err}");
     assert_eq!(a.stdout, generate("1", &tokenizer).stdout);
     assert_ne!(a.stdout, generate("2", &tokenizer).stdout);
     // The model records its tokenizer's sha256: another tokenizer file is refused.
     let other = dir.path().join("other-tokenizer.json");
-    std::fs::write(&other, std::fs::read_to_string(&tokenizer).unwrap().replacen('{', "{ ", 1)).unwrap();
+    std::fs::write(
+        &other,
+        std::fs::read_to_string(&tokenizer).unwrap().replacen('{', "{ ", 1),
+    )
+    .unwrap();
     let refused = generate("1", &other);
     assert_eq!(refused.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&refused.stderr).contains("another tokenizer"));
+}
+
+#[test]
+fn plot_draws_runs_into_a_png_and_names_a_bad_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 6);
+    args.extend(["--set".into(), "run.eval_every=3".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let png = dir.path().join("loss.png");
+    let o = command("mmrec-train").arg("plot").arg(dir.path()).arg("--out").arg(&png).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    let missing = command("mmrec-train").args(["plot", "/nonexistent/run"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/run"));
 }

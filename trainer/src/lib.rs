@@ -5,6 +5,7 @@
 
 pub mod generate;
 pub mod optim;
+pub mod plot;
 pub mod train;
 
 /// The candle dtype a run's precision computes in; weights and optimiser state are f32

@@ -61,6 +61,15 @@ enum Command {
     },
     /// Loss and perplexity per domain on the held-out split of shard directories.
     Eval(EvalArgs),
+    /// Draw runs' training and validation loss and learning rate (from each run's
+    /// metrics.jsonl) on one PNG.
+    Plot {
+        /// Run directories (or metrics.jsonl files); each is one coloured curve.
+        #[arg(required = true, num_args = 1..)]
+        runs: Vec<PathBuf>,
+        #[arg(long, default_value = "loss.png")]
+        out: PathBuf,
+    },
     /// Write text with a model: the prompt through the parallel scan once, then one token
     /// at a time with the carried state (O(1) per token), streamed to stdout.
     Generate(GenerateArgs),
@@ -191,6 +200,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
         Command::Eval(args) => eval_command(args, &dev),
         Command::Generate(args) => generate_command(args, &dev),
+        Command::Plot { runs, out } => {
+            let curves = runs
+                .iter()
+                .map(|r| mmrec_trainer::plot::read_run(r))
+                .collect::<Result<Vec<_>, _>>()?;
+            mmrec_trainer::plot::loss_chart(&curves, &out)?;
+            eprintln!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Init {
             preset,
             vocab,

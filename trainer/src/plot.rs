@@ -1,0 +1,279 @@
+//! Charts of training runs (`mmrec-train plot`): PNGs drawn with plotters. Text is set in
+//! DejaVu Sans embedded in the binary (`trainer/assets`, with its licence), so a machine
+//! without system fonts renders the same chart.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PlotError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Format {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("{0}: no training records (a metrics.jsonl with step and loss)")]
+    Empty(PathBuf),
+    #[error("drawing {path}: {message}")]
+    Draw { path: PathBuf, message: String },
+}
+
+/// One run's curves from its `metrics.jsonl`, against the optimiser step.
+#[derive(Debug, Clone, Default)]
+pub struct RunCurves {
+    pub label: String,
+    pub train: Vec<(f64, f64)>,
+    /// The token-weighted validation loss over all domains.
+    pub val: Vec<(f64, f64)>,
+    pub lr: Vec<(f64, f64)>,
+}
+
+/// The curves of a run directory (its `metrics.jsonl`) or of a metrics file, labelled by
+/// the directory's name (or the file's, when it is not `metrics.jsonl`).
+pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
+    let file = if path.is_dir() {
+        path.join("metrics.jsonl")
+    } else {
+        path.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&file).map_err(|source| PlotError::Io {
+        path: file.clone(),
+        source,
+    })?;
+    let named = match file.file_stem() {
+        Some(stem) if stem != "metrics" => Some(stem),
+        _ => file.parent().and_then(Path::file_name),
+    };
+    let mut run = RunCurves {
+        label: named.map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+        ..RunCurves::default()
+    };
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let rec: serde_json::Value = serde_json::from_str(line).map_err(|e| PlotError::Format {
+            path: file.clone(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
+        let Some(step) = rec["step"].as_f64() else { continue };
+        if let Some(loss) = rec["loss"].as_f64() {
+            run.train.push((step, loss));
+        }
+        if let Some(lr) = rec["lr"].as_f64() {
+            run.lr.push((step, lr));
+        }
+        if let Some(val) = rec["val"]["all"].as_f64() {
+            run.val.push((step, val));
+        }
+    }
+    if run.train.is_empty() {
+        return Err(PlotError::Empty(file));
+    }
+    Ok(run)
+}
+
+/// Training loss (thin), validation loss (thick, with points) and learning rate of every
+/// run on one PNG, two panels sharing the step axis. Written under a temporary name and
+/// renamed.
+pub fn loss_chart(runs: &[RunCurves], out: &Path) -> Result<(), PlotError> {
+    register_font();
+    let name = out
+        .file_name()
+        .map_or_else(|| "chart".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
+    let drawn = draw(runs, &tmp).map_err(|message| PlotError::Draw {
+        path: out.to_path_buf(),
+        message,
+    });
+    match drawn.and_then(|()| {
+        std::fs::rename(&tmp, out).map_err(|source| PlotError::Io {
+            path: out.to_path_buf(),
+            source,
+        })
+    }) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn register_font() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let font: &'static [u8] = include_bytes!("../assets/DejaVuSans.ttf");
+        // The bytes are a valid TTF (a test draws with them); nothing to recover otherwise.
+        let _ = plotters::style::register_font("sans-serif", FontStyle::Normal, font);
+    });
+}
+
+fn draw(runs: &[RunCurves], path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let (top, bottom) = root.split_vertically(600);
+    let x_max = runs
+        .iter()
+        .flat_map(|r| r.train.iter().map(|p| p.0))
+        .fold(1.0, f64::max);
+    let (y_min, y_max) = loss_range(runs);
+    let mut chart = ChartBuilder::on(&top)
+        .caption(
+            "loss (nats per token): training thin, validation thick",
+            ("sans-serif", 24),
+        )
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..x_max, y_min..y_max)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_desc("loss")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, r) in runs.iter().enumerate() {
+        let color = run_color(i);
+        chart
+            .draw_series(LineSeries::new(
+                r.train.iter().copied(),
+                color.mix(0.45).stroke_width(1),
+            ))
+            .map_err(|e| err(&e))?
+            .label(format!("{} train", r.label))
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.mix(0.45)));
+        if !r.val.is_empty() {
+            chart
+                .draw_series(LineSeries::new(r.val.iter().copied(), color.stroke_width(3)))
+                .map_err(|e| err(&e))?
+                .label(format!("{} validation", r.label))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(3)));
+            chart
+                .draw_series(r.val.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    let lr_max = runs.iter().flat_map(|r| r.lr.iter().map(|p| p.1)).fold(0.0, f64::max);
+    let mut lr_chart = ChartBuilder::on(&bottom)
+        .caption("learning rate", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0f64..x_max, 0f64..(lr_max * 1.05).max(1e-12))
+        .map_err(|e| err(&e))?;
+    lr_chart
+        .configure_mesh()
+        .x_desc("step")
+        .y_label_formatter(&|v| format!("{v:.1e}"))
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, r) in runs.iter().enumerate() {
+        let color = run_color(i);
+        lr_chart
+            .draw_series(LineSeries::new(r.lr.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+/// Matplotlib's ten categorical colours ("tab10"), which stay apart on white.
+fn run_color(i: usize) -> RGBAColor {
+    const TAB10: [(u8, u8, u8); 10] = [
+        (31, 119, 180),
+        (255, 127, 14),
+        (44, 160, 44),
+        (214, 39, 40),
+        (148, 103, 189),
+        (140, 86, 75),
+        (227, 119, 194),
+        (127, 127, 127),
+        (188, 189, 34),
+        (23, 190, 207),
+    ];
+    let (r, g, b) = TAB10[i % TAB10.len()];
+    RGBColor(r, g, b).to_rgba()
+}
+
+/// The loss axis: from the lowest loss to the 95th percentile of the training losses (or
+/// the highest validation loss), so that the first steps' ln V does not flatten the rest.
+fn loss_range(runs: &[RunCurves]) -> (f64, f64) {
+    let mut train: Vec<f64> = runs
+        .iter()
+        .flat_map(|r| r.train.iter().map(|p| p.1))
+        .filter(|v| v.is_finite())
+        .collect();
+    train.sort_by(f64::total_cmp);
+    let val = runs
+        .iter()
+        .flat_map(|r| r.val.iter().map(|p| p.1))
+        .filter(|v| v.is_finite());
+    let lo = train
+        .first()
+        .copied()
+        .into_iter()
+        .chain(val.clone())
+        .fold(f64::INFINITY, f64::min);
+    let hi = train
+        .get(train.len() * 95 / 100)
+        .copied()
+        .into_iter()
+        .chain(val)
+        .fold(f64::NEG_INFINITY, f64::max);
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    (lo - pad, hi + pad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chart_of_two_runs_is_a_png_and_bad_lines_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = Vec::new();
+        for (name, scale) in [("a", 1.0), ("b", 1.2)] {
+            let run = dir.path().join(name);
+            std::fs::create_dir(&run).unwrap();
+            let mut text = String::new();
+            for step in 1..=60 {
+                let loss = scale * (2.0 + 5.0 / step as f64);
+                text.push_str(&format!(
+                    "{{\"step\":{step},\"loss\":{loss},\"lr\":{}}}\n",
+                    1e-3 * step as f64 / 60.0
+                ));
+                if step % 20 == 0 {
+                    text.push_str(&format!("{{\"step\":{step},\"val\":{{\"all\":{}}}}}\n", loss + 0.1));
+                }
+            }
+            std::fs::write(run.join("metrics.jsonl"), text).unwrap();
+            runs.push(read_run(&run).unwrap());
+        }
+        assert_eq!((runs[0].train.len(), runs[0].val.len(), runs[0].lr.len()), (60, 3, 60));
+        let out = dir.path().join("loss.png");
+        loss_chart(&runs, &out).unwrap();
+        let png = std::fs::read(&out).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 10_000, "a chart with text and lines, not a blank image");
+        std::fs::write(
+            dir.path().join("a/metrics.jsonl"),
+            "{\"step\":1,\"loss\":2}\nnot json\n",
+        )
+        .unwrap();
+        let e = read_run(&dir.path().join("a")).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl:2:"), "{e}");
+    }
+}
