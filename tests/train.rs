@@ -716,10 +716,43 @@ fn plot_draws_runs_into_a_png_and_names_a_bad_file() {
     args.extend(["--set".into(), "run.eval_every=3".into()]);
     assert!(mmrec_train("pretrain", &args).status.success());
     let png = dir.path().join("loss.png");
-    let o = command("mmrec-train").arg("plot").arg(dir.path()).arg("--out").arg(&png).output().unwrap();
+    let o = command("mmrec-train")
+        .arg("plot")
+        .arg(dir.path())
+        .arg("--out")
+        .arg(&png)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
-    let missing = command("mmrec-train").args(["plot", "/nonexistent/run"]).output().unwrap();
+    let missing = command("mmrec-train")
+        .args(["plot", "/nonexistent/run"])
+        .output()
+        .unwrap();
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/run"));
+}
+
+#[test]
+fn eval_at_length_reports_loss_per_position_bucket_and_draws_it() {
+    let dir = tempfile::tempdir().unwrap();
+    assert!(mmrec_train("pretrain", &base_args(dir.path(), 2)).status.success());
+    let png = dir.path().join("position.png");
+    let o = command("mmrec-train")
+        .args(["eval", "--device", "cpu", "--model"])
+        .arg(dir.path().join("final.safetensors"))
+        .arg("--data")
+        .arg(shards())
+        .args(["--context-len", "700", "--seq-len", "64", "--json", "--plot"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let all = report["by_position"]["all"].as_array().unwrap();
+    assert_eq!((all[0]["from"].as_u64(), all[0]["to"].as_u64()), (Some(0), Some(512)));
+    assert!(all[0]["tokens"].as_u64() > Some(0) && all[0]["loss"].as_f64().is_some_and(f64::is_finite));
+    // Nothing past the context limit of 700 tokens.
+    assert!(all[2..].iter().all(|b| b["tokens"].as_u64() == Some(0)));
+    assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
 }

@@ -332,6 +332,36 @@ fn decode(group: &RowGroupRef, split: Split, permille: u32) -> Result<Decoded> {
     Ok(Decoded { tokens, rows })
 }
 
+/// Every held-out document of `domains`, whole, in shard order, each after the end-of-text
+/// id (as documents follow one another in training): for evaluations that need documents
+/// rather than packed rows, such as loss against position.
+pub fn held_out_documents(dirs: &[PathBuf], domains: &[Domain], val_permille: u32) -> Result<Vec<(Domain, Vec<u32>)>> {
+    let cfg = LoaderConfig {
+        seq_len: 1,
+        batch_size: 1,
+        weights: domains.iter().map(|d| (*d, 1.0)).collect(),
+        val_permille,
+        split: Split::Validation,
+        ..LoaderConfig::default()
+    };
+    let plan = Plan::open(dirs, &cfg)?;
+    let mut docs = Vec::new();
+    for (domain, groups) in &plan.groups {
+        for group in groups {
+            let decoded = decode(group, Split::Validation, val_permille)?;
+            docs.extend(decoded.rows.iter().flatten().map(|&(a, b)| {
+                (
+                    *domain,
+                    std::iter::once(plan.eot)
+                        .chain(decoded.tokens[a..b].iter().copied())
+                        .collect(),
+                )
+            }));
+        }
+    }
+    Ok(docs)
+}
+
 /// Held-out membership by document hash: stable across runs, shard layouts and seeds.
 pub fn in_validation(hash: u64, permille: u32) -> bool {
     // Remix so the split is independent of the partition (which uses the high bits).

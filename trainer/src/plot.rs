@@ -79,27 +79,7 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
 /// run on one PNG, two panels sharing the step axis. Written under a temporary name and
 /// renamed.
 pub fn loss_chart(runs: &[RunCurves], out: &Path) -> Result<(), PlotError> {
-    register_font();
-    let name = out
-        .file_name()
-        .map_or_else(|| "chart".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = out.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
-    let drawn = draw(runs, &tmp).map_err(|message| PlotError::Draw {
-        path: out.to_path_buf(),
-        message,
-    });
-    match drawn.and_then(|()| {
-        std::fs::rename(&tmp, out).map_err(|source| PlotError::Io {
-            path: out.to_path_buf(),
-            source,
-        })
-    }) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
+    write_png(out, |tmp| draw(runs, tmp))
 }
 
 fn register_font() {
@@ -188,6 +168,80 @@ fn draw(runs: &[RunCurves], path: &Path) -> Result<(), String> {
             .map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))
+}
+
+/// Mean loss against the context before the predicted token (log scale), one line per
+/// named curve (`mmrec-train eval --context-len`). Written under a temporary name and renamed.
+pub fn position_chart(curves: &[(String, Vec<(f64, f64)>)], out: &Path) -> Result<(), PlotError> {
+    write_png(out, |tmp| draw_positions(curves, tmp))
+}
+
+fn draw_positions(curves: &[(String, Vec<(f64, f64)>)], path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let points = || curves.iter().flat_map(|(_, p)| p.iter().copied());
+    let x_max = points().map(|p| p.0).fold(2.0, f64::max) * 1.2;
+    let (lo, hi) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    let pad = ((hi - lo) * 0.05).max(1e-3);
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("held-out loss against position in the document", ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(56)
+        .build_cartesian_2d((1f64..x_max).log_scale(), (lo - pad)..(hi + pad))
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc("tokens of context before the predicted token")
+        .y_desc("loss (nats per token)")
+        .label_style(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (label, p)) in curves.iter().enumerate() {
+        let color = run_color(i);
+        chart
+            .draw_series(LineSeries::new(p.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(label.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 15))
+        .draw()
+        .map_err(|e| err(&e))?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// `draw` into a temporary PNG next to `out`, renamed into place once complete (removed
+/// after a failure).
+fn write_png(out: &Path, draw: impl FnOnce(&Path) -> Result<(), String>) -> Result<(), PlotError> {
+    register_font();
+    let name = out
+        .file_name()
+        .map_or_else(|| "chart".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = out.with_file_name(format!(".{name}.tmp-{}.png", std::process::id()));
+    let written = draw(&tmp)
+        .map_err(|message| PlotError::Draw {
+            path: out.to_path_buf(),
+            message,
+        })
+        .and_then(|()| {
+            std::fs::rename(&tmp, out).map_err(|source| PlotError::Io {
+                path: out.to_path_buf(),
+                source,
+            })
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Matplotlib's ten categorical colours ("tab10"), which stay apart on white.

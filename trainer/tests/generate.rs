@@ -104,3 +104,29 @@ fn generation_repeats_for_a_seed_and_stops_at_the_stop_token() {
     let first = a.iter().position(|&t| t == a[4]).unwrap();
     assert_eq!(stopped, a[..=first]);
 }
+
+#[test]
+fn position_losses_do_not_depend_on_the_segment_length() {
+    use mmrec_trainer::context::position_losses;
+    let docs: Vec<Vec<u32>> = (0..3u32)
+        .map(|k| (0..(30 + 17 * k)).map(|i| (i * 7 + k * 13) % 60).collect())
+        .collect();
+    let net = single();
+    let whole = position_losses(&net, &docs, 1000, 1000, &Device::Cpu).unwrap();
+    let pieces = position_losses(&net, &docs, 1000, 5, &Device::Cpu).unwrap();
+    assert_eq!(whole.len(), docs.iter().map(|d| d.len() - 1).sum::<usize>());
+    assert_eq!(
+        whole.iter().map(|p| p.0).collect::<Vec<_>>(),
+        pieces.iter().map(|p| p.0).collect::<Vec<_>>()
+    );
+    let gap = whole
+        .iter()
+        .zip(&pieces)
+        .map(|(a, b)| (a.1 - b.1).abs())
+        .fold(0.0, f64::max);
+    assert!(gap < 1e-4, "segments change the losses by {gap}");
+    // A context limit reads each document's first tokens only.
+    let short = position_losses(&net, &docs, 10, 4, &Device::Cpu).unwrap();
+    assert_eq!(short.len(), 3 * 10);
+    assert!(short.iter().all(|p| p.0 < 10));
+}

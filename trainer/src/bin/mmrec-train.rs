@@ -132,6 +132,14 @@ struct EvalArgs {
     /// size) than the shards were made with.
     #[arg(long)]
     allow_tokenizer_mismatch: bool,
+    /// Instead of packed rows: stream each held-out document (up to this many tokens)
+    /// through the model with the state carried, and report the loss per position bucket
+    /// (0-512, 512-2k, 2k-8k, 8k-32k, 32k-128k, beyond).
+    #[arg(long, default_value_t = 0)]
+    context_len: usize,
+    /// With --context-len: draw loss against position (log scale) into this PNG.
+    #[arg(long, requires = "context_len")]
+    plot: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -252,11 +260,24 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
         max_batches,
         json,
         allow_tokenizer_mismatch,
+        context_len,
+        plot,
     } = args;
     let meta = mmrec_schemas::safetensors::read_meta(&model)?;
     mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
     let net = load_net(&model, dev).with_context(|| format!("loading {}", model.display()))?;
     let weights = mmrec_loader::parse_weights(&domains).map_err(anyhow::Error::msg)?;
+    if context_len > 0 {
+        let domains: Vec<_> = weights.keys().copied().collect();
+        let at_length = AtLength {
+            context_len,
+            segment: seq_len,
+            val_permille,
+            plot,
+            json,
+        };
+        return eval_at_length(&net, &model, &data, &domains, &at_length, dev);
+    }
     let cfg = LoaderConfig {
         seq_len,
         batch_size,
@@ -300,6 +321,79 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
             );
         }
         println!("  {tokens} tokens scored at {tokens_per_s:.0} tokens/s");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How `eval --context-len` reads documents and reports.
+struct AtLength {
+    context_len: usize,
+    segment: usize,
+    val_permille: u32,
+    plot: Option<PathBuf>,
+    json: bool,
+}
+
+/// `eval --context-len`: loss per position bucket, per domain and over all of them.
+fn eval_at_length(
+    net: &mmrec_trainer::train::Net,
+    model: &std::path::Path,
+    data: &[PathBuf],
+    domains: &[mmrec_schemas::Domain],
+    how: &AtLength,
+    dev: &Device,
+) -> Result<ExitCode> {
+    use mmrec_trainer::context::{curve, position_losses};
+    let docs = mmrec_loader::held_out_documents(data, domains, how.val_permille)?;
+    let mut report = serde_json::Map::new();
+    let mut curves = Vec::new();
+    let mut all = Vec::new();
+    for d in domains.iter().map(Some).chain([None]) {
+        let raw = match d {
+            Some(d) => {
+                let mine: Vec<Vec<u32>> = docs.iter().filter(|(x, _)| x == d).map(|(_, t)| t.clone()).collect();
+                let raw = position_losses(net, &mine, how.context_len, how.segment, dev)?;
+                all.extend_from_slice(&raw);
+                raw
+            }
+            None => std::mem::take(&mut all),
+        };
+        let name = d.map_or_else(|| "all".to_string(), |d| d.to_string());
+        let c = curve(&raw);
+        report.insert(name.clone(), serde_json::to_value(c.buckets(&raw))?);
+        curves.push((name, c.points()));
+    }
+    if let Some(path) = &how.plot {
+        mmrec_trainer::plot::position_chart(&curves, path)?;
+    }
+    if how.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &serde_json::json!({"model": model, "context_len": how.context_len, "segment": how.segment, "by_position": report})
+            )?
+        );
+    } else {
+        println!(
+            "{}: held-out loss (nats/token) by tokens of context before the predicted token",
+            model.display()
+        );
+        for (name, buckets) in &report {
+            let cells: Vec<String> = serde_json::from_value::<Vec<serde_json::Value>>(buckets.clone())?
+                .iter()
+                .filter(|b| b["tokens"].as_u64() > Some(0))
+                .map(|b| {
+                    format!(
+                        "{}-{}: {:.3} ({} tok)",
+                        b["from"],
+                        b["to"],
+                        b["loss"].as_f64().unwrap_or(f64::NAN),
+                        b["tokens"]
+                    )
+                })
+                .collect();
+            println!("  {name:<6} {}", cells.join("  "));
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
