@@ -14,18 +14,19 @@ mod scan;
 
 /// Norm-wise relative error ‖a − b‖ / ‖b‖ of two tensors on any device, in f64.
 fn rel(a: &Tensor, b: &Tensor) -> f64 {
+    diff_norm(a, b) / norm(b).max(1e-150)
+}
+
+/// ‖t‖₂ in f64, on any device.
+fn norm(t: &Tensor) -> f64 {
+    let t = t.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap();
+    t.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap().sqrt()
+}
+
+/// ‖a − b‖₂ in f64, on any device.
+fn diff_norm(a: &Tensor, b: &Tensor) -> f64 {
     let f64_cpu = |t: &Tensor| t.to_dtype(DType::F64).unwrap().to_device(&Device::Cpu).unwrap();
-    let (a, b) = (f64_cpu(a), f64_cpu(b));
-    let num = (&a - &b)
-        .unwrap()
-        .sqr()
-        .unwrap()
-        .sum_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap();
-    let den = b.sqr().unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap();
-    (num / den.max(1e-300)).sqrt()
+    norm(&(f64_cpu(a) - f64_cpu(b)).unwrap())
 }
 
 fn gpu() -> Device {

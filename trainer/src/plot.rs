@@ -139,13 +139,7 @@ fn draw(runs: &[RunCurves], path: &Path) -> Result<(), String> {
                 .map_err(|e| err(&e))?;
         }
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 15))
-        .draw()
-        .map_err(|e| err(&e))?;
+    draw_legend(&mut chart)?;
     let lr_max = runs.iter().flat_map(|r| r.lr.iter().map(|p| p.1)).fold(0.0, f64::max);
     let mut lr_chart = ChartBuilder::on(&bottom)
         .caption("learning rate", ("sans-serif", 20))
@@ -209,14 +203,21 @@ fn draw_positions(curves: &[(String, Vec<(f64, f64)>)], path: &Path) -> Result<(
             .draw_series(p.iter().map(|&q| Circle::new(q, 3, color.filled())))
             .map_err(|e| err(&e))?;
     }
+    draw_legend(&mut chart)?;
+    root.present().map_err(|e| err(&e))
+}
+
+/// The series' labels, boxed in the chart's upper right.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 15))
         .draw()
-        .map_err(|e| err(&e))?;
-    root.present().map_err(|e| err(&e))
+        .map_err(|e| e.to_string())
 }
 
 /// `draw` into a temporary PNG next to `out`, renamed into place once complete (removed

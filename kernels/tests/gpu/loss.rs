@@ -2,7 +2,7 @@
 //! composed definition and finite differences in loss.rs), f32 and bf16 logits, at the
 //! training shape's vocabulary. Built only with `--features cuda`.
 
-use super::{gpu, rel};
+use super::{diff_norm, gpu, norm, rel};
 use candle_core::{DType, Device, Tensor, Var};
 use mmrec_kernels::loss::cross_entropy_rows;
 
@@ -49,20 +49,7 @@ fn gpu_cross_entropy_matches_the_cpu_in_f32_and_bf16() {
             // Losses relative to at least one nat per row: a row whose loss is near zero
             // (a confident correct prediction) cannot have f32's relative accuracy, and
             // with three rows (two of them perhaps masked) that made the check flaky.
-            let norm = |t: &Tensor| {
-                t.to_dtype(DType::F64)
-                    .unwrap()
-                    .sqr()
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .to_scalar::<f64>()
-                    .unwrap()
-                    .sqrt()
-            };
-            let rows_err =
-                norm(&(&rows.to_dtype(DType::F64).unwrap() - &want_rows.to_dtype(DType::F64).unwrap()).unwrap())
-                    / norm(&want_rows).max((n as f64).sqrt());
+            let rows_err = diff_norm(&rows, &want_rows) / norm(&want_rows).max((n as f64).sqrt());
             assert!(rows_err < 1e-5, "({n}, {v}) {dtype:?} rows: {rows_err:e}");
             assert!(
                 rel(&grad, &want_grad) < tol,
