@@ -756,3 +756,27 @@ fn eval_at_length_reports_loss_per_position_bucket_and_draws_it() {
     assert!(all[2..].iter().all(|b| b["tokens"].as_u64() == Some(0)));
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
 }
+
+#[test]
+fn accumulated_steps_log_the_gradient_noise_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 8);
+    args.extend(["--set".into(), "optim.grad_accum=2".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let log = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let scales: Vec<f64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|r| r["noise_scale"].as_f64())
+        .collect();
+    assert!(
+        !scales.is_empty() && scales.iter().all(|b| b.is_finite() && *b > 0.0),
+        "{log}"
+    );
+    // One micro-batch per step says nothing about the noise: no estimate is logged.
+    let single = tempfile::tempdir().unwrap();
+    assert!(mmrec_train("pretrain", &base_args(single.path(), 3)).status.success());
+    assert!(!std::fs::read_to_string(single.path().join("metrics.jsonl"))
+        .unwrap()
+        .contains("noise_scale"));
+}

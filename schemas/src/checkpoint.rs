@@ -33,6 +33,18 @@ pub struct TrainState {
     /// a fallback); kept so a resumed run sums gradients in the same order.
     #[serde(default = "one")]
     pub micro_splits: usize,
+    /// The gradient noise scale's running averages (absent in older checkpoints).
+    #[serde(default)]
+    pub noise_scale: NoiseScaleState,
+}
+
+/// Exponential moving averages of the two estimates behind the simple gradient noise
+/// scale B_noise = tr(Σ) / |G|² (McCandlish et al., 2018, appendix A); both start at zero
+/// with the same weights, so their ratio needs no bias correction.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NoiseScaleState {
+    pub grad_sq: f64,
+    pub trace: f64,
 }
 
 fn one() -> usize {

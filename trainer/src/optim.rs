@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, IndexOp, Result, Tensor, Var};
 
-use mmrec_schemas::checkpoint::ScheduleState;
+use mmrec_schemas::checkpoint::{NoiseScaleState, ScheduleState};
 use mmrec_schemas::run_config::OptimConfig;
 
 /// One trainable tensor with its AdamW moments and its group's multipliers.
@@ -168,6 +168,26 @@ pub fn learning_rate(step: u64, cfg: &OptimConfig, steps: u64, s: &ScheduleState
         .min(cfg.lr)
 }
 
+/// How much of the noise-scale averages each step replaces.
+const NOISE_BETA: f64 = 0.95;
+
+/// Feed one step's gradient norms to the noise-scale averages: `small_sq` the mean squared
+/// norm of `n` micro-batch gradients of `b_small` tokens each, `big_sq` the squared norm of
+/// their mean. Unbiased estimates of |G|² and tr(Σ) from the two batch sizes (McCandlish et
+/// al., 2018, appendix A) are averaged separately; returns the smoothed B_noise = tr(Σ)/|G|²
+/// in tokens once both averages are positive.
+pub fn observe_noise_scale(s: &mut NoiseScaleState, small_sq: f64, big_sq: f64, b_small: f64, n: usize) -> Option<f64> {
+    let b_big = b_small * n as f64;
+    let grad_sq = (b_big * big_sq - b_small * small_sq) / (b_big - b_small);
+    let trace = (small_sq - big_sq) / (1.0 / b_small - 1.0 / b_big);
+    if n < 2 || !grad_sq.is_finite() || !trace.is_finite() {
+        return None;
+    }
+    s.grad_sq = NOISE_BETA * s.grad_sq + (1.0 - NOISE_BETA) * grad_sq;
+    s.trace = NOISE_BETA * s.trace + (1.0 - NOISE_BETA) * trace;
+    (s.grad_sq > 0.0 && s.trace > 0.0).then(|| s.trace / s.grad_sq)
+}
+
 /// Feed a validation loss to the plateau logic; returns true when it improved.
 pub fn observe_validation(loss: f64, cfg: &OptimConfig, s: &mut ScheduleState) -> bool {
     let improved = s.best_val.is_none_or(|b| loss < b * (1.0 - cfg.plateau_threshold));
@@ -223,6 +243,37 @@ mod tests {
         assert!(!observe_validation(2.1, &c, &mut s));
         assert_eq!(s.plateau_mult, 0.5);
         assert_eq!(s.evals_since_best, 2);
+    }
+
+    #[test]
+    fn the_noise_scale_estimate_recovers_trace_over_squared_gradient() {
+        // Per-token gradients g = G + noise, noise N(0, σ²) in each of D coordinates:
+        // tr(Σ) = D σ², |G|² = D μ², B_noise = σ²/μ² = 16 tokens.
+        let (d, mu, sigma, b_small, n) = (400, 0.5, 2.0, 8usize, 4usize);
+        let mut rng = mmrec_schemas::rng::SplitMix(9);
+        let mut state = NoiseScaleState::default();
+        let mut last = None;
+        for _ in 0..300 {
+            let micro: Vec<Vec<f64>> = (0..n)
+                .map(|_| {
+                    (0..d)
+                        .map(|_| mu + (0..b_small).map(|_| sigma * rng.normal()).sum::<f64>() / b_small as f64)
+                        .collect()
+                })
+                .collect();
+            let small_sq = micro.iter().map(|g| g.iter().map(|x| x * x).sum::<f64>()).sum::<f64>() / n as f64;
+            let big_sq = (0..d)
+                .map(|j| (micro.iter().map(|g| g[j]).sum::<f64>() / n as f64).powi(2))
+                .sum::<f64>();
+            last = observe_noise_scale(&mut state, small_sq, big_sq, b_small as f64, n);
+        }
+        let b = last.expect("positive averages");
+        assert!((b / 16.0 - 1.0).abs() < 0.15, "B_noise {b}, expected 16");
+        assert_eq!(
+            observe_noise_scale(&mut state, 1.0, 1.0, 8.0, 1),
+            None,
+            "one micro-batch says nothing"
+        );
     }
 
     #[test]

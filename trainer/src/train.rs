@@ -20,7 +20,7 @@ use mmrec_schemas::model_file::is_frozen;
 pub use mmrec_schemas::run_config::{DataConfig, ModelSection, OptimConfig, Precision, RunConfig, TrainConfig};
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 
-use crate::optim::{learning_rate, observe_validation, AdamW};
+use crate::optim::{learning_rate, observe_noise_scale, observe_validation, AdamW};
 use mmrec_kernels::adamw::{CONTROL_NORM, CONTROL_SKIP};
 
 #[derive(Debug, thiserror::Error)]
@@ -323,6 +323,7 @@ impl Session {
             recent: vec![],
             best_checkpoint: None,
             micro_splits: 1,
+            noise_scale: Default::default(),
         };
         let mut session = Session {
             cfg,
@@ -451,6 +452,13 @@ impl Session {
             p.record["loss"] = serde_json::json!(loss);
             p.record["ppl"] = serde_json::json!(loss.exp());
             p.record["grad_norm"] = serde_json::json!(norm);
+            // The micro-batches' mean squared gradient norm against the squared norm of
+            // their mean (before clipping): the noise scale, in tokens.
+            let small_sq = v[1 + CONTROL_NORM + 1] as f64 / p.micro_batches as f64;
+            let (b_small, n) = (p.micro_tokens as f64, p.micro_batches);
+            if let Some(b) = observe_noise_scale(&mut self.state.noise_scale, small_sq, norm * norm, b_small, n) {
+                p.record["noise_scale"] = serde_json::json!(b);
+            }
             if v[1 + CONTROL_SKIP] != 0.0 {
                 p.record["event"] = serde_json::json!(self.nan_guard()?);
             }
@@ -526,13 +534,13 @@ impl Session {
     /// out-of-memory error), then the clipped AdamW update, which the device skips after a
     /// non-finite loss or gradient. Returns the step's record, to be completed by `flush`.
     fn step(&mut self, batches: &[Batch]) -> Result<PendingStep> {
-        let (loss, grads, events) = self.gradients_with_retry(batches)?;
+        let (acc, events) = self.gradients_with_retry(batches)?;
         let optim = &self.cfg.optim;
         let accum = 1.0 / (optim.grad_accum * self.state.micro_splits) as f64;
         let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule);
         let ctl = self
             .opt
-            .update(&grads, &loss, lr, accum, optim.grad_clip)
+            .update(&acc.grads, &acc.loss, lr, accum, optim.grad_clip)
             .map_err(|source| Error::During {
                 during: "the optimiser update",
                 source,
@@ -546,17 +554,19 @@ impl Session {
         }
         Ok(PendingStep {
             record,
-            values: Tensor::cat(&[loss.reshape(1)?, ctl], 0)?,
+            values: Tensor::cat(&[acc.loss.reshape(1)?, ctl, acc.micro_sq], 0)?,
             log_step: self.due(self.cfg.run.log_every.max(1)),
+            micro_batches: acc.micro_batches,
+            micro_tokens: acc.micro_tokens,
         })
     }
 
-    fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(Tensor, BTreeMap<String, Tensor>, Vec<String>)> {
+    fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(Accumulated, Vec<String>)> {
         let bsz = self.cfg.data.batch_size;
         let mut events = Vec::new();
         loop {
             match self.accumulate(batches, bsz, self.cfg.data.seq_len) {
-                Ok((loss, grads)) => return Ok((loss, grads, events)),
+                Ok(acc) => return Ok((acc, events)),
                 // An allocator that reports failure (candle's CUDA backend does) gets a
                 // smaller micro-batch; the effective batch and the data stay the same.
                 Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
@@ -618,12 +628,14 @@ impl Session {
     }
 
     /// Mean loss (on the device) and summed gradients over the step's batches, each split
-    /// into `micro_splits` row groups (gradients scaled later by the number of micro-batches).
-    fn accumulate(&mut self, batches: &[Batch], bsz: usize, seq: usize) -> Result<(Tensor, BTreeMap<String, Tensor>)> {
+    /// into `micro_splits` row groups (gradients scaled later by the number of micro-batches),
+    /// and the sum of the micro-batch gradients' squared norms (for the noise scale).
+    fn accumulate(&mut self, batches: &[Batch], bsz: usize, seq: usize) -> Result<Accumulated> {
         let rows = bsz.div_ceil(self.state.micro_splits);
         let n_micro = (batches.len() * bsz.div_ceil(rows)) as f64;
         let mut grads: BTreeMap<String, Tensor> = BTreeMap::new();
         let mut loss = Tensor::zeros((), DType::F32, &self.dev)?;
+        let mut micro_sq = Tensor::zeros(1, DType::F32, &self.dev)?;
         // The weights change once a step: one set of bf16 casts serves every micro-batch.
         let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
         for (k, batch) in batches.iter().enumerate() {
@@ -643,6 +655,9 @@ impl Session {
                     self.cfg.run.grad_checkpointing,
                 )?;
                 loss = (loss + (l.to_dtype(DType::F32)? / n_micro)?)?;
+                if n_micro > 1.0 {
+                    micro_sq = (micro_sq + self.opt.sum_squares(&g)?)?;
+                }
                 for (name, t) in g {
                     let sum = match grads.remove(&name) {
                         Some(prev) => (prev + t)?,
@@ -652,7 +667,13 @@ impl Session {
                 }
             }
         }
-        Ok((loss, grads))
+        Ok(Accumulated {
+            loss,
+            grads,
+            micro_sq,
+            micro_batches: n_micro as usize,
+            micro_tokens: rows * seq,
+        })
     }
 
     fn remember(&mut self, rec: serde_json::Value) {
@@ -765,9 +786,23 @@ impl RunLog {
 /// record.
 struct PendingStep {
     record: serde_json::Value,
-    /// [4] f32: the loss, then the optimiser's control values (scale, skip, norm).
+    /// [5] f32: the loss, the optimiser's control values (scale, skip, norm), and the sum
+    /// of the micro-batch gradients' squared norms.
     values: Tensor,
     log_step: bool,
+    micro_batches: usize,
+    micro_tokens: usize,
+}
+
+/// One step's loss and gradients, summed over its micro-batches on the device.
+struct Accumulated {
+    loss: Tensor,
+    grads: BTreeMap<String, Tensor>,
+    /// Σ over micro-batches of their gradient's squared norm (zero with one micro-batch).
+    micro_sq: Tensor,
+    micro_batches: usize,
+    /// Token positions per micro-batch.
+    micro_tokens: usize,
 }
 
 /// Throughput over the steps since the last logged one: tokens/s, the share of that time
