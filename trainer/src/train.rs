@@ -41,6 +41,12 @@ pub enum Error {
         during: &'static str,
         source: candle_core::Error,
     },
+    #[error("computing gradients with micro-batches of {rows} rows (after {halvings} halvings): {source}")]
+    Gradients {
+        rows: usize,
+        halvings: usize,
+        source: candle_core::Error,
+    },
     #[error("{path}")]
     Io { path: PathBuf, source: std::io::Error },
 }
@@ -570,12 +576,24 @@ impl Session {
                 // An allocator that reports failure (candle's CUDA backend does) gets a
                 // smaller micro-batch; the effective batch and the data stay the same.
                 Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
-                    mmrec_model::device::release_cached_memory(&self.dev)?;
+                    mmrec_model::device::release_cached_memory(&self.dev).map_err(|source| Error::During {
+                        during: "freeing the GPU's cached memory after an out-of-memory error",
+                        source,
+                    })?;
                     self.state.micro_splits *= 2;
                     events.push(format!(
                         "out of memory: micro-batch halved to {} rows, accumulation doubled",
                         bsz.div_ceil(self.state.micro_splits)
                     ));
+                }
+                // Which micro-batch size failed, and after how many halvings: an error
+                // without them does not say whether the fallback ran.
+                Err(Error::Candle(source)) => {
+                    return Err(Error::Gradients {
+                        rows: bsz.div_ceil(self.state.micro_splits),
+                        halvings: events.len(),
+                        source,
+                    })
                 }
                 Err(e) => return Err(e),
             }
