@@ -48,28 +48,28 @@ impl PositionCurve {
             .map(|(k, (s, n))| ((1u64 << k) as f64 * 1.5, s / *n as f64))
             .collect()
     }
+}
 
-    /// The curve's tokens gathered into [`BUCKET_EDGES`].
-    pub fn buckets(&self, raw: &[(usize, f64)]) -> Vec<PositionLoss> {
-        BUCKET_EDGES
-            .iter()
-            .enumerate()
-            .map(|(i, &from)| {
-                let to = BUCKET_EDGES.get(i + 1).copied();
-                let inside: Vec<f64> = raw
-                    .iter()
-                    .filter(|(c, _)| *c >= from && to.is_none_or(|t| *c < t))
-                    .map(|(_, l)| *l)
-                    .collect();
-                PositionLoss {
-                    from,
-                    to,
-                    tokens: inside.len() as u64,
-                    loss: (!inside.is_empty()).then(|| inside.iter().sum::<f64>() / inside.len() as f64),
-                }
-            })
-            .collect()
-    }
+/// (context, loss) pairs gathered into [`BUCKET_EDGES`].
+pub fn buckets(raw: &[(usize, f64)]) -> Vec<PositionLoss> {
+    BUCKET_EDGES
+        .iter()
+        .enumerate()
+        .map(|(i, &from)| {
+            let to = BUCKET_EDGES.get(i + 1).copied();
+            let inside: Vec<f64> = raw
+                .iter()
+                .filter(|(c, _)| *c >= from && to.is_none_or(|t| *c < t))
+                .map(|(_, l)| *l)
+                .collect();
+            PositionLoss {
+                from,
+                to,
+                tokens: inside.len() as u64,
+                loss: (!inside.is_empty()).then(|| inside.iter().sum::<f64>() / inside.len() as f64),
+            }
+        })
+        .collect()
 }
 
 /// Every predicted token's (context length, loss) over `docs`, each read up to
@@ -121,7 +121,7 @@ mod tests {
     fn buckets_and_bins_split_positions_at_their_edges() {
         let raw = vec![(0, 1.0), (511, 3.0), (512, 5.0), (9000, 7.0)];
         let c = curve(&raw);
-        let b = c.buckets(&raw);
+        let b = buckets(&raw);
         assert_eq!((b[0].tokens, b[0].loss), (2, Some(2.0)));
         assert_eq!((b[1].tokens, b[1].loss), (1, Some(5.0)));
         assert_eq!((b[2].tokens, b[2].loss), (0, None));

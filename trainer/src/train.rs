@@ -454,18 +454,18 @@ impl Session {
             })?;
         let last = pending.len() - 1;
         for (i, (mut p, v)) in pending.drain(..).zip(values).enumerate() {
-            let (loss, norm) = (v[0] as f64, v[1 + CONTROL_NORM] as f64);
+            let (loss, norm) = (v[PENDING_LOSS] as f64, v[PENDING_CONTROL + CONTROL_NORM] as f64);
             p.record["loss"] = serde_json::json!(loss);
             p.record["ppl"] = serde_json::json!(loss.exp());
             p.record["grad_norm"] = serde_json::json!(norm);
             // The micro-batches' mean squared gradient norm against the squared norm of
             // their mean (before clipping): the noise scale, in tokens.
-            let small_sq = v[1 + CONTROL_NORM + 1] as f64 / p.micro_batches as f64;
+            let small_sq = v[PENDING_MICRO_SQ] as f64 / p.micro_batches as f64;
             let (b_small, n) = (p.micro_tokens as f64, p.micro_batches);
             if let Some(b) = observe_noise_scale(&mut self.state.noise_scale, small_sq, norm * norm, b_small, n) {
                 p.record["noise_scale"] = serde_json::json!(b);
             }
-            if v[1 + CONTROL_SKIP] != 0.0 {
+            if v[PENDING_CONTROL + CONTROL_SKIP] != 0.0 {
                 p.record["event"] = serde_json::json!(self.nan_guard()?);
             }
             if i == last && (p.log_step || p.record.get("event").is_some()) {
@@ -822,6 +822,12 @@ struct Accumulated {
     /// Token positions per micro-batch.
     micro_tokens: usize,
 }
+
+/// Where a pending step's values sit: the loss, the optimiser's 3 control values, the
+/// micro-batches' summed squared gradient norms.
+const PENDING_LOSS: usize = 0;
+const PENDING_CONTROL: usize = 1;
+const PENDING_MICRO_SQ: usize = 4;
 
 /// Throughput over the steps since the last logged one: tokens/s, the share of that time
 /// spent waiting for data, and resident memory.

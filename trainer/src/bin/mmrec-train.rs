@@ -343,7 +343,7 @@ fn eval_at_length(
     how: &AtLength,
     dev: &Device,
 ) -> Result<ExitCode> {
-    use mmrec_trainer::context::{curve, position_losses};
+    use mmrec_trainer::context::{buckets, curve, position_losses};
     let docs = mmrec_loader::held_out_documents(data, domains, how.val_permille)?;
     let mut report = serde_json::Map::new();
     let mut curves = Vec::new();
@@ -360,7 +360,7 @@ fn eval_at_length(
         };
         let name = d.map_or_else(|| "all".to_string(), |d| d.to_string());
         let c = curve(&raw);
-        report.insert(name.clone(), serde_json::to_value(c.buckets(&raw))?);
+        report.insert(name.clone(), serde_json::to_value(buckets(&raw))?);
         curves.push((name, c.points()));
     }
     if let Some(path) = &how.plot {
