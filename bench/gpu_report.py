@@ -19,9 +19,9 @@ def main(results):
         torch.setdefault(r["preset"], {**r, "modes": {}})["modes"].update(r["modes"])
     any_run = next(iter(ours.values()))
     print(f"GPU: {any_run['gpu']}; device copy {any_run['copy_gb_per_s']:.0f} GB/s (read + write)")
-    print("\nscan (f32)                   ms     GB/s   of copy")
+    print("\nscan (f32)                   ms     GB/s   of 1 GiB copy   of same-size copy")
     for s in any_run["scan"]:
-        print(f"  {str(s['shape']):<16} {s['direction']:<17} {s['ms']:7.3f} {s['gb_per_s']:8.0f} {s['of_memcpy']:8.1%}")
+        print(f"  {str(s['shape']):<16} {s['direction']:<17} {s['ms']:7.3f} {s['gb_per_s']:8.0f} {s['of_memcpy']:8.1%}   {s.get('of_copy_same_size') or 0:8.1%}")
     rows = []
     print("\ntraining step (fwd + bwd + AdamW), tokens/s      ms    peak GiB   MFU   vs eager  vs compile")
     for preset, ref in torch.items():

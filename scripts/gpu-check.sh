@@ -76,10 +76,13 @@ fi
 if has oom; then
   echo "== a real out-of-memory on the GPU: the micro-batch halves and training goes on"
   # The limit check passes (a limit far above the GPU's memory), so the first micro-batch of
-  # 64 × 4096 tokens (about 180 GiB of activations) fails to allocate for real.
+  # 256 × 4096 tokens fails to allocate for real (64 rows did not fail in the gradients: an
+  # earlier run's error came from a later, small allocation).
   mmrec-train pretrain --device cuda --precision bf16 --data "$work/shards" --out "$work/oom" --json \
-    --set 'model.preset="medium"' --set data.seq_len=4096 --set data.batch_size=64 --set run.steps=2 \
-    --set run.memory_limit_mb=100000000 --set run.eval_every=0 >"$results/oom.jsonl" || status=1
+    --set 'model.preset="medium"' --set data.seq_len=4096 --set data.batch_size=256 --set run.steps=2 \
+    --set run.log_every=1 --set run.memory_limit_mb=100000000 --set run.eval_every=0 \
+    >"$results/oom.jsonl" 2>"$results/oom.err" || status=1
+  tail -3 "$results/oom.err"
   grep -q "out of memory: micro-batch halved" "$results/oom.jsonl" || { echo "no out-of-memory event"; status=1; }
 fi
 if has profile; then
@@ -91,6 +94,13 @@ echo "== training on the fixtures: bf16 on the GPU, then the checkpoint resumed 
 run=(--data "$work/shards" --json --set data.seq_len=256 --set data.batch_size=16 --set run.eval_every=100)
 mmrec-train pretrain --device cuda --precision bf16 "${run[@]}" --out "$work/gpu" --set 'model.preset="small"' \
   --set run.steps=300 >"$results/train-gpu.jsonl" || status=1
+echo "== generation on the GPU from that model: the same seed gives the same text"
+for k in 1 2; do
+  mmrec-train generate --device cuda --model "$work/gpu/final.safetensors" --tokenizer fixtures/tokenizer.json --prompt "def parse(" \
+    --max-tokens 200 --temperature 0.8 --top-k 40 --seed 5 >"$results/generate-$k.txt" 2>"$results/generate-$k.err" || status=1
+done
+cmp -s "$results/generate-1.txt" "$results/generate-2.txt" || { echo "generation differs between two runs with one seed"; status=1; }
+tail -1 "$results/generate-1.err"
 # Train 40 steps on the GPU keeping every checkpoint, point `latest` back at step 20, and
 # resume on the CPU: its steps 21-40 must retrace the GPU's (f32 on both).
 mmrec-train pretrain --device cuda "${run[@]}" --out "$work/cross" --set run.steps=40 --set run.ckpt_every=10 \

@@ -21,8 +21,12 @@ pub struct ScanFigure {
     pub ms: f64,
     /// Bytes the op must move (read γ and u, write h) over its time.
     pub gb_per_s: f64,
-    /// Over the machine's memcpy bandwidth measured in the same run.
+    /// Over the machine's memcpy bandwidth measured in the same run (GPU: a 1 GiB copy).
     pub of_memcpy: f64,
+    /// GPU: over the bandwidth of copying one [B, T, D] array, in the same run (a copy of
+    /// that size runs below the 1 GiB figure: launch and tail effects).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub of_copy_same_size: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -165,6 +169,7 @@ fn scan_figure(shape: [usize; 3], backward: bool, memcpy: f64) -> Result<ScanFig
         ms: secs * 1e3,
         gb_per_s: gb,
         of_memcpy: gb / memcpy,
+        of_copy_same_size: None,
     })
 }
 
@@ -190,6 +195,7 @@ fn kernel_figure(shape: [usize; 3], memcpy: f64) -> ScanFigure {
         ms: secs * 1e3,
         gb_per_s: gb,
         of_memcpy: gb / memcpy,
+        of_copy_same_size: None,
     }
 }
 
@@ -214,6 +220,7 @@ fn naive_figure(shape: [usize; 3], memcpy: f64) -> Result<ScanFigure> {
         ms: secs * 1e3,
         gb_per_s: gb,
         of_memcpy: gb / memcpy,
+        of_copy_same_size: None,
     })
 }
 
@@ -340,10 +347,19 @@ fn timed(dev: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result
     Ok((times[times.len() / 2], times[0], times[times.len() - 1]))
 }
 
-fn device_copy_gb_per_s(dev: &Device) -> Result<f64> {
-    let src = Tensor::rand(0f32, 1.0, 256 << 20, dev)?;
-    let (secs, _, _) = timed(dev, 3, 20, || src.copy().map(|_| ()))?;
-    Ok(2.0 * (src.elem_count() * 4) as f64 / secs / 1e9)
+/// Median seconds per call of `f` over `reps` timings of `inner` back-to-back calls each:
+/// a kernel of tens of microseconds is timed as training runs it, without a host
+/// synchronisation per launch.
+fn timed_back_to_back(dev: &Device, reps: usize, inner: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let (secs, _, _) = timed(dev, 1, reps, || (0..inner).try_for_each(|_| f()))?;
+    Ok(secs / inner as f64)
+}
+
+/// Read + write GB/s of copying `elems` f32 on the device.
+fn device_copy_gb_per_s(dev: &Device, elems: usize) -> Result<f64> {
+    let src = Tensor::rand(0f32, 1.0, elems, dev)?;
+    let secs = timed_back_to_back(dev, 20, 10, || src.copy().map(|_| ()))?;
+    Ok(2.0 * (elems * 4) as f64 / secs / 1e9)
 }
 
 /// Forward: read γ, u, write h (3 arrays). Backward (fused): read dy, γ, h, write du, dγ (5).
@@ -355,13 +371,11 @@ fn device_scan_figure(dev: &Device, shape: [usize; 3], backward: bool, copy: f64
     let (secs, arrays) = if backward {
         let op = mmrec_kernels::ScanBackward { h0 };
         let h = mmrec_kernels::scan(&gamma, &u, &op.h0)?.0;
-        (
-            timed(dev, 3, 20, || u.apply_op3_no_bwd(&gamma, &h, &op).map(|_| ()))?.0,
-            5.0,
-        )
+        let secs = timed_back_to_back(dev, 20, 10, || u.apply_op3_no_bwd(&gamma, &h, &op).map(|_| ()))?;
+        (secs, 5.0)
     } else {
         (
-            timed(dev, 3, 20, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?.0,
+            timed_back_to_back(dev, 20, 10, || mmrec_kernels::scan(&gamma, &u, &h0).map(|_| ()))?,
             3.0,
         )
     };
@@ -372,6 +386,7 @@ fn device_scan_figure(dev: &Device, shape: [usize; 3], backward: bool, copy: f64
         ms: secs * 1e3,
         gb_per_s: gb,
         of_memcpy: gb / copy,
+        of_copy_same_size: Some(gb / device_copy_gb_per_s(dev, b * t * d)?),
     })
 }
 
@@ -494,7 +509,7 @@ pub fn device_bench(
     seq_len: usize,
     precision: Precision,
 ) -> Result<DeviceBench> {
-    let copy = device_copy_gb_per_s(dev)?;
+    let copy = device_copy_gb_per_s(dev, 256 << 20)?;
     let mut scan = Vec::new();
     // Large B·D (training shapes, and larger than the L2), then small B·D with long T.
     for shape in [[32, 1024, 512], [16, 4096, 1024], [1, 65_536, 256], [2, 65_536, 512]] {

@@ -1,8 +1,13 @@
 //! The kernels of `cuda/*.cu` (scan, cross-entropy), launched on candle's CUDA storage.
 //!
-//! Each launch gets a zeroed scratch buffer for the decoupled look-back (a ticket counter
-//! and, per tile and channel, a flag, an aggregate and an inclusive state: 16 bytes per
-//! 128 time steps of a channel, under 4% of the scan's own traffic in f32).
+//! The scan's decoupled look-back needs a scratch buffer (a ticket counter and, per tile
+//! and channel, a 16-byte word: 16 bytes per 64-512 time steps of a channel, at most 6% of
+//! the scan's own traffic in f32). It is kept per stream between launches: the counter only
+//! grows (each launch is told how many tickets went before it) and each launch has its own
+//! epoch in the words' state, so no launch zeroes or allocates anything.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
@@ -11,12 +16,11 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, WithDType};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/scan.ptx"));
 
-/// Must match `LANES`, `WARPS` and `CHUNK` in scan.cu.
+/// Must match `LANES` in scan.cu.
 const LANES: usize = 32;
-const THREADS: u32 = 256;
-const CHUNK: usize = 128;
 
-/// Which kernel of scan.cu; each takes its inputs, then the output, B, T, D and scratch.
+/// Which kernel of scan.cu; each takes its inputs, then the output, B, T, D, the scratch,
+/// the tickets handed out before it and its epoch.
 #[derive(Clone, Copy, Debug)]
 pub enum Kernel {
     /// (γ, u, h0) → h.
@@ -41,6 +45,45 @@ impl Kernel {
             Kernel::Backward => 2,
             _ => 1,
         }
+    }
+}
+
+/// A tile of scan.cu: `warps` warps of `steps` time steps, `vec` channels per lane.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct TileShape {
+    warps: u32,
+    steps: usize,
+    vec: usize,
+}
+
+impl TileShape {
+    /// The fastest shape of `bench/scan_tune.cu`'s sweep (bench/results/gpu/scan-tune/) for
+    /// the dtype, the pass and the regime: many channels (B·D ≥ 8192: the chunks' look-back
+    /// is short, small tiles keep more of them in flight) or few channels over a long T
+    /// (long tiles shorten the look-back chains). One channel per lane where D or a
+    /// tensor's offset does not allow wider accesses.
+    fn pick(kernel: Kernel, bf16: bool, channels: usize, widen: impl Fn(usize) -> bool) -> Self {
+        let wide = channels >= 8192;
+        let (warps, steps, vec) = match (bf16, matches!(kernel, Kernel::Forward), wide) {
+            (false, true, true) => (8, 8, 2),
+            (false, true, false) => (16, 16, 1),
+            (false, false, true) => (4, 16, 2),
+            (false, false, false) => (16, 8, 1),
+            (true, true, true) => (4, 8, 1),
+            (true, true, false) => (8, 32, 1),
+            (true, false, true) => (4, 8, 4),
+            (true, false, false) => (16, 8, 1),
+        };
+        let vec = if widen(vec) { vec } else { 1 };
+        TileShape { warps, steps, vec }
+    }
+
+    fn suffix(self) -> String {
+        format!("w{}s{}v{}", self.warps, self.steps, self.vec)
+    }
+
+    fn tiles(self, (b, t, d): (usize, usize, usize)) -> usize {
+        b * d.div_ceil(LANES * self.vec) * t.div_ceil(self.warps as usize * self.steps)
     }
 }
 
@@ -76,27 +119,84 @@ fn launch_typed<T: CudaDType + DeviceRepr + WithDType>(
     let n = b * t * d;
     // SAFETY: every element is written by the kernel (each (b, t, d) belongs to one tile).
     let out = unsafe { dev.alloc::<T>(kernel.outputs() * n)? };
-    let tiles = b * d.div_ceil(LANES) * t.div_ceil(CHUNK);
+    // Wider accesses need D and every [B, T, D] input's start (allocations are 256-byte
+    // aligned) to be multiples of the width; h0 [B, D] is read one element at a time.
+    let widen = |vec: usize| d % vec == 0 && inputs.iter().all(|(_, l)| l.start_offset() % vec == 0);
+    let shape = TileShape::pick(kernel, T::DTYPE == DType::BF16, b * d, widen);
+    let tiles = shape.tiles((b, t, d));
     if tiles == 0 {
         return Ok(out);
     }
-    let scratch = dev.alloc_zeros::<u32>(1 + 4 * tiles * LANES)?;
     let suffix = if T::DTYPE == DType::BF16 { "bf16" } else { "f32" };
-    let func = dev.get_or_load_custom_func(&format!("{}_{suffix}", kernel.name()), "mmrec_scan", PTX)?;
+    let name = format!("{}_{suffix}_{}", kernel.name(), shape.suffix());
+    let func = dev.get_or_load_custom_func(&name, "mmrec_scan", PTX)?;
     let (bi, ti, di) = (b as i32, t as i32, d as i32);
+    let cfg = LaunchConfig {
+        grid_dim: (tiles as u32, 1, 1),
+        block_dim: (shape.warps * LANES as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut scratch = LOOK_BACK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let (buf, ticket_base, epoch) = look_back(&mut scratch, dev, tiles, tiles * LANES * shape.vec)?;
     let mut args = func.builder();
     for v in &views {
         args.arg(v);
     }
-    args.arg(&out).arg(&bi).arg(&ti).arg(&di).arg(&scratch);
-    let cfg = LaunchConfig {
-        grid_dim: (tiles as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the argument list matches the kernel's signature in scan.cu.
+    args.arg(&out)
+        .arg(&bi)
+        .arg(&ti)
+        .arg(&di)
+        .arg(buf)
+        .arg(&ticket_base)
+        .arg(&epoch);
+    // SAFETY: the argument list matches the kernel's signature in scan.cu; the scratch
+    // stays locked until the launch is queued, so launches take tickets in stream order.
     unsafe { args.launch(cfg) }.w()?;
     Ok(out)
+}
+
+/// The look-back scratch of one stream: the buffer, the launches' epoch and the tickets
+/// handed out so far (the counter's value once every queued launch has run).
+struct LookBack {
+    buf: CudaSlice<u32>,
+    epoch: u32,
+    tickets: u32,
+}
+
+/// Per stream (keyed by its handle; the buffer keeps the stream alive, so a handle is
+/// never reused while its entry exists).
+static LOOK_BACK: LazyLock<Mutex<HashMap<usize, LookBack>>> = LazyLock::new(Default::default);
+
+/// The scratch for a launch of `tiles` tiles with `words` look-back words on `dev`'s
+/// stream, the tickets handed out before it and its epoch. A buffer too small is replaced
+/// by a zeroed one (at least twice the size); epochs restart on a zeroed buffer.
+fn look_back<'a>(
+    cache: &'a mut HashMap<usize, LookBack>,
+    dev: &CudaDevice,
+    tiles: usize,
+    words: usize,
+) -> Result<(&'a CudaSlice<u32>, u32, u32)> {
+    // The state word keeps the epoch in its upper 30 bits.
+    const EPOCHS: u32 = 1 << 30;
+    let len = 4 + 4 * words;
+    let key = dev.cuda_stream().cu_stream() as usize;
+    let old = cache.get(&key);
+    if !old.is_some_and(|s| s.buf.len() >= len && s.epoch + 1 < EPOCHS) {
+        let size = len.max(old.map_or(0, |s| 2 * s.buf.len()));
+        let fresh = LookBack {
+            buf: dev.alloc_zeros::<u32>(size)?,
+            epoch: 0,
+            tickets: 0,
+        };
+        cache.insert(key, fresh);
+    }
+    let Some(s) = cache.get_mut(&key) else {
+        candle_core::bail!("scan: the look-back scratch was not kept")
+    };
+    s.epoch += 1;
+    let ticket_base = s.tickets;
+    s.tickets = s.tickets.wrapping_add(tiles as u32);
+    Ok((&s.buf, ticket_base, s.epoch))
 }
 
 /// Keep freed device memory in the stream-ordered pool instead of returning it to the
@@ -118,8 +218,9 @@ pub fn keep_freed_memory(dev: &CudaDevice) -> Result<()> {
 /// After an out-of-memory error: wait for the GPU, clear the error cudarc may have recorded
 /// on the context (it would come back from the next allocation), and hand the pool's free
 /// memory back to the driver, so that a retry with a smaller micro-batch starts from an
-/// empty pool rather than from blocks cut to the failed attempt's sizes.
-pub fn release_cached_memory(dev: &CudaDevice) -> Result<()> {
+/// empty pool rather than from blocks cut to the failed attempt's sizes. Returns the
+/// memory state afterwards, for the report.
+pub fn release_cached_memory(dev: &CudaDevice) -> Result<String> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = dev.cuda_stream();
     // The failed allocation's error may also sit recorded on the context (cudarc records
@@ -128,28 +229,55 @@ pub fn release_cached_memory(dev: &CudaDevice) -> Result<()> {
     stream.synchronize().w()?;
     let _recorded = stream.context().check_err();
     // SAFETY: a plain driver call on the device's default pool, nothing in flight.
-    unsafe { sys::cuMemPoolTrimTo(default_pool(dev)?, 0).result().w() }
+    unsafe { sys::cuMemPoolTrimTo(default_pool(dev)?, 0).result().w()? };
+    // A small allocation and free through the same path as the model's: anything still
+    // recorded surfaces here rather than in the retry.
+    drop(dev.alloc_zeros::<u8>(256)?);
+    stream.synchronize().w()?;
+    let _recorded = stream.context().check_err();
+    memory_state(dev)
+}
+
+/// Free and total device memory, and the pool's reserved and used bytes, in GiB.
+pub fn memory_state(dev: &CudaDevice) -> Result<String> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
+    let reserved = pool_attribute(dev, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, None)?;
+    let used = pool_attribute(dev, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT, None)?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    Ok(format!(
+        "GPU {:.1} of {:.1} GiB free, pool {:.1} GiB reserved and {:.1} GiB in use",
+        gib(free as u64),
+        gib(total as u64),
+        gib(reserved),
+        gib(used)
+    ))
 }
 
 /// The most device memory the default pool has had in use since the last
 /// [`reset_peak_memory`] (candle allocates through it, stream-ordered).
 pub fn peak_memory(dev: &CudaDevice) -> Result<u64> {
-    pool_attribute(dev, None)
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    pool_attribute(dev, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, None)
 }
 
 pub fn reset_peak_memory(dev: &CudaDevice) -> Result<()> {
-    pool_attribute(dev, Some(0)).map(|_| ())
+    use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as A;
+    pool_attribute(dev, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH, Some(0)).map(|_| ())
 }
 
-fn pool_attribute(dev: &CudaDevice, reset: Option<u64>) -> Result<u64> {
+fn pool_attribute(
+    dev: &CudaDevice,
+    attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute,
+    set: Option<u64>,
+) -> Result<u64> {
     use candle_core::cuda_backend::cudarc::driver::sys;
-    let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
     // SAFETY: plain driver calls on the device's default pool.
     unsafe {
         let pool = default_pool(dev)?;
-        let mut value = reset.unwrap_or(0);
+        let mut value = set.unwrap_or(0);
         let ptr = (&mut value as *mut u64).cast();
-        match reset {
+        match set {
             Some(_) => sys::cuMemPoolSetAttribute(pool, attr, ptr).result().w()?,
             None => sys::cuMemPoolGetAttribute(pool, attr, ptr).result().w()?,
         }

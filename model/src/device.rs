@@ -82,12 +82,12 @@ pub fn gpu_name(dev: &Device) -> String {
 }
 
 /// After an out-of-memory error: give the device's cached free memory back (the GPU's
-/// stream-ordered pool; nothing on the CPU).
-pub fn release_cached_memory(dev: &Device) -> candle_core::Result<()> {
+/// stream-ordered pool; nothing on the CPU). Returns the GPU's memory state afterwards.
+pub fn release_cached_memory(dev: &Device) -> candle_core::Result<Option<String>> {
     match dev {
         #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => mmrec_kernels::cuda::release_cached_memory(cuda),
-        _ => Ok(()),
+        Device::Cuda(cuda) => mmrec_kernels::cuda::release_cached_memory(cuda).map(Some),
+        _ => Ok(None),
     }
 }
 

@@ -41,10 +41,11 @@ pub enum Error {
         during: &'static str,
         source: candle_core::Error,
     },
-    #[error("computing gradients with micro-batches of {rows} rows (after {halvings} halvings): {source}")]
+    #[error("computing gradients with micro-batches of {rows} rows (after {halvings} halvings{memory}): {source}")]
     Gradients {
         rows: usize,
         halvings: usize,
+        memory: String,
         source: candle_core::Error,
     },
     #[error("{path}")]
@@ -558,9 +559,13 @@ impl Session {
         if !events.is_empty() {
             record["event"] = serde_json::json!(events.join("; "));
         }
+        let values = Tensor::cat(&[acc.loss.reshape(1)?, ctl, acc.micro_sq], 0).map_err(|source| Error::During {
+            during: "collecting the step's loss and gradient norm",
+            source,
+        })?;
         Ok(PendingStep {
             record,
-            values: Tensor::cat(&[acc.loss.reshape(1)?, ctl, acc.micro_sq], 0)?,
+            values,
             log_step: self.due(self.cfg.run.log_every.max(1)),
             micro_batches: acc.micro_batches,
             micro_tokens: acc.micro_tokens,
@@ -570,28 +575,32 @@ impl Session {
     fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(Accumulated, Vec<String>)> {
         let bsz = self.cfg.data.batch_size;
         let mut events = Vec::new();
+        let mut memory = None;
         loop {
             match self.accumulate(batches, bsz, self.cfg.data.seq_len) {
                 Ok(acc) => return Ok((acc, events)),
                 // An allocator that reports failure (candle's CUDA backend does) gets a
                 // smaller micro-batch; the effective batch and the data stay the same.
                 Err(Error::Candle(e)) if is_out_of_memory(&e) && bsz / self.state.micro_splits > 1 => {
-                    mmrec_model::device::release_cached_memory(&self.dev).map_err(|source| Error::During {
+                    memory = mmrec_model::device::release_cached_memory(&self.dev).map_err(|source| Error::During {
                         during: "freeing the GPU's cached memory after an out-of-memory error",
                         source,
                     })?;
                     self.state.micro_splits *= 2;
                     events.push(format!(
-                        "out of memory: micro-batch halved to {} rows, accumulation doubled",
-                        bsz.div_ceil(self.state.micro_splits)
+                        "out of memory: micro-batch halved to {} rows, accumulation doubled{}",
+                        bsz.div_ceil(self.state.micro_splits),
+                        memory.as_ref().map(|m| format!(" ({m})")).unwrap_or_default()
                     ));
                 }
-                // Which micro-batch size failed, and after how many halvings: an error
-                // without them does not say whether the fallback ran.
+                // Which micro-batch size failed, after how many halvings, and the memory
+                // the last retry started from: an error without them does not say whether
+                // the fallback ran, nor why it did not help.
                 Err(Error::Candle(source)) => {
                     return Err(Error::Gradients {
                         rows: bsz.div_ceil(self.state.micro_splits),
                         halvings: events.len(),
+                        memory: memory.map(|m| format!(", starting from {m}")).unwrap_or_default(),
                         source,
                     })
                 }

@@ -89,7 +89,8 @@ fn f32_forward_with_gamma_near_one_over_long_sequences() {
 #[test]
 fn bf16_forward_rounds_only_its_output() {
     // Inputs are bf16, arithmetic f32: the error is the output's rounding (2^-9 relative).
-    for dims in [(4, 300, 130), (1, 65_536, 8)] {
+    // Few channels (one per lane, long tiles) and many (B·D ≥ 8192: short tiles).
+    for dims in [(4, 300, 130), (1, 65_536, 8), (16, 300, 512)] {
         let err = forward_error(dims, 0.5, DType::BF16, 3);
         assert!(err < 4e-3, "dims {dims:?}: relative error {err:e}");
     }
@@ -120,14 +121,19 @@ fn adjoint_matches_the_reference_reverse_scan() {
     assert!(err < 1e-5, "relative error {err:e}");
 }
 
-/// ∂(Σ w ⊙ h)/∂(γ, u, h0) on the GPU in f32 against the CPU in f64.
-fn backward_error(dims: (usize, usize, usize), seed: u64) -> f64 {
+/// ∂(Σ w ⊙ h)/∂(γ, u, h0) on the GPU in `dtype` against the CPU in f64 (from the same
+/// inputs: rounded to bf16 first when the GPU runs in bf16).
+fn backward_error(dims: (usize, usize, usize), seed: u64, dtype: DType) -> f64 {
     let (b, t, d) = dims;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let gamma = random(b * t * d, 0.3, 1.0, &mut rng);
-    let u = random(b * t * d, -1.0, 1.0, &mut rng);
-    let h0 = random(b * d, -1.0, 1.0, &mut rng);
-    let w = random(b * t * d, -1.0, 1.0, &mut rng);
+    let round = |v: Vec<f64>| match dtype {
+        DType::BF16 => v.into_iter().map(|x| half::bf16::from_f64(x).to_f64()).collect(),
+        _ => v,
+    };
+    let gamma = round(random(b * t * d, 0.3, 1.0, &mut rng));
+    let u = round(random(b * t * d, -1.0, 1.0, &mut rng));
+    let h0 = round(random(b * d, -1.0, 1.0, &mut rng));
+    let w = round(random(b * t * d, -1.0, 1.0, &mut rng));
     let grads = |dev: &Device, dtype: DType| -> Vec<Vec<f64>> {
         let var = |v: &[f64], shape: &[usize]| {
             Var::from_tensor(
@@ -154,15 +160,25 @@ fn backward_error(dims: (usize, usize, usize), seed: u64) -> f64 {
             .map(|v| to_f64(store.get(v.as_tensor()).unwrap()))
             .collect()
     };
-    let (got, want) = (grads(&gpu(), DType::F32), grads(&Device::Cpu, DType::F64));
+    let (got, want) = (grads(&gpu(), dtype), grads(&Device::Cpu, DType::F64));
     got.iter().zip(&want).map(|(g, w)| rel_err(g, w)).fold(0.0, f64::max)
 }
 
 #[test]
 fn fused_backward_matches_the_cpu_path() {
-    for (i, dims) in [(2, 17, 5), (4, 1000, 130), (1, 30_000, 8)].into_iter().enumerate() {
-        let err = backward_error(dims, 20 + i as u64);
+    let shapes = [(2, 17, 5), (4, 1000, 130), (1, 30_000, 8), (16, 300, 512)];
+    for (i, dims) in shapes.into_iter().enumerate() {
+        let err = backward_error(dims, 20 + i as u64, DType::F32);
         assert!(err < 1e-5, "dims {dims:?}: relative error {err:e}");
+    }
+}
+
+#[test]
+fn bf16_backward_rounds_only_its_outputs() {
+    // Few channels (one per lane) and many (four bf16 channels per lane, 8-byte accesses).
+    for (i, dims) in [(2, 3000, 40), (16, 300, 512)].into_iter().enumerate() {
+        let err = backward_error(dims, 40 + i as u64, DType::BF16);
+        assert!(err < 1e-2, "dims {dims:?}: relative error {err:e}");
     }
 }
 
@@ -170,7 +186,13 @@ fn fused_backward_matches_the_cpu_path() {
 /// f32 against the CPU in f64: states, final state and the gradients of Σ w ⊙ h.
 #[test]
 fn stacked_scan_matches_the_cpu_path() {
-    let (b, t, d) = (3, 700, 67);
+    // One channel per lane (odd D), and two (the u half starts at an even offset).
+    for dims in [(3, 700, 67), (16, 200, 512)] {
+        stacked_scan_case(dims);
+    }
+}
+
+fn stacked_scan_case((b, t, d): (usize, usize, usize)) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(31);
     let mut gamma_u = random(b * t * d, 0.3, 1.0, &mut rng);
     gamma_u.extend(random(b * t * d, -1.0, 1.0, &mut rng));
@@ -204,6 +226,6 @@ fn stacked_scan_matches_the_cpu_path() {
     let (got, want) = (run(&gpu(), DType::F32), run(&Device::Cpu, DType::F64));
     for (what, (g, w)) in ["h", "last", "d(γ, u)", "dh0"].iter().zip(got.iter().zip(&want)) {
         let err = rel_err(g, w);
-        assert!(err < 1e-5, "{what}: relative error {err:e}");
+        assert!(err < 1e-5, "{what} at {:?}: relative error {err:e}", (b, t, d));
     }
 }
