@@ -239,6 +239,9 @@ fn checkpointing_matches(dropout: f32) {
     let net = Net::Single(model);
     let (l1, g1) = loss_and_grads(&net, &vm, &inp, &tgt, &mask, false).unwrap();
     let (l2, g2) = loss_and_grads(&net, &vm, &inp, &tgt, &mask, true).unwrap();
+    // A loss still tied to its graph would keep every activation of the micro-batch alive
+    // until the whole step ends (micro-batching would then save no memory).
+    assert!(!l1.track_op() && !l2.track_op(), "the returned loss must be detached");
     let (l1, l2) = (l1.to_scalar::<f64>().unwrap(), l2.to_scalar::<f64>().unwrap());
     assert!((l1 - l2).abs() < 1e-12, "{l1} vs {l2}");
     assert_eq!(g1.keys().collect::<Vec<_>>(), g2.keys().collect::<Vec<_>>());

@@ -134,8 +134,11 @@ pub fn batch_tensors(
 }
 
 /// Loss (a scalar tensor on the device, at least f32: nothing is read back) and gradients by
-/// parameter name. With checkpointing, only each block's input is kept from the forward pass; the backward recomputes one block at a time and chains the
-/// gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's activations.
+/// parameter name. The loss comes back detached: tied to its graph it would keep the
+/// micro-batch's activations alive until the step ends. With checkpointing, only each
+/// block's input is kept from the forward pass; the backward recomputes one block at a time
+/// and chains the gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's
+/// activations.
 pub fn loss_and_grads(
     net: &Net,
     vm: &VarMap,
@@ -165,7 +168,7 @@ pub fn loss_and_grads(
             let (logits, aux) = net.logits(inp, true)?;
             let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
             collect(&loss.backward()?, &mut grads)?;
-            return Ok((widen(&loss)?, grads));
+            return Ok((widen(&loss)?.detach(), grads));
         }
     };
     let stack: &BlockStack = &model.stack;
@@ -203,7 +206,7 @@ pub fn loss_and_grads(
     }
     let x0 = mmrec_kernels::fused::embedding(model.embed.embeddings(), inp)?;
     collect(&(x0 * g)?.sum_all()?.backward()?, &mut grads)?;
-    Ok((loss, grads))
+    Ok((loss.detach(), grads))
 }
 
 /// How a run starts.
