@@ -11,7 +11,7 @@ use mmrec_model::{initialise, MMRecModel};
 use mmrec_schemas::model_file::glob_match;
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 use mmrec_tests::{command, fixture_shards};
-use mmrec_trainer::train::{loss_and_grads, Net, TrainConfig};
+use mmrec_trainer::train::{loss_and_grads, BatchSchedule, BatchSize, Net, TrainConfig};
 
 /// Shards of the fixture corpora, built once per test binary.
 fn shards() -> PathBuf {
@@ -345,10 +345,37 @@ fn config_errors_name_the_field() {
         ("optim.plateau_factor=0", "plateau_factor"),
         ("optim.grad_clip=-1", "grad_clip"),
         ("model.dropout=1.5", "dropout"),
+        ("data.batch_size=\"many\"", "batch_size"),
+        ("optim.batch_schedule=\"doubling\"", "batch_schedule"),
+        (
+            "optim.batch_schedule=\"linear:0->64 over 100 tokens\"",
+            "batch_schedule",
+        ),
+        ("optim.batch_schedule=\"noise-scale\"", "grad_accum"),
+        ("optim.batch_lr_rule=\"cubic\"", "batch_lr_rule"),
     ] {
         let err = TrainConfig::load(None, &[bad.into()]).unwrap_err().to_string();
         assert!(err.contains(field), "{bad}: {err}");
     }
+    let cfg = TrainConfig::load(
+        None,
+        &[
+            "data.batch_size=\"auto\"".into(),
+            "optim.batch_schedule=\"linear:32_768→262144 over 50000000 tokens\"".into(),
+        ],
+    )
+    .unwrap();
+    assert_eq!(cfg.data.batch_size, BatchSize::Auto);
+    let ramp = BatchSchedule::Linear {
+        start: 32_768,
+        end: 262_144,
+        over: 50_000_000,
+    };
+    assert_eq!(cfg.optim.batch_schedule, ramp);
+    // Written back as it was read: a checkpoint's config reloads to the same schedule.
+    let saved = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(saved.path(), cfg.to_toml()).unwrap();
+    assert_eq!(TrainConfig::load(Some(saved.path()), &[]).unwrap(), cfg);
     assert_eq!(
         TrainConfig::default().data.weights,
         "text=0.4,code=0.4,mixed=0.2",
@@ -728,6 +755,23 @@ fn plot_draws_runs_into_a_png_and_names_a_bad_file() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    // Against tokens and wall time: every training and validation record carries both.
+    for (axis, field) in [("tokens", "tokens_seen"), ("time", "elapsed_s")] {
+        let records = records_with(dir.path(), "step");
+        let with_loss = records
+            .iter()
+            .filter(|r| r.get("loss").is_some() || r.get("val").is_some());
+        assert!(with_loss.clone().count() >= 8 && with_loss.into_iter().all(|r| r[field].is_number()));
+        let png = dir.path().join(format!("loss-{axis}.png"));
+        let o = command("mmrec-train")
+            .args(["plot", "--x", axis, "--out"])
+            .arg(&png)
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(&std::fs::read(&png).unwrap()[..4], b"\x89PNG");
+    }
     let missing = command("mmrec-train")
         .args(["plot", "/nonexistent/run"])
         .output()
@@ -782,4 +826,122 @@ fn accumulated_steps_log_the_gradient_noise_scale() {
     assert!(!std::fs::read_to_string(single.path().join("metrics.jsonl"))
         .unwrap()
         .contains("noise_scale"));
+}
+
+/// Every record of a run's metrics that has `field`, as JSON.
+fn records_with(out: &Path, field: &str) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|r| r.get(field).is_some())
+        .collect()
+}
+
+#[test]
+fn an_auto_batch_size_is_measured_once_logged_and_kept_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 3);
+    // A small memory budget bounds the climb (and is what a real device's memory does).
+    args.extend(["--set", "data.batch_size=\"auto\"", "--set", "run.memory_limit_mb=40"].map(String::from));
+    args.extend(["--set", "run.ckpt_every=3"].map(String::from));
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let searches = records_with(dir.path(), "batch_search");
+    assert_eq!(searches.len(), 1);
+    let trials = searches[0]["batch_search"].as_array().unwrap();
+    let fastest = trials
+        .iter()
+        .filter_map(|t| t["tokens_per_s"].as_f64())
+        .fold(0.0, f64::max);
+    let choice = &searches[0]["batch_choice"];
+    assert!(
+        fastest > 0.0 && choice["tokens_per_s"].as_f64().unwrap() * 1.03 >= fastest,
+        "{choice}"
+    );
+    // The climb stopped at the budget: the last size tried without checkpointing did not fit.
+    let plain: Vec<_> = trials.iter().filter(|t| t["grad_checkpointing"] == false).collect();
+    assert!(
+        plain.last().unwrap()["tokens_per_s"].is_null() || plain.len() >= 3,
+        "{trials:?}"
+    );
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("checkpoints/step-00000003/state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(&state["batch_choice"], choice);
+
+    // Resumed and extended: no second search, the same micro-batch.
+    let mut more = args.clone();
+    more.extend(["--set", "run.steps=5", "--resume"].map(String::from));
+    assert!(mmrec_train("pretrain", &more).status.success());
+    assert_eq!(records_with(dir.path(), "batch_search").len(), 1);
+    let steps = records_with(dir.path(), "loss");
+    let per_step = steps[0]["tokens_seen"].as_u64().unwrap();
+    assert!(per_step >= 32 * choice["rows"].as_u64().unwrap(), "{}", steps[0]);
+    assert_eq!(steps.last().unwrap()["step"], 5);
+    assert_eq!(steps.last().unwrap()["tokens_seen"].as_u64().unwrap(), 5 * per_step);
+}
+
+#[test]
+fn a_noise_scale_batch_grows_within_its_bound_and_resumes_exactly() {
+    let schedule = [
+        "--set",
+        "optim.grad_accum=2",
+        "--set",
+        "optim.batch_schedule=\"noise-scale\"",
+        "--set",
+        "optim.max_batch_tokens=512",
+        "--set",
+        "run.ckpt_every=6",
+    ]
+    .map(String::from);
+    let (straight, killed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut args = base_args(straight.path(), 12);
+    args.extend(schedule.clone());
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let accum: Vec<u64> = records_with(straight.path(), "grad_accum")
+        .iter()
+        .map(|r| r["grad_accum"].as_u64().unwrap())
+        .collect();
+    assert_eq!(accum.len(), 12);
+    // 2 rows × 32 tokens a batch: at least the base 2, at most 512 / 64 = 8, never shrinking.
+    assert!(accum.windows(2).all(|w| w[0] <= w[1]), "{accum:?}");
+    assert!(accum[0] == 2 && accum[11] > 2 && accum[11] <= 8, "{accum:?}");
+
+    let mut args = base_args(killed.path(), 12);
+    args.extend(schedule);
+    pretrain_killed_at_checkpoint(&args, killed.path(), 6, 12);
+    args.push("--resume".into());
+    assert!(mmrec_train("pretrain", &args).status.success());
+    assert_eq!(
+        losses(straight.path()),
+        losses(killed.path()),
+        "identical losses at every step"
+    );
+}
+
+#[test]
+fn a_linear_ramp_sets_the_global_batch_from_the_tokens_seen() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = base_args(dir.path(), 8);
+    args.extend(["--set", "optim.batch_schedule=\"linear:64->256 over 600 tokens\""].map(String::from));
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let steps = records_with(dir.path(), "batch_tokens");
+    let tokens: Vec<u64> = steps.iter().map(|r| r["batch_tokens"].as_u64().unwrap()).collect();
+    // 64 tokens a batch: 1 batch at the start, 4 once 600 tokens are seen.
+    assert_eq!(tokens.first(), Some(&64));
+    assert_eq!(tokens.last(), Some(&256), "{tokens:?}");
+    assert!(tokens.windows(2).all(|w| w[0] <= w[1]), "{tokens:?}");
+    // optim.batch_lr_rule defaults to sqrt: against the same run with a constant rate,
+    // each step's rate is √(batches) times higher.
+    let constant = tempfile::tempdir().unwrap();
+    let mut args = base_args(constant.path(), 8);
+    args.extend(["--set", "optim.batch_schedule=\"linear:64->256 over 600 tokens\""].map(String::from));
+    args.extend(["--set", "optim.batch_lr_rule=\"constant\""].map(String::from));
+    assert!(mmrec_train("pretrain", &args).status.success());
+    for (sqrt, flat) in steps.iter().zip(records_with(constant.path(), "batch_tokens")) {
+        let ratio = sqrt["lr"].as_f64().unwrap() / flat["lr"].as_f64().unwrap();
+        let want = (sqrt["batch_tokens"].as_f64().unwrap() / 64.0).sqrt();
+        assert!((ratio - want).abs() < 1e-9, "step {}: {ratio} vs {want}", sqrt["step"]);
+    }
 }

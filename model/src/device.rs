@@ -68,6 +68,19 @@ pub fn free_memory(dev: &Device) -> u64 {
     }
 }
 
+/// Total device memory (GPU), or the memory available now (CPU: what a run can count on).
+pub fn total_memory(dev: &Device) -> u64 {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(cuda) => cuda
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .map_or(u64::MAX, |(_free, total)| total as u64),
+        _ => crate::host::meminfo_bytes("MemAvailable").unwrap_or(u64::MAX),
+    }
+}
+
 /// The GPU's name (`NVIDIA H200`), or the CPU's model for the CPU.
 pub fn gpu_name(dev: &Device) -> String {
     match dev {

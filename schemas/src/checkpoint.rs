@@ -36,6 +36,26 @@ pub struct TrainState {
     /// The gradient noise scale's running averages (absent in older checkpoints).
     #[serde(default)]
     pub noise_scale: NoiseScaleState,
+    /// The micro-batch `data.batch_size = "auto"` chose: a resumed run uses it without
+    /// searching again.
+    #[serde(default)]
+    pub batch_choice: Option<BatchChoice>,
+    /// Batches the last step accumulated under `optim.batch_schedule` (0: none yet); the
+    /// noise-scale schedule never goes below it.
+    #[serde(default)]
+    pub grad_accum: usize,
+    /// Training wall time so far, over every resume (for loss against time).
+    #[serde(default)]
+    pub elapsed_s: f64,
+}
+
+/// The micro-batch found by measurement.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct BatchChoice {
+    pub rows: usize,
+    pub grad_checkpointing: bool,
+    /// Forward and backward tokens per second measured for it.
+    pub tokens_per_s: f64,
 }
 
 /// Exponential moving averages of the two estimates behind the simple gradient noise

@@ -37,7 +37,9 @@ pub struct DataConfig {
     /// `text=0.4,code=0.4,mixed=0.2`
     pub weights: String,
     pub seq_len: usize,
-    pub batch_size: usize,
+    /// Rows per loader batch, or `"auto"`: the micro-batch with the best measured
+    /// throughput that fits, found before training and kept in the checkpoint.
+    pub batch_size: BatchSize,
     pub workers: usize,
     pub val_permille: u32,
     pub seed: u64,
@@ -64,6 +66,14 @@ pub struct OptimConfig {
     pub plateau_threshold: f64,
     /// Evaluations without improvement before stopping; 0 never stops early.
     pub early_stop_patience: u32,
+    /// How many batches a step accumulates: `fixed` (`grad_accum`), `noise-scale` (the
+    /// global batch follows the gradient noise scale, growing from `grad_accum` batches),
+    /// or `linear:START->END over N tokens` (global batch tokens, a fixed ramp).
+    pub batch_schedule: BatchSchedule,
+    /// How the learning rate follows the global batch against `grad_accum` batches.
+    pub batch_lr_rule: LrRule,
+    /// The largest global batch a schedule may reach, in tokens (0: 64 × the base batch).
+    pub max_batch_tokens: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,6 +97,115 @@ pub struct RunConfig {
     pub precision: Precision,
     /// Fine-tune or fuse on shards of another tokenizer of the same size (normally refused).
     pub allow_tokenizer_mismatch: bool,
+}
+
+/// `data.batch_size`: a number of rows, or `"auto"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "BatchSizeValue", into = "BatchSizeValue")]
+pub enum BatchSize {
+    Rows(usize),
+    Auto,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum BatchSizeValue {
+    Rows(usize),
+    Word(String),
+}
+
+impl TryFrom<BatchSizeValue> for BatchSize {
+    type Error = String;
+    fn try_from(v: BatchSizeValue) -> std::result::Result<Self, String> {
+        match v {
+            BatchSizeValue::Rows(n) => Ok(BatchSize::Rows(n)),
+            BatchSizeValue::Word(w) if w == "auto" => Ok(BatchSize::Auto),
+            BatchSizeValue::Word(w) => Err(format!(
+                "data.batch_size: {w:?} is neither a number of rows nor \"auto\""
+            )),
+        }
+    }
+}
+
+impl From<BatchSize> for BatchSizeValue {
+    fn from(b: BatchSize) -> Self {
+        match b {
+            BatchSize::Rows(n) => BatchSizeValue::Rows(n),
+            BatchSize::Auto => BatchSizeValue::Word("auto".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSize::Rows(n) => write!(f, "{n}"),
+            BatchSize::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+/// `optim.batch_schedule`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum BatchSchedule {
+    Fixed,
+    NoiseScale,
+    /// Global batch tokens from `start` to `end`, linear in the tokens seen over `over`.
+    Linear {
+        start: u64,
+        end: u64,
+        over: u64,
+    },
+}
+
+impl TryFrom<String> for BatchSchedule {
+    type Error = String;
+    fn try_from(text: String) -> std::result::Result<Self, String> {
+        let bad = || {
+            format!("optim.batch_schedule: {text:?} is not \"fixed\", \"noise-scale\" or \"linear:START->END over N tokens\"")
+        };
+        match text.trim() {
+            "fixed" => return Ok(BatchSchedule::Fixed),
+            "noise-scale" => return Ok(BatchSchedule::NoiseScale),
+            _ => {}
+        }
+        let ramp = text.trim().strip_prefix("linear:").ok_or_else(bad)?;
+        let (range, over) = ramp.split_once(" over ").ok_or_else(bad)?;
+        let (start, end) = range
+            .split_once("->")
+            .or_else(|| range.split_once('→'))
+            .ok_or_else(bad)?;
+        let number = |s: &str| s.trim().replace('_', "").parse::<u64>().map_err(|_| bad());
+        let over = over.trim().strip_suffix("tokens").unwrap_or(over);
+        let (start, end, over) = (number(start)?, number(end)?, number(over)?);
+        if start == 0 || end == 0 {
+            return Err(format!(
+                "optim.batch_schedule: {text:?}: a ramp's batches must be at least 1 token"
+            ));
+        }
+        Ok(BatchSchedule::Linear { start, end, over })
+    }
+}
+
+impl From<BatchSchedule> for String {
+    fn from(s: BatchSchedule) -> Self {
+        match s {
+            BatchSchedule::Fixed => "fixed".into(),
+            BatchSchedule::NoiseScale => "noise-scale".into(),
+            BatchSchedule::Linear { start, end, over } => format!("linear:{start}->{end} over {over} tokens"),
+        }
+    }
+}
+
+/// `optim.batch_lr_rule`: the learning rate times 1, √r or r when the global batch is r
+/// times `grad_accum` batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrRule {
+    Constant,
+    Sqrt,
+    Linear,
 }
 
 /// The dtype the model computes in; weights and optimiser state are f32 either way.
@@ -115,7 +234,7 @@ impl Default for DataConfig {
             dirs: vec![],
             weights: "text=0.4,code=0.4,mixed=0.2".into(),
             seq_len: 256,
-            batch_size: 8,
+            batch_size: BatchSize::Rows(8),
             workers: 2,
             val_permille: 20,
             seed: 0,
@@ -142,6 +261,9 @@ impl Default for OptimConfig {
             plateau_patience: 2,
             plateau_threshold: 1e-3,
             early_stop_patience: 0,
+            batch_schedule: BatchSchedule::Fixed,
+            batch_lr_rule: LrRule::Sqrt,
+            max_batch_tokens: 0,
         }
     }
 }
@@ -243,8 +365,11 @@ impl TrainConfig {
 
     fn check(&self) -> Result<()> {
         let bad = |m: &str| Err(Error::Config(m.to_string()));
-        if self.data.seq_len == 0 || self.data.batch_size == 0 || self.optim.grad_accum == 0 {
+        if self.data.seq_len == 0 || self.data.batch_size == BatchSize::Rows(0) || self.optim.grad_accum == 0 {
             return bad("data.seq_len, data.batch_size and optim.grad_accum must be at least 1");
+        }
+        if self.optim.batch_schedule == BatchSchedule::NoiseScale && self.optim.grad_accum < 2 {
+            return bad("optim.batch_schedule = \"noise-scale\" needs optim.grad_accum >= 2: the estimate compares the accumulated batches' gradients with their mean");
         }
         if !(self.optim.lr > 0.0 && self.optim.min_lr >= 0.0 && self.optim.min_lr <= self.optim.lr) {
             return bad("need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr");

@@ -3,6 +3,7 @@
 //! in `mmrec-model`, batches come from `mmrec-loader`, and every file format from
 //! `mmrec-schemas`.
 
+pub mod batch;
 pub mod context;
 pub mod generate;
 pub mod optim;

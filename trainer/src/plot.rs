@@ -22,7 +22,38 @@ pub enum PlotError {
     Draw { path: PathBuf, message: String },
 }
 
-/// One run's curves from its `metrics.jsonl`, against the optimiser step.
+/// What the loss charts' horizontal axis counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum XAxis {
+    /// Optimiser steps.
+    #[default]
+    Step,
+    /// Training tokens seen (compares runs whose steps differ in size).
+    Tokens,
+    /// Training wall time in seconds, over resumes.
+    Time,
+}
+
+impl XAxis {
+    /// The metrics field that holds it.
+    fn field(self) -> &'static str {
+        match self {
+            XAxis::Step => "step",
+            XAxis::Tokens => "tokens_seen",
+            XAxis::Time => "elapsed_s",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            XAxis::Step => "step",
+            XAxis::Tokens => "tokens seen",
+            XAxis::Time => "seconds of training",
+        }
+    }
+}
+
+/// One run's curves from its `metrics.jsonl`, against the chosen axis.
 #[derive(Debug, Clone, Default)]
 pub struct RunCurves {
     pub label: String,
@@ -33,8 +64,9 @@ pub struct RunCurves {
 }
 
 /// The curves of a run directory (its `metrics.jsonl`) or of a metrics file, labelled by
-/// the directory's name (or the file's, when it is not `metrics.jsonl`).
-pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
+/// the directory's name (or the file's, when it is not `metrics.jsonl`). Records without
+/// the axis' field (metrics of older versions have no time) are left out.
+pub fn read_run(path: &Path, axis: XAxis) -> Result<RunCurves, PlotError> {
     let file = if path.is_dir() {
         path.join("metrics.jsonl")
     } else {
@@ -58,15 +90,15 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
             line: i + 1,
             message: e.to_string(),
         })?;
-        let Some(step) = rec["step"].as_f64() else { continue };
+        let Some(x) = rec[axis.field()].as_f64() else { continue };
         if let Some(loss) = rec["loss"].as_f64() {
-            run.train.push((step, loss));
+            run.train.push((x, loss));
         }
         if let Some(lr) = rec["lr"].as_f64() {
-            run.lr.push((step, lr));
+            run.lr.push((x, lr));
         }
         if let Some(val) = rec["val"]["all"].as_f64() {
-            run.val.push((step, val));
+            run.val.push((x, val));
         }
     }
     if run.train.is_empty() {
@@ -78,8 +110,8 @@ pub fn read_run(path: &Path) -> Result<RunCurves, PlotError> {
 /// Training loss (thin), validation loss (thick, with points) and learning rate of every
 /// run on one PNG, two panels sharing the step axis. Written under a temporary name and
 /// renamed.
-pub fn loss_chart(runs: &[RunCurves], out: &Path) -> Result<(), PlotError> {
-    write_png(out, |tmp| draw(runs, tmp))
+pub fn loss_chart(runs: &[RunCurves], axis: XAxis, out: &Path) -> Result<(), PlotError> {
+    write_png(out, |tmp| draw(runs, axis, tmp))
 }
 
 fn register_font() {
@@ -91,7 +123,7 @@ fn register_font() {
     });
 }
 
-fn draw(runs: &[RunCurves], path: &Path) -> Result<(), String> {
+fn draw(runs: &[RunCurves], axis: XAxis, path: &Path) -> Result<(), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let root = BitMapBackend::new(path, (1200, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
@@ -113,7 +145,7 @@ fn draw(runs: &[RunCurves], path: &Path) -> Result<(), String> {
         .map_err(|e| err(&e))?;
     chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(axis.label())
         .y_desc("loss")
         .label_style(("sans-serif", 15))
         .draw()
@@ -150,7 +182,7 @@ fn draw(runs: &[RunCurves], path: &Path) -> Result<(), String> {
         .map_err(|e| err(&e))?;
     lr_chart
         .configure_mesh()
-        .x_desc("step")
+        .x_desc(axis.label())
         .y_label_formatter(&|v| format!("{v:.1e}"))
         .label_style(("sans-serif", 15))
         .draw()
@@ -315,11 +347,11 @@ mod tests {
                 }
             }
             std::fs::write(run.join("metrics.jsonl"), text).unwrap();
-            runs.push(read_run(&run).unwrap());
+            runs.push(read_run(&run, XAxis::Step).unwrap());
         }
         assert_eq!((runs[0].train.len(), runs[0].val.len(), runs[0].lr.len()), (60, 3, 60));
         let out = dir.path().join("loss.png");
-        loss_chart(&runs, &out).unwrap();
+        loss_chart(&runs, XAxis::Step, &out).unwrap();
         let png = std::fs::read(&out).unwrap();
         assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
         assert!(png.len() > 10_000, "a chart with text and lines, not a blank image");
@@ -328,7 +360,7 @@ mod tests {
             "{\"step\":1,\"loss\":2}\nnot json\n",
         )
         .unwrap();
-        let e = read_run(&dir.path().join("a")).unwrap_err().to_string();
+        let e = read_run(&dir.path().join("a"), XAxis::Step).unwrap_err().to_string();
         assert!(e.contains("metrics.jsonl:2:"), "{e}");
     }
 }

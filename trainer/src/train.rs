@@ -17,7 +17,9 @@ use mmrec_schemas::checkpoint::{
     read_pointer, read_state, write_pointer, write_state, ScheduleState, TrainState, CHECKPOINTS,
 };
 use mmrec_schemas::model_file::is_frozen;
-pub use mmrec_schemas::run_config::{DataConfig, ModelSection, OptimConfig, Precision, RunConfig, TrainConfig};
+pub use mmrec_schemas::run_config::{
+    BatchSchedule, BatchSize, DataConfig, LrRule, ModelSection, OptimConfig, Precision, RunConfig, TrainConfig,
+};
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 
 use crate::optim::{learning_rate, observe_noise_scale, observe_validation, AdamW};
@@ -295,6 +297,8 @@ pub struct Session {
     pub state: TrainState,
     dev: Device,
     uploader: Uploader,
+    /// Training wall time: the checkpoint's, plus this process's since `train` began.
+    clock: (Instant, f64),
 }
 
 impl Session {
@@ -334,6 +338,9 @@ impl Session {
             best_checkpoint: None,
             micro_splits: 1,
             noise_scale: Default::default(),
+            batch_choice: None,
+            grad_accum: 0,
+            elapsed_s: 0.0,
         };
         let mut session = Session {
             cfg,
@@ -344,6 +351,7 @@ impl Session {
             state,
             dev: dev.clone(),
             uploader: Uploader::default(),
+            clock: (Instant::now(), 0.0),
         };
         if resume {
             session.resume_latest()?;
@@ -376,7 +384,7 @@ impl Session {
             mmrec_loader::parse_weights(&d.weights).map_err(|e| Error::Config(format!("data.weights: {e}")))?;
         Ok(LoaderConfig {
             seq_len: d.seq_len,
-            batch_size: d.batch_size,
+            batch_size: self.batch_rows(),
             workers: d.workers,
             seed: d.seed,
             weights,
@@ -403,12 +411,14 @@ impl Session {
     /// when `stop` is raised (SIGINT/SIGTERM), saving a checkpoint in every case.
     pub fn train(&mut self, stop: &AtomicBool, progress: &dyn Fn(&serde_json::Value)) -> Result<Summary> {
         let (mut log, mut loader) = self.open_run(progress)?;
+        self.clock = (Instant::now(), self.state.elapsed_s);
         let (started, mut meter) = (Instant::now(), Throughput::new(&loader));
         let mut pending = Vec::new();
         let mut stopped_early = false;
         while !self.budget_spent() && !stop.load(Ordering::Relaxed) {
-            let batches = next_batches(&mut loader, self.cfg.optim.grad_accum)?;
-            pending.push(self.step(&batches)?);
+            let (accum, lr_mult) = self.next_accumulation();
+            let batches = next_batches(&mut loader, accum)?;
+            pending.push(self.step(&batches, lr_mult)?);
             self.state.cursor = loader.cursor().cloned();
             meter.count(&batches);
             let run = &self.cfg.run;
@@ -428,6 +438,88 @@ impl Session {
         }
         self.flush(&mut pending, &mut log, &mut meter, &loader, progress)?;
         self.finish_run(stop.load(Ordering::Relaxed), started, stopped_early)
+    }
+
+    fn elapsed_s(&self) -> f64 {
+        self.clock.1 + self.clock.0.elapsed().as_secs_f64()
+    }
+
+    /// Rows per loader batch: `data.batch_size`, or what the search chose.
+    fn batch_rows(&self) -> usize {
+        match (self.cfg.data.batch_size, &self.state.batch_choice) {
+            (BatchSize::Rows(n), _) => n,
+            (BatchSize::Auto, Some(choice)) => choice.rows,
+            (BatchSize::Auto, None) => 1,
+        }
+    }
+
+    fn checkpointing(&self) -> bool {
+        match (self.cfg.data.batch_size, &self.state.batch_choice) {
+            (BatchSize::Auto, Some(choice)) => choice.grad_checkpointing,
+            _ => self.cfg.run.grad_checkpointing,
+        }
+    }
+
+    /// `data.batch_size = "auto"`: measure micro-batches on this device (once per run: the
+    /// choice is kept in the checkpoint) and log every trial and the choice.
+    fn find_micro_batch(&mut self, log: &mut RunLog, progress: &dyn Fn(&serde_json::Value)) -> Result<()> {
+        if self.cfg.data.batch_size != BatchSize::Auto || self.state.batch_choice.is_some() {
+            return Ok(());
+        }
+        let memory = match self.cfg.run.memory_limit_mb {
+            0 => mmrec_model::device::total_memory(&self.dev),
+            mb => mb * 1_000_000,
+        };
+        let search = crate::batch::Search {
+            net: &self.net,
+            vm: &self.vm,
+            dev: &self.dev,
+            precision: self.cfg.run.precision,
+            seq_len: self.cfg.data.seq_len,
+            memory,
+        };
+        let mut trials_seen = Vec::new();
+        let (choice, trials) = search.run(&mut |t| {
+            progress(&serde_json::json!({"step": 0, "batch_trial": t}));
+            trials_seen.push(t.clone());
+        })?;
+        let event = format!(
+            "data.batch_size = \"auto\": {} rows{} ({:.0} tokens/s), the fastest of {} trials that fits",
+            choice.rows,
+            if choice.grad_checkpointing {
+                " with gradient checkpointing"
+            } else {
+                ""
+            },
+            choice.tokens_per_s,
+            trials.len()
+        );
+        let record = serde_json::json!({"step": self.state.step, "event": event, "batch_search": trials, "batch_choice": choice});
+        log.write(&record, progress)?;
+        self.state.batch_choice = Some(choice);
+        Ok(())
+    }
+
+    /// Batches the next step accumulates, and the learning rate's multiplier for them.
+    fn next_accumulation(&mut self) -> (usize, f64) {
+        let optim = &self.cfg.optim;
+        let plan = crate::batch::Accumulation {
+            base: optim.grad_accum,
+            batch_tokens: (self.batch_rows() * self.cfg.data.seq_len) as u64,
+            max_tokens: optim.max_batch_tokens,
+        };
+        let noise = crate::batch::noise_scale(&self.state.noise_scale);
+        let accum = plan.next(
+            &optim.batch_schedule,
+            noise,
+            self.state.tokens_seen,
+            self.state.grad_accum,
+        );
+        self.state.grad_accum = accum;
+        (
+            accum,
+            crate::batch::lr_multiplier(optim.batch_lr_rule, accum, optim.grad_accum),
+        )
     }
 
     /// Whether the step just taken is a multiple of `every` (0: never).
@@ -462,6 +554,7 @@ impl Session {
             p.record["loss"] = serde_json::json!(loss);
             p.record["ppl"] = serde_json::json!(loss.exp());
             p.record["grad_norm"] = serde_json::json!(norm);
+            p.record["elapsed_s"] = serde_json::json!(self.elapsed_s());
             // The micro-batches' mean squared gradient norm against the squared norm of
             // their mean (before clipping): the noise scale, in tokens.
             let small_sq = v[PENDING_MICRO_SQ] as f64 / p.micro_batches as f64;
@@ -502,6 +595,7 @@ impl Session {
             .open(&path)
             .map_err(io_err(&path))?;
         let mut log = RunLog { file, path };
+        self.find_micro_batch(&mut log, progress)?;
         let loader = Loader::open(
             &self.cfg.data.dirs,
             self.loader_config(Split::Train)?,
@@ -516,11 +610,7 @@ impl Session {
     /// Split each batch into enough micro-batches that one's activations fit the memory
     /// limit (or what the device has free); the event to log when it had to.
     fn fit_micro_batches(&mut self) -> Option<String> {
-        let (bsz, seq, ckpt) = (
-            self.cfg.data.batch_size,
-            self.cfg.data.seq_len,
-            self.cfg.run.grad_checkpointing,
-        );
+        let (bsz, seq, ckpt) = (self.batch_rows(), self.cfg.data.seq_len, self.checkpointing());
         let limit = match self.cfg.run.memory_limit_mb {
             0 => mmrec_model::device::free_memory(&self.dev),
             mb => mb * 1_000_000,
@@ -543,11 +633,11 @@ impl Session {
     /// One optimiser step on `batches`: gradients (halving the micro-batch on an
     /// out-of-memory error), then the clipped AdamW update, which the device skips after a
     /// non-finite loss or gradient. Returns the step's record, to be completed by `flush`.
-    fn step(&mut self, batches: &[Batch]) -> Result<PendingStep> {
+    fn step(&mut self, batches: &[Batch], lr_mult: f64) -> Result<PendingStep> {
         let (acc, events) = self.gradients_with_retry(batches)?;
         let optim = &self.cfg.optim;
-        let accum = 1.0 / (optim.grad_accum * self.state.micro_splits) as f64;
-        let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule);
+        let accum = 1.0 / (batches.len() * self.state.micro_splits) as f64;
+        let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule) * lr_mult;
         let ctl = self
             .opt
             .update(&acc.grads, &acc.loss, lr, accum, optim.grad_clip)
@@ -559,6 +649,11 @@ impl Session {
         self.state.tokens_seen += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
         self.state.adam_t = self.opt.t;
         let mut record = serde_json::json!({"step": self.state.step, "lr": lr, "tokens_seen": self.state.tokens_seen});
+        if optim.batch_schedule != BatchSchedule::Fixed {
+            record["grad_accum"] = serde_json::json!(batches.len());
+            record["batch_tokens"] =
+                serde_json::json!((batches.len() * self.batch_rows() * self.cfg.data.seq_len) as u64);
+        }
         if !events.is_empty() {
             record["event"] = serde_json::json!(events.join("; "));
         }
@@ -576,7 +671,7 @@ impl Session {
     }
 
     fn gradients_with_retry(&mut self, batches: &[Batch]) -> Result<(Accumulated, Vec<String>)> {
-        let bsz = self.cfg.data.batch_size;
+        let bsz = self.batch_rows();
         let mut events = Vec::new();
         let mut memory = None;
         loop {
@@ -631,8 +726,8 @@ impl Session {
         }
         let val = self.evaluate(self.cfg.run.eval_batches)?;
         let improved = observe_validation(val["all"], &self.cfg.optim, &mut self.state.schedule);
-        let rec =
-            serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult});
+        let rec = serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult,
+                "tokens_seen": self.state.tokens_seen, "elapsed_s": self.elapsed_s()});
         log.write(&rec, progress)?;
         self.remember(rec);
         Ok(improved)
@@ -682,7 +777,7 @@ impl Session {
                     &inp.narrow(0, r0, n)?,
                     &tgt.narrow(0, r0, n)?,
                     &mask.narrow(0, r0, n)?,
-                    self.cfg.run.grad_checkpointing,
+                    self.checkpointing(),
                 )?;
                 loss = (loss + (l.to_dtype(DType::F32)? / n_micro)?)?;
                 if n_micro > 1.0 {
@@ -749,6 +844,7 @@ impl Session {
         if best {
             self.state.best_checkpoint = Some(name.clone());
         }
+        self.state.elapsed_s = self.elapsed_s();
         write_state(&tmp, &self.state)?;
         let dest = root.join(&name);
         // Re-saving a step (a resumed finished run does): move the old copy aside first and
@@ -1099,7 +1195,7 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     Ok(())
 }
 
-fn is_out_of_memory(e: &candle_core::Error) -> bool {
+pub(crate) fn is_out_of_memory(e: &candle_core::Error) -> bool {
     let m = e.to_string().to_ascii_lowercase();
     m.contains("out of memory") || m.contains("out_of_memory")
 }

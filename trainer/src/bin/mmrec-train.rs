@@ -69,6 +69,10 @@ enum Command {
         runs: Vec<PathBuf>,
         #[arg(long, default_value = "loss.png")]
         out: PathBuf,
+        /// The horizontal axis: optimiser steps, training tokens seen, or training wall
+        /// time (to compare runs whose steps differ in size or speed).
+        #[arg(long, value_enum, default_value = "step")]
+        x: mmrec_trainer::plot::XAxis,
     },
     /// Write text with a model: the prompt through the parallel scan once, then one token
     /// at a time with the carried state (O(1) per token), streamed to stdout.
@@ -208,12 +212,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
         Command::Eval(args) => eval_command(args, &dev),
         Command::Generate(args) => generate_command(args, &dev),
-        Command::Plot { runs, out } => {
+        Command::Plot { runs, out, x } => {
             let curves = runs
                 .iter()
-                .map(|r| mmrec_trainer::plot::read_run(r))
+                .map(|r| mmrec_trainer::plot::read_run(r, x))
                 .collect::<Result<Vec<_>, _>>()?;
-            mmrec_trainer::plot::loss_chart(&curves, &out)?;
+            mmrec_trainer::plot::loss_chart(&curves, x, &out)?;
             eprintln!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
@@ -503,6 +507,21 @@ fn show_record(rec: &serde_json::Value, bar: &ProgressBar, json: bool) {
         println!("{rec}");
     } else if let Some(val) = rec.get("val") {
         bar.println(format!("step {} validation {}", rec["step"], val));
+    } else if let Some(t) = rec.get("batch_trial") {
+        bar.println(format!(
+            "batch search: {} rows{}: {} ({}, {} MB)",
+            t["rows"],
+            if t["grad_checkpointing"] == true {
+                " with checkpointing"
+            } else {
+                ""
+            },
+            t["tokens_per_s"]
+                .as_f64()
+                .map_or("-".into(), |v| format!("{v:.0} tok/s")),
+            t["outcome"].as_str().unwrap_or("?"),
+            t["memory_mb"]
+        ));
     } else {
         bar.set_position(rec["step"].as_u64().unwrap_or(0));
         let tps = rec
