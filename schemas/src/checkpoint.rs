@@ -44,7 +44,8 @@ pub struct TrainState {
     /// noise-scale schedule never goes below it.
     #[serde(default)]
     pub grad_accum: usize,
-    /// Training wall time so far, over every resume (for loss against time).
+    /// Training wall time so far, over every resume, evaluations excluded (for loss
+    /// against time).
     #[serde(default)]
     pub elapsed_s: f64,
 }

@@ -44,6 +44,14 @@ impl XAxis {
         }
     }
 
+    /// Tick labels: millions of tokens, else whole numbers.
+    fn tick(self, v: &f64) -> String {
+        match self {
+            XAxis::Tokens => format!("{:.1}M", v / 1e6),
+            _ => format!("{v:.0}"),
+        }
+    }
+
     fn label(self) -> &'static str {
         match self {
             XAxis::Step => "step",
@@ -146,6 +154,7 @@ fn draw(runs: &[RunCurves], axis: XAxis, path: &Path) -> Result<(), String> {
     chart
         .configure_mesh()
         .x_desc(axis.label())
+        .x_label_formatter(&|v| axis.tick(v))
         .y_desc("loss")
         .label_style(("sans-serif", 15))
         .draw()
@@ -183,6 +192,7 @@ fn draw(runs: &[RunCurves], axis: XAxis, path: &Path) -> Result<(), String> {
     lr_chart
         .configure_mesh()
         .x_desc(axis.label())
+        .x_label_formatter(&|v| axis.tick(v))
         .y_label_formatter(&|v| format!("{v:.1e}"))
         .label_style(("sans-serif", 15))
         .draw()
