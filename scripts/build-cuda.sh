@@ -17,6 +17,10 @@ if ! command -v nvcc >/dev/null; then
   eval "$(scripts/cuda-toolchain.sh)"
 fi
 export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
+# The commit the binaries were built from, for `mmrec-train bench`'s machine record (the
+# GPU machine has no git).
+MMREC_GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || true)"
+export MMREC_GIT_COMMIT
 features=(--release --workspace --locked --features mmrec-trainer/cuda,mmrec-bench/cuda)
 cargo build "${features[@]}" --bins
 tests=$(cargo test "${features[@]}" --no-run --message-format=json 2>/dev/null |

@@ -945,3 +945,62 @@ fn a_linear_ramp_sets_the_global_batch_from_the_tokens_seen() {
         assert!((ratio - want).abs() < 1e-9, "step {}: {ratio} vs {want}", sqrt["step"]);
     }
 }
+
+#[test]
+fn bench_writes_the_suite_json_and_its_charts() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = command("mmrec-train")
+        .args([
+            "bench",
+            "--device",
+            "cpu",
+            "--presets",
+            "tiny",
+            "--seq-lens",
+            "16,32",
+            "--batch",
+            "2",
+        ])
+        .args([
+            "--scaling-tokens",
+            "64",
+            "--vocab",
+            "256",
+            "--repeats",
+            "2",
+            "--memory-mb",
+            "8",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("benchmark_results.json")).unwrap()).unwrap();
+    assert_eq!(r["schema_version"], 1);
+    assert!(r["machine"]["cpu"].is_string() && r["machine"]["candle"] == "0.11.1");
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2, "one per sequence length");
+    for run in runs {
+        let layers = run["layers"].as_object().unwrap();
+        for name in ["embedding", "block.0", "block.1", "head_and_loss"] {
+            let t = &layers[name];
+            let (lo, mid, hi) = (
+                t["min_ms"].as_f64().unwrap(),
+                t["median_ms"].as_f64().unwrap(),
+                t["max_ms"].as_f64().unwrap(),
+            );
+            assert!(0.0 < lo && lo <= mid && mid <= hi, "{name}: {t}");
+        }
+        assert!(run["train_step_tokens_per_s"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(r["hem"].as_array().unwrap().len(), 2);
+    let scaling = r["scaling"].as_array().unwrap();
+    assert!(scaling.iter().any(|s| s["varies"] == "seq_len") && scaling.iter().any(|s| s["varies"] == "batch"));
+    let plan = &r["memory_plan"][0];
+    assert!(plan["without_checkpointing"][0].as_u64().unwrap() >= 1, "{plan}");
+    for png in ["hem.png", "scaling.png"] {
+        assert_eq!(&std::fs::read(dir.path().join(png)).unwrap()[..4], b"\x89PNG", "{png}");
+    }
+}

@@ -81,6 +81,21 @@ pub fn total_memory(dev: &Device) -> u64 {
     }
 }
 
+/// The CUDA version the GPU's driver supports (`13.0`); None on the CPU.
+pub fn cuda_version(dev: &Device) -> Option<String> {
+    match dev {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let mut v = 0i32;
+            // SAFETY: a plain driver query writing one integer.
+            let ok = unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+            (ok == candle_core::cuda_backend::cudarc::driver::sys::CUresult::CUDA_SUCCESS)
+                .then(|| format!("{}.{}", v / 1000, (v % 1000) / 10))
+        }
+        _ => None,
+    }
+}
+
 /// The GPU's name (`NVIDIA H200`), or the CPU's model for the CPU.
 pub fn gpu_name(dev: &Device) -> String {
     match dev {

@@ -8,6 +8,7 @@ pub mod context;
 pub mod generate;
 pub mod optim;
 pub mod plot;
+pub mod suite;
 pub mod train;
 
 /// The candle dtype a run's precision computes in; weights and optimiser state are f32

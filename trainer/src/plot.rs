@@ -374,3 +374,157 @@ mod tests {
         assert!(e.contains("metrics.jsonl:2:"), "{e}");
     }
 }
+
+/// One named line of a chart: (x, y) points.
+type Series = (String, Vec<(f64, f64)>);
+/// What a scaling panel reads from a figure.
+type Measure<'a> = &'a dyn Fn(&crate::suite::ScalingFigure) -> f64;
+
+/// `bench`'s charts in `dir`: `hem.png` (training tokens/s with the fused projection and
+/// with four separate ones) and `scaling.png` (tokens/s and peak memory against sequence
+/// length at fixed tokens per batch, and against batch size). Returns the files written.
+pub fn bench_charts(results: &crate::suite::BenchmarkResults, dir: &Path) -> Result<Vec<PathBuf>, PlotError> {
+    let hem = dir.join("hem.png");
+    write_png(&hem, |tmp| draw_hem(&results.hem, tmp))?;
+    let scaling = dir.join("scaling.png");
+    write_png(&scaling, |tmp| draw_scaling(&results.scaling, tmp))?;
+    Ok(vec![hem, scaling])
+}
+
+fn draw_hem(figures: &[crate::suite::HemFigure], path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let tps = |f: &crate::suite::HemFigure, ms: f64| (f.batch * f.seq_len) as f64 / (ms / 1e3);
+    let names: Vec<String> = figures
+        .iter()
+        .map(|f| format!("{} {:?} T={}", f.preset, f.precision, f.seq_len).to_lowercase())
+        .collect();
+    let top = figures
+        .iter()
+        .map(|f| tps(f, f.fused.median_ms).max(tps(f, f.separate.median_ms)))
+        .fold(1.0, f64::max);
+    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "training step, fused QKVZ projection (blue) vs four separate (orange)",
+            ("sans-serif", 22),
+        )
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(72)
+        .build_cartesian_2d(0f64..names.len().max(1) as f64, 0f64..top * 1.1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(names.len().max(1) * 2 + 1)
+        .x_label_formatter(&|x| {
+            let i = x.floor() as usize;
+            if (x - x.floor() - 0.5).abs() < 0.26 {
+                names.get(i).cloned().unwrap_or_default()
+            } else {
+                String::new()
+            }
+        })
+        .y_desc("training tokens per second")
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, f) in figures.iter().enumerate() {
+        let x = i as f64;
+        for (k, ms) in [f.fused.median_ms, f.separate.median_ms].into_iter().enumerate() {
+            let (x0, x1) = (x + 0.1 + 0.4 * k as f64, x + 0.5 + 0.4 * k as f64);
+            chart
+                .draw_series([Rectangle::new([(x0, 0.0), (x1, tps(f, ms))], run_color(k).filled())])
+                .map_err(|e| err(&e))?;
+        }
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+fn draw_scaling(figures: &[crate::suite::ScalingFigure], path: &Path) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let series = |varies: &str, y: Measure| -> Vec<Series> {
+        let mut out: Vec<Series> = Vec::new();
+        for f in figures.iter().filter(|f| f.varies == varies) {
+            let name = format!("{} {:?}", f.preset, f.precision).to_lowercase();
+            let x = if varies == "seq_len" { f.seq_len } else { f.batch } as f64;
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, points)) => points.push((x, y(f))),
+                None => out.push((name, vec![(x, y(f))])),
+            }
+        }
+        out
+    };
+    let root = BitMapBackend::new(path, (1400, 1000)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| err(&e))?;
+    let panels = root.split_evenly((2, 2));
+    let specs: [(&str, &str, &str, Measure); 4] = [
+        (
+            "seq_len",
+            "training tokens/s, fixed tokens per batch",
+            "sequence length",
+            &|f| f.tokens_per_s,
+        ),
+        (
+            "seq_len",
+            "peak memory (MB), fixed tokens per batch",
+            "sequence length",
+            &|f| f.peak_memory_mb,
+        ),
+        ("batch", "training tokens/s", "batch (rows)", &|f| f.tokens_per_s),
+        ("batch", "peak memory (MB)", "batch (rows)", &|f| f.peak_memory_mb),
+    ];
+    for (area, (varies, title, x_desc, y)) in panels.iter().zip(specs) {
+        line_panel(area, title, x_desc, &series(varies, y)).map_err(|e| err(&e))?;
+    }
+    root.present().map_err(|e| err(&e))
+}
+
+/// Lines against a log₂ x axis, one colour per series, with a legend.
+fn line_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x_desc: &str,
+    series: &[Series],
+) -> Result<(), String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let points = || {
+        series
+            .iter()
+            .flat_map(|(_, p)| p.iter().copied())
+            .filter(|p| p.1.is_finite())
+    };
+    let x_max = points().map(|p| p.0).fold(2.0, f64::max);
+    let x_min = points().map(|p| p.0).fold(x_max, f64::min).max(1.0);
+    let y_max = points().map(|p| p.1).fold(1e-9, f64::max);
+    let mut chart = ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(72)
+        .build_cartesian_2d((x_min..x_max * 1.1).log_scale(), 0f64..y_max * 1.1)
+        .map_err(|e| err(&e))?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .x_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.0}"))
+        .label_style(("sans-serif", 14))
+        .draw()
+        .map_err(|e| err(&e))?;
+    for (i, (name, p)) in series.iter().enumerate() {
+        let color = run_color(i);
+        let p: Vec<(f64, f64)> = p.iter().copied().filter(|q| q.1.is_finite()).collect();
+        chart
+            .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label(name.clone())
+            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart
+            .draw_series(p.iter().map(|&q| Circle::new(q, 4, color.filled())))
+            .map_err(|e| err(&e))?;
+    }
+    draw_legend(&mut chart)
+}

@@ -48,6 +48,11 @@ enum Command {
         #[command(flatten)]
         run: RunArgs,
     },
+    /// The benchmark suite: block, layer and model times, training tokens/s and peak
+    /// memory per preset, precision and sequence length; fused against separate
+    /// projections; scaling with sequence length and batch; the memory plan. Writes
+    /// OUT/benchmark_results.json and charts beside it.
+    Bench(BenchArgs),
     /// Write a freshly initialised base model (seeded) without training it.
     Init {
         #[arg(long, default_value = "tiny")]
@@ -221,6 +226,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}", out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench(args) => bench_command(args, &dev),
         Command::Init {
             preset,
             vocab,
@@ -594,4 +600,55 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
         0 => ExitCode::SUCCESS,
         sig => ExitCode::from(128 + sig as u8),
     })
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    #[arg(long, value_delimiter = ',', default_value = "tiny,small")]
+    presets: Vec<String>,
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    precision: Vec<Precision>,
+    /// Sequence lengths of the per-preset figures and of the scaling series (the first
+    /// is also the memory plan's and the batch series').
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    seq_lens: Vec<usize>,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Tokens per batch while the sequence length varies.
+    #[arg(long, default_value_t = 4096)]
+    scaling_tokens: usize,
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Memory (MB) the memory plan's micro-batches may use (default: the device's).
+    #[arg(long, default_value_t = 0)]
+    memory_mb: u64,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn bench_command(a: BenchArgs, dev: &Device) -> Result<ExitCode> {
+    let cfg = mmrec_trainer::suite::SuiteConfig {
+        presets: a.presets,
+        precisions: a.precision,
+        seq_lens: a.seq_lens,
+        batch: a.batch,
+        scaling_tokens: a.scaling_tokens,
+        vocab: a.vocab,
+        repeats: a.repeats,
+        memory: a.memory_mb * 1_000_000,
+    };
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let results = mmrec_trainer::suite::run(&cfg, dev, command, &|m| eprintln!("bench: {m}"))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let json = a.out.join("benchmark_results.json");
+    let text = serde_json::to_string_pretty(&results)? + "\n";
+    mmrec_schemas::atomic::write_atomic(&json, text.as_bytes())
+        .with_context(|| format!("writing {}", json.display()))?;
+    for chart in mmrec_trainer::plot::bench_charts(&results, &a.out)? {
+        eprintln!("wrote {}", chart.display());
+    }
+    eprintln!("wrote {}", json.display());
+    Ok(ExitCode::SUCCESS)
 }
