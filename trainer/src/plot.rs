@@ -334,47 +334,6 @@ fn loss_range(runs: &[RunCurves]) -> (f64, f64) {
     (lo - pad, hi + pad)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_chart_of_two_runs_is_a_png_and_bad_lines_name_the_file_and_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut runs = Vec::new();
-        for (name, scale) in [("a", 1.0), ("b", 1.2)] {
-            let run = dir.path().join(name);
-            std::fs::create_dir(&run).unwrap();
-            let mut text = String::new();
-            for step in 1..=60 {
-                let loss = scale * (2.0 + 5.0 / step as f64);
-                text.push_str(&format!(
-                    "{{\"step\":{step},\"loss\":{loss},\"lr\":{}}}\n",
-                    1e-3 * step as f64 / 60.0
-                ));
-                if step % 20 == 0 {
-                    text.push_str(&format!("{{\"step\":{step},\"val\":{{\"all\":{}}}}}\n", loss + 0.1));
-                }
-            }
-            std::fs::write(run.join("metrics.jsonl"), text).unwrap();
-            runs.push(read_run(&run, XAxis::Step).unwrap());
-        }
-        assert_eq!((runs[0].train.len(), runs[0].val.len(), runs[0].lr.len()), (60, 3, 60));
-        let out = dir.path().join("loss.png");
-        loss_chart(&runs, XAxis::Step, &out).unwrap();
-        let png = std::fs::read(&out).unwrap();
-        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
-        assert!(png.len() > 10_000, "a chart with text and lines, not a blank image");
-        std::fs::write(
-            dir.path().join("a/metrics.jsonl"),
-            "{\"step\":1,\"loss\":2}\nnot json\n",
-        )
-        .unwrap();
-        let e = read_run(&dir.path().join("a"), XAxis::Step).unwrap_err().to_string();
-        assert!(e.contains("metrics.jsonl:2:"), "{e}");
-    }
-}
-
 /// One named line of a chart: (x, y) points.
 type Series = (String, Vec<(f64, f64)>);
 /// What a scaling panel reads from a figure.
@@ -527,4 +486,45 @@ fn line_panel<DB: DrawingBackend>(
             .map_err(|e| err(&e))?;
     }
     draw_legend(&mut chart)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chart_of_two_runs_is_a_png_and_bad_lines_name_the_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = Vec::new();
+        for (name, scale) in [("a", 1.0), ("b", 1.2)] {
+            let run = dir.path().join(name);
+            std::fs::create_dir(&run).unwrap();
+            let mut text = String::new();
+            for step in 1..=60 {
+                let loss = scale * (2.0 + 5.0 / step as f64);
+                text.push_str(&format!(
+                    "{{\"step\":{step},\"loss\":{loss},\"lr\":{}}}\n",
+                    1e-3 * step as f64 / 60.0
+                ));
+                if step % 20 == 0 {
+                    text.push_str(&format!("{{\"step\":{step},\"val\":{{\"all\":{}}}}}\n", loss + 0.1));
+                }
+            }
+            std::fs::write(run.join("metrics.jsonl"), text).unwrap();
+            runs.push(read_run(&run, XAxis::Step).unwrap());
+        }
+        assert_eq!((runs[0].train.len(), runs[0].val.len(), runs[0].lr.len()), (60, 3, 60));
+        let out = dir.path().join("loss.png");
+        loss_chart(&runs, XAxis::Step, &out).unwrap();
+        let png = std::fs::read(&out).unwrap();
+        assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+        assert!(png.len() > 10_000, "a chart with text and lines, not a blank image");
+        std::fs::write(
+            dir.path().join("a/metrics.jsonl"),
+            "{\"step\":1,\"loss\":2}\nnot json\n",
+        )
+        .unwrap();
+        let e = read_run(&dir.path().join("a"), XAxis::Step).unwrap_err().to_string();
+        assert!(e.contains("metrics.jsonl:2:"), "{e}");
+    }
 }
