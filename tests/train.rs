@@ -1003,4 +1003,15 @@ fn bench_writes_the_suite_json_and_its_charts() {
     for png in ["hem.png", "scaling.png"] {
         assert_eq!(&std::fs::read(dir.path().join(png)).unwrap()[..4], b"\x89PNG", "{png}");
     }
+    // The charts again from the JSON alone (a results file read back).
+    let again = dir.path().join("again");
+    let o = command("mmrec-train")
+        .args(["bench", "--charts-from"])
+        .arg(dir.path().join("benchmark_results.json"))
+        .arg("--out")
+        .arg(&again)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(again.join("scaling.png").exists() && again.join("hem.png").exists());
 }

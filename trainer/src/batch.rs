@@ -28,7 +28,7 @@ pub fn candidates() -> impl Iterator<Item = usize> {
 }
 
 /// One micro-batch size the search tried.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
 pub struct Trial {
     pub rows: usize,
     pub grad_checkpointing: bool,
@@ -36,7 +36,7 @@ pub struct Trial {
     pub tokens_per_s: Option<f64>,
     /// GPU: the allocator's peak during the trial; CPU: the activation estimate.
     pub memory_mb: u64,
-    pub outcome: &'static str,
+    pub outcome: String,
 }
 
 /// What the search needs: the model as it will train, where, and how much memory a
@@ -96,7 +96,7 @@ impl Search<'_> {
             grad_checkpointing: checkpointing,
             tokens_per_s,
             memory_mb: memory / 1_000_000,
-            outcome,
+            outcome: String::from(outcome),
         };
         // On the CPU the estimate decides: a failed host allocation is not an error one
         // can recover from. On the GPU the allocator reports failure, and its peak is real.
@@ -237,7 +237,7 @@ mod tests {
             grad_checkpointing: ckpt,
             tokens_per_s: speed,
             memory_mb: 0,
-            outcome: if speed.is_some() { "fits" } else { "out of memory" },
+            outcome: if speed.is_some() { "fits" } else { "out of memory" }.into(),
         }
     }
 

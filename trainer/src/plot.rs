@@ -361,7 +361,9 @@ fn draw_hem(figures: &[crate::suite::HemFigure], path: &Path) -> Result<(), Stri
         .iter()
         .map(|f| tps(f, f.fused.median_ms).max(tps(f, f.separate.median_ms)))
         .fold(1.0, f64::max);
-    let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
+    // Room for every label: 160 px a comparison.
+    let width = (160 * names.len() as u32).max(1000);
+    let root = BitMapBackend::new(path, (width, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
@@ -475,7 +477,8 @@ fn line_panel<DB: DrawingBackend>(
         .map_err(|e| err(&e))?;
     for (i, (name, p)) in series.iter().enumerate() {
         let color = run_color(i);
-        let p: Vec<(f64, f64)> = p.iter().copied().filter(|q| q.1.is_finite()).collect();
+        let mut p: Vec<(f64, f64)> = p.iter().copied().filter(|q| q.1.is_finite()).collect();
+        p.sort_by(|a, b| a.0.total_cmp(&b.0));
         chart
             .draw_series(LineSeries::new(p.clone(), color.stroke_width(2)))
             .map_err(|e| err(&e))?

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
 use mmrec_model::model::{initialise, masked_cross_entropy, seeded_builder, tied_logits, MMRecModel, Projection};
 use mmrec_schemas::ModelConfig;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::batch::Search;
 use crate::optim::AdamW;
@@ -39,7 +39,7 @@ pub struct SuiteConfig {
     pub memory: u64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct BenchmarkResults {
     pub schema_version: u32,
     pub machine: Machine,
@@ -50,7 +50,7 @@ pub struct BenchmarkResults {
     pub memory_plan: Vec<MemoryPlan>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Machine {
     pub cpu: String,
     pub cores: usize,
@@ -58,12 +58,12 @@ pub struct Machine {
     pub gpu: Option<String>,
     pub driver: Option<String>,
     pub cuda: Option<String>,
-    pub candle: &'static str,
+    pub candle: String,
     pub git_commit: Option<String>,
 }
 
 /// Median, fastest and slowest of `repeats` timings, in milliseconds.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct Timing {
     pub median_ms: f64,
     pub min_ms: f64,
@@ -71,7 +71,7 @@ pub struct Timing {
     pub repeats: usize,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunFigure {
     pub preset: String,
     pub precision: Precision,
@@ -92,7 +92,7 @@ pub struct RunFigure {
     pub layers: BTreeMap<String, Timing>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct HemFigure {
     pub preset: String,
     pub precision: Precision,
@@ -106,12 +106,12 @@ pub struct HemFigure {
     pub speedup: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ScalingFigure {
     pub preset: String,
     pub precision: Precision,
     /// `seq_len` (fixed tokens per batch) or `batch` (fixed sequence length).
-    pub varies: &'static str,
+    pub varies: String,
     pub seq_len: usize,
     pub batch: usize,
     pub train_step: Timing,
@@ -119,7 +119,7 @@ pub struct ScalingFigure {
     pub peak_memory_mb: f64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct MemoryPlan {
     pub preset: String,
     pub precision: Precision,
@@ -330,7 +330,7 @@ fn hem_figure(cfg: &SuiteConfig, preset: &str, precision: Precision, seq: usize,
 fn scaling(cfg: &SuiteConfig, preset: &str, precision: Precision, dev: &Device) -> Result<Vec<ScalingFigure>> {
     let (mcfg, vm, net) = model(preset, cfg.vocab, dev)?;
     let mut opt = AdamW::new(mmrec_model::io::varmap_vars(&vm), mcfg.n_layers, OptimConfig::default())?;
-    let mut point = |varies, seq: usize, rows: usize| -> Result<Option<ScalingFigure>> {
+    let mut point = |varies: &str, seq: usize, rows: usize| -> Result<Option<ScalingFigure>> {
         let measured = (|| {
             let (inp, tgt, mask) = batch(rows, seq, cfg.vocab, dev)?;
             mmrec_model::device::reset_peak_memory(dev)?;
@@ -346,7 +346,7 @@ fn scaling(cfg: &SuiteConfig, preset: &str, precision: Precision, dev: &Device) 
             Ok((train_step, peak_memory_mb)) => Ok(Some(ScalingFigure {
                 preset: preset.into(),
                 precision,
-                varies,
+                varies: varies.into(),
                 seq_len: seq,
                 batch: rows,
                 tokens_per_s: (rows * seq) as f64 / (train_step.median_ms / 1e3),
@@ -439,7 +439,12 @@ fn machine(dev: &Device) -> Machine {
         driver: gpu.as_ref().and_then(|_| smi("driver_version")),
         cuda: gpu.as_ref().and_then(|_| mmrec_model::device::cuda_version(dev)),
         gpu,
-        candle: "0.11.1",
-        git_commit: git.or_else(|| option_env!("MMREC_GIT_COMMIT").map(String::from)),
+        candle: "0.11.1".into(),
+        // The build's own record first: a copy of the tree without its history (as on a
+        // GPU machine) may carry a stale .git.
+        git_commit: option_env!("MMREC_GIT_COMMIT")
+            .filter(|c| !c.is_empty())
+            .map(String::from)
+            .or(git),
     }
 }

@@ -624,11 +624,24 @@ struct BenchArgs {
     /// Memory (MB) the memory plan's micro-batches may use (default: the device's).
     #[arg(long, default_value_t = 0)]
     memory_mb: u64,
+    /// Measure nothing: draw the charts of an earlier run's benchmark_results.json into OUT.
+    #[arg(long)]
+    charts_from: Option<PathBuf>,
     #[arg(long)]
     out: PathBuf,
 }
 
 fn bench_command(a: BenchArgs, dev: &Device) -> Result<ExitCode> {
+    if let Some(path) = &a.charts_from {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let results =
+            serde_json::from_str(&text).with_context(|| format!("{}: not a benchmark_results.json", path.display()))?;
+        std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+        for chart in mmrec_trainer::plot::bench_charts(&results, &a.out)? {
+            eprintln!("wrote {}", chart.display());
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let cfg = mmrec_trainer::suite::SuiteConfig {
         presets: a.presets,
         precisions: a.precision,
