@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# The main job on the bundled fixtures, end to end, in about a minute on 2 cores:
-# tokenizer → shards (validated) → base → text and code experts → fused model → evaluation.
-# Usage: scripts/demo.sh [OUT_DIR]   (default: demo-out/; re-running skips finished steps)
+# The main job on the bundled fixtures, end to end, in about a minute on 2 cores: the
+# nightly pipeline of pipelines/nightly.toml (tokenizer → shards → base → text and code
+# experts and a control → fused model → evaluation → report), then a look at its shards
+# and fused model. Re-running skips every stage whose inputs did not change.
+# Usage: scripts/demo.sh [CONFIG]   (default pipelines/nightly.toml; outputs under nightly/)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/mmrec-target}"
-out="${1:-demo-out}"
-OUT="$out" CORPORA=fixtures/corpora PRESET=tiny VOCAB=2048 SEQ=64 BATCH=8 \
-  PRETRAIN_STEPS="${PRETRAIN_STEPS:-60}" FINETUNE_STEPS="${FINETUNE_STEPS:-20}" FUSION_STEPS="${FUSION_STEPS:-10}" EVAL_BATCHES=4 \
-  scripts/recipe.sh
+cargo build --workspace --bins --quiet
 bin="$CARGO_TARGET_DIR/debug"
+report=$("$bin/mmrec-recipe" run "${1:-pipelines/nightly.toml}")
+run=$(dirname "$report")
+cat "$report"
 echo "== the shards, checked and summarised"
-"$bin/mmrec-data" validate "$out/shards"
+"$bin/mmrec-data" validate "$run/outputs/split/shards"
 # Full listings go to files (a `| head` would end the tools early, which pipefail reports).
-"$bin/mmrec-data" inspect "$out/shards" --samples 1 > "$out/shards-inspect.txt"
-head -30 "$out/shards-inspect.txt"
+"$bin/mmrec-data" inspect "$run/outputs/split/shards" --samples 1 > "$run/shards-inspect.txt"
+head -30 "$run/shards-inspect.txt"
 echo "== the fused model's header"
-"$bin/mmrec-transfer" inspect "$out/fused/final.safetensors" > "$out/fused-inspect.txt"
-head -12 "$out/fused-inspect.txt"
+"$bin/mmrec-transfer" inspect "$run/outputs/fusion/final.safetensors" > "$run/fused-inspect.txt"
+head -12 "$run/fused-inspect.txt"

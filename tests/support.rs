@@ -39,6 +39,15 @@ pub fn command(name: &str) -> Command {
     Command::new(bin(name))
 }
 
+/// Send SIGTERM to a child process (what `kill` and schedulers send).
+pub fn terminate(child: &std::process::Child) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: kill(2) on a child of this process.
+    unsafe { kill(child.id() as i32, 15) };
+}
+
 /// Run a binary to completion; its stderr is echoed when it fails, for the test log.
 pub fn run<S: AsRef<std::ffi::OsStr>>(name: &str, args: &[S]) -> Output {
     let out = command(name).args(args).output().expect("the binary runs");

@@ -10,7 +10,7 @@ use mmrec_model::io::{save, varmap_tensors};
 use mmrec_model::{initialise, MMRecModel};
 use mmrec_schemas::model_file::glob_match;
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
-use mmrec_tests::{command, fixture_shards};
+use mmrec_tests::{command, fixture_shards, terminate};
 use mmrec_trainer::train::{loss_and_grads, BatchSchedule, BatchSize, Net, TrainConfig};
 
 /// Shards of the fixture corpora, built once per test binary.
@@ -122,7 +122,7 @@ fn sigterm_saves_a_checkpoint_writes_no_final_model_and_exits_143() {
     {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    unsafe { libc_kill(child.id() as i32, 15) };
+    terminate(&child);
     let out = child.wait_with_output().unwrap();
     assert_eq!(
         out.status.code(),
@@ -141,11 +141,6 @@ fn sigterm_saves_a_checkpoint_writes_no_final_model_and_exits_143() {
         format!("step-{steps:08}"),
         "the checkpoint is at the last step taken"
     );
-}
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
 }
 
 #[test]

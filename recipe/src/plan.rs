@@ -1,0 +1,229 @@
+//! The stages of the recipe, each a command of one of the tools with a content key: the
+//! hashes of its input files, its arguments, the tool's version and its upstream stages'
+//! keys. A stage whose key has a finished output is skipped; a changed key re-runs it and,
+//! through the keys, everything downstream (as Make or DVC, by content, not time).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::config::{PipelineConfig, StageSettings};
+use crate::{Error, Result};
+
+/// One argument of a stage's command.
+#[derive(Debug, Clone)]
+pub enum Arg {
+    Lit(String),
+    /// An input file: its content goes into the key.
+    File(PathBuf),
+    /// A path inside an upstream stage's output: that stage's key goes into this one's.
+    Out(String, &'static str),
+    /// A path inside this stage's own output directory.
+    Own(&'static str),
+}
+
+#[derive(Debug, Clone)]
+pub struct Stage {
+    pub name: String,
+    /// `mmrec-data`, `mmrec-train` or `mmrec-transfer`.
+    pub tool: &'static str,
+    pub args: Vec<Arg>,
+    /// Write the command's stdout to this file of the output (evaluations' JSON).
+    pub stdout: Option<&'static str>,
+    /// A training run (its `metrics.jsonl` is in its output; it resumes from checkpoints).
+    pub trains: bool,
+}
+
+impl Stage {
+    pub fn deps(&self) -> impl Iterator<Item = &str> {
+        self.args.iter().filter_map(|a| match a {
+            Arg::Out(s, _) => Some(s.as_str()),
+            _ => None,
+        })
+    }
+}
+
+fn lit(s: impl Into<String>) -> Arg {
+    Arg::Lit(s.into())
+}
+
+/// The models the report compares, each with the stage whose output holds it.
+pub const MODELS: [(&str, &str); 5] = [
+    ("base", "pretrain"),
+    ("control", "control"),
+    ("text", "finetune-text"),
+    ("code", "finetune-code"),
+    ("fused", "fusion"),
+];
+
+/// The stages in dependency order.
+pub fn stages(cfg: &PipelineConfig) -> Vec<Stage> {
+    let mut out = Vec::new();
+    let tokenizer = match (&cfg.tokenizer.path, cfg.tokenizer.vocab_size) {
+        (Some(path), _) => Arg::File(path.clone()),
+        (None, vocab) => {
+            let mut args = vec![lit("tokenizer"), lit("train"), lit("--vocab-size")];
+            args.push(lit(vocab.unwrap_or(8192).to_string()));
+            args.extend([lit("--out"), Arg::Own("tokenizer.json")]);
+            args.extend(corpora(cfg).into_iter().map(|(_, p)| Arg::File(p)));
+            out.push(plain("tokenizer", "mmrec-data", args));
+            Arg::Out("tokenizer".into(), "tokenizer.json")
+        }
+    };
+    let mut split = vec![lit("split")];
+    for (flag, path) in corpora(cfg) {
+        split.extend([lit(flag), Arg::File(path)]);
+    }
+    split.extend([lit("--tokenizer"), tokenizer, lit("--out"), Arg::Own("shards")]);
+    if cfg.split.near_dup {
+        split.push(lit("--near-dup"));
+    }
+    out.push(plain("split", "mmrec-data", split));
+    let shards = || Arg::Out("split".into(), "shards");
+    let preset = lit(format!("model.preset=\"{}\"", cfg.model.preset));
+    out.push(training(
+        "pretrain",
+        vec![lit("pretrain"), lit("--set"), preset],
+        cfg,
+        &cfg.pretrain,
+        shards(),
+    ));
+    for d in ["text", "code"] {
+        let args = vec![
+            Arg::Out("pretrain".into(), "final.safetensors"),
+            lit("--to"),
+            lit("expert"),
+            lit("--domain"),
+            lit(d),
+            lit("--sync"),
+            lit("--out"),
+            Arg::Own("init.safetensors"),
+        ];
+        out.push(plain(&format!("transfer-{d}"), "mmrec-transfer", args));
+        let args = vec![
+            lit("finetune"),
+            lit("--init"),
+            Arg::Out(format!("transfer-{d}"), "init.safetensors"),
+            lit("--set"),
+            lit(format!("data.weights=\"{d}=1\"")),
+        ];
+        out.push(training(&format!("finetune-{d}"), args, cfg, &cfg.finetune, shards()));
+    }
+    // The fair comparison: the base continued on the mixture for the same extra tokens.
+    let args = vec![
+        lit("finetune"),
+        lit("--init"),
+        Arg::Out("pretrain".into(), "final.safetensors"),
+    ];
+    out.push(training("control", args, cfg, &cfg.finetune, shards()));
+    let fuse = vec![
+        lit("fuse"),
+        lit("--text"),
+        Arg::Out("finetune-text".into(), "final.safetensors"),
+        lit("--code"),
+        Arg::Out("finetune-code".into(), "final.safetensors"),
+        lit("--method"),
+        lit("gated"),
+        lit("--sync"),
+        lit("--out"),
+        Arg::Own("init.safetensors"),
+    ];
+    out.push(plain("fuse", "mmrec-transfer", fuse));
+    let args = vec![
+        lit("fusion"),
+        lit("--init"),
+        Arg::Out("fuse".into(), "init.safetensors"),
+    ];
+    out.push(training("fusion", args, cfg, &cfg.fusion, shards()));
+    for (model, stage) in MODELS {
+        let e = &cfg.eval;
+        let args = vec![
+            lit("eval"),
+            lit("--model"),
+            Arg::Out(stage.into(), "final.safetensors"),
+            lit("--data"),
+            shards(),
+            lit("--seq-len"),
+            lit(e.seq_len.to_string()),
+            lit("--batch-size"),
+            lit(e.batch_size.to_string()),
+            lit("--max-batches"),
+            lit(e.max_batches.to_string()),
+            lit("--json"),
+        ];
+        let mut s = plain(&format!("eval-{model}"), "mmrec-train", args);
+        s.stdout = Some("eval.json");
+        out.push(s);
+    }
+    out
+}
+
+fn corpora(cfg: &PipelineConfig) -> Vec<(&'static str, PathBuf)> {
+    let c = &cfg.corpora;
+    let tagged = |flag, v: &Vec<PathBuf>| v.iter().map(move |p| (flag, p.clone())).collect::<Vec<_>>();
+    [
+        tagged("--text", &c.text),
+        tagged("--code", &c.code),
+        tagged("--mixed", &c.mixed),
+    ]
+    .concat()
+}
+
+fn plain(name: &str, tool: &'static str, args: Vec<Arg>) -> Stage {
+    Stage {
+        name: name.into(),
+        tool,
+        args,
+        stdout: None,
+        trains: false,
+    }
+}
+
+/// A `mmrec-train` stage: its command, the shards, the shared then its own overrides,
+/// the device; `--resume` so an interrupted stage continues from its checkpoint.
+fn training(name: &str, mut args: Vec<Arg>, cfg: &PipelineConfig, own: &StageSettings, shards: Arg) -> Stage {
+    args.extend([lit("--data"), shards, lit("--out"), Arg::Own(".")]);
+    for set in cfg.train.set.iter().chain(&own.set) {
+        args.extend([lit("--set"), lit(set.clone())]);
+    }
+    let device = own.device.as_ref().or(cfg.train.device.as_ref());
+    args.extend([
+        lit("--device"),
+        lit(device.map_or("auto", |d| d.as_str())),
+        lit("--resume"),
+    ]);
+    Stage {
+        trains: true,
+        ..plain(name, "mmrec-train", args)
+    }
+}
+
+/// Every stage's content key, from its inputs' hashes, its arguments, its tool's version
+/// and its upstream stages' keys (`versions`: tool → version line).
+pub fn keys(stages: &[Stage], versions: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
+    let mut keys = BTreeMap::new();
+    for s in stages {
+        let mut parts = vec![serde_json::json!(s.name), serde_json::json!(versions.get(s.tool))];
+        for a in &s.args {
+            parts.push(match a {
+                Arg::Lit(v) => serde_json::json!(v),
+                Arg::File(p) => {
+                    let (sha, _) = mmrec_schemas::atomic::file_sha256(p).map_err(|e| Error::Input {
+                        path: p.clone(),
+                        message: e.to_string(),
+                    })?;
+                    serde_json::json!({"file": sha})
+                }
+                Arg::Out(stage, rel) => serde_json::json!({"from": keys.get(stage), "path": rel}),
+                Arg::Own(rel) => serde_json::json!({"own": rel}),
+            });
+        }
+        let text = serde_json::to_string(&parts).expect("JSON values serialise");
+        keys.insert(s.name.clone(), mmrec_schemas::atomic::sha256_hex(text.as_bytes()));
+    }
+    Ok(keys)
+}
+
+/// Where a stage's output for `key` lives.
+pub fn output_dir(work: &Path, stage: &str, key: &str) -> PathBuf {
+    work.join(stage).join(&key[..16])
+}
