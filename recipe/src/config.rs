@@ -30,6 +30,8 @@ pub struct PipelineConfig {
     pub eval: EvalConfig,
     #[serde(default)]
     pub gates: Gates,
+    #[serde(default)]
+    pub slurm: crate::slurm::SlurmConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,8 +55,11 @@ fn seven() -> usize {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Executor {
+    /// Each stage as a child process, one after the other.
     #[default]
     Local,
+    /// The stages as an sbatch chain (`[slurm]`).
+    Slurm,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -5,6 +5,7 @@ pub mod config;
 pub mod plan;
 pub mod report;
 pub mod run;
+pub mod slurm;
 
 use std::path::PathBuf;
 

@@ -31,6 +31,8 @@ pub struct Stage {
     pub stdout: Option<&'static str>,
     /// A training run (its `metrics.jsonl` is in its output; it resumes from checkpoints).
     pub trains: bool,
+    /// Whatever else decides the output and goes into the key (the split's parts).
+    pub salt: String,
 }
 
 impl Stage {
@@ -77,7 +79,12 @@ pub fn stages(cfg: &PipelineConfig) -> Vec<Stage> {
     if cfg.split.near_dup {
         split.push(lit("--near-dup"));
     }
-    out.push(plain("split", "mmrec-data", split));
+    let mut split = plain("split", "mmrec-data", split);
+    if cfg.pipeline.executor == crate::config::Executor::Slurm && cfg.slurm.split_parts > 1 {
+        // Parts merged are deduplicated per part first: not the same bytes as one pass.
+        split.salt = format!("parts={}", cfg.slurm.split_parts);
+    }
+    out.push(split);
     let shards = || Arg::Out("split".into(), "shards");
     let preset = lit(format!("model.preset=\"{}\"", cfg.model.preset));
     out.push(training(
@@ -175,6 +182,7 @@ fn plain(name: &str, tool: &'static str, args: Vec<Arg>) -> Stage {
         args,
         stdout: None,
         trains: false,
+        salt: String::new(),
     }
 }
 
@@ -202,7 +210,11 @@ fn training(name: &str, mut args: Vec<Arg>, cfg: &PipelineConfig, own: &StageSet
 pub fn keys(stages: &[Stage], versions: &BTreeMap<String, String>) -> Result<BTreeMap<String, String>> {
     let mut keys = BTreeMap::new();
     for s in stages {
-        let mut parts = vec![serde_json::json!(s.name), serde_json::json!(versions.get(s.tool))];
+        let mut parts = vec![
+            serde_json::json!(s.name),
+            serde_json::json!(versions.get(s.tool)),
+            serde_json::json!(s.salt),
+        ];
         for a in &s.args {
             parts.push(match a {
                 Arg::Lit(v) => serde_json::json!(v),

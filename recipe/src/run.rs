@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::config::PipelineConfig;
+use crate::config::{Executor, PipelineConfig};
 use crate::plan::{keys, output_dir, stages, Arg, Stage};
 use crate::{report, Error, Result};
 
@@ -56,11 +56,43 @@ impl Runner {
         let plan = stages(&self.cfg);
         let versions = self.versions()?;
         let keys = keys(&plan, &versions)?;
-        let mut records = Vec::new();
         for stage in &plan {
+            link(
+                &run.join("outputs").join(&stage.name),
+                &output_dir(&p.work, &stage.name, &keys[&stage.name]),
+            )?;
+        }
+        let flow = match p.executor {
+            Executor::Local => self.run_local(&plan, &keys, &run, &stop, progress)?,
+            Executor::Slurm => self.run_slurm(&plan, &keys, &run, &stop, progress)?,
+        };
+        let records = match flow {
+            Flow::Finished(records) => records,
+            Flow::Stopped(outcome) => return Ok(outcome),
+        };
+        report::write_stages(&run, &records)?;
+        let failed = report::write(&self.cfg, &run, &records, &versions, &self.bin_dir)?;
+        prune(&p.runs, p.keep_runs, &run)?;
+        Ok(if failed.is_empty() {
+            Outcome::Done { run }
+        } else {
+            Outcome::GateFailed { run, failed }
+        })
+    }
+
+    /// The stages one after the other, each as a child process.
+    fn run_local(
+        &self,
+        plan: &[Stage],
+        keys: &BTreeMap<String, String>,
+        run: &Path,
+        stop: &AtomicUsize,
+        progress: &dyn Fn(&str),
+    ) -> Result<Flow> {
+        let mut records = Vec::new();
+        for stage in plan {
             let key = &keys[&stage.name];
-            let out = output_dir(&p.work, &stage.name, key);
-            link(&run.join("outputs").join(&stage.name), &out)?;
+            let out = output_dir(&self.cfg.pipeline.work, &stage.name, key);
             let log = run.join("logs").join(format!("{}.log", stage.name));
             let started = Instant::now();
             let status = if out.join(DONE).exists() {
@@ -72,39 +104,76 @@ impl Runner {
                 "skipped"
             } else {
                 progress(&format!("{}: running (key {})", stage.name, &key[..12]));
-                match self.execute(stage, &keys, &out, &log, &stop)? {
-                    Exit::Ok => {
-                        let done = serde_json::json!({"key": key, "seconds": started.elapsed().as_secs_f64()});
-                        mmrec_schemas::atomic::write_atomic(&out.join(DONE), done.to_string().as_bytes())
-                            .map_err(|e| Error::Config(e.to_string()))?;
-                        "ran"
-                    }
-                    Exit::Signal(signal) => {
-                        records.push(record(stage, key, "interrupted", started, &out));
-                        report::write_stages(&run, &records)?;
-                        return Ok(Outcome::Interrupted { signal });
-                    }
-                    Exit::Failed => {
-                        records.push(record(stage, key, "failed", started, &out));
-                        report::write_stages(&run, &records)?;
-                        return Ok(Outcome::StageFailed {
-                            run,
+                let exit = self.execute(stage, keys, &out, &log, stop)?;
+                let status = match exit {
+                    Exit::Ok => "ran",
+                    Exit::Failed => "failed",
+                    Exit::Signal(_) => "interrupted",
+                };
+                if let Exit::Ok = exit {
+                    let done = serde_json::json!({"key": key, "seconds": started.elapsed().as_secs_f64()});
+                    mmrec_schemas::atomic::write_atomic(&out.join(DONE), done.to_string().as_bytes())
+                        .map_err(|e| Error::Config(e.to_string()))?;
+                } else {
+                    records.push(record(stage, key, status, started, &out));
+                    report::write_stages(run, &records)?;
+                    return Ok(Flow::Stopped(match exit {
+                        Exit::Signal(signal) => Outcome::Interrupted { signal },
+                        _ => Outcome::StageFailed {
+                            run: run.to_path_buf(),
                             stage: stage.name.clone(),
                             log,
-                        });
-                    }
+                        },
+                    }));
                 }
+                status
             };
             records.push(record(stage, key, status, started, &out));
         }
-        report::write_stages(&run, &records)?;
-        let failed = report::write(&self.cfg, &run, &records, &versions, &self.bin_dir)?;
-        prune(&p.runs, p.keep_runs, &run)?;
-        Ok(if failed.is_empty() {
-            Outcome::Done { run }
-        } else {
-            Outcome::GateFailed { run, failed }
-        })
+        Ok(Flow::Finished(records))
+    }
+
+    /// The unfinished stages as one sbatch chain; then what each job left behind.
+    fn run_slurm(
+        &self,
+        plan: &[Stage],
+        keys: &BTreeMap<String, String>,
+        run: &Path,
+        stop: &AtomicUsize,
+        progress: &dyn Fn(&str),
+    ) -> Result<Flow> {
+        let work = &self.cfg.pipeline.work;
+        let done = |s: &Stage| output_dir(work, &s.name, &keys[&s.name]).join(DONE).exists();
+        let pending: Vec<bool> = plan.iter().map(|s| !done(s)).collect();
+        let started = Instant::now();
+        let jobs = crate::slurm::submit(&self.cfg.slurm, plan, &pending, keys, work, &self.bin_dir, run)?;
+        for j in &jobs {
+            progress(&format!("{}: submitted as Slurm job {}", j.stage, j.job));
+        }
+        if let Some(signal) = crate::slurm::wait(&jobs, stop, progress)? {
+            return Ok(Flow::Stopped(Outcome::Interrupted { signal }));
+        }
+        let mut records = Vec::new();
+        for (stage, ran) in plan.iter().zip(&pending) {
+            let key = &keys[&stage.name];
+            let out = output_dir(work, &stage.name, key);
+            let status = match (ran, done(stage)) {
+                (false, _) => "skipped",
+                (true, true) => "ran",
+                (true, false) => "failed",
+            };
+            records.push(record(stage, key, status, started, &out));
+            if status == "failed" {
+                report::write_stages(run, &records)?;
+                let log = run.join("logs").join(format!("{}.log", stage.name));
+                return Ok(Flow::Stopped(Outcome::StageFailed {
+                    run: run.to_path_buf(),
+                    stage: stage.name.clone(),
+                    log,
+                }));
+            }
+        }
+        Ok(Flow::Finished(records))
     }
 
     fn versions(&self) -> Result<BTreeMap<String, String>> {
@@ -181,6 +250,12 @@ enum Exit {
     Ok,
     Failed,
     Signal(i32),
+}
+
+/// The stages' records, or how the run stopped early.
+enum Flow {
+    Finished(Vec<StageRecord>),
+    Stopped(Outcome),
 }
 
 /// The marker of a finished stage output.
