@@ -43,6 +43,9 @@ set = ["run.steps={finetune_steps}", "optim.lr=1e-4", "optim.min_lr=1e-5", "opti
 [fusion]
 set = ["run.steps=4", "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=1"]
 
+[merges]
+linear = ["--method", "linear"]
+
 [eval]
 seq_len = 32
 batch_size = 4
@@ -136,7 +139,7 @@ fn the_pipeline_resumes_after_a_signal_skips_what_did_not_change_and_reports() {
     let log = std::fs::read_to_string(second.join("logs/pretrain.log")).unwrap();
     assert!(!log.contains("from step 0 "), "pretraining resumed: {log}");
     let report = json(&second.join("report.json"));
-    for model in ["base", "control", "text", "code", "fused"] {
+    for model in ["base", "control", "text", "code", "fused", "merged-linear"] {
         let loss = report["models"][model]["all"]["loss"].as_f64().unwrap();
         assert!(loss.is_finite() && loss > 0.0, "{model}: {loss}");
     }

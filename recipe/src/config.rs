@@ -32,6 +32,11 @@ pub struct PipelineConfig {
     pub gates: Gates,
     #[serde(default)]
     pub slurm: crate::slurm::SlurmConfig,
+    /// Weight-space merges of the two experts, name → `mmrec-transfer merge` arguments
+    /// (`ties-d0.5 = ["--method", "ties", "--density", "0.5"]`), each evaluated beside
+    /// the fused model.
+    #[serde(default)]
+    pub merges: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

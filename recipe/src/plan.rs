@@ -48,14 +48,20 @@ fn lit(s: impl Into<String>) -> Arg {
     Arg::Lit(s.into())
 }
 
-/// The models the report compares, each with the stage whose output holds it.
-pub const MODELS: [(&str, &str); 5] = [
-    ("base", "pretrain"),
-    ("control", "control"),
-    ("text", "finetune-text"),
-    ("code", "finetune-code"),
-    ("fused", "fusion"),
-];
+/// The models the report compares, each with the stage whose output holds it: the base,
+/// the control, both experts, the fused model, then each configured merge.
+pub fn models(cfg: &PipelineConfig) -> Vec<(String, String)> {
+    let fixed = [
+        ("base", "pretrain"),
+        ("control", "control"),
+        ("text", "finetune-text"),
+        ("code", "finetune-code"),
+        ("fused", "fusion"),
+    ];
+    let fixed = fixed.iter().map(|(m, s)| (m.to_string(), s.to_string()));
+    let merged = cfg.merges.keys().map(|name| (format!("merged-{name}"), format!("merge-{name}")));
+    fixed.chain(merged).collect()
+}
 
 /// The stages in dependency order.
 pub fn stages(cfg: &PipelineConfig) -> Vec<Stage> {
@@ -141,12 +147,26 @@ pub fn stages(cfg: &PipelineConfig) -> Vec<Stage> {
         Arg::Out("fuse".into(), "init.safetensors"),
     ];
     out.push(training("fusion", args, cfg, &cfg.fusion, shards()));
-    for (model, stage) in MODELS {
+    // One model of the base's size from both experts, beside the fused model.
+    for (name, method) in &cfg.merges {
+        let mut args = vec![
+            lit("merge"),
+            lit("--base"),
+            Arg::Out("pretrain".into(), "final.safetensors"),
+            lit("--experts"),
+            Arg::Out("finetune-text".into(), "final.safetensors"),
+            Arg::Out("finetune-code".into(), "final.safetensors"),
+        ];
+        args.extend(method.iter().map(|a| lit(a.clone())));
+        args.extend([lit("--out"), Arg::Own("final.safetensors")]);
+        out.push(plain(&format!("merge-{name}"), "mmrec-transfer", args));
+    }
+    for (model, stage) in models(cfg) {
         let e = &cfg.eval;
         let args = vec![
             lit("eval"),
             lit("--model"),
-            Arg::Out(stage.into(), "final.safetensors"),
+            Arg::Out(stage, "final.safetensors"),
             lit("--data"),
             shards(),
             lit("--seq-len"),

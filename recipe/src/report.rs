@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use crate::config::PipelineConfig;
-use crate::plan::{output_dir, MODELS};
+use crate::plan::{models, output_dir};
 use crate::run::{run_order, StageRecord};
 use crate::{Error, Result};
 
@@ -34,25 +34,26 @@ pub fn write(
     bin_dir: &Path,
 ) -> Result<Vec<String>> {
     let key = |stage: &str| records.iter().find(|r| r.stage == stage).map(|r| r.key.clone());
-    let mut models = BTreeMap::new();
-    for (model, _) in MODELS {
+    let names = models(cfg);
+    let mut losses = BTreeMap::new();
+    for (model, _) in &names {
         let stage = format!("eval-{model}");
         let path = output_dir(&cfg.pipeline.work, &stage, &key(&stage).unwrap_or_default()).join("eval.json");
         let eval: Value = read_json(&path)?;
-        models.insert(model.to_string(), eval["domains"].clone());
+        losses.insert(model.clone(), eval["domains"].clone());
     }
-    let loss = |m: &str, d: &str| models.get(m).and_then(|v| v[d]["loss"].as_f64());
+    let loss = |m: &str, d: &str| losses.get(m).and_then(|v| v[d]["loss"].as_f64());
     let previous = previous_report(&cfg.pipeline.runs, run);
     let prev_loss = |m: &str, d: &str| previous.as_ref().and_then(|p| p["models"][m][d]["loss"].as_f64());
     let gates = check_gates(cfg, &loss);
-    let tokens: BTreeMap<String, Option<u64>> = MODELS
+    let tokens: BTreeMap<String, Option<u64>> = names
         .iter()
-        .map(|(m, stage)| (m.to_string(), last_tokens(&run.join("outputs").join(stage))))
+        .map(|(m, stage)| (m.clone(), last_tokens(&run.join("outputs").join(stage))))
         .collect();
     let curves = draw_curves(run, bin_dir);
     let report = json!({
         "run": run.file_name().map(|n| n.to_string_lossy().into_owned()),
-        "models": models,
+        "models": losses,
         "tokens_trained": tokens,
         "stages": records,
         "tool_versions": versions,
@@ -64,7 +65,8 @@ pub fn write(
         &run.join("report.json"),
         &(serde_json::to_string_pretty(&report).expect("serialises") + "\n"),
     )?;
-    let md = markdown(&report, &loss, &prev_loss, records, &gates);
+    let order: Vec<String> = names.into_iter().map(|(m, _)| m).collect();
+    let md = markdown(&report, &order, &loss, &prev_loss, records, &gates);
     atomic(&run.join("report.md"), &md)?;
     Ok(gates
         .into_iter()
@@ -151,6 +153,7 @@ fn check_gates(cfg: &PipelineConfig, loss: &dyn Fn(&str, &str) -> Option<f64>) -
 
 fn markdown(
     report: &Value,
+    models: &[String],
     loss: &dyn Fn(&str, &str) -> Option<f64>,
     prev_loss: &dyn Fn(&str, &str) -> Option<f64>,
     records: &[StageRecord],
@@ -166,7 +169,8 @@ fn markdown(
     );
     let _ = writeln!(md, "| model | {} | tokens trained |", DOMAINS.join(" | "));
     let _ = writeln!(md, "|---|{}---|", "---|".repeat(DOMAINS.len()));
-    for (m, _) in MODELS {
+    for m in models {
+        let m = m.as_str();
         let cells: Vec<String> = DOMAINS
             .iter()
             .map(|d| match loss(m, d) {
