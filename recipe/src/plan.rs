@@ -59,7 +59,10 @@ pub fn models(cfg: &PipelineConfig) -> Vec<(String, String)> {
         ("fused", "fusion"),
     ];
     let fixed = fixed.iter().map(|(m, s)| (m.to_string(), s.to_string()));
-    let merged = cfg.merges.keys().map(|name| (format!("merged-{name}"), format!("merge-{name}")));
+    let merged = cfg
+        .merges
+        .keys()
+        .map(|name| (format!("merged-{name}"), format!("merge-{name}")));
     fixed.chain(merged).collect()
 }
 
