@@ -57,27 +57,27 @@ fn open_cuda(_ordinal: usize) -> Result<Device, String> {
 /// Bytes free for activations on `dev`: the GPU's free memory, or the system's available
 /// memory for the CPU (`u64::MAX` when it cannot be read).
 pub fn free_memory(dev: &Device) -> u64 {
-    match dev {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(cuda) => cuda
-            .cuda_stream()
-            .context()
-            .mem_get_info()
-            .map_or(u64::MAX, |(free, _total)| free as u64),
-        _ => crate::host::meminfo_bytes("MemAvailable").unwrap_or(u64::MAX),
-    }
+    memory(dev).0
 }
 
 /// Total device memory (GPU), or the memory available now (CPU: what a run can count on).
 pub fn total_memory(dev: &Device) -> u64 {
+    memory(dev).1
+}
+
+/// (free, total) bytes: the GPU's, or the system's available memory twice for the CPU.
+fn memory(dev: &Device) -> (u64, u64) {
     match dev {
         #[cfg(feature = "cuda")]
         Device::Cuda(cuda) => cuda
             .cuda_stream()
             .context()
             .mem_get_info()
-            .map_or(u64::MAX, |(_free, total)| total as u64),
-        _ => crate::host::meminfo_bytes("MemAvailable").unwrap_or(u64::MAX),
+            .map_or((u64::MAX, u64::MAX), |(free, total)| (free as u64, total as u64)),
+        _ => {
+            let available = crate::host::meminfo_bytes("MemAvailable").unwrap_or(u64::MAX);
+            (available, available)
+        }
     }
 }
 
