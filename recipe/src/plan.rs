@@ -68,6 +68,23 @@ pub fn models(cfg: &PipelineConfig) -> Vec<(String, String)> {
 
 /// The stages in dependency order.
 pub fn stages(cfg: &PipelineConfig) -> Vec<Stage> {
+    let mut out = data_stages(cfg);
+    out.extend(model_stages(cfg));
+    out.extend(merge_stages(cfg));
+    out.extend(eval_stages(cfg));
+    out
+}
+
+fn shards() -> Arg {
+    Arg::Out("split".into(), "shards")
+}
+
+fn model_file(stage: &str) -> Arg {
+    Arg::Out(stage.into(), "final.safetensors")
+}
+
+/// The tokenizer (trained, unless a file is reused) and the split into shards.
+fn data_stages(cfg: &PipelineConfig) -> Vec<Stage> {
     let mut out = Vec::new();
     let tokenizer = match (&cfg.tokenizer.path, cfg.tokenizer.vocab_size) {
         (Some(path), _) => Arg::File(path.clone()),
@@ -94,97 +111,85 @@ pub fn stages(cfg: &PipelineConfig) -> Vec<Stage> {
         split.salt = format!("parts={}", cfg.slurm.split_parts);
     }
     out.push(split);
-    let shards = || Arg::Out("split".into(), "shards");
+    out
+}
+
+/// The base, both experts (transfer, fine-tune), the control, and the fused model.
+fn model_stages(cfg: &PipelineConfig) -> Vec<Stage> {
     let preset = lit(format!("model.preset=\"{}\"", cfg.model.preset));
-    out.push(training(
+    let mut out = vec![training(
         "pretrain",
         vec![lit("pretrain"), lit("--set"), preset],
         cfg,
         &cfg.pretrain,
-        shards(),
-    ));
+    )];
     for d in ["text", "code"] {
-        let args = vec![
-            Arg::Out("pretrain".into(), "final.safetensors"),
-            lit("--to"),
-            lit("expert"),
-            lit("--domain"),
-            lit(d),
-            lit("--sync"),
-            lit("--out"),
-            Arg::Own("init.safetensors"),
-        ];
+        let to = [lit("--to"), lit("expert"), lit("--domain"), lit(d), lit("--sync")];
+        let mut args = vec![model_file("pretrain")];
+        args.extend(to);
+        args.extend([lit("--out"), Arg::Own("init.safetensors")]);
         out.push(plain(&format!("transfer-{d}"), "mmrec-transfer", args));
-        let args = vec![
-            lit("finetune"),
-            lit("--init"),
-            Arg::Out(format!("transfer-{d}"), "init.safetensors"),
-            lit("--set"),
-            lit(format!("data.weights=\"{d}=1\"")),
-        ];
-        out.push(training(&format!("finetune-{d}"), args, cfg, &cfg.finetune, shards()));
+        let init = Arg::Out(format!("transfer-{d}"), "init.safetensors");
+        let weights = lit(format!("data.weights=\"{d}=1\""));
+        let args = vec![lit("finetune"), lit("--init"), init, lit("--set"), weights];
+        out.push(training(&format!("finetune-{d}"), args, cfg, &cfg.finetune));
     }
     // The fair comparison: the base continued on the mixture for the same extra tokens.
-    let args = vec![
-        lit("finetune"),
-        lit("--init"),
-        Arg::Out("pretrain".into(), "final.safetensors"),
-    ];
-    out.push(training("control", args, cfg, &cfg.finetune, shards()));
-    let fuse = vec![
-        lit("fuse"),
-        lit("--text"),
-        Arg::Out("finetune-text".into(), "final.safetensors"),
+    let args = vec![lit("finetune"), lit("--init"), model_file("pretrain")];
+    out.push(training("control", args, cfg, &cfg.finetune));
+    let mut fuse = vec![lit("fuse"), lit("--text"), model_file("finetune-text")];
+    fuse.extend([
         lit("--code"),
-        Arg::Out("finetune-code".into(), "final.safetensors"),
+        model_file("finetune-code"),
         lit("--method"),
         lit("gated"),
-        lit("--sync"),
-        lit("--out"),
-        Arg::Own("init.safetensors"),
-    ];
+    ]);
+    fuse.extend([lit("--sync"), lit("--out"), Arg::Own("init.safetensors")]);
     out.push(plain("fuse", "mmrec-transfer", fuse));
     let args = vec![
         lit("fusion"),
         lit("--init"),
         Arg::Out("fuse".into(), "init.safetensors"),
     ];
-    out.push(training("fusion", args, cfg, &cfg.fusion, shards()));
-    // One model of the base's size from both experts, beside the fused model.
-    for (name, method) in &cfg.merges {
-        let mut args = vec![
-            lit("merge"),
-            lit("--base"),
-            Arg::Out("pretrain".into(), "final.safetensors"),
-            lit("--experts"),
-            Arg::Out("finetune-text".into(), "final.safetensors"),
-            Arg::Out("finetune-code".into(), "final.safetensors"),
-        ];
-        args.extend(method.iter().map(|a| lit(a.clone())));
-        args.extend([lit("--out"), Arg::Own("final.safetensors")]);
-        out.push(plain(&format!("merge-{name}"), "mmrec-transfer", args));
-    }
-    for (model, stage) in models(cfg) {
-        let e = &cfg.eval;
-        let args = vec![
-            lit("eval"),
-            lit("--model"),
-            Arg::Out(stage, "final.safetensors"),
-            lit("--data"),
-            shards(),
-            lit("--seq-len"),
-            lit(e.seq_len.to_string()),
-            lit("--batch-size"),
-            lit(e.batch_size.to_string()),
-            lit("--max-batches"),
-            lit(e.max_batches.to_string()),
-            lit("--json"),
-        ];
-        let mut s = plain(&format!("eval-{model}"), "mmrec-train", args);
-        s.stdout = Some("eval.json");
-        out.push(s);
-    }
+    out.push(training("fusion", args, cfg, &cfg.fusion));
     out
+}
+
+/// One model of the base's size from both experts per configured merge.
+fn merge_stages(cfg: &PipelineConfig) -> Vec<Stage> {
+    cfg.merges
+        .iter()
+        .map(|(name, method)| {
+            let mut args = vec![lit("merge"), lit("--base"), model_file("pretrain"), lit("--experts")];
+            args.extend([model_file("finetune-text"), model_file("finetune-code")]);
+            args.extend(method.iter().map(|a| lit(a.clone())));
+            args.extend([lit("--out"), Arg::Own("final.safetensors")]);
+            plain(&format!("merge-{name}"), "mmrec-transfer", args)
+        })
+        .collect()
+}
+
+/// Every model on the held-out split, its JSON kept as the stage's output.
+fn eval_stages(cfg: &PipelineConfig) -> Vec<Stage> {
+    let e = &cfg.eval;
+    models(cfg)
+        .into_iter()
+        .map(|(model, stage)| {
+            let mut args = vec![lit("eval"), lit("--model"), model_file(&stage), lit("--data"), shards()];
+            for (flag, v) in [
+                ("--seq-len", e.seq_len),
+                ("--batch-size", e.batch_size),
+                ("--max-batches", e.max_batches),
+            ] {
+                args.extend([lit(flag), lit(v.to_string())]);
+            }
+            args.push(lit("--json"));
+            Stage {
+                stdout: Some("eval.json"),
+                ..plain(&format!("eval-{model}"), "mmrec-train", args)
+            }
+        })
+        .collect()
 }
 
 fn corpora(cfg: &PipelineConfig) -> Vec<(&'static str, PathBuf)> {
@@ -211,8 +216,8 @@ fn plain(name: &str, tool: &'static str, args: Vec<Arg>) -> Stage {
 
 /// A `mmrec-train` stage: its command, the shards, the shared then its own overrides,
 /// the device; `--resume` so an interrupted stage continues from its checkpoint.
-fn training(name: &str, mut args: Vec<Arg>, cfg: &PipelineConfig, own: &StageSettings, shards: Arg) -> Stage {
-    args.extend([lit("--data"), shards, lit("--out"), Arg::Own(".")]);
+fn training(name: &str, mut args: Vec<Arg>, cfg: &PipelineConfig, own: &StageSettings) -> Stage {
+    args.extend([lit("--data"), shards(), lit("--out"), Arg::Own(".")]);
     for set in cfg.train.set.iter().chain(&own.set) {
         args.extend([lit("--set"), lit(set.clone())]);
     }
