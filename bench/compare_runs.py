@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Summarise scripts/batch-evidence.sh: per run the final validation loss, the loss at a
+"""Summarise scripts/gpu-experiment.sh: per run the final validation loss, the loss at a
 common token count, and the training time to first reach a target loss (the worst of the
 runs' best validation losses, so every run reaches it); the seed-to-seed spread of each
-schedule, which a difference between schedules must exceed to count.
+setting, which a difference between settings must exceed to count. Runs are
+RESULTS/<setting>-seed<n>.metrics.jsonl.
 
-    python3 bench/batch_evidence.py RESULTS
+    python3 bench/compare_runs.py RESULTS
 """
 import json
 import sys
@@ -43,7 +44,7 @@ def main(folder):
         by_schedule.setdefault(name.rsplit("-seed", 1)[0], []).append((loss_at, reach[1]))
         acc = f"{accum[0]}→{accum[-1]}" if accum else "-"
         print(f"{name:22} {val[-1][2]:9.4f} {loss_at:12.4f} {reach[1]:11.1f} {reach[0]:16,} {acc:>17}")
-    print("per schedule: mean val @ common (seed spread), mean seconds to target (spread)")
+    print("per setting: mean val @ common (seed spread), mean seconds to target (spread)")
     for sched, xs in by_schedule.items():
         losses = [x[0] for x in xs]
         secs = [x[1] for x in xs]
