@@ -12,6 +12,7 @@ use mmrec_model::model::seeded_builder;
 use mmrec_model::{device, initialise, masked_cross_entropy, MMRecModel, Projection};
 use mmrec_schemas::ModelConfig;
 use mmrec_trainer::optim::AdamW;
+use mmrec_trainer::suite::time;
 use mmrec_trainer::train::{loss_and_grads, Net, OptimConfig, Precision};
 
 #[derive(Debug, Serialize)]
@@ -330,29 +331,12 @@ pub struct StepFigure {
     pub mfu: f64,
 }
 
-/// Median and range of `reps` runs of `f` on `dev`, in seconds, each run synchronised.
-fn timed(dev: &Device, warmup: usize, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<(f64, f64, f64)> {
-    for _ in 0..warmup {
-        f()?;
-    }
-    dev.synchronize()?;
-    let mut times = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t = Instant::now();
-        f()?;
-        dev.synchronize()?;
-        times.push(t.elapsed().as_secs_f64());
-    }
-    times.sort_by(f64::total_cmp);
-    Ok((times[times.len() / 2], times[0], times[times.len() - 1]))
-}
-
 /// Median seconds per call of `f` over `reps` timings of `inner` back-to-back calls each:
 /// a kernel of tens of microseconds is timed as training runs it, without a host
 /// synchronisation per launch.
 fn timed_back_to_back(dev: &Device, reps: usize, inner: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    let (secs, _, _) = timed(dev, 1, reps, || (0..inner).try_for_each(|_| f()))?;
-    Ok(secs / inner as f64)
+    let t = time(dev, 1, reps, || (0..inner).try_for_each(|_| f()))?;
+    Ok(t.median_ms / 1e3 / inner as f64)
 }
 
 /// Read + write GB/s of copying `elems` f32 on the device.
@@ -426,12 +410,12 @@ fn step_figure(
         let b = &batches[i % batches.len()];
         Ok::<_, candle_core::Error>((b.narrow(1, 0, seq_len)?, b.narrow(1, 1, seq_len)?))
     };
-    let fwd = timed(dev, 2, 10, || {
+    let fwd = time(dev, 2, 10, || {
         let (inp, _) = next()?;
         net.in_precision(&vm, precision, dev)?.logits(&inp, false).map(|_| ())
     })?;
     device::reset_peak_memory(dev)?;
-    let step = timed(dev, 3, 20, || {
+    let step = time(dev, 3, 20, || {
         let (inp, tgt) = next()?;
         let (loss, grads) = loss_and_grads(&net.in_precision(&vm, precision, dev)?, &vm, &inp, &tgt, &mask, false)?;
         opt.update(&grads, &loss, 1e-4, 1.0, 1.0).map(|_| ())
@@ -445,14 +429,14 @@ fn step_figure(
         seq_len,
         vocab,
         parameters,
-        forward_ms: fwd.0 * 1e3,
-        forward_tokens_per_s: tokens / fwd.0,
-        train_step_ms: step.0 * 1e3,
-        train_step_tokens_per_s: tokens / step.0,
-        train_step_range_ms: [step.1 * 1e3, step.2 * 1e3],
+        forward_ms: fwd.median_ms,
+        forward_tokens_per_s: tokens / (fwd.median_ms / 1e3),
+        train_step_ms: step.median_ms,
+        train_step_tokens_per_s: tokens / (step.median_ms / 1e3),
+        train_step_range_ms: [step.min_ms, step.max_ms],
         peak_memory_gib: peak,
         breakdown_ms: breakdown,
-        mfu: train_flops_per_token(&cfg, seq_len) * tokens / step.0 / 989e12,
+        mfu: train_flops_per_token(&cfg, seq_len) * tokens / (step.median_ms / 1e3) / 989e12,
     })
 }
 

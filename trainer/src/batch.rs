@@ -2,8 +2,6 @@
 //! "auto"`), and the gradient accumulation that follows a batch schedule (the gradient
 //! noise scale, or a fixed ramp) with the learning rate adjusted by a named rule.
 
-use std::time::Instant;
-
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use mmrec_schemas::checkpoint::{BatchChoice, NoiseScaleState};
@@ -121,8 +119,8 @@ impl Search<'_> {
         }
     }
 
-    /// Tokens per second of forward+backward at `rows` (one warm-up pass, then two or
-    /// three timed), and the GPU allocator's peak.
+    /// Tokens per second of forward+backward at `rows` (one warm-up pass, then the median
+    /// of two or three), and the GPU allocator's peak.
     fn time_rows(&self, rows: usize, checkpointing: bool) -> Result<(f64, Option<u64>)> {
         let n = rows * (self.seq_len + 1);
         let vocab = self.net.config().vocab_size as u32;
@@ -134,21 +132,15 @@ impl Search<'_> {
         let (inp, tgt) = (all.narrow(1, 0, self.seq_len)?, all.narrow(1, 1, self.seq_len)?);
         let mask = Tensor::ones((rows, self.seq_len), DType::F32, self.dev)?;
         let net = self.net.in_precision(self.vm, self.precision, self.dev)?;
-        let pass = || -> Result<f32> {
-            let (loss, grads) = loss_and_grads(&net, self.vm, &inp, &tgt, &mask, checkpointing)?;
-            drop(grads);
-            Ok(loss.to_dtype(DType::F32)?.to_scalar::<f32>()?)
+        let pass = || -> Result<()> {
+            loss_and_grads(&net, self.vm, &inp, &tgt, &mask, checkpointing)?;
+            Ok(())
         };
         mmrec_model::device::reset_peak_memory(self.dev)?;
-        pass()?;
         let repeats = if self.dev.is_cuda() { 3 } else { 2 };
-        let started = Instant::now();
-        for _ in 0..repeats {
-            pass()?;
-        }
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let t = crate::suite::time(self.dev, 1, repeats, pass)?;
         let peak = mmrec_model::device::peak_memory(self.dev)?;
-        Ok(((repeats * rows * self.seq_len) as f64 / secs, peak))
+        Ok(((rows * self.seq_len) as f64 / (t.median_ms / 1e3).max(1e-12), peak))
     }
 }
 

@@ -147,9 +147,16 @@ fn batch(rows: usize, seq: usize, vocab: usize, dev: &Device) -> Result<(Tensor,
     Ok((all.narrow(1, 0, seq)?, all.narrow(1, 1, seq)?, mask))
 }
 
-/// `f` once to warm up, then `repeats` times, each synchronised with the device.
-pub fn time(dev: &Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<Timing> {
-    f()?;
+/// `f` `warmup` times, then `repeats` times, each run synchronised with the device.
+pub fn time<E: From<candle_core::Error>>(
+    dev: &Device,
+    warmup: usize,
+    repeats: usize,
+    mut f: impl FnMut() -> std::result::Result<(), E>,
+) -> std::result::Result<Timing, E> {
+    for _ in 0..warmup {
+        f()?;
+    }
     dev.synchronize()?;
     let mut ms = Vec::with_capacity(repeats);
     for _ in 0..repeats.max(1) {
@@ -165,6 +172,11 @@ pub fn time(dev: &Device, repeats: usize, mut f: impl FnMut() -> Result<()>) -> 
         max_ms: ms[ms.len() - 1],
         repeats: ms.len(),
     })
+}
+
+/// [`time`] with one warm-up, for the suite's own closures.
+fn timed(dev: &Device, repeats: usize, f: impl FnMut() -> Result<()>) -> Result<Timing> {
+    time(dev, 1, repeats, f)
 }
 
 fn peak_mb(dev: &Device) -> Result<f64> {
@@ -216,9 +228,9 @@ fn run_figure(cfg: &SuiteConfig, preset: &str, precision: Precision, seq: usize,
     let mut opt = AdamW::new(params, mcfg.n_layers, OptimConfig::default())?;
     let (inp, tgt, mask) = batch(rows, seq, cfg.vocab, dev)?;
     let cast = net.in_precision(&vm, precision, dev)?;
-    let model_forward = time(dev, cfg.repeats, || Ok(cast.logits(&inp, false).map(|_| ())?))?;
+    let model_forward = timed(dev, cfg.repeats, || Ok(cast.logits(&inp, false).map(|_| ())?))?;
     mmrec_model::device::reset_peak_memory(dev)?;
-    let train_step = time(dev, cfg.repeats, || {
+    let train_step = timed(dev, cfg.repeats, || {
         let cast = net.in_precision(&vm, precision, dev)?;
         let (loss, grads) = loss_and_grads(&cast, &vm, &inp, &tgt, &mask, false)?;
         opt.update(&grads, &loss, 1e-4, 1.0, 1.0)?;
@@ -261,7 +273,7 @@ fn layer_times(
     let embed = Var::from_tensor(table)?;
     out.insert(
         "embedding".into(),
-        time(dev, cfg.repeats, || {
+        timed(dev, cfg.repeats, || {
             let x = mmrec_kernels::fused::embedding(embed.as_tensor(), inp)?;
             x.sum_all()?.backward()?;
             Ok(())
@@ -276,9 +288,9 @@ fn layer_times(
         let forward = || Ok(blk.forward(input.as_tensor(), s, true, Projection::Fused)?.0);
         out.insert(
             format!("block.{i} forward"),
-            time(dev, cfg.repeats, || forward().map(|_| ()))?,
+            timed(dev, cfg.repeats, || forward().map(|_| ()))?,
         );
-        let both = time(dev, cfg.repeats, || {
+        let both = timed(dev, cfg.repeats, || {
             (forward()? * &g)?.sum_all()?.backward()?;
             Ok(())
         })?;
@@ -288,7 +300,7 @@ fn layer_times(
     let top = Var::from_tensor(&x)?;
     out.insert(
         "head_and_loss".into(),
-        time(dev, cfg.repeats, || {
+        timed(dev, cfg.repeats, || {
             let y = candle_nn::Module::forward(&m.stack.norm, top.as_tensor())?;
             masked_cross_entropy(&tied_logits(&y, table)?, tgt, mask)?.backward()?;
             Ok(())
@@ -306,7 +318,7 @@ fn hem_figure(cfg: &SuiteConfig, preset: &str, precision: Precision, seq: usize,
         return Err(crate::train::Error::Config("HEM needs a single model".into()));
     };
     let step = |how| {
-        time(dev, cfg.repeats, || {
+        timed(dev, cfg.repeats, || {
             let (logits, _, aux) = m.forward_with(&inp, None, true, how)?;
             (masked_cross_entropy(&logits, &tgt, &mask)? + aux)?.backward()?;
             Ok(())
@@ -334,7 +346,7 @@ fn scaling(cfg: &SuiteConfig, preset: &str, precision: Precision, dev: &Device) 
         let measured = (|| {
             let (inp, tgt, mask) = batch(rows, seq, cfg.vocab, dev)?;
             mmrec_model::device::reset_peak_memory(dev)?;
-            let t = time(dev, cfg.repeats, || {
+            let t = timed(dev, cfg.repeats, || {
                 let cast = net.in_precision(&vm, precision, dev)?;
                 let (loss, grads) = loss_and_grads(&cast, &vm, &inp, &tgt, &mask, false)?;
                 opt.update(&grads, &loss, 1e-4, 1.0, 1.0)?;
