@@ -99,6 +99,8 @@ import json, sys
 run = sys.argv[1]
 stages = json.load(open(f"{run}/stages.json"))
 assert all(s["status"] == "ran" for s in stages), stages
+# each job records its own run time in its marker
+assert sum(s["seconds"] for s in stages) > 0, stages
 report = json.load(open(f"{run}/report.json"))
 for m in ["base", "control", "text", "code", "fused"]:
     assert report["models"][m]["all"]["loss"] > 0, m

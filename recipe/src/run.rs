@@ -115,7 +115,7 @@ impl Runner {
                     mmrec_schemas::atomic::write_atomic(&out.join(DONE), done.to_string().as_bytes())
                         .map_err(|e| Error::Config(e.to_string()))?;
                 } else {
-                    records.push(record(stage, key, status, started, &out));
+                    records.push(record(stage, key, status, started.elapsed().as_secs_f64(), &out));
                     report::write_stages(run, &records)?;
                     return Ok(Flow::Stopped(match exit {
                         Exit::Signal(signal) => Outcome::Interrupted { signal },
@@ -128,7 +128,7 @@ impl Runner {
                 }
                 status
             };
-            records.push(record(stage, key, status, started, &out));
+            records.push(record(stage, key, status, started.elapsed().as_secs_f64(), &out));
         }
         Ok(Flow::Finished(records))
     }
@@ -145,7 +145,6 @@ impl Runner {
         let work = &self.cfg.pipeline.work;
         let done = |s: &Stage| output_dir(work, &s.name, &keys[&s.name]).join(DONE).exists();
         let pending: Vec<bool> = plan.iter().map(|s| !done(s)).collect();
-        let started = Instant::now();
         let jobs = crate::slurm::submit(&self.cfg.slurm, plan, &pending, keys, work, &self.bin_dir, run)?;
         for j in &jobs {
             progress(&format!("{}: submitted as Slurm job {}", j.stage, j.job));
@@ -162,7 +161,14 @@ impl Runner {
                 (true, true) => "ran",
                 (true, false) => "failed",
             };
-            records.push(record(stage, key, status, started, &out));
+            // The job wrote its own run time into the marker.
+            let seconds = std::fs::read_to_string(out.join(DONE))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|m| m["seconds"].as_f64())
+                .filter(|_| *ran)
+                .unwrap_or(0.0);
+            records.push(record(stage, key, status, seconds, &out));
             if status == "failed" {
                 report::write_stages(run, &records)?;
                 let log = run.join("logs").join(format!("{}.log", stage.name));
@@ -261,12 +267,12 @@ enum Flow {
 /// The marker of a finished stage output.
 pub const DONE: &str = ".done";
 
-fn record(stage: &Stage, key: &str, status: &str, started: Instant, out: &Path) -> StageRecord {
+fn record(stage: &Stage, key: &str, status: &str, seconds: f64, out: &Path) -> StageRecord {
     StageRecord {
         stage: stage.name.clone(),
         key: key.to_string(),
         status: status.to_string(),
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
         output: out.to_path_buf(),
     }
 }

@@ -215,11 +215,12 @@ fn write_script(dir: &Path, name: &str, body: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// The marker, written only after the command succeeded (set -e), atomically.
+/// The marker, written only after the command succeeded (set -e), atomically, with the
+/// script's run time (bash's `$SECONDS`; the split's merge counts only the merge).
 fn done_line(dir: &Path, key: &str) -> String {
     let done = absolute(&dir.join(DONE));
     format!(
-        "printf '{{\"key\": \"{key}\", \"slurm_job\": \"%s\"}}\\n' \"$SLURM_JOB_ID\" > {tmp} && mv {tmp} {done}\n",
+        "printf '{{\"key\": \"{key}\", \"slurm_job\": \"%s\", \"seconds\": %s}}\\n' \"$SLURM_JOB_ID\" \"$SECONDS\" > {tmp} && mv {tmp} {done}\n",
         tmp = quote(&format!("{done}.tmp")),
         done = quote(&done)
     )
