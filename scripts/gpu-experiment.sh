@@ -6,7 +6,7 @@
 #   batch  issue 18: the micro-batch search, then fixed against noise-scale global batches
 #          (micro-batch 32 × 512, base accumulation 2, up to 16 batches; 10 M tokens).
 #   uboo   issue 14: the auxiliary next-state loss off and at 0.1 (model.uboo_weight),
-#          32 × 512 tokens a step, 50 M tokens.
+#          256 × 512 tokens a step (the throughput the micro-batch search found), 50 M tokens.
 # Both: `small` (PRESET), bf16, the code domain of SHARDS, a constant rate after warm-up.
 #
 # Usage: scripts/gpu-experiment.sh batch|uboo MMREC_TRAIN_XZ SHARDS RESULTS
@@ -41,7 +41,7 @@ case $experiment in
   uboo)
     BUDGET="${BUDGET:-50000000}"
     variants=(uboo-0 uboo-0.1)
-    settings() { echo --set "model.uboo_weight=${1#uboo-}" --set run.eval_every=50; } ;;
+    settings() { echo --set "model.uboo_weight=${1#uboo-}" --set data.batch_size=256 --set run.eval_every=20; } ;;
   *) echo "unknown experiment $experiment (batch or uboo)" >&2; exit 2 ;;
 esac
 runs=()
