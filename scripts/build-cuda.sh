@@ -5,7 +5,8 @@
 # Usage: scripts/build-cuda.sh [DEST]            (default .carry/cuda)
 # Uses nvcc from PATH when there is one, else installs CUDA 13.0 from PyPI wheels with
 # scripts/cuda-toolchain.sh. Writes DEST/bin/*.xz (stripped, xz-compressed): mmrec-train,
-# mmrec-data, mmrec-bench and the GPU test executables; scripts/gpu-check.sh unpacks and runs them.
+# mmrec-data, mmrec-transfer, mmrec-recipe, mmrec-bench and the GPU test executables;
+# scripts/gpu-check.sh, gpu-experiment.sh and gpu-recipe.sh unpack and run them.
 # The first build takes about 20 minutes on 2 cores (candle's own kernels); keep the
 # target directory (CARGO_TARGET_DIR, default ~/.cache/mmrec-target-cuda) between builds.
 set -euo pipefail
@@ -30,7 +31,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
         print(m["executable"])')
 rm -rf "$dest/bin" && mkdir -p "$dest/bin"
-for exe in "$CARGO_TARGET_DIR"/release/{mmrec-train,mmrec-data,mmrec-bench} $tests; do
+for exe in "$CARGO_TARGET_DIR"/release/{mmrec-train,mmrec-data,mmrec-transfer,mmrec-recipe,mmrec-bench} $tests; do
   name=$(basename "$exe" | sed 's/-[0-9a-f]\{16\}$//')
   strip -o "$dest/bin/$name" "$exe"
   # xz: half gzip's size (candle's embedded PTX compresses well); a carry is 64 MiB at most.

@@ -95,15 +95,35 @@ def package_meta(pkg_root):
             if m:
                 licences.append(m.group(1))
     if not licences:
+        licences = dist_info_licences(pkg_root)
+    if not licences:
         # Not a machine-readable copyright file: point at it.
         licences = [str(p.relative_to(pkg_root)) for p in pkg_root.glob("usr/share/doc/*/copyright")][:1]
     return ", ".join(licences) or "see the package"
+
+
+def dist_info_licences(pkg_root):
+    """A Python package's licence from the `*.dist-info/METADATA` beside it in site-packages
+    (the distribution whose RECORD lists files under the package's directory)."""
+    real = pkg_root.resolve()
+    for info in sorted(real.parent.glob("*.dist-info")):
+        record = info / "RECORD"
+        if not record.exists() or not any(l.startswith(real.name + "/") for l in record.read_text(errors="replace").splitlines()):
+            continue
+        meta = (info / "METADATA").read_text(errors="replace") if (info / "METADATA").exists() else ""
+        found = re.findall(r"^License-Expression:\s*(.+)$", meta, re.M) or re.findall(r"^Classifier: License :: (.+)$", meta, re.M)
+        short = [l.strip() for l in re.findall(r"^License:\s*(.+)$", meta, re.M) if len(l) < 80]
+        return found or short or [str(info.name) + "/METADATA"]
+    return []
 
 
 def documents(kind, pkg_root):
     files = sorted(p for p in pkg_root.rglob("*") if p.is_file())
     if kind == "code":
         for p in files:
+            # A standard library's own site-packages is a source of its own.
+            if {"site-packages", "dist-packages"} & set(p.relative_to(pkg_root).parts):
+                continue
             if p.suffix in CODE_SUFFIXES and 200 <= p.stat().st_size <= 100_000:
                 yield p, CODE_SUFFIXES[p.suffix], read(p)
         return

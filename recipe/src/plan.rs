@@ -134,8 +134,12 @@ fn model_stages(cfg: &PipelineConfig) -> Vec<Stage> {
         let args = vec![lit("finetune"), lit("--init"), init, lit("--set"), weights];
         out.push(training(&format!("finetune-{d}"), args, cfg, &cfg.finetune));
     }
-    // The fair comparison: the base continued on the mixture for the same extra tokens.
-    let args = vec![lit("finetune"), lit("--init"), model_file("pretrain")];
+    // The fair comparison: the base continued on its own mixture (the pretraining's
+    // `data.weights`, when it sets them) for the same extra tokens.
+    let mut args = vec![lit("finetune"), lit("--init"), model_file("pretrain")];
+    for mixture in cfg.pretrain.set.iter().filter(|s| s.starts_with("data.weights=")) {
+        args.extend([lit("--set"), lit(mixture.clone())]);
+    }
     out.push(training("control", args, cfg, &cfg.finetune));
     let mut fuse = vec![lit("fuse"), lit("--text"), model_file("finetune-text")];
     fuse.extend([
@@ -266,4 +270,53 @@ pub fn keys(stages: &[Stage], versions: &BTreeMap<String, String>) -> Result<BTr
 /// Where a stage's output for `key` lives.
 pub fn output_dir(work: &Path, stage: &str, key: &str) -> PathBuf {
     work.join(stage).join(&key[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(pretrain: &[&str]) -> PipelineConfig {
+        let mut cfg: PipelineConfig = toml::from_str(
+            r#"
+            [pipeline]
+            work = "w"
+            runs = "r"
+            [corpora]
+            text = ["t.jsonl"]
+            code = ["c.jsonl"]
+            [tokenizer]
+            vocab_size = 512
+            [model]
+            preset = "tiny"
+            "#,
+        )
+        .expect("the test config parses");
+        cfg.pretrain.set = pretrain.iter().map(|s| s.to_string()).collect();
+        cfg
+    }
+
+    fn literals(stage: &Stage) -> Vec<String> {
+        let lits = stage.args.iter().filter_map(|a| match a {
+            Arg::Lit(v) => Some(v.clone()),
+            _ => None,
+        });
+        lits.collect()
+    }
+
+    #[test]
+    fn the_control_continues_on_the_base_mixture() {
+        let cfg = config(&["run.steps=5", "data.weights=\"text=0.5,code=0.5\""]);
+        let all = stages(&cfg);
+        let control = all.iter().find(|s| s.name == "control").expect("a control stage");
+        let args = literals(control);
+        assert!(args.contains(&"data.weights=\"text=0.5,code=0.5\"".to_string()), "{args:?}");
+        assert!(!args.contains(&"run.steps=5".to_string()), "only the mixture is taken: {args:?}");
+        let text = all.iter().find(|s| s.name == "finetune-text").expect("a text expert");
+        assert!(!literals(text).iter().any(|a| a.contains("code=0.5")));
+        // Without weights in [pretrain] the control reads the trainer's default mixture.
+        let plain = stages(&config(&[]));
+        let control = plain.iter().find(|s| s.name == "control").expect("a control stage");
+        assert!(!literals(control).iter().any(|a| a.starts_with("data.weights")));
+    }
 }
