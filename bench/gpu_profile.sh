@@ -4,7 +4,8 @@
 # each under ncu, and reports the difference: the kernels of the second step alone.
 #
 # Usage: bench/gpu_profile.sh SHARDS RESULTS
-# Env: PRESET (medium), BATCH (32), SEQ (1024), PRECISION (bf16).
+# Env: PRESET (medium), BATCH (32), SEQ (1024), PRECISION (bf16), WEIGHTS (the domains
+# trained on, code=1).
 # Writes RESULTS/ncu-{1,2}.csv (ncu's raw per-kernel table) and RESULTS/profile.json
 # (per kernel name: time, launches, share of the step), summarised by gpu_profile.py.
 set -uo pipefail
@@ -21,7 +22,7 @@ for steps in 1 2; do
     mmrec-train pretrain --device cuda --precision "${PRECISION:-bf16}" --data "$shards" \
     --out "/tmp/mmrec-profile-$steps" --json --set "model.preset=\"${PRESET:-medium}\"" \
     --set "run.steps=$steps" --set "data.seq_len=${SEQ:-1024}" --set "data.batch_size=${BATCH:-32}" \
-    --set run.eval_every=0 --set run.ckpt_every=0 >/dev/null 2>"$results/ncu-$steps.log" || status=1
+    --set run.eval_every=0 --set "data.weights=\"${WEIGHTS:-code=1}\"" >/dev/null 2>"$results/ncu-$steps.log" || status=1
 done
 python3 bench/gpu_profile.py "$results/ncu-1.csv" "$results/ncu-2.csv" >"$results/profile.json" || status=1
 exit $status

@@ -97,6 +97,15 @@ pub struct SplitConfig {
 #[serde(deny_unknown_fields)]
 pub struct ModelConfig {
     pub preset: String,
+    /// Tensors (glob patterns) the experts and the control do not update. By default the
+    /// embedding, which is also the tied head: the fused model shares one embedding, and an
+    /// expert that moved its own would run inside the fused model on one it never saw.
+    #[serde(default = "shared_embedding")]
+    pub freeze: Vec<String>,
+}
+
+fn shared_embedding() -> Vec<String> {
+    vec!["embed.*".into()]
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

@@ -124,19 +124,18 @@ fn model_stages(cfg: &PipelineConfig) -> Vec<Stage> {
         &cfg.pretrain,
     )];
     for d in ["text", "code"] {
-        let to = [lit("--to"), lit("expert"), lit("--domain"), lit(d), lit("--sync")];
-        let mut args = vec![model_file("pretrain")];
-        args.extend(to);
-        args.extend([lit("--out"), Arg::Own("init.safetensors")]);
-        out.push(plain(&format!("transfer-{d}"), "mmrec-transfer", args));
+        out.push(transfer(&format!("transfer-{d}"), d, cfg));
         let init = Arg::Out(format!("transfer-{d}"), "init.safetensors");
         let weights = lit(format!("data.weights=\"{d}=1\""));
         let args = vec![lit("finetune"), lit("--init"), init, lit("--set"), weights];
         out.push(training(&format!("finetune-{d}"), args, cfg, &cfg.finetune));
     }
     // The fair comparison: the base continued on its own mixture (the pretraining's
-    // `data.weights`, when it sets them) for the same extra tokens.
-    let mut args = vec![lit("finetune"), lit("--init"), model_file("pretrain")];
+    // `data.weights`, when it sets them) for the same extra tokens, with the same tensors
+    // frozen as the experts.
+    out.push(transfer("transfer-control", "mixture", cfg));
+    let init = Arg::Out("transfer-control".into(), "init.safetensors");
+    let mut args = vec![lit("finetune"), lit("--init"), init];
     for mixture in cfg.pretrain.set.iter().filter(|s| s.starts_with("data.weights=")) {
         args.extend([lit("--set"), lit(mixture.clone())]);
     }
@@ -157,6 +156,17 @@ fn model_stages(cfg: &PipelineConfig) -> Vec<Stage> {
     ];
     out.push(training("fusion", args, cfg, &cfg.fusion));
     out
+}
+
+/// The base copied into the starting point of a continued run on `domain`, with the
+/// configured tensors frozen.
+fn transfer(name: &str, domain: &str, cfg: &PipelineConfig) -> Stage {
+    let mut args = vec![model_file("pretrain"), lit("--to"), lit("expert"), lit("--domain"), lit(domain)];
+    for pattern in &cfg.model.freeze {
+        args.extend([lit("--freeze"), lit(pattern.clone())]);
+    }
+    args.extend([lit("--sync"), lit("--out"), Arg::Own("init.safetensors")]);
+    plain(name, "mmrec-transfer", args)
 }
 
 /// One model of the base's size from both experts per configured merge.
@@ -314,6 +324,12 @@ mod tests {
         assert!(!args.contains(&"run.steps=5".to_string()), "only the mixture is taken: {args:?}");
         let text = all.iter().find(|s| s.name == "finetune-text").expect("a text expert");
         assert!(!literals(text).iter().any(|a| a.contains("code=0.5")));
+        // The experts and the control start from the base with the embedding frozen.
+        for name in ["transfer-text", "transfer-code", "transfer-control"] {
+            let t = all.iter().find(|s| s.name == name).expect("a transfer stage");
+            assert!(literals(t).windows(2).any(|w| w == ["--freeze", "embed.*"]), "{name}");
+        }
+        assert!(control.deps().any(|d| d == "transfer-control"));
         // Without weights in [pretrain] the control reads the trainer's default mixture.
         let plain = stages(&config(&[]));
         let control = plain.iter().find(|s| s.name == "control").expect("a control stage");
