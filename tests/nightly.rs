@@ -171,7 +171,15 @@ fn the_pipeline_resumes_after_a_signal_skips_what_did_not_change_and_reports() {
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     let fourth = runs(dir.path()).pop().unwrap();
     for (stage, status) in statuses(&fourth) {
-        let upstream = ["split", "pretrain", "transfer-text", "transfer-code", "transfer-control", "eval-base"].contains(&stage.as_str());
+        let upstream = [
+            "split",
+            "pretrain",
+            "transfer-text",
+            "transfer-code",
+            "transfer-control",
+            "eval-base",
+        ]
+        .contains(&stage.as_str());
         assert_eq!(status, if upstream { "skipped" } else { "ran" }, "{stage}");
     }
     assert_eq!(json(&fourth.join("report.json"))["gates"][0]["ok"], false);

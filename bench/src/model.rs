@@ -235,9 +235,9 @@ fn model_figure(preset: &str, vocab: usize, batch: usize, seq_len: usize, how: P
     let tokens = Tensor::rand(0f32, vocab as f32, (batch, seq_len + 1), &dev)?.to_dtype(DType::U32)?;
     let (inp, tgt) = (tokens.narrow(1, 0, seq_len)?, tokens.narrow(1, 1, seq_len)?);
     let mask = Tensor::ones((batch, seq_len), DType::F32, &dev)?;
-    let fwd = best(3, || model.forward_with(&inp, None, false, how).map(|_| ()))?;
+    let fwd = best(3, || model.forward_with(&inp, None, false, how, None).map(|_| ()))?;
     let step = best(3, || {
-        let (logits, _, aux) = model.forward_with(&inp, None, true, how)?;
+        let (logits, _, aux) = model.forward_with(&inp, None, true, how, None)?;
         (masked_cross_entropy(&logits, &tgt, &mask)? + aux)?
             .backward()
             .map(|_| ())

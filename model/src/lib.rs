@@ -7,6 +7,7 @@ pub mod device;
 pub mod host;
 pub mod io;
 pub mod model;
+pub mod stream;
 
 pub use config::{preset, PRESETS};
 pub use model::{initialise, masked_cross_entropy, FusedModel, MMRecModel, Projection};

@@ -19,6 +19,8 @@ use candle_nn::{Embedding, Init, Linear, VarBuilder};
 use mmrec_schemas::rng::{splitmix, SplitMix};
 use mmrec_schemas::{FusionMethod, ModelConfig};
 
+use crate::stream::DocBounds;
+
 /// `RMSNorm(x) = w ⊙ x / sqrt(mean(x²) + 1e-6)`.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
@@ -304,13 +306,15 @@ impl MMRecBlock {
     }
 
     /// y = Block(x) for x [B, T, D]; returns the output, the state after the segment, and
-    /// the UBÖO loss of this block (zero when disabled).
+    /// the UBÖO loss of this block (zero when disabled). With `docs`, the rows are streams
+    /// of documents: the state resets where one begins.
     pub fn forward(
         &self,
         x: &Tensor,
         state: &BlockState,
         train: bool,
         how: Projection,
+        docs: Option<&DocBounds>,
     ) -> Result<(Tensor, BlockState, Tensor)> {
         let (b, t, d) = x.dims3()?;
         let xn = self.norm1.forward(x)?;
@@ -323,11 +327,16 @@ impl MMRecBlock {
             qkzg.narrow(2, d, d)?.contiguous()?,
             qkzg.narrow(2, 2 * d, d)?.contiguous()?,
         );
-        let gamma_u = self.mdi.forward(&z, &k, &qkzg)?;
+        let mut gamma_u = self.mdi.forward(&z, &k, &qkzg)?;
+        if let Some(docs) = docs {
+            // γ = 0 where a document begins: h_t = u_t, nothing of the one before.
+            let gamma = gamma_u.get(0)?.broadcast_mul(&docs.keep.to_dtype(gamma_u.dtype())?)?;
+            gamma_u = Tensor::stack(&[gamma, gamma_u.get(1)?], 0)?;
+        }
         // The scan runs in f32 (DESIGN §6); its output goes back to the activations' dtype.
         let (h, h_last) = mmrec_kernels::scan_stacked(&gamma_u, &state.h)?;
         let h = h.to_dtype(x.dtype())?;
-        let (c, levels) = self.memory.forward(&q, &h, state)?;
+        let (c, levels) = self.memory.forward(&q, &h, state, docs)?;
         let p = self.cfg.dropout;
         let r = (x + dropout(&self.out_proj.forward(&(&h + c)?)?, p, train, (self.key, 0))?)?;
         let y = (&r + self.ffn.forward(&self.norm2.forward(&r)?, p, train, self.key)?)?;
@@ -374,7 +383,13 @@ impl Memory {
     /// summaries of chunks that ended before its own chunk started (at most
     /// `memory_window` of them), so it never sees its own chunk or the future. `q` comes
     /// split into heads, [B, T, H, D/H].
-    fn forward(&self, q: &Tensor, h: &Tensor, state: &BlockState) -> Result<(Tensor, Vec<LevelState>)> {
+    fn forward(
+        &self,
+        q: &Tensor,
+        h: &Tensor,
+        state: &BlockState,
+        docs: Option<&DocBounds>,
+    ) -> Result<(Tensor, Vec<LevelState>)> {
         let (b, t, d) = h.dims3()?;
         let n_heads = self.cfg.n_heads;
         let dh = d / n_heads;
@@ -388,6 +403,8 @@ impl Memory {
         // Visibility mask [T, E]: slots first, then each level's summaries in chunk order.
         let mut visible: Vec<Vec<bool>> = vec![vec![true; self.cfg.n_slots]; t];
         let mut new_levels = Vec::with_capacity(self.cfg.chunk_sizes.len());
+        // Where each entry's chunk began (slots: always visible), against document starts.
+        let mut chunk_start = vec![f32::MAX; self.cfg.n_slots];
         // Sum of h over absolute positions [from, to) that lie in this segment.
         let seg_sum = |from: usize, to: usize| h.narrow(1, from - p0, to - from)?.sum(1);
         for (lvl, &cs) in self.cfg.chunk_sizes.iter().enumerate() {
@@ -417,6 +434,7 @@ impl Memory {
                 let own = (p0 + ti) / cs;
                 row.extend((old.first..old.first + n_all).map(|idx| idx < own && idx + window >= own));
             }
+            chunk_start.extend((old.first..old.first + n_all).map(|idx| (idx * cs) as f32));
             entries.push(all.clone());
             // Keep the newest `window` summaries and the unfinished chunk's running sum
             // (`start` is now the first position of the unfinished chunk).
@@ -442,12 +460,26 @@ impl Memory {
         let (k, v) = (heads(&kv.narrow(2, 0, d)?, n_e)?, heads(&kv.narrow(2, d, d)?, n_e)?);
         let qh = q.transpose(1, 2)?.contiguous()?;
         let mask = visibility_mask(visible.into_iter().flatten().collect(), (t, n_e), h.dtype(), h.device())?;
-        let scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
+        let mut scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
+        if let Some(docs) = docs {
+            scores = scores.broadcast_add(&document_mask(&chunk_start, docs, h.dtype())?)?;
+        }
         // One fused pass each way, statistics in f32 whatever the dtype (DESIGN §6).
         let attn = mmrec_kernels::fused::softmax_last_dim(&scores)?;
         let ctx = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((self.out.forward(&ctx)?, new_levels))
     }
+}
+
+/// [B, 1, T, E]: −∞ where an entry's chunk began before the position's document, else 0.
+fn document_mask(chunk_start: &[f32], docs: &DocBounds, dtype: DType) -> Result<Tensor> {
+    let dev = docs.starts.device();
+    let began = Tensor::from_slice(chunk_start, (1, 1, 1, chunk_start.len()), dev)?;
+    let before = began.broadcast_lt(&docs.starts)?;
+    let shape = before.shape().clone();
+    let hidden = Tensor::full(f32::NEG_INFINITY, (), dev)?.broadcast_as(&shape)?;
+    let seen = Tensor::zeros((), DType::F32, dev)?.broadcast_as(&shape)?;
+    before.where_cond(&hidden, &seen)?.to_dtype(dtype)
 }
 
 /// The additive attention mask (0 visible, −∞ hidden) for a visibility pattern, cached per
@@ -538,12 +570,13 @@ impl BlockStack {
         state: &[BlockState],
         train: bool,
         how: Projection,
+        docs: Option<&DocBounds>,
     ) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
         let mut x = x.clone();
         let mut states = Vec::with_capacity(self.blocks.len());
         let mut aux = Tensor::zeros((), x.dtype(), x.device())?;
         for (blk, s) in self.blocks.iter().zip(state) {
-            let (y, s2, a) = blk.forward(&x, s, train, how)?;
+            let (y, s2, a) = blk.forward(&x, s, train, how, docs)?;
             x = y;
             aux = (aux + a)?;
             states.push(s2);
@@ -582,15 +615,18 @@ impl MMRecModel {
         state: Option<&[BlockState]>,
         train: bool,
     ) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
-        self.forward_with(tokens, state, train, Projection::Fused)
+        self.forward_with(tokens, state, train, Projection::Fused, None)
     }
 
+    /// [`MMRecModel::forward`] with the projection path chosen and, for streams of
+    /// documents, where documents begin.
     pub fn forward_with(
         &self,
         tokens: &Tensor,
         state: Option<&[BlockState]>,
         train: bool,
         how: Projection,
+        docs: Option<&DocBounds>,
     ) -> Result<(Tensor, Vec<BlockState>, Tensor)> {
         let b = tokens.dim(0)?;
         let fresh;
@@ -602,7 +638,7 @@ impl MMRecModel {
             }
         };
         let x = mmrec_kernels::fused::embedding(self.embed.embeddings(), tokens)?;
-        let (y, states, aux) = self.stack.forward(&x, state, train, how)?;
+        let (y, states, aux) = self.stack.forward(&x, state, train, how, docs)?;
         Ok((
             tied_logits(&y, self.embed.embeddings())?,
             states,
@@ -718,8 +754,8 @@ impl FusedModel {
                 (&fresh.0, &fresh.1)
             }
         };
-        let (yt, st, _) = self.text.forward(&x, st, train, Projection::Fused)?;
-        let (yc, sc, _) = self.code.forward(&x, sc, train, Projection::Fused)?;
+        let (yt, st, _) = self.text.forward(&x, st, train, Projection::Fused, None)?;
+        let (yc, sc, _) = self.code.forward(&x, sc, train, Projection::Fused, None)?;
         let (yt, yc) = if self.experts_frozen {
             (yt.detach(), yc.detach())
         } else {

@@ -5,6 +5,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use mmrec_model::io::{load_fused, load_model, save, varmap_tensors};
 use mmrec_model::model::recorded_tensor_names;
+use mmrec_model::stream::DocBounds;
 use mmrec_model::{initialise, masked_cross_entropy, preset, FusedModel, MMRecModel, Projection, PRESETS};
 use mmrec_schemas::model_file::tensor_names;
 use mmrec_schemas::safetensors::read_meta;
@@ -69,8 +70,11 @@ fn unfused_projection_gives_the_same_logits_as_the_fused_one() {
     let cfg = preset("tiny", 300).unwrap();
     let (_, model) = build(&cfg, DType::F32);
     let t = Tensor::from_vec(tokens(2, 300, 300, 1), (2, 300), &Device::Cpu).unwrap();
-    let fused = model.forward_with(&t, None, false, Projection::Fused).unwrap().0;
-    let unfused = model.forward_with(&t, None, false, Projection::Unfused).unwrap().0;
+    let fused = model.forward_with(&t, None, false, Projection::Fused, None).unwrap().0;
+    let unfused = model
+        .forward_with(&t, None, false, Projection::Unfused, None)
+        .unwrap()
+        .0;
     let scale = fused
         .abs()
         .unwrap()
@@ -363,4 +367,93 @@ fn the_model_asks_for_exactly_the_tensors_the_file_contract_lists() {
             }
         }
     }
+}
+
+/// Tokens 1.. of `vocab` (0 is the separator in the stream tests).
+fn doc(len: usize, seed: u32, vocab: usize) -> Vec<u32> {
+    tokens(1, len, vocab - 1, seed).into_iter().map(|t| t + 1).collect()
+}
+
+fn bounds_logits(model: &MMRecModel, toks: &[u32], b: usize, docs: Option<&DocBounds>) -> Tensor {
+    let t = Tensor::from_slice(toks, (b, toks.len() / b), &Device::Cpu).unwrap();
+    model.forward_with(&t, None, false, Projection::Fused, docs).unwrap().0
+}
+
+#[test]
+fn a_document_start_forgets_what_came_before() {
+    let cfg = small_cfg(50, 16);
+    let (_, model) = build(&cfg, DType::F64);
+    // Row 0: a 32-token document, then <|endoftext|> at position 32 (a multiple of both
+    // chunk sizes) and a second one; row 1: one document throughout.
+    let second: Vec<u32> = std::iter::once(0).chain(doc(40, 2, 50)).collect();
+    let row0: Vec<u32> = doc(32, 1, 50).into_iter().chain(second.iter().copied()).collect();
+    let row1 = doc(73, 3, 50);
+    let toks: Vec<u32> = row0.iter().chain(&row1).copied().collect();
+    let docs = DocBounds::new(&toks, 73, 0, 0, &mut [0, 0], &Device::Cpu).unwrap();
+    let streamed = bounds_logits(&model, &toks, 2, Some(&docs));
+    let alone = bounds_logits(&model, &second, 1, None);
+    let diff = max_abs_diff(&streamed.i((0..1, 32..)).unwrap(), &alone);
+    assert!(
+        diff < 1e-10,
+        "the second document differs from itself alone by {diff:e}"
+    );
+    // A row with no separator is untouched by the bounds.
+    let plain = bounds_logits(&model, &toks, 2, None);
+    assert!(max_abs_diff(&streamed.i(1).unwrap(), &plain.i(1).unwrap()) < 1e-12);
+    // Without the bounds the first document leaks into the second (the test can fail).
+    assert!(max_abs_diff(&plain.i((0..1, 32..)).unwrap(), &alone) > 1e-3);
+}
+
+#[test]
+fn streams_of_documents_cut_anywhere_match_one_pass() {
+    let cfg = small_cfg(50, 16);
+    let (_, model) = build(&cfg, DType::F64);
+    let (b, t) = (2, 120);
+    let mut toks = tokens(b, t, 50, 9);
+    for &at in &[7, 41, 42, 90, 120 + 3, 120 + 64] {
+        toks[at] = 0;
+    }
+    let all = Tensor::from_slice(&toks, (b, t), &Device::Cpu).unwrap();
+    let whole_docs = DocBounds::new(&toks, t, 0, 0, &mut [0, 0], &Device::Cpu).unwrap();
+    let whole = model
+        .forward_with(&all, None, false, Projection::Fused, Some(&whole_docs))
+        .unwrap()
+        .0;
+    for cuts in [vec![41], vec![16, 42, 43, 100]] {
+        let (mut state, mut starts, mut parts, mut from) = (None, vec![0, 0], Vec::new(), 0);
+        for &to in cuts.iter().chain(std::iter::once(&t)) {
+            let part: Vec<u32> = (0..b).flat_map(|r| toks[r * t + from..r * t + to].to_vec()).collect();
+            let docs = DocBounds::new(&part, to - from, from, 0, &mut starts, &Device::Cpu).unwrap();
+            let input = Tensor::from_slice(&part, (b, to - from), &Device::Cpu).unwrap();
+            let (l, s, _) = model
+                .forward_with(&input, state.as_deref(), false, Projection::Fused, Some(&docs))
+                .unwrap();
+            parts.push(l);
+            state = Some(mmrec_model::stream::detach(&s).unwrap());
+            from = to;
+        }
+        let diff = max_abs_diff(&whole, &Tensor::cat(&parts, 1).unwrap());
+        assert!(diff < 1e-10, "cuts {cuts:?}: max difference {diff:e}");
+    }
+}
+
+#[test]
+fn carried_states_survive_a_round_trip_through_tensors_and_rows() {
+    let cfg = small_cfg(50, 16);
+    let (_, model) = build(&cfg, DType::F32);
+    let all = Tensor::from_vec(tokens(3, 37, 50, 4), (3, 37), &Device::Cpu).unwrap();
+    let (_, states, _) = model.forward(&all, None, false).unwrap();
+    let (named, positions) = mmrec_model::stream::to_tensors(&states).unwrap();
+    let map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
+    let fresh = model.initial_state(3, &Device::Cpu).unwrap();
+    let back = mmrec_model::stream::from_tensors(&fresh, &|n| Ok(map[n].clone()), &positions).unwrap();
+    let split = [
+        mmrec_model::stream::rows(&back, 0, 1).unwrap(),
+        mmrec_model::stream::rows(&back, 1, 2).unwrap(),
+    ];
+    let joined = mmrec_model::stream::join_rows(&split).unwrap();
+    let next = Tensor::from_vec(tokens(3, 11, 50, 5), (3, 11), &Device::Cpu).unwrap();
+    let a = model.forward(&next, Some(&states), false).unwrap().0;
+    let b = model.forward(&next, Some(&joined), false).unwrap().0;
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
 }

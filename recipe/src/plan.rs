@@ -161,7 +161,13 @@ fn model_stages(cfg: &PipelineConfig) -> Vec<Stage> {
 /// The base copied into the starting point of a continued run on `domain`, with the
 /// configured tensors frozen.
 fn transfer(name: &str, domain: &str, cfg: &PipelineConfig) -> Stage {
-    let mut args = vec![model_file("pretrain"), lit("--to"), lit("expert"), lit("--domain"), lit(domain)];
+    let mut args = vec![
+        model_file("pretrain"),
+        lit("--to"),
+        lit("expert"),
+        lit("--domain"),
+        lit(domain),
+    ];
     for pattern in &cfg.model.freeze {
         args.extend([lit("--freeze"), lit(pattern.clone())]);
     }
@@ -320,8 +326,14 @@ mod tests {
         let all = stages(&cfg);
         let control = all.iter().find(|s| s.name == "control").expect("a control stage");
         let args = literals(control);
-        assert!(args.contains(&"data.weights=\"text=0.5,code=0.5\"".to_string()), "{args:?}");
-        assert!(!args.contains(&"run.steps=5".to_string()), "only the mixture is taken: {args:?}");
+        assert!(
+            args.contains(&"data.weights=\"text=0.5,code=0.5\"".to_string()),
+            "{args:?}"
+        );
+        assert!(
+            !args.contains(&"run.steps=5".to_string()),
+            "only the mixture is taken: {args:?}"
+        );
         let text = all.iter().find(|s| s.name == "finetune-text").expect("a text expert");
         assert!(!literals(text).iter().any(|a| a.contains("code=0.5")));
         // The experts and the control start from the base with the embedding frozen.

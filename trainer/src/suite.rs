@@ -285,7 +285,7 @@ fn layer_times(
     let mut x = x0;
     for (i, (blk, s)) in m.stack.blocks.iter().zip(&states).enumerate() {
         let input = Var::from_tensor(&x)?;
-        let forward = || Ok(blk.forward(input.as_tensor(), s, true, Projection::Fused)?.0);
+        let forward = || Ok(blk.forward(input.as_tensor(), s, true, Projection::Fused, None)?.0);
         out.insert(
             format!("block.{i} forward"),
             timed(dev, cfg.repeats, || forward().map(|_| ()))?,
@@ -319,7 +319,7 @@ fn hem_figure(cfg: &SuiteConfig, preset: &str, precision: Precision, seq: usize,
     };
     let step = |how| {
         timed(dev, cfg.repeats, || {
-            let (logits, _, aux) = m.forward_with(&inp, None, true, how)?;
+            let (logits, _, aux) = m.forward_with(&inp, None, true, how, None)?;
             (masked_cross_entropy(&logits, &tgt, &mask)? + aux)?.backward()?;
             Ok(())
         })

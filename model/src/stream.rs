@@ -1,0 +1,166 @@
+//! Training in segments (truncated BPTT, DESIGN §1): each batch row is a stream of
+//! documents that continues from one segment to the next, with the recurrent state carried
+//! forward detached. Inside a segment, the `<|endoftext|>` separator starts a document:
+//! at that position the scan forgets its state and the memory hides every chunk summary
+//! that began before it.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::model::{BlockState, LevelState};
+
+/// Where documents begin in a batch of streams.
+#[derive(Clone, Debug)]
+pub struct DocBounds {
+    /// [B, T, 1], f32: 0 where the state resets (an `<|endoftext|>` input), 1 elsewhere.
+    pub keep: Tensor,
+    /// [B, 1, T, 1], f32: the absolute position at which each position's document began.
+    pub starts: Tensor,
+}
+
+impl DocBounds {
+    /// The bounds of inputs `tokens` ([B × T], row-major) that begin at absolute position
+    /// `p0`; `starts` holds each row's current document start (absolute) and is advanced.
+    pub fn new(tokens: &[u32], t: usize, p0: usize, eot: u32, starts: &mut [usize], dev: &Device) -> Result<Self> {
+        let b = starts.len();
+        if tokens.len() != b * t {
+            candle_core::bail!("document bounds: {} tokens for {b} rows of {t}", tokens.len());
+        }
+        let mut keep = Vec::with_capacity(b * t);
+        let mut at = Vec::with_capacity(b * t);
+        for (row, start) in tokens.chunks(t).zip(starts.iter_mut()) {
+            for (i, &tok) in row.iter().enumerate() {
+                if tok == eot {
+                    *start = p0 + i;
+                }
+                keep.push(if tok == eot { 0f32 } else { 1.0 });
+                at.push(*start as f32);
+            }
+        }
+        Ok(DocBounds {
+            keep: Tensor::from_vec(keep, (b, t, 1), dev)?,
+            starts: Tensor::from_vec(at, (b, 1, t, 1), dev)?,
+        })
+    }
+
+    /// Rows `r0..r0 + n` (a micro-batch).
+    pub fn rows(&self, r0: usize, n: usize) -> Result<Self> {
+        Ok(DocBounds {
+            keep: self.keep.narrow(0, r0, n)?,
+            starts: self.starts.narrow(0, r0, n)?,
+        })
+    }
+}
+
+/// Each tensor of a state with `f` applied (detach, narrow to rows, move).
+fn map_state(s: &BlockState, f: &dyn Fn(&Tensor) -> Result<Tensor>) -> Result<BlockState> {
+    Ok(BlockState {
+        pos: s.pos,
+        h: f(&s.h)?,
+        levels: s
+            .levels
+            .iter()
+            .map(|l| {
+                Ok(LevelState {
+                    first: l.first,
+                    summaries: f(&l.summaries)?,
+                    partial: f(&l.partial)?,
+                })
+            })
+            .collect::<Result<_>>()?,
+    })
+}
+
+/// The states cut from the graph that made them: the next segment starts from their values.
+pub fn detach(states: &[BlockState]) -> Result<Vec<BlockState>> {
+    states.iter().map(|s| map_state(s, &|t| Ok(t.detach()))).collect()
+}
+
+/// Rows `r0..r0 + n` of every state (a micro-batch's share).
+pub fn rows(states: &[BlockState], r0: usize, n: usize) -> Result<Vec<BlockState>> {
+    states.iter().map(|s| map_state(s, &|t| t.narrow(0, r0, n))).collect()
+}
+
+/// Micro-batches' states joined back along the rows.
+pub fn join_rows(parts: &[Vec<BlockState>]) -> Result<Vec<BlockState>> {
+    let first = parts
+        .first()
+        .ok_or_else(|| candle_core::Error::Msg("no states to join".into()))?;
+    let cat = |pick: &dyn Fn(&BlockState) -> Tensor, layer: usize| {
+        Tensor::cat(&parts.iter().map(|p| pick(&p[layer])).collect::<Vec<_>>(), 0)
+    };
+    (0..first.len())
+        .map(|i| {
+            Ok(BlockState {
+                pos: first[i].pos,
+                h: cat(&|s| s.h.clone(), i)?,
+                levels: (0..first[i].levels.len())
+                    .map(|lvl| {
+                        Ok(LevelState {
+                            first: first[i].levels[lvl].first,
+                            summaries: cat(&|s| s.levels[lvl].summaries.clone(), i)?,
+                            partial: cat(&|s| s.levels[lvl].partial.clone(), i)?,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            })
+        })
+        .collect()
+}
+
+/// The states as named f32 tensors and their positions (`pos`, each level's `first`), for
+/// a checkpoint.
+pub fn to_tensors(states: &[BlockState]) -> Result<(Vec<(String, Tensor)>, Vec<usize>)> {
+    let mut tensors = Vec::new();
+    let mut positions = Vec::new();
+    for (i, s) in states.iter().enumerate() {
+        tensors.push((format!("blocks.{i}.h"), s.h.to_dtype(DType::F32)?));
+        positions.push(s.pos);
+        for (l, lv) in s.levels.iter().enumerate() {
+            tensors.push((
+                format!("blocks.{i}.levels.{l}.summaries"),
+                lv.summaries.to_dtype(DType::F32)?,
+            ));
+            tensors.push((
+                format!("blocks.{i}.levels.{l}.partial"),
+                lv.partial.to_dtype(DType::F32)?,
+            ));
+            positions.push(lv.first);
+        }
+    }
+    Ok((tensors, positions))
+}
+
+/// States back from [`to_tensors`]' output, in `like`'s dtypes (a fresh state of the model).
+pub fn from_tensors(
+    like: &[BlockState],
+    get: &dyn Fn(&str) -> Result<Tensor>,
+    positions: &[usize],
+) -> Result<Vec<BlockState>> {
+    let mut next = positions.iter().copied();
+    let mut pos = || {
+        next.next()
+            .ok_or_else(|| candle_core::Error::Msg("carried state: too few positions".into()))
+    };
+    like.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            Ok(BlockState {
+                pos: pos()?,
+                h: get(&format!("blocks.{i}.h"))?.to_dtype(s.h.dtype())?,
+                levels: s
+                    .levels
+                    .iter()
+                    .enumerate()
+                    .map(|(l, lv)| {
+                        Ok(LevelState {
+                            first: pos()?,
+                            summaries: get(&format!("blocks.{i}.levels.{l}.summaries"))?
+                                .to_dtype(lv.summaries.dtype())?,
+                            partial: get(&format!("blocks.{i}.levels.{l}.partial"))?.to_dtype(lv.partial.dtype())?,
+                        })
+                    })
+                    .collect::<Result<_>>()?,
+            })
+        })
+        .collect()
+}
