@@ -31,11 +31,11 @@ freeze = $freeze
 device = "cpu"
 set = ["data.seq_len=128", "data.batch_size=16", "run.eval_every=250", "run.eval_batches=8", "run.ckpt_every=250"]
 [pretrain]
-set = ["run.steps=1500", "data.weights=\"text=0.5,code=0.5\"", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=50"]
+set = ["run.steps=600", "data.weights=\"text=0.5,code=0.5\"", "optim.lr=3e-3", "optim.min_lr=3e-4", "optim.warmup_steps=50"]
 [finetune]
-set = ["run.steps=500", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=20"]
+set = ["run.steps=250", "optim.lr=1e-3", "optim.min_lr=1e-4", "optim.warmup_steps=20"]
 [fusion]
-set = ["run.steps=150", "data.weights=\"text=0.5,code=0.5\"", "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=10"]
+set = ["run.steps=100", "data.weights=\"text=0.5,code=0.5\"", "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=10"]
 [eval]
 seq_len = 128
 batch_size = 16

@@ -24,7 +24,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use mmrec_schemas::{columns, Domain};
 use serde::{Deserialize, Serialize};
 
-pub use mmrec_schemas::checkpoint::{Cursor, StreamCursor};
+pub use mmrec_schemas::checkpoint::{Cursor, Lane, StreamCursor};
 use mmrec_schemas::rng::splitmix;
 use mmrec_schemas::shard::ShardReader;
 use mmrec_schemas::special::{EOT, PAD};
@@ -69,6 +69,10 @@ pub struct LoaderConfig {
     pub boundary_mask: bool,
     /// sha256 of the tokenizer the model was built for; a mismatch is an error.
     pub tokenizer_sha256: Option<String>,
+    /// Segment training: each row continues its own stream of documents from one batch to
+    /// the next (a row's first token is the same row's last of the batch before), with
+    /// domains chosen per document so that tokens follow the weights.
+    pub streams: bool,
 }
 
 impl Default for LoaderConfig {
@@ -87,6 +91,7 @@ impl Default for LoaderConfig {
             split: Split::Train,
             boundary_mask: false,
             tokenizer_sha256: None,
+            streams: false,
         }
     }
 }
@@ -404,6 +409,8 @@ struct Assembler {
     batches: u64,
     /// Validation: domains not yet finished, in order.
     validation_order: VecDeque<Domain>,
+    /// Segment training: one stream per batch row.
+    lanes: Vec<Lane>,
 }
 
 impl Assembler {
@@ -451,6 +458,25 @@ impl Assembler {
             .map(|c| c.tokens.clone())
             .unwrap_or_else(|| streams.keys().map(|d| (*d, 0)).collect());
         let batches = cursor.as_ref().map_or(0, |c| c.batches);
+        let lanes = match (cfg.streams, cursor.as_ref().map(|c| &c.lanes)) {
+            (false, _) => Vec::new(),
+            (true, Some(lanes)) if batches > 0 => {
+                if lanes.len() != cfg.batch_size {
+                    return Err(Error::Invalid(format!(
+                        "the cursor continues {} row streams; this loader has {} rows (segment training keeps its batch size)",
+                        lanes.len(),
+                        cfg.batch_size
+                    )));
+                }
+                lanes.clone()
+            }
+            (true, _) => vec![Lane::default(); cfg.batch_size],
+        };
+        if cfg.streams && cfg.split != Split::Train {
+            return Err(Error::Invalid(
+                "row streams are for training; validation reads documents whole".into(),
+            ));
+        }
         let validation_order = streams
             .iter()
             .filter(|(_, s)| !s.cur.exhausted)
@@ -468,17 +494,20 @@ impl Assembler {
             tokens,
             batches,
             validation_order,
+            lanes,
         };
         // Restore the row groups the cursor's buffered references point into.
         let domains: Vec<Domain> = asm.streams.keys().copied().collect();
         for d in domains {
             let s = &asm.streams[&d];
+            let in_lanes = asm.lanes.iter().filter_map(|l| l.current).filter(|c| c.0 == d);
             let mut needed: Vec<u32> = s
                 .cur
                 .buffer
                 .iter()
                 .map(|(g, _)| *g)
                 .chain(s.cur.current.map(|(g, _, _)| g))
+                .chain(in_lanes.map(|c| c.1))
                 .collect();
             needed.sort_unstable();
             needed.dedup();
@@ -517,6 +546,9 @@ impl Assembler {
     }
 
     fn next_batch(&mut self) -> Result<Option<Batch>> {
+        if self.cfg.streams {
+            return self.next_stream_batch();
+        }
         let (b, row_len) = (self.cfg.batch_size, self.cfg.seq_len + 1);
         let mut tokens = vec![self.plan.pad; b * row_len];
         let mut mask = vec![0u8; b * row_len];
@@ -557,12 +589,85 @@ impl Assembler {
         }))
     }
 
+    /// Segment training: every row continues its own stream of documents.
+    fn next_stream_batch(&mut self) -> Result<Option<Batch>> {
+        let (b, row_len) = (self.cfg.batch_size, self.cfg.seq_len + 1);
+        let mut tokens = vec![self.plan.pad; b * row_len];
+        let mut mask = vec![0u8; b * row_len];
+        let mut domains = Vec::with_capacity(b);
+        for r in 0..b {
+            let row = r * row_len..(r + 1) * row_len;
+            domains.push(self.fill_lane(r, &mut tokens[row.clone()], &mut mask[row])?);
+        }
+        self.batches += 1;
+        Ok(Some(Batch {
+            tokens,
+            mask,
+            domains,
+            cursor: self.cursor(),
+        }))
+    }
+
+    /// Row `r` of a stream batch: the row's last token of the batch before, then its
+    /// documents from where it stopped; the domain it starts in.
+    fn fill_lane(&mut self, r: usize, row: &mut [u32], mask: &mut [u8]) -> Result<Domain> {
+        let mut at = 0;
+        if let Some(last) = self.lanes[r].last {
+            (row[0], mask[0], at) = (last, 1, 1);
+        }
+        let mut first = None;
+        while at < row.len() {
+            let (d, doc) = match self.lanes[r].current {
+                Some((d, g, i, used)) => (d, (g, i, used)),
+                None => {
+                    let d = self.domain_below_its_share();
+                    let doc = self
+                        .current_doc(d)?
+                        .ok_or_else(|| Error::Invalid(format!("domain {d} has no documents in the training split")))?;
+                    // The document is the lane's now, not the domain's.
+                    self.streams.get_mut(&d).expect("stream").cur.current = None;
+                    (d, doc)
+                }
+            };
+            first.get_or_insert(d);
+            let (taken, rest) = self.copy_doc(d, doc, &mut row[at..], &mut mask[at..]);
+            at += taken;
+            *self.tokens.get_mut(&d).expect("domain has a counter") += taken as u64;
+            self.lanes[r].current = rest.map(|(g, i, used)| (d, g, i, used));
+            if rest.is_none() {
+                self.release(d, doc.0);
+            }
+        }
+        self.lanes[r].last = row.last().copied();
+        Ok(first.expect("a row of at least one token"))
+    }
+
+    /// The domain furthest below its weight's share of the tokens assigned so far (delivered,
+    /// plus the rest of the documents rows are reading): streams choose a domain per
+    /// document, so tokens, not rows, follow the weights.
+    fn domain_below_its_share(&self) -> Domain {
+        let mut assigned: BTreeMap<Domain, f64> = self.tokens.iter().map(|(d, t)| (*d, *t as f64)).collect();
+        for (d, g, r, used) in self.lanes.iter().filter_map(|l| l.current) {
+            let (a, b) = self.cache[&(d, g)].rows[r as usize].expect("lanes read rows of the split");
+            *assigned.entry(d).or_default() += (b - a + 1) as f64 - used as f64;
+        }
+        let total_w: f64 = self.streams.keys().map(|d| self.cfg.weights[d]).sum();
+        let total_t = assigned.values().sum::<f64>() + 1.0;
+        let deficit = |d: &Domain| self.cfg.weights[d] / total_w * total_t - assigned.get(d).copied().unwrap_or(0.0);
+        *self
+            .streams
+            .keys()
+            .max_by(|a, b| deficit(a).partial_cmp(&deficit(b)).expect("finite").then(b.cmp(a)))
+            .expect("at least one domain")
+    }
+
     fn cursor(&self) -> Cursor {
         Cursor {
             batches: self.batches,
             credits: self.credits.clone(),
             streams: self.streams.iter().map(|(d, s)| (*d, s.cur.clone())).collect(),
             tokens: self.tokens.clone(),
+            lanes: self.lanes.clone(),
         }
     }
 
@@ -589,33 +694,44 @@ impl Assembler {
     fn fill_row(&mut self, d: Domain, row: &mut [u32], mask: &mut [u8]) -> Result<usize> {
         let mut at = 0;
         while at < row.len() {
-            let Some((g, r, used)) = self.current_doc(d)? else {
+            let Some(doc) = self.current_doc(d)? else {
                 break;
             };
-            let doc = self.cache[&(d, g)].clone();
-            let (a, b) = doc.rows[r as usize].expect("buffered rows are in the split");
-            // The document, then <|endoftext|>.
-            let len = b - a + 1;
-            let take = (len - used as usize).min(row.len() - at);
-            for k in 0..take {
-                let pos = used as usize + k;
-                row[at + k] = if pos < b - a {
-                    doc.tokens[a + pos]
-                } else {
-                    self.plan.eot
-                };
-                mask[at + k] = u8::from(!(self.cfg.boundary_mask && pos == 0));
-            }
-            at += take;
-            let s = self.streams.get_mut(&d).expect("stream");
-            if used as usize + take == len {
-                s.cur.current = None;
-                self.release(d, g);
-            } else {
-                s.cur.current = Some((g, r, used + take as u32));
+            let (taken, rest) = self.copy_doc(d, doc, &mut row[at..], &mut mask[at..]);
+            at += taken;
+            self.streams.get_mut(&d).expect("stream").cur.current = rest;
+            if rest.is_none() {
+                self.release(d, doc.0);
             }
         }
         Ok(at)
+    }
+
+    /// Copy document `(g, r, used)` of domain `d`, then `<|endoftext|>`, from its token `used`
+    /// into `row` as far as it goes; the tokens written, and the document's reference to
+    /// continue from unless it is finished.
+    fn copy_doc(
+        &self,
+        d: Domain,
+        (g, r, used): (u32, u32, u32),
+        row: &mut [u32],
+        mask: &mut [u8],
+    ) -> (usize, Option<(u32, u32, u32)>) {
+        let doc = &self.cache[&(d, g)];
+        let (a, b) = doc.rows[r as usize].expect("buffered rows are in the split");
+        let len = b - a + 1;
+        let take = (len - used as usize).min(row.len());
+        for k in 0..take {
+            let pos = used as usize + k;
+            row[k] = if pos < b - a {
+                doc.tokens[a + pos]
+            } else {
+                self.plan.eot
+            };
+            mask[k] = u8::from(!(self.cfg.boundary_mask && pos == 0));
+        }
+        let rest = (used as usize + take < len).then_some((g, r, used + take as u32));
+        (take, rest)
     }
 
     /// The document being packed, taking a new one from the shuffle buffer if needed.
@@ -646,7 +762,11 @@ impl Assembler {
 
     fn release(&mut self, d: Domain, g: u32) {
         let s = &self.streams[&d];
-        if !s.cur.buffer.iter().any(|(x, _)| *x == g) && s.cur.current.is_none_or(|(x, _, _)| x != g) {
+        let in_lane = self
+            .lanes
+            .iter()
+            .any(|l| l.current.is_some_and(|c| c.0 == d && c.1 == g));
+        if !in_lane && !s.cur.buffer.iter().any(|(x, _)| *x == g) && s.cur.current.is_none_or(|(x, _, _)| x != g) {
             self.cache.remove(&(d, g));
         }
     }

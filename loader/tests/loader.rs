@@ -250,3 +250,91 @@ fn shards_written_by_other_tools_feed_the_loader() {
         loader.next_batch().unwrap().unwrap();
     }
 }
+
+fn stream_cfg(weights: &str) -> LoaderConfig {
+    LoaderConfig {
+        streams: true,
+        weights: parse_weights(weights).unwrap(),
+        ..cfg(2)
+    }
+}
+
+/// Each row's tokens across batches, the overlapping first token of every later row dropped.
+fn row_streams(batches: &[Batch], rows: usize) -> Vec<Vec<u32>> {
+    let len = 64;
+    (0..rows)
+        .map(|r| {
+            let mut out = Vec::new();
+            for (i, b) in batches.iter().enumerate() {
+                let row = &b.tokens[r * len..(r + 1) * len];
+                out.extend_from_slice(if i == 0 { row } else { &row[1..] });
+            }
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn row_streams_continue_each_row_from_batch_to_batch_and_resume_exactly() {
+    let (straight, _) = take(stream_cfg("text=1,code=1"), None, 40);
+    for pair in straight.windows(2) {
+        for r in 0..4 {
+            assert_eq!(pair[0].tokens[r * 64 + 63], pair[1].tokens[r * 64], "row {r} continues");
+        }
+    }
+    let (a, c1) = take(stream_cfg("text=1,code=1"), None, 13);
+    let c1: Cursor = serde_json::from_str(&serde_json::to_string(&c1).unwrap()).unwrap();
+    assert_eq!(c1.lanes.len(), 4);
+    let (b, _) = take(
+        LoaderConfig {
+            workers: 3,
+            ..stream_cfg("text=1,code=1")
+        },
+        Some(c1.clone()),
+        27,
+    );
+    let resumed: Vec<Batch> = a.into_iter().chain(b).collect();
+    assert_eq!(tokens_of(&straight), tokens_of(&resumed));
+    // Another batch size cannot continue these streams.
+    let other = LoaderConfig {
+        batch_size: 2,
+        ..stream_cfg("text=1,code=1")
+    };
+    let err = Loader::open(&[shards()], other, Some(c1)).err().expect("refused");
+    assert!(err.to_string().contains("row streams"), "{err}");
+}
+
+#[test]
+fn row_streams_read_whole_documents_and_follow_the_weights_in_tokens() {
+    let dir = shards();
+    let m = read_manifest(&dir).unwrap();
+    let eot = m.tokenizer.special_tokens["<|endoftext|>"];
+    // Every training document of the fixtures, by its tokens followed by <|endoftext|>.
+    let mut docs = std::collections::HashSet::new();
+    for shards in m.domains.values() {
+        for s in shards {
+            let r = ShardReader::open(&dir.join(&s.file)).unwrap();
+            for batch in r.batches(&[columns::TOKENS], None).unwrap() {
+                for doc in token_lists(batch.unwrap().column(0).as_ref()) {
+                    docs.insert(doc);
+                }
+            }
+        }
+    }
+    let (batches, cursor) = take(stream_cfg("text=0.7,code=0.3"), None, 120);
+    for stream in row_streams(&batches, 4) {
+        // Whole documents between separators (the first and last may be cut by the window).
+        let parts: Vec<&[u32]> = stream.split(|&t| t == eot).collect();
+        assert!(parts.len() > 2, "a row sees several documents");
+        for doc in &parts[1..parts.len() - 1] {
+            assert!(docs.contains(&doc.to_vec()), "a document read whole, in order");
+        }
+    }
+    let total: u64 = cursor.tokens.values().sum();
+    let text = cursor.tokens[&Domain::Text] as f64 / total as f64;
+    assert!(
+        (text - 0.7).abs() < 0.05,
+        "text is {text:.3} of the tokens for weight 0.7"
+    );
+    assert_eq!(total, 4 * 64 + 119 * 4 * 63, "every delivered token counted once");
+}

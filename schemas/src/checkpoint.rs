@@ -106,6 +106,18 @@ pub struct Cursor {
     pub streams: BTreeMap<Domain, StreamCursor>,
     /// Real tokens delivered per domain so far.
     pub tokens: BTreeMap<Domain, u64>,
+    /// Segment training: each batch row's stream of documents (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lanes: Vec<Lane>,
+}
+
+/// One batch row's stream of documents in segment training.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Lane {
+    /// The document being read: (domain, row group, row, tokens already used).
+    pub current: Option<(Domain, u32, u32, u32)>,
+    /// The row's last token, which is the next row's first input.
+    pub last: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
