@@ -232,8 +232,8 @@ fn checkpointing_matches(dropout: f32) {
     let (inp, tgt) = (all.narrow(1, 0, 24).unwrap(), all.narrow(1, 1, 24).unwrap());
     let mask = Tensor::ones((2, 24), DType::F64, &Device::Cpu).unwrap();
     let net = Net::Single(model);
-    let (l1, g1) = loss_and_grads(&net, &vm, &inp, &tgt, &mask, false).unwrap();
-    let (l2, g2) = loss_and_grads(&net, &vm, &inp, &tgt, &mask, true).unwrap();
+    let (l1, g1, _) = loss_and_grads(&net, &vm, (&inp, &tgt, &mask), false, None).unwrap();
+    let (l2, g2, _) = loss_and_grads(&net, &vm, (&inp, &tgt, &mask), true, None).unwrap();
     // A loss still tied to its graph would keep every activation of the micro-batch alive
     // until the whole step ends (micro-batching would then save no memory).
     assert!(!l1.track_op() && !l2.track_op(), "the returned loss must be detached");
@@ -1022,4 +1022,79 @@ fn bench_writes_the_suite_json_and_its_charts() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(again.join("scaling.png").exists() && again.join("hem.png").exists());
+}
+
+/// Segment training: rows of 32-token segments, 4 rows, the state carried for 128 tokens.
+fn segment_args(out: &Path, steps: u64, context: usize) -> Vec<String> {
+    let mut args = base_args(out, steps);
+    for set in [
+        format!("data.context_len={context}"),
+        "data.batch_size=4".into(),
+        "optim.grad_accum=2".into(),
+        "run.ckpt_every=5".into(),
+    ] {
+        args.extend(["--set".into(), set]);
+    }
+    args
+}
+
+#[test]
+fn segment_training_carries_its_state_through_a_kill_and_resumes_exactly() {
+    let (straight, killed, windows) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
+    assert!(mmrec_train("pretrain", &segment_args(straight.path(), 12, 128))
+        .status
+        .success());
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(straight.path().join("checkpoints/step-00000012/state.json")).unwrap(),
+    )
+    .unwrap();
+    // 12 steps of 2 segments; the starts of 4 rows; the state's file beside the weights.
+    assert_eq!(state["segments"]["segment"], 24);
+    assert_eq!(state["segments"]["starts"].as_array().unwrap().len(), 4);
+    assert!(straight
+        .path()
+        .join("checkpoints/step-00000012/carried.safetensors")
+        .exists());
+
+    let args = segment_args(killed.path(), 12, 128);
+    pretrain_killed_at_checkpoint(&args, killed.path(), 5, 12);
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    assert!(mmrec_train("pretrain", &resume).status.success());
+    assert_eq!(
+        losses(straight.path()),
+        losses(killed.path()),
+        "identical losses at every step"
+    );
+
+    // A context of one segment reads the same streams without carrying: other losses.
+    assert!(mmrec_train("pretrain", &segment_args(windows.path(), 12, 32))
+        .status
+        .success());
+    let (carried, fresh) = (losses(straight.path()), losses(windows.path()));
+    assert_eq!(carried.len(), fresh.len());
+    assert_ne!(carried[&12], fresh[&12], "a carried state changes what the model sees");
+}
+
+#[test]
+fn segment_training_refuses_what_would_break_its_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    for (set, says) in [
+        ("data.context_len=48", "multiple of data.seq_len"),
+        ("data.batch_size=\"auto\"", "fixed data.batch_size"),
+    ] {
+        let mut args = segment_args(dir.path(), 2, 64);
+        args.extend(["--set".into(), set.into()]);
+        let o = mmrec_train("pretrain", &args);
+        assert!(!o.status.success());
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains(says),
+            "{set}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
 }

@@ -417,7 +417,13 @@ fn step_figure(
     device::reset_peak_memory(dev)?;
     let step = time(dev, 3, 20, || {
         let (inp, tgt) = next()?;
-        let (loss, grads) = loss_and_grads(&net.in_precision(&vm, precision, dev)?, &vm, &inp, &tgt, &mask, false)?;
+        let (loss, grads, _) = loss_and_grads(
+            &net.in_precision(&vm, precision, dev)?,
+            &vm,
+            (&inp, &tgt, &mask),
+            false,
+            None,
+        )?;
         opt.update(&grads, &loss, 1e-4, 1.0, 1.0).map(|_| ())
     })?;
     let peak = device::peak_memory(dev)?.map_or(f64::NAN, |b| b as f64 / (1u64 << 30) as f64);

@@ -327,7 +327,7 @@ fn row_streams_read_whole_documents_and_follow_the_weights_in_tokens() {
         let parts: Vec<&[u32]> = stream.split(|&t| t == eot).collect();
         assert!(parts.len() > 2, "a row sees several documents");
         for doc in &parts[1..parts.len() - 1] {
-            assert!(docs.contains(&doc.to_vec()), "a document read whole, in order");
+            assert!(docs.contains(*doc), "a document read whole, in order");
         }
     }
     let total: u64 = cursor.tokens.values().sum();

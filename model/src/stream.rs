@@ -107,9 +107,12 @@ pub fn join_rows(parts: &[Vec<BlockState>]) -> Result<Vec<BlockState>> {
         .collect()
 }
 
+/// Tensors by name.
+pub type Named = Vec<(String, Tensor)>;
+
 /// The states as named f32 tensors and their positions (`pos`, each level's `first`), for
 /// a checkpoint.
-pub fn to_tensors(states: &[BlockState]) -> Result<(Vec<(String, Tensor)>, Vec<usize>)> {
+pub fn to_tensors(states: &[BlockState]) -> Result<(Named, Vec<usize>)> {
     let mut tensors = Vec::new();
     let mut positions = Vec::new();
     for (i, s) in states.iter().enumerate() {

@@ -48,6 +48,21 @@ pub struct TrainState {
     /// against time).
     #[serde(default)]
     pub elapsed_s: f64,
+    /// Segment training: where the carried state stands (its tensors are the checkpoint's
+    /// `carried.safetensors`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub segments: Option<SegmentState>,
+}
+
+/// The recurrent state carried between segments, less its tensors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SegmentState {
+    /// Segments trained so far; a context starts at every multiple of context_len / seq_len.
+    pub segment: u64,
+    /// Per row, the absolute position (within the context) where its document began.
+    pub starts: Vec<usize>,
+    /// The carried states' positions (per block: `pos`, then each level's first summary).
+    pub positions: Vec<usize>,
 }
 
 /// The micro-batch found by measurement.

@@ -43,6 +43,11 @@ pub struct DataConfig {
     pub workers: usize,
     pub val_permille: u32,
     pub seed: u64,
+    /// Segment training (0: off, rows are independent windows): each row is a stream of
+    /// documents read in segments of `seq_len`, the recurrent state carried from one to
+    /// the next (detached) for `context_len` tokens, then reset; reset too where a
+    /// document begins. A multiple of `seq_len`.
+    pub context_len: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -238,6 +243,7 @@ impl Default for DataConfig {
             workers: 2,
             val_permille: 20,
             seed: 0,
+            context_len: 0,
         }
     }
 }
@@ -373,6 +379,17 @@ impl TrainConfig {
         }
         if !(self.optim.lr > 0.0 && self.optim.min_lr >= 0.0 && self.optim.min_lr <= self.optim.lr) {
             return bad("need optim.lr > 0 and 0 <= optim.min_lr <= optim.lr");
+        }
+        let context = self.data.context_len;
+        if context > 0 && (context % self.data.seq_len != 0) {
+            return bad(&format!(
+                "data.context_len {context} must be a multiple of data.seq_len {}",
+                self.data.seq_len
+            ));
+        }
+        if context > 0 && (self.data.batch_size == BatchSize::Auto || self.optim.batch_schedule != BatchSchedule::Fixed)
+        {
+            return bad("segment training (data.context_len) keeps one row per stream: it needs a fixed data.batch_size and optim.batch_schedule = \"fixed\"");
         }
         if self.run.steps == 0 && self.run.token_budget == 0 {
             return bad("set run.steps or run.token_budget");

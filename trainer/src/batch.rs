@@ -133,7 +133,7 @@ impl Search<'_> {
         let mask = Tensor::ones((rows, self.seq_len), DType::F32, self.dev)?;
         let net = self.net.in_precision(self.vm, self.precision, self.dev)?;
         let pass = || -> Result<()> {
-            loss_and_grads(&net, self.vm, &inp, &tgt, &mask, checkpointing)?;
+            loss_and_grads(&net, self.vm, (&inp, &tgt, &mask), checkpointing, None)?;
             Ok(())
         };
         mmrec_model::device::reset_peak_memory(self.dev)?;

@@ -8,6 +8,7 @@ pub mod context;
 pub mod generate;
 pub mod optim;
 pub mod plot;
+pub mod segments;
 pub mod suite;
 pub mod train;
 

@@ -232,7 +232,7 @@ fn run_figure(cfg: &SuiteConfig, preset: &str, precision: Precision, seq: usize,
     mmrec_model::device::reset_peak_memory(dev)?;
     let train_step = timed(dev, cfg.repeats, || {
         let cast = net.in_precision(&vm, precision, dev)?;
-        let (loss, grads) = loss_and_grads(&cast, &vm, &inp, &tgt, &mask, false)?;
+        let (loss, grads, _) = loss_and_grads(&cast, &vm, (&inp, &tgt, &mask), false, None)?;
         opt.update(&grads, &loss, 1e-4, 1.0, 1.0)?;
         Ok(())
     })?;
@@ -348,7 +348,7 @@ fn scaling(cfg: &SuiteConfig, preset: &str, precision: Precision, dev: &Device) 
             mmrec_model::device::reset_peak_memory(dev)?;
             let t = timed(dev, cfg.repeats, || {
                 let cast = net.in_precision(&vm, precision, dev)?;
-                let (loss, grads) = loss_and_grads(&cast, &vm, &inp, &tgt, &mask, false)?;
+                let (loss, grads, _) = loss_and_grads(&cast, &vm, (&inp, &tgt, &mask), false, None)?;
                 opt.update(&grads, &loss, 1e-4, 1.0, 1.0)?;
                 Ok(())
             })?;

@@ -12,7 +12,8 @@ use candle_nn::{VarBuilder, VarMap};
 use mmrec_loader::{Batch, Loader, LoaderConfig, Split};
 use mmrec_model::device::Uploader;
 use mmrec_model::io;
-use mmrec_model::model::{initialise, tied_logits, widen, BlockStack, FusedModel, MMRecModel, Projection};
+use mmrec_model::model::{initialise, tied_logits, widen, BlockStack, BlockState, FusedModel, MMRecModel, Projection};
+use mmrec_model::stream::DocBounds;
 use mmrec_schemas::checkpoint::{
     read_pointer, read_state, write_pointer, write_state, ScheduleState, TrainState, CHECKPOINTS,
 };
@@ -23,6 +24,7 @@ pub use mmrec_schemas::run_config::{
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 
 use crate::optim::{learning_rate, observe_noise_scale, observe_validation, AdamW};
+use crate::segments::{Carried, Segments};
 use mmrec_kernels::adamw::{CONTROL_NORM, CONTROL_SKIP};
 
 #[derive(Debug, thiserror::Error)]
@@ -140,15 +142,15 @@ pub fn batch_tensors(
 /// micro-batch's activations alive until the step ends. With checkpointing, only each
 /// block's input is kept from the forward pass; the backward recomputes one block at a time
 /// and chains the gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's
-/// activations.
+/// activations. With `stream` (segment training) the forward starts from those states and
+/// document bounds, and the states after it come back too.
 pub fn loss_and_grads(
     net: &Net,
     vm: &VarMap,
-    inp: &Tensor,
-    tgt: &Tensor,
-    mask: &Tensor,
+    (inp, tgt, mask): (&Tensor, &Tensor, &Tensor),
     checkpointing: bool,
-) -> candle_core::Result<(Tensor, BTreeMap<String, Tensor>)> {
+    stream: Option<(&[BlockState], &DocBounds)>,
+) -> candle_core::Result<Gradients> {
     let named = io::varmap_vars(vm);
     let collect =
         |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
@@ -164,23 +166,38 @@ pub fn loss_and_grads(
             Ok(())
         };
     let mut grads = BTreeMap::new();
-    let model = match (net, checkpointing) {
-        (Net::Single(m), true) => m,
+    let model = match (net, checkpointing, stream) {
+        (Net::Single(m), true, _) => m,
+        (Net::Single(m), false, Some((states, docs))) => {
+            let (logits, after, aux) = m.forward_with(inp, Some(states), true, Projection::Fused, Some(docs))?;
+            let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
+            collect(&loss.backward()?, &mut grads)?;
+            return Ok((widen(&loss)?.detach(), grads, Some(after)));
+        }
+        (Net::Fused(_), _, Some(_)) => candle_core::bail!("segment training needs a single model, not a fused one"),
         _ => {
             let (logits, aux) = net.logits(inp, true)?;
             let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
             collect(&loss.backward()?, &mut grads)?;
-            return Ok((widen(&loss)?.detach(), grads));
+            return Ok((widen(&loss)?.detach(), grads, None));
         }
     };
     let stack: &BlockStack = &model.stack;
     let b = inp.dim(0)?;
-    let states = stack.initial_state(b, model.embed.embeddings().dtype(), inp.device())?;
-    // Forward, keeping only block inputs.
+    let (states, docs) = match stream {
+        Some((states, docs)) => (states.to_vec(), Some(docs)),
+        None => (
+            stack.initial_state(b, model.embed.embeddings().dtype(), inp.device())?,
+            None,
+        ),
+    };
+    // Forward, keeping only block inputs (and the states after, for the next segment).
     let mut inputs = vec![mmrec_kernels::fused::embedding(model.embed.embeddings(), inp)?.detach()];
+    let mut after = Vec::with_capacity(states.len());
     for (blk, s) in stack.blocks.iter().zip(&states) {
-        let (y, _, _) = blk.forward(inputs.last().expect("an input"), s, true, Projection::Fused)?;
+        let (y, s2, _) = blk.forward(inputs.last().expect("an input"), s, true, Projection::Fused, docs)?;
         inputs.push(y.detach());
+        after.push(s2);
     }
     // Head: norm, tied logits, loss; the gradient flowing into the last block's output.
     let top = Var::from_tensor(inputs.last().expect("an output"))?;
@@ -198,7 +215,7 @@ pub fn loss_and_grads(
     let mut loss = widen(&ce)?;
     for (i, blk) in stack.blocks.iter().enumerate().rev() {
         let x = Var::from_tensor(&inputs[i])?;
-        let (y, _, aux) = blk.forward(x.as_tensor(), &states[i], true, Projection::Fused)?;
+        let (y, _, aux) = blk.forward(x.as_tensor(), &states[i], true, Projection::Fused, docs)?;
         let aux = (aux * model.cfg.uboo_weight)?;
         loss = (loss + widen(&aux)?)?;
         let surrogate = ((y * &g)?.sum_all()? + aux)?;
@@ -208,7 +225,40 @@ pub fn loss_and_grads(
     }
     let x0 = mmrec_kernels::fused::embedding(model.embed.embeddings(), inp)?;
     collect(&(x0 * g)?.sum_all()?.backward()?, &mut grads)?;
-    Ok((loss.detach(), grads))
+    Ok((loss.detach(), grads, stream.map(|_| after)))
+}
+
+/// A micro-batch's loss, its gradients by parameter name, and (segment training) the
+/// states after it.
+pub type Gradients = (Tensor, BTreeMap<String, Tensor>, Option<Vec<BlockState>>);
+
+/// Segment training's plan for a config (`data.context_len` > 0), with the data's
+/// `<|endoftext|>` id.
+fn segment_plan(cfg: &TrainConfig, net: &Net) -> Result<Option<Segments>> {
+    let context = cfg.data.context_len;
+    if context == 0 {
+        return Ok(None);
+    }
+    if matches!(net, Net::Fused(_)) {
+        return Err(Error::Config(
+            "data.context_len: segment training trains a base or an expert, not a fused model".into(),
+        ));
+    }
+    let dir = cfg
+        .data
+        .dirs
+        .first()
+        .ok_or_else(|| Error::Config("no data directories".into()))?;
+    let manifest = mmrec_schemas::read_manifest(dir)?;
+    let eot = *manifest
+        .tokenizer
+        .special_tokens
+        .get(mmrec_schemas::special::EOT)
+        .ok_or_else(|| Error::Config(format!("{}: the tokenizer has no <|endoftext|>", dir.display())))?;
+    Ok(Some(Segments {
+        per_context: (context / cfg.data.seq_len) as u64,
+        eot,
+    }))
 }
 
 /// How a run starts.
@@ -301,6 +351,9 @@ pub struct Session {
     /// the seconds this process spent evaluating (a measurement, not training).
     clock: (Instant, f64),
     eval_secs: f64,
+    /// Segment training (`data.context_len`), and the state carried into the next segment.
+    segments: Option<Segments>,
+    carried: Carried,
 }
 
 impl Session {
@@ -343,7 +396,9 @@ impl Session {
             batch_choice: None,
             grad_accum: 0,
             elapsed_s: 0.0,
+            segments: None,
         };
+        let segments = segment_plan(&cfg, &net)?;
         let mut session = Session {
             cfg,
             vm,
@@ -355,6 +410,8 @@ impl Session {
             uploader: Uploader::default(),
             clock: (Instant::now(), 0.0),
             eval_secs: 0.0,
+            segments,
+            carried: Carried::default(),
         };
         if resume {
             session.resume_latest()?;
@@ -378,6 +435,15 @@ impl Session {
             config: self.cfg.clone(),
             ..state
         };
+        self.load_carried(&dir)
+    }
+
+    /// The carried segment state of the checkpoint in `dir` (segment training only).
+    fn load_carried(&mut self, dir: &Path) -> Result<()> {
+        if self.segments.is_some() {
+            let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
+            self.carried = Carried::load(self.state.segments.clone(), dir, &net, self.batch_rows(), &self.dev)?;
+        }
         Ok(())
     }
 
@@ -393,6 +459,7 @@ impl Session {
             weights,
             val_permille: d.val_permille,
             split,
+            streams: split == Split::Train && self.segments.is_some(),
             ..LoaderConfig::default()
         })
     }
@@ -658,6 +725,10 @@ impl Session {
             })?;
         self.state.step += 1;
         self.state.tokens_seen += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
+        if let Some(carried) = acc.carried {
+            self.state.segments = Some(carried.meta.clone());
+            self.carried = carried;
+        }
         self.state.adam_t = self.opt.t;
         let mut record = serde_json::json!({"step": self.state.step, "lr": lr, "tokens_seen": self.state.tokens_seen});
         if optim.batch_schedule != BatchSchedule::Fixed {
@@ -776,22 +847,33 @@ impl Session {
         let mut micro_sq = Tensor::zeros(1, DType::F32, &self.dev)?;
         // The weights change once a step: one set of bf16 casts serves every micro-batch.
         let net = self.net.in_precision(&self.vm, self.cfg.run.precision, &self.dev)?;
+        // Segment training: the batches are consecutive segments of the same row streams.
+        let mut carried = self.segments.as_ref().map(|_| self.carried.clone());
         for (k, batch) in batches.iter().enumerate() {
             let (inp, tgt, mask) = batch_tensors(batch, (bsz, seq), DType::F32, &self.dev, &mut self.uploader)?;
+            let start = match (&self.segments, &carried) {
+                (Some(plan), Some(c)) => Some(plan.begin(c, &net, batch, seq, &self.dev)?),
+                _ => None,
+            };
+            let mut after = Vec::new();
             for r0 in (0..bsz).step_by(rows) {
                 let n = rows.min(bsz - r0);
                 // Dropout masks from (seed, step, micro-batch): a resumed run draws the same.
                 let micro =
                     ((self.state.step << 24) ^ ((k as u64) << 12) ^ r0 as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 mmrec_model::model::set_dropout_seed(self.cfg.model.seed ^ micro);
-                let (l, g) = loss_and_grads(
+                let part = match &start {
+                    Some(s) => Some((mmrec_model::stream::rows(&s.states, r0, n)?, s.docs.rows(r0, n)?)),
+                    None => None,
+                };
+                let (l, g, states) = loss_and_grads(
                     &net,
                     &self.vm,
-                    &inp.narrow(0, r0, n)?,
-                    &tgt.narrow(0, r0, n)?,
-                    &mask.narrow(0, r0, n)?,
+                    (&inp.narrow(0, r0, n)?, &tgt.narrow(0, r0, n)?, &mask.narrow(0, r0, n)?),
                     self.checkpointing(),
+                    part.as_ref().map(|(s, d)| (s.as_slice(), d)),
                 )?;
+                after.extend(states);
                 loss = (loss + (l.to_dtype(DType::F32)? / n_micro)?)?;
                 if n_micro > 1.0 {
                     micro_sq = (micro_sq + self.opt.sum_squares(&g)?)?;
@@ -804,6 +886,9 @@ impl Session {
                     grads.insert(name, sum);
                 }
             }
+            if let (Some(start), Some(c)) = (start, carried.as_mut()) {
+                *c = c.advanced(start, mmrec_model::stream::join_rows(&after)?)?;
+            }
         }
         Ok(Accumulated {
             loss,
@@ -811,6 +896,7 @@ impl Session {
             micro_sq,
             micro_batches: n_micro as usize,
             micro_tokens: rows * seq,
+            carried,
         })
     }
 
@@ -858,6 +944,7 @@ impl Session {
             self.state.best_checkpoint = Some(name.clone());
         }
         self.state.elapsed_s = self.elapsed_s();
+        self.carried.save(&tmp)?;
         write_state(&tmp, &self.state)?;
         let dest = root.join(&name);
         // Re-saving a step (a resumed finished run does): move the old copy aside first and
@@ -903,6 +990,9 @@ impl Session {
             &root.join(&name).join("optimizer.safetensors"),
             &self.dev,
         )?;
+        // The loader goes on from here: the checkpoint's carried state belongs to another
+        // point of the streams, so the next segment starts from a fresh state.
+        self.carried.states = None;
         Ok(true)
     }
 }
@@ -942,6 +1032,8 @@ struct Accumulated {
     micro_batches: usize,
     /// Token positions per micro-batch.
     micro_tokens: usize,
+    /// Segment training: the state after the step's last segment.
+    carried: Option<Carried>,
 }
 
 /// Where a pending step's values sit: the loss, the optimiser's 3 control values, the

@@ -41,15 +41,8 @@ fn loss_and_grads_on(dev: &Device, precision: Precision, checkpointing: bool) ->
     mask[b * t - 20..].fill(0.0); // padded tail of the last row
     let mask = Tensor::from_vec(mask, (b, t), dev).unwrap();
     let net = net.in_precision(&vm, precision, dev).unwrap();
-    let (loss, grads) = loss_and_grads(
-        &net,
-        &vm,
-        &all.narrow(1, 0, t).unwrap(),
-        &all.narrow(1, 1, t).unwrap(),
-        &mask,
-        checkpointing,
-    )
-    .unwrap();
+    let (inp, tgt) = (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap());
+    let (loss, grads, _) = loss_and_grads(&net, &vm, (&inp, &tgt, &mask), checkpointing, None).unwrap();
     let loss = loss.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap();
     let grads = grads
         .into_iter()
