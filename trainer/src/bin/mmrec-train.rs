@@ -149,6 +149,10 @@ struct EvalArgs {
     /// With --context-len: draw loss against position (log scale) into this PNG.
     #[arg(long, requires = "context_len")]
     plot: Option<PathBuf>,
+    /// With --context-len: only documents of at least this many tokens (long ones, to see
+    /// whether a longer context helps).
+    #[arg(long, requires = "context_len", default_value_t = 0)]
+    min_doc_tokens: usize,
 }
 
 #[derive(Args)]
@@ -272,6 +276,7 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
         allow_tokenizer_mismatch,
         context_len,
         plot,
+        min_doc_tokens,
     } = args;
     let meta = mmrec_schemas::safetensors::read_meta(&model)?;
     mmrec_trainer::train::check_tokenizer(&meta, &model, &data, allow_tokenizer_mismatch)?;
@@ -283,6 +288,7 @@ fn eval_command(args: EvalArgs, dev: &Device) -> Result<ExitCode> {
             context_len,
             segment: seq_len,
             val_permille,
+            min_doc_tokens,
             plot,
             json,
         };
@@ -340,6 +346,7 @@ struct AtLength {
     context_len: usize,
     segment: usize,
     val_permille: u32,
+    min_doc_tokens: usize,
     plot: Option<PathBuf>,
     json: bool,
 }
@@ -354,7 +361,9 @@ fn eval_at_length(
     dev: &Device,
 ) -> Result<ExitCode> {
     use mmrec_trainer::context::{buckets, curve, position_losses};
-    let docs = mmrec_loader::held_out_documents(data, domains, how.val_permille)?;
+    let mut docs = mmrec_loader::held_out_documents(data, domains, how.val_permille)?;
+    docs.retain(|(_, tokens)| tokens.len() >= how.min_doc_tokens);
+    eprintln!("{} held-out documents of at least {} tokens", docs.len(), how.min_doc_tokens);
     let mut report = serde_json::Map::new();
     let mut curves = Vec::new();
     let mut all = Vec::new();
@@ -380,7 +389,8 @@ fn eval_at_length(
         println!(
             "{}",
             serde_json::to_string_pretty(
-                &serde_json::json!({"model": model, "context_len": how.context_len, "segment": how.segment, "by_position": report})
+                &serde_json::json!({"model": model, "context_len": how.context_len, "segment": how.segment,
+                    "min_doc_tokens": how.min_doc_tokens, "documents": docs.len(), "by_position": report})
             )?
         );
     } else {
