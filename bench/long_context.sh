@@ -8,18 +8,19 @@
 #
 # Usage: bench/long_context.sh CORPUS.jsonl OUT BIN_DIR
 #   CORPUS.jsonl  prose with long documents (bench/corpus/build.sh's work/prose.jsonl)
-# Env: PRESET (tiny), SEQ (256), CONTEXT (4096), ROWS (8), STEPS (400), DEVICE (cpu).
+# Env: PRESET (tiny), SEQ (256), CONTEXT (4096), ROWS (8), STEPS (400), DEVICE (cpu),
+# PRECISION (f32). Memory: the process's peak RSS, and on a GPU the allocator's peak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 corpus=$1 out=$2 bin=$3
 PRESET=${PRESET:-tiny} SEQ=${SEQ:-256} CONTEXT=${CONTEXT:-4096} ROWS=${ROWS:-8} STEPS=${STEPS:-400}
-DEVICE=${DEVICE:-cpu}
+DEVICE=${DEVICE:-cpu} PRECISION=${PRECISION:-f32}
 mkdir -p "$out"
 [[ -f $out/shards/manifest.json ]] || "$bin/mmrec-data" split --text "$corpus" \
   --tokenizer bench/results/scale/tokenizer.json --out "$out/shards" >"$out/split.log" 2>&1
 train() { # NAME CONTEXT STEPS
   rm -rf "$out/$1"
-  "$bin/mmrec-train" pretrain --device "$DEVICE" --data "$out/shards" --out "$out/$1" --json \
+  "$bin/mmrec-train" pretrain --device "$DEVICE" --precision "$PRECISION" --data "$out/shards" --out "$out/$1" --json \
     --set "model.preset=\"$PRESET\"" --set 'data.weights="text=1"' --set "data.seq_len=$SEQ" \
     --set "data.batch_size=$ROWS" --set "data.context_len=$2" --set "run.steps=$3" \
     --set optim.lr=3e-3 --set optim.min_lr=3e-4 --set optim.warmup_steps=30 \
@@ -36,9 +37,11 @@ done
 python3 - "$out" <<'PY'
 import json, sys
 out = sys.argv[1]
-def rss(run):
-    return max(r.get("rss_mb", 0) for r in map(json.loads, open(f"{out}/{run}/metrics.jsonl")))
-summary = {"by_position": {}, "peak_rss_mb": {r: rss(r) for r in ("windows", "segments", "memory-16k")}}
+def peak(run, field):
+    return max(r.get(field, 0) for r in map(json.loads, open(f"{out}/{run}/metrics.jsonl")))
+runs = ("windows", "segments", "memory-16k")
+summary = {"by_position": {}, "peak_rss_mb": {r: peak(r, "rss_mb") for r in runs},
+           "gpu_peak_mb": {r: peak(r, "gpu_peak_mb") for r in runs}}
 for m in ("windows", "segments"):
     e = json.load(open(f"{out}/{m}-by-position.json"))
     summary["documents"] = e["documents"]

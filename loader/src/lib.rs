@@ -580,13 +580,18 @@ impl Assembler {
             return Ok(None);
         }
         domains.resize(b, *domains.last().expect("at least one row"));
+        Ok(Some(self.deliver(tokens, mask, domains)))
+    }
+
+    /// The batch, counted, with the cursor just after it.
+    fn deliver(&mut self, tokens: Vec<u32>, mask: Vec<u8>, domains: Vec<Domain>) -> Batch {
         self.batches += 1;
-        Ok(Some(Batch {
+        Batch {
             tokens,
             mask,
             domains,
             cursor: self.cursor(),
-        }))
+        }
     }
 
     /// Segment training: every row continues its own stream of documents.
@@ -599,13 +604,7 @@ impl Assembler {
             let row = r * row_len..(r + 1) * row_len;
             domains.push(self.fill_lane(r, &mut tokens[row.clone()], &mut mask[row])?);
         }
-        self.batches += 1;
-        Ok(Some(Batch {
-            tokens,
-            mask,
-            domains,
-            cursor: self.cursor(),
-        }))
+        Ok(Some(self.deliver(tokens, mask, domains)))
     }
 
     /// Row `r` of a stream batch: the row's last token of the batch before, then its

@@ -217,6 +217,10 @@ fn draw_positions(curves: &[(String, Vec<(f64, f64)>)], path: &Path) -> Result<(
     let points = || curves.iter().flat_map(|(_, p)| p.iter().copied());
     let x_max = points().map(|p| p.0).fold(2.0, f64::max) * 1.2;
     let (lo, hi) = points().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| (a.min(p.1), b.max(p.1)));
+    if !(lo.is_finite() && hi.is_finite()) {
+        // An empty range would send the axis labelling into an endless loop.
+        return Err("no finite losses to draw".into());
+    }
     let pad = ((hi - lo) * 0.05).max(1e-3);
     let root = BitMapBackend::new(path, (1000, 600)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;

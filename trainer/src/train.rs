@@ -640,6 +640,10 @@ impl Session {
             }
             if i == last && (p.log_step || p.record.get("event").is_some()) {
                 meter.annotate(&mut p.record, loader);
+                // The GPU allocator's peak so far (memory against context length, issue 17).
+                if let Ok(Some(peak)) = mmrec_model::device::peak_memory(&self.dev) {
+                    p.record["gpu_peak_mb"] = serde_json::json!(peak as f64 / 1e6);
+                }
             }
             log.write(&p.record, progress)?;
             self.remember(p.record);

@@ -363,7 +363,21 @@ fn eval_at_length(
     use mmrec_trainer::context::{buckets, curve, position_losses};
     let mut docs = mmrec_loader::held_out_documents(data, domains, how.val_permille)?;
     docs.retain(|(_, tokens)| tokens.len() >= how.min_doc_tokens);
-    eprintln!("{} held-out documents of at least {} tokens", docs.len(), how.min_doc_tokens);
+    if docs.is_empty() {
+        anyhow::bail!(
+            "no held-out documents of at least {} tokens in {}",
+            how.min_doc_tokens,
+            data.iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    eprintln!(
+        "{} held-out documents of at least {} tokens",
+        docs.len(),
+        how.min_doc_tokens
+    );
     let mut report = serde_json::Map::new();
     let mut curves = Vec::new();
     let mut all = Vec::new();
