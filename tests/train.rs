@@ -990,6 +990,12 @@ fn bench_writes_the_suite_json_and_its_charts() {
     assert!(r["machine"]["cpu"].is_string() && r["machine"]["candle"] == "0.11.1");
     let runs = r["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2, "one per sequence length");
+    let generation = r["generation"].as_array().unwrap();
+    let batches: Vec<u64> = generation.iter().map(|g| g["batch"].as_u64().unwrap()).collect();
+    assert_eq!(batches, [1, 32], "decoding at batch 1 and 32");
+    assert!(generation
+        .iter()
+        .all(|g| g["decode_tokens_per_s"].as_f64().unwrap() > 0.0));
     for run in runs {
         let layers = run["layers"].as_object().unwrap();
         for name in ["embedding", "block.0", "block.1", "head_and_loss"] {

@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Result, Tensor, D};
+use candle_core::{DType, Device, Result, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::Serialize;
 
@@ -12,7 +12,7 @@ use mmrec_model::model::seeded_builder;
 use mmrec_model::{device, initialise, masked_cross_entropy, MMRecModel, Projection};
 use mmrec_schemas::ModelConfig;
 use mmrec_trainer::optim::AdamW;
-use mmrec_trainer::suite::time;
+use mmrec_trainer::suite::{generation_figures, time, GenerationFigure};
 use mmrec_trainer::train::{loss_and_grads, Net, OptimConfig, Precision};
 
 #[derive(Debug, Serialize)]
@@ -38,74 +38,6 @@ pub struct ModelFigure {
     pub projection: &'static str,
     pub forward_tokens_per_s: f64,
     pub train_step_tokens_per_s: f64,
-}
-
-/// Decoding: a prompt of [`PROMPT`] tokens per sequence through the parallel pass, then
-/// [`NEW_TOKENS`] tokens one step at a time with the carried state (greedy, the argmax
-/// taken on the device and fed back), `batch` sequences at once, f32.
-#[derive(Debug, Serialize)]
-pub struct GenerationFigure {
-    pub preset: String,
-    pub batch: usize,
-    pub prompt_tokens: usize,
-    pub new_tokens: usize,
-    /// The prompt's pass and the first token, for the whole batch.
-    pub prompt_ms: f64,
-    /// Later tokens of all sequences per second.
-    pub decode_tokens_per_s: f64,
-}
-
-const PROMPT: usize = 128;
-const NEW_TOKENS: usize = 64;
-
-/// Best of three runs (after one to warm up) of the prompt's pass and the decoding loop.
-fn generation_figure(dev: &Device, preset: &str, vocab: usize, batch: usize) -> Result<GenerationFigure> {
-    let cfg =
-        mmrec_model::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
-    let vm = VarMap::new();
-    let net = Net::Single(MMRecModel::new(&cfg, seeded_builder(&vm, 0, DType::F32, dev))?);
-    initialise(&vm, &cfg)?;
-    let prompt = Tensor::rand(0f32, vocab as f32, (batch, PROMPT), dev)?.to_dtype(DType::U32)?;
-    let run = || -> Result<(f64, f64)> {
-        let t = Instant::now();
-        let (logits, mut state) = net.logits_from(&prompt, None)?;
-        let mut next = logits.narrow(1, PROMPT - 1, 1)?.argmax(D::Minus1)?;
-        dev.synchronize()?;
-        let prompt_s = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for _ in 1..NEW_TOKENS {
-            let (logits, s) = net.logits_from(&next, Some(&state))?;
-            state = s;
-            next = logits.argmax(D::Minus1)?;
-        }
-        dev.synchronize()?;
-        Ok((prompt_s, t.elapsed().as_secs_f64()))
-    };
-    run()?;
-    let mut best = (f64::INFINITY, f64::INFINITY);
-    for _ in 0..3 {
-        let (p, d) = run()?;
-        best = (best.0.min(p), best.1.min(d));
-    }
-    Ok(GenerationFigure {
-        preset: preset.into(),
-        batch,
-        prompt_tokens: PROMPT,
-        new_tokens: NEW_TOKENS,
-        prompt_ms: best.0 * 1e3,
-        decode_tokens_per_s: (batch * (NEW_TOKENS - 1)) as f64 / best.1,
-    })
-}
-
-/// Generation figures at batch 1 and 32 for each preset.
-fn generation_figures(dev: &Device, presets: &[String], vocab: usize) -> Result<Vec<GenerationFigure>> {
-    let mut out = Vec::new();
-    for p in presets.iter().filter(|p| !p.is_empty()) {
-        for batch in [1, 32] {
-            out.push(generation_figure(dev, p, vocab, batch)?);
-        }
-    }
-    Ok(out)
 }
 
 #[derive(Debug, Serialize)]

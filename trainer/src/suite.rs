@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use mmrec_model::model::{initialise, masked_cross_entropy, seeded_builder, tied_logits, MMRecModel, Projection};
 use mmrec_schemas::ModelConfig;
@@ -48,6 +48,9 @@ pub struct BenchmarkResults {
     pub hem: Vec<HemFigure>,
     pub scaling: Vec<ScalingFigure>,
     pub memory_plan: Vec<MemoryPlan>,
+    /// Decoding speed at batch 1 and 32 per preset (absent in older files).
+    #[serde(default)]
+    pub generation: Vec<GenerationFigure>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -194,6 +197,7 @@ pub fn run(cfg: &SuiteConfig, dev: &Device, command: String, progress: &dyn Fn(&
         hem: vec![],
         scaling: vec![],
         memory_plan: vec![],
+        generation: vec![],
     };
     for preset in &cfg.presets {
         for &precision in &cfg.precisions {
@@ -211,6 +215,8 @@ pub fn run(cfg: &SuiteConfig, dev: &Device, command: String, progress: &dyn Fn(&
             out.memory_plan.push(memory_plan(cfg, preset, precision, dev)?);
         }
     }
+    progress("generation at batch 1 and 32");
+    out.generation = generation_figures(dev, &cfg.presets, cfg.vocab)?;
     Ok(out)
 }
 
@@ -459,4 +465,76 @@ fn machine(dev: &Device) -> Machine {
             .map(String::from)
             .or(git),
     }
+}
+
+/// Decoding: a prompt of [`PROMPT`] tokens per sequence through the parallel pass, then
+/// [`NEW_TOKENS`] tokens one step at a time with the carried state (greedy, the argmax
+/// taken on the device and fed back), `batch` sequences at once, f32.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct GenerationFigure {
+    pub preset: String,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    /// The prompt's pass and the first token, for the whole batch.
+    pub prompt_ms: f64,
+    /// Later tokens of all sequences per second.
+    pub decode_tokens_per_s: f64,
+}
+
+const PROMPT: usize = 128;
+const NEW_TOKENS: usize = 64;
+
+/// Best of three runs (after one to warm up) of the prompt's pass and the decoding loop.
+fn generation_figure(dev: &Device, preset: &str, vocab: usize, batch: usize) -> candle_core::Result<GenerationFigure> {
+    let cfg =
+        mmrec_model::preset(preset, vocab).ok_or_else(|| candle_core::Error::Msg(format!("no preset {preset}")))?;
+    let vm = VarMap::new();
+    let net = Net::Single(MMRecModel::new(&cfg, seeded_builder(&vm, 0, DType::F32, dev))?);
+    initialise(&vm, &cfg)?;
+    let prompt = Tensor::rand(0f32, vocab as f32, (batch, PROMPT), dev)?.to_dtype(DType::U32)?;
+    let run = || -> candle_core::Result<(f64, f64)> {
+        let t = Instant::now();
+        let (logits, mut state) = net.logits_from(&prompt, None)?;
+        let mut next = logits.narrow(1, PROMPT - 1, 1)?.argmax(D::Minus1)?;
+        dev.synchronize()?;
+        let prompt_s = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 1..NEW_TOKENS {
+            let (logits, s) = net.logits_from(&next, Some(&state))?;
+            state = s;
+            next = logits.argmax(D::Minus1)?;
+        }
+        dev.synchronize()?;
+        Ok((prompt_s, t.elapsed().as_secs_f64()))
+    };
+    run()?;
+    let mut best = (f64::INFINITY, f64::INFINITY);
+    for _ in 0..3 {
+        let (p, d) = run()?;
+        best = (best.0.min(p), best.1.min(d));
+    }
+    Ok(GenerationFigure {
+        preset: preset.into(),
+        batch,
+        prompt_tokens: PROMPT,
+        new_tokens: NEW_TOKENS,
+        prompt_ms: best.0 * 1e3,
+        decode_tokens_per_s: (batch * (NEW_TOKENS - 1)) as f64 / best.1,
+    })
+}
+
+/// Generation figures at batch 1 and 32 for each preset.
+pub fn generation_figures(
+    dev: &Device,
+    presets: &[String],
+    vocab: usize,
+) -> candle_core::Result<Vec<GenerationFigure>> {
+    let mut out = Vec::new();
+    for p in presets.iter().filter(|p| !p.is_empty()) {
+        for batch in [1, 32] {
+            out.push(generation_figure(dev, p, vocab, batch)?);
+        }
+    }
+    Ok(out)
 }
