@@ -73,6 +73,11 @@ pub struct LoaderConfig {
     /// the next (a row's first token is the same row's last of the batch before), with
     /// domains chosen per document so that tokens follow the weights.
     pub streams: bool,
+    /// Data parallelism, (rank, world size): every rank assembles the same global batch of
+    /// `world × batch_size` rows from the same plan and keeps its own `batch_size` rows, so
+    /// each token is read once per epoch across the ranks, the cursor is the same on every
+    /// rank, and the global stream does not depend on how many ranks share it.
+    pub ranks: Option<(usize, usize)>,
 }
 
 impl Default for LoaderConfig {
@@ -92,6 +97,7 @@ impl Default for LoaderConfig {
             boundary_mask: false,
             tokenizer_sha256: None,
             streams: false,
+            ranks: None,
         }
     }
 }
@@ -114,6 +120,20 @@ pub struct Batch {
     /// The domain each row was drawn from.
     pub domains: Vec<Domain>,
     pub cursor: Cursor,
+}
+
+impl Batch {
+    /// Rows `from..from + n` of the batch (a rank's share), with the batch's cursor.
+    pub fn rows(&self, from: usize, n: usize) -> Batch {
+        let row_len = self.tokens.len() / self.domains.len().max(1);
+        let cut = from * row_len..(from + n) * row_len;
+        Batch {
+            tokens: self.tokens[cut.clone()].to_vec(),
+            mask: self.mask[cut].to_vec(),
+            domains: self.domains[from..from + n].to_vec(),
+            cursor: self.cursor.clone(),
+        }
+    }
 }
 
 /// One row group of one domain's shards.
@@ -151,6 +171,20 @@ impl Loader {
     /// Open shard directories (each with its `manifest.json`) and start the threads,
     /// continuing from `cursor` when given.
     pub fn open(dirs: &[PathBuf], cfg: LoaderConfig, cursor: Option<Cursor>) -> Result<Self> {
+        let (cfg, rank) = match cfg.ranks {
+            Some((rank, world)) if rank >= world => {
+                return Err(Error::Invalid(format!("rank {rank} of a world of {world}")));
+            }
+            // The assembler builds the global batch; this rank's rows are cut from it.
+            Some((rank, world)) => (
+                LoaderConfig {
+                    batch_size: cfg.batch_size * world,
+                    ..cfg
+                },
+                Some((rank, cfg.batch_size)),
+            ),
+            None => (cfg, None),
+        };
         let plan = Plan::open(dirs, &cfg)?;
         let (task_tx, task_rx) = unbounded::<Task>();
         let (done_tx, done_rx) = unbounded::<(Key, Result<Decoded>)>();
@@ -170,7 +204,7 @@ impl Loader {
         }
         drop(done_tx);
         let mut asm = Assembler::new(plan, cfg, task_tx, done_rx, cursor)?;
-        threads.push(std::thread::spawn(move || asm.run(batch_tx, stop_rx)));
+        threads.push(std::thread::spawn(move || asm.run(batch_tx, stop_rx, rank)));
         Ok(Loader {
             batches: batch_rx,
             stop: stop_tx,
@@ -525,13 +559,19 @@ impl Assembler {
         Ok(asm)
     }
 
-    fn run(&mut self, out: Sender<Result<Batch>>, stop: Receiver<()>) {
+    /// Assemble batches until stopped; with `rank` = (rank, rows), hand over only that
+    /// rank's rows of each global batch.
+    fn run(&mut self, out: Sender<Result<Batch>>, stop: Receiver<()>, rank: Option<(usize, usize)>) {
         loop {
             if stop.try_recv().is_ok() {
                 return;
             }
             match self.next_batch() {
                 Ok(Some(b)) => {
+                    let b = match rank {
+                        Some((r, rows)) => b.rows(r * rows, rows),
+                        None => b,
+                    };
                     if out.send(Ok(b)).is_err() {
                         return;
                     }

@@ -338,3 +338,56 @@ fn row_streams_read_whole_documents_and_follow_the_weights_in_tokens() {
     );
     assert_eq!(total, 4 * 64 + 119 * 4 * 63, "every delivered token counted once");
 }
+
+#[test]
+fn ranks_share_the_global_batch_row_for_row_and_resume_together() {
+    let global = LoaderConfig {
+        batch_size: 8,
+        ..cfg(2)
+    };
+    let (whole, _) = take(global.clone(), None, 30);
+    let per_rank = |rank, cursor| {
+        take(
+            LoaderConfig {
+                ranks: Some((rank, 4)),
+                batch_size: 2,
+                ..cfg(2)
+            },
+            cursor,
+            30,
+        )
+    };
+    let ranks: Vec<(Vec<Batch>, Cursor)> = (0..4).map(|r| per_rank(r, None)).collect();
+    for (i, w) in whole.iter().enumerate() {
+        let joined: Vec<u32> = ranks.iter().flat_map(|(b, _)| b[i].tokens.clone()).collect();
+        assert_eq!(joined, w.tokens, "batch {i}: the ranks' rows are the global batch's");
+    }
+    // One cursor for all ranks, and the same stream after a resume on another world size.
+    assert!(ranks.iter().all(|(_, c)| *c == ranks[0].1));
+    let (after, _) = take(
+        LoaderConfig {
+            ranks: Some((1, 2)),
+            batch_size: 4,
+            ..cfg(2)
+        },
+        Some(ranks[0].1.clone()),
+        5,
+    );
+    let (straight, _) = take(global, None, 35);
+    for (i, b) in after.iter().enumerate() {
+        assert_eq!(
+            b.tokens,
+            straight[30 + i].tokens[4 * 64..8 * 64],
+            "rank 1 of 2 after resuming"
+        );
+    }
+    assert!(Loader::open(
+        &[shards()],
+        LoaderConfig {
+            ranks: Some((2, 2)),
+            ..cfg(1)
+        },
+        None
+    )
+    .is_err());
+}
