@@ -1104,3 +1104,100 @@ fn segment_training_refuses_what_would_break_its_streams() {
         );
     }
 }
+
+#[test]
+fn two_ranks_train_like_one_process_with_their_rows_together() {
+    let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut args = base_args(one.path(), 6);
+    args.extend(["--set".into(), "data.batch_size=4".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+
+    // Two ranks of 2 rows each read the same 4-row global batches.
+    let mut args = vec!["--procs".to_string(), "2".into(), "--".into(), "pretrain".into()];
+    args.extend(base_args(two.path(), 6));
+    let o = mmrec_train("launch", &args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (a, b) = (losses(one.path()), losses(two.path()));
+    assert_eq!(a.len(), 6);
+    assert_eq!(b.len(), 6, "rank 0 alone writes the metrics, once per step");
+    for (step, la) in &a {
+        assert!((la - b[step]).abs() < 1e-4, "step {step}: {la} against {}", b[step]);
+    }
+    assert!(two.path().join("final.safetensors").exists());
+}
+
+#[test]
+fn a_rank_that_fails_or_never_comes_ends_the_job_with_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every rank refuses its config: launch exits with a rank's status and says which.
+    let mut args = vec!["--procs".to_string(), "2".into(), "--".into(), "pretrain".into()];
+    args.extend(base_args(dir.path(), 2));
+    args.extend(["--set".into(), "data.seq_len=0".into()]);
+    let o = mmrec_train("launch", &args);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("failed"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // Rank 0 of two, alone: an error naming the missing rank after the timeout, not a hang.
+    let started = std::time::Instant::now();
+    let o = command("mmrec-train")
+        .arg("pretrain")
+        .args(base_args(dir.path(), 2))
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_PORT", "0")
+        .env("MMREC_DIST_TIMEOUT_S", "2")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ranks [1] never came"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(60));
+}
+
+#[test]
+fn a_data_parallel_run_stopped_by_a_signal_resumes_exactly_and_on_another_world_size() {
+    let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let launch = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["--procs".to_string(), "2".into(), "--".into(), "pretrain".into()];
+        args.extend(base_args(out, 120));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    assert!(mmrec_train("launch", &launch(straight.path(), &[])).status.success());
+
+    // SIGTERM to the launcher: both ranks stop after the same step, rank 0 checkpoints.
+    let mut child = command("mmrec-train")
+        .arg("launch")
+        .args(launch(stopped.path(), &[]))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = stopped.path().join("metrics.jsonl");
+    while std::fs::read_to_string(&metrics).map_or(0, |m| m.lines().count()) < 10 {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    terminate(&child);
+    assert_eq!(child.wait().unwrap().code(), Some(143));
+    assert!(losses(stopped.path()).len() < 120, "stopped part-way");
+    assert!(mmrec_train("launch", &launch(stopped.path(), &["--resume"]))
+        .status
+        .success());
+    assert_eq!(
+        losses(straight.path()),
+        losses(stopped.path()),
+        "identical losses at every step"
+    );
+
+    // One process goes on from the two ranks' checkpoint: the same rows per rank, so a
+    // global batch of 2 rows instead of 4, continuing the same data stream.
+    let mut args = base_args(stopped.path(), 130);
+    args.push("--resume".into());
+    assert!(mmrec_train("pretrain", &args).status.success());
+    assert_eq!(losses(stopped.path()).len(), 130);
+}

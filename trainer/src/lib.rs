@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod context;
+pub mod dist;
 pub mod generate;
 pub mod optim;
 pub mod plot;

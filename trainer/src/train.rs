@@ -23,6 +23,7 @@ pub use mmrec_schemas::run_config::{
 };
 use mmrec_schemas::{ModelConfig, ModelMeta, Role};
 
+use crate::dist::Group;
 use crate::optim::{learning_rate, observe_noise_scale, observe_validation, AdamW};
 use crate::segments::{Carried, Segments};
 use mmrec_kernels::adamw::{CONTROL_NORM, CONTROL_SKIP};
@@ -354,6 +355,10 @@ pub struct Session {
     /// Segment training (`data.context_len`), and the state carried into the next segment.
     segments: Option<Segments>,
     carried: Carried,
+    /// Data parallelism: the other ranks (None: a single process), and whether any rank
+    /// was asked to stop at the last step (all stop after the same step).
+    group: Option<Group>,
+    all_stop: bool,
 }
 
 impl Session {
@@ -399,6 +404,7 @@ impl Session {
             segments: None,
         };
         let segments = segment_plan(&cfg, &net)?;
+        let group = crate::dist::World::from_env()?.map(Group::connect).transpose()?;
         let mut session = Session {
             cfg,
             vm,
@@ -412,6 +418,8 @@ impl Session {
             eval_secs: 0.0,
             segments,
             carried: Carried::default(),
+            group,
+            all_stop: false,
         };
         if resume {
             session.resume_latest()?;
@@ -460,6 +468,11 @@ impl Session {
             val_permille: d.val_permille,
             split,
             streams: split == Split::Train && self.segments.is_some(),
+            ranks: self
+                .group
+                .as_ref()
+                .filter(|_| split == Split::Train)
+                .map(|g| (g.world.rank, g.world.size)),
             ..LoaderConfig::default()
         })
     }
@@ -485,10 +498,10 @@ impl Session {
         let (started, mut meter) = (Instant::now(), Throughput::new(&loader));
         let mut pending = Vec::new();
         let mut stopped_early = false;
-        while !self.budget_spent() && !stop.load(Ordering::Relaxed) {
+        while !self.budget_spent() && !self.stopping(stop) {
             let (accum, lr_mult) = self.next_accumulation();
             let batches = next_batches(&mut loader, accum)?;
-            pending.push(self.step(&batches, lr_mult)?);
+            pending.push(self.step(&batches, lr_mult, stop.load(Ordering::Relaxed))?);
             self.state.cursor = loader.cursor().cloned();
             meter.count(&batches);
             let run = &self.cfg.run;
@@ -507,7 +520,56 @@ impl Session {
             }
         }
         self.flush(&mut pending, &mut log, &mut meter, &loader, progress)?;
-        self.finish_run(stop.load(Ordering::Relaxed), started, stopped_early)
+        self.finish_run(self.stopping(stop), started, stopped_early)
+    }
+
+    /// Whether to stop: this process's signal, or with data parallelism any rank's, as the
+    /// last step's reduction carried it (so every rank stops after the same step).
+    fn stopping(&self, stop: &AtomicBool) -> bool {
+        match self.group {
+            Some(_) => self.all_stop,
+            None => stop.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Rank 0 writes the run's files (metrics, checkpoints, the final model); the other
+    /// ranks hold the same weights and state.
+    fn writes(&self) -> bool {
+        self.group.as_ref().is_none_or(|g| g.world.rank == 0)
+    }
+
+    /// Data parallelism: the ranks' losses and gradients averaged, their token counts and
+    /// micro-batches summed, and whether any rank was asked to stop.
+    fn all_reduce(&mut self, mut acc: Accumulated, tokens: u64, stop: bool) -> Result<(Accumulated, u64)> {
+        let Some(group) = self.group.as_mut() else {
+            return Ok((acc, tokens));
+        };
+        let world = group.world.size;
+        let mut flat = Vec::new();
+        for g in acc.grads.values() {
+            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        }
+        let grads_len = flat.len();
+        flat.extend([
+            acc.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            acc.micro_sq.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?,
+            tokens as f32,
+            f32::from(u8::from(stop)),
+        ]);
+        group.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        for g in acc.grads.values_mut() {
+            let n = g.elem_count();
+            let mean: Vec<f32> = flat[at..at + n].iter().map(|x| x / world as f32).collect();
+            *g = Tensor::from_vec(mean, g.shape(), g.device())?.to_dtype(g.dtype())?;
+            at += n;
+        }
+        let extra = &flat[grads_len..];
+        acc.loss = Tensor::new(extra[0] / world as f32, &self.dev)?;
+        acc.micro_sq = Tensor::new(&[extra[1]], &self.dev)?;
+        acc.micro_batches *= world;
+        self.all_stop = extra[3] > 0.0;
+        Ok((acc, extra[2].round() as u64))
     }
 
     fn elapsed_s(&self) -> f64 {
@@ -662,15 +724,20 @@ impl Session {
     /// and fit the micro-batch to the memory there is.
     fn open_run(&mut self, progress: &dyn Fn(&serde_json::Value)) -> Result<(RunLog, Loader)> {
         let out = self.cfg.run.out.clone();
-        std::fs::create_dir_all(&out).map_err(io_err(&out))?;
-        remove_stale_checkpoint_dirs(&out.join(CHECKPOINTS))?;
         let path = out.join("metrics.jsonl");
-        truncate_metrics(&path, self.state.step)?;
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = if self.writes() {
+            std::fs::create_dir_all(&out).map_err(io_err(&out))?;
+            remove_stale_checkpoint_dirs(&out.join(CHECKPOINTS))?;
+            truncate_metrics(&path, self.state.step)?;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            Some(file)
+        } else {
+            None
+        };
         let mut log = RunLog { file, path };
         self.find_micro_batch(&mut log, progress)?;
         let loader = Loader::open(
@@ -715,8 +782,10 @@ impl Session {
     /// One optimiser step on `batches`: gradients (halving the micro-batch on an
     /// out-of-memory error), then the clipped AdamW update, which the device skips after a
     /// non-finite loss or gradient. Returns the step's record, to be completed by `flush`.
-    fn step(&mut self, batches: &[Batch], lr_mult: f64) -> Result<PendingStep> {
+    fn step(&mut self, batches: &[Batch], lr_mult: f64, stop: bool) -> Result<PendingStep> {
         let (acc, events) = self.gradients_with_retry(batches)?;
+        let tokens = batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
+        let (acc, tokens) = self.all_reduce(acc, tokens, stop)?;
         let optim = &self.cfg.optim;
         let accum = 1.0 / (batches.len() * self.state.micro_splits) as f64;
         let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule) * lr_mult;
@@ -728,7 +797,7 @@ impl Session {
                 source,
             })?;
         self.state.step += 1;
-        self.state.tokens_seen += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
+        self.state.tokens_seen += tokens;
         if let Some(carried) = acc.carried {
             self.state.segments = Some(carried.meta.clone());
             self.carried = carried;
@@ -826,7 +895,7 @@ impl Session {
     fn finish_run(&mut self, interrupted: bool, started: Instant, stopped_early: bool) -> Result<Summary> {
         self.save_checkpoint(false)?;
         let final_path = self.cfg.run.out.join("final.safetensors");
-        if !interrupted {
+        if !interrupted && self.writes() {
             self.export(&final_path)?;
         }
         Ok(Summary {
@@ -923,6 +992,9 @@ impl Session {
     /// Directory written under a temporary name and renamed; then `latest` (and `best`)
     /// are repointed atomically and old checkpoints beyond `keep_last` are removed.
     pub fn save_checkpoint(&mut self, best: bool) -> Result<()> {
+        if !self.writes() {
+            return Ok(());
+        }
         let root = self.cfg.run.out.join(CHECKPOINTS);
         std::fs::create_dir_all(&root).map_err(io_err(&root))?;
         let name = format!("step-{:08}", self.state.step);
@@ -1003,13 +1075,16 @@ impl Session {
 
 /// `metrics.jsonl`, with every record also handed to the progress callback.
 struct RunLog {
-    file: std::fs::File,
+    /// None on a data-parallel rank other than 0.
+    file: Option<std::fs::File>,
     path: PathBuf,
 }
 
 impl RunLog {
     fn write(&mut self, record: &serde_json::Value, progress: &dyn Fn(&serde_json::Value)) -> Result<()> {
-        writeln!(self.file, "{record}").map_err(io_err(&self.path))?;
+        if let Some(file) = &mut self.file {
+            writeln!(file, "{record}").map_err(io_err(&self.path))?;
+        }
         progress(record);
         Ok(())
     }

@@ -53,6 +53,21 @@ enum Command {
     /// projections; scaling with sequence length and batch; the memory plan. Writes
     /// OUT/benchmark_results.json and charts beside it.
     Bench(BenchArgs),
+    /// Data parallelism on this host: start `--procs` copies of an `mmrec-train` training
+    /// command, one per rank (each with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and
+    /// MASTER_PORT, as torchrun sets them), forward SIGINT and SIGTERM to them, and exit
+    /// with the status of the first rank that fails (stopping the others).
+    Launch {
+        /// Ranks (one per GPU on a GPU machine: rank r trains on cuda:r with --device cuda).
+        #[arg(long)]
+        procs: usize,
+        /// The port rank 0 waits for the others on (default: a free one).
+        #[arg(long)]
+        master_port: Option<u16>,
+        /// The training command, after `--`: `-- pretrain --data D --out O ...`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Write a freshly initialised base model (seeded) without training it.
     Init {
         #[arg(long, default_value = "tiny")]
@@ -214,8 +229,22 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let dev = mmrec_model::device::parse(&cli.device).map_err(anyhow::Error::msg)?;
+    if let Command::Launch {
+        procs,
+        master_port,
+        command,
+    } = &cli.command
+    {
+        return launch(*procs, *master_port, command);
+    }
+    // A data-parallel rank trains on its own GPU.
+    let spec = match (cli.device.as_str(), std::env::var("LOCAL_RANK")) {
+        ("cuda", Ok(local)) => format!("cuda:{local}"),
+        _ => cli.device.clone(),
+    };
+    let dev = mmrec_model::device::parse(&spec).map_err(anyhow::Error::msg)?;
     match cli.command {
+        Command::Launch { .. } => unreachable!("handled above"),
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
         Command::Finetune { init, run } => train(run, Init::Model(init), &dev),
         Command::Fusion { init, run } => train(run, Init::Fused(init), &dev),
@@ -688,4 +717,108 @@ fn bench_command(a: BenchArgs, dev: &Device) -> Result<ExitCode> {
     }
     eprintln!("wrote {}", json.display());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `mmrec-train launch`: the ranks as child processes of this one.
+fn launch(procs: usize, master_port: Option<u16>, command: &[String]) -> Result<ExitCode> {
+    anyhow::ensure!(procs >= 1, "--procs must be at least 1");
+    let port = match master_port {
+        Some(p) => p,
+        None => std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+    };
+    let exe = std::env::current_exe().context("finding this program")?;
+    let mut ranks = Vec::with_capacity(procs);
+    for rank in 0..procs {
+        let child = std::process::Command::new(&exe)
+            .args(command)
+            .env("RANK", rank.to_string())
+            .env("WORLD_SIZE", procs.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            // Rank 0 speaks for the job; the others' errors still reach stderr.
+            .stdout(if rank == 0 {
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        ranks.push(child);
+    }
+    let signal = Arc::new(AtomicUsize::new(0));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_usize(sig, signal.clone(), sig as usize)
+            .context("installing the signal handler")?;
+    }
+    let (failed, forwarded) = supervise(&mut ranks, &signal)?;
+    Ok(match (failed, forwarded) {
+        (Some((rank, status)), _) => {
+            eprintln!("rank {rank} failed ({status}): the other ranks were stopped");
+            ExitCode::from(exit_byte(status))
+        }
+        (None, Some(sig)) => ExitCode::from(128 + sig as u8),
+        (None, None) => ExitCode::SUCCESS,
+    })
+}
+
+/// Wait for every rank: forward a signal to all of them, and when one fails stop the rest
+/// (SIGTERM, then SIGKILL after 60 s). The first failure, and the signal forwarded.
+type Failure = Option<(usize, std::process::ExitStatus)>;
+fn supervise(ranks: &mut [std::process::Child], signal: &AtomicUsize) -> Result<(Failure, Option<usize>)> {
+    let send = |child: &std::process::Child, sig: i32| {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, sig) };
+    };
+    let mut done: Vec<Option<std::process::ExitStatus>> = vec![None; ranks.len()];
+    let (mut failed, mut forwarded, mut deadline) = (None, None, None);
+    while done.iter().any(Option::is_none) {
+        let sig = signal.load(Ordering::Relaxed);
+        // Only ranks still running: a reaped child's pid may belong to another process.
+        let running = |done: &[Option<std::process::ExitStatus>], sig: i32| {
+            ranks
+                .iter()
+                .zip(done)
+                .filter(|(_, d)| d.is_none())
+                .for_each(|(c, _)| send(c, sig));
+        };
+        if sig != 0 && forwarded.is_none() {
+            running(&done, sig as i32);
+            forwarded = Some(sig);
+        }
+        let first_failure = done
+            .iter()
+            .enumerate()
+            .find_map(|(i, s)| s.filter(|s| !s.success()).map(|s| (i, s)));
+        if let (Some(f), None, None) = (first_failure, failed, forwarded) {
+            failed = Some(f);
+            deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs(60));
+            running(&done, libc::SIGTERM);
+        }
+        if deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            running(&done, libc::SIGKILL);
+        }
+        for (i, child) in ranks.iter_mut().enumerate() {
+            if done[i].is_none() {
+                done[i] = child.try_wait().with_context(|| format!("waiting for rank {i}"))?;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Ranks that all ended in the same interval: the first failing one.
+    let first_failure = done
+        .iter()
+        .enumerate()
+        .find_map(|(i, s)| s.filter(|s| !s.success()).map(|s| (i, s)));
+    Ok((failed.or(first_failure.filter(|_| forwarded.is_none())), forwarded))
+}
+
+/// A child's exit status as this process's exit byte (128 + N for a signal).
+fn exit_byte(status: std::process::ExitStatus) -> u8 {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => code.clamp(1, 255) as u8,
+        (None, Some(sig)) => 128 + sig as u8,
+        _ => 1,
+    }
 }

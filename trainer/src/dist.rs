@@ -1,0 +1,189 @@
+//! Data parallelism across processes (issue 20): the world from a launcher's environment
+//! (torchrun's `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`, or
+//! Slurm's `SLURM_PROCID`, `SLURM_NTASKS`, `SLURM_LOCALID`), a TCP rendezvous at the
+//! master address, and the step's all-reduce in f32. This backend reduces over TCP through
+//! rank 0, summing in rank order so that every rank gets the same bits: it runs the whole
+//! data-parallel path with one process per rank on any machine (the tests do, on the
+//! CPU). NCCL, the backend for several GPUs, is not built yet.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::train::{Error, Result};
+
+/// This process's place among the ranks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct World {
+    pub rank: usize,
+    pub size: usize,
+    pub local_rank: usize,
+    /// `host:port` where rank 0 waits for the others.
+    pub master: String,
+}
+
+impl World {
+    /// The world the launcher describes, or None for a single process.
+    pub fn from_env() -> Result<Option<World>> {
+        let var = |k: &str| std::env::var(k).ok();
+        let names = if var("WORLD_SIZE").is_some() {
+            ["RANK", "WORLD_SIZE", "LOCAL_RANK"]
+        } else if var("SLURM_NTASKS").is_some() {
+            ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"]
+        } else {
+            return Ok(None);
+        };
+        let number = |k: &str, default: Option<usize>| -> Result<usize> {
+            match (var(k), default) {
+                (Some(v), _) => v
+                    .parse()
+                    .map_err(|_| Error::Config(format!("{k}={v:?} is not a number"))),
+                (None, Some(d)) => Ok(d),
+                (None, None) => Err(Error::Config(format!("{} is set but {k} is not", names[1]))),
+            }
+        };
+        let (rank, size, local_rank) = (
+            number(names[0], None)?,
+            number(names[1], None)?,
+            number(names[2], Some(0))?,
+        );
+        if rank >= size {
+            return Err(Error::Config(format!(
+                "{}={rank} is not below {}={size}",
+                names[0], names[1]
+            )));
+        }
+        let master = format!(
+            "{}:{}",
+            var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
+            var("MASTER_PORT").unwrap_or_else(|| "29500".into())
+        );
+        Ok((size > 1).then_some(World {
+            rank,
+            size,
+            local_rank,
+            master,
+        }))
+    }
+}
+
+/// How long a rank waits for the others, at the rendezvous and in each reduction, before
+/// it gives up with an error (`MMREC_DIST_TIMEOUT_S`, default 300): a rank that died ends
+/// the job, it does not hang it.
+fn timeout() -> Duration {
+    let secs = std::env::var("MMREC_DIST_TIMEOUT_S")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    Duration::from_secs(secs)
+}
+
+/// The connected ranks: rank 0 holds a stream to every other rank (in rank order), the
+/// others one stream to rank 0.
+pub struct Group {
+    pub world: World,
+    peers: Vec<TcpStream>,
+}
+
+fn dist_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
+    move |e| Error::Config(format!("data parallel: {what}: {e}"))
+}
+
+impl Group {
+    /// Meet the other ranks at the master address.
+    pub fn connect(world: World) -> Result<Group> {
+        let deadline = Instant::now() + timeout();
+        let mut peers = Vec::new();
+        if world.rank == 0 {
+            let listener =
+                TcpListener::bind(&world.master).map_err(dist_err(format!("listening on {}", world.master)))?;
+            listener
+                .set_nonblocking(true)
+                .map_err(dist_err("the listener".into()))?;
+            let mut slots: Vec<Option<TcpStream>> = (1..world.size).map(|_| None).collect();
+            while slots.iter().any(Option::is_none) {
+                match listener.accept() {
+                    Ok((mut s, _)) => {
+                        s.set_nonblocking(false).map_err(dist_err("a rank's stream".into()))?;
+                        let mut rank = [0u8; 4];
+                        s.read_exact(&mut rank).map_err(dist_err("a rank's hello".into()))?;
+                        let r = u32::from_le_bytes(rank) as usize;
+                        if r == 0 || r >= world.size || slots[r - 1].is_some() {
+                            return Err(Error::Config(format!(
+                                "data parallel: unexpected rank {r} at the rendezvous"
+                            )));
+                        }
+                        slots[r - 1] = Some(s);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if Instant::now() > deadline {
+                            let missing: Vec<usize> = (1..world.size).filter(|r| slots[r - 1].is_none()).collect();
+                            return Err(Error::Config(format!(
+                                "data parallel: ranks {missing:?} never came to {}",
+                                world.master
+                            )));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    Err(e) => return Err(dist_err("accepting a rank".into())(e)),
+                }
+            }
+            peers.extend(slots.into_iter().flatten());
+        } else {
+            let mut s = loop {
+                match TcpStream::connect(&world.master) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(dist_err(format!("reaching rank 0 at {}", world.master))(e))
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            };
+            s.write_all(&(world.rank as u32).to_le_bytes())
+                .map_err(dist_err("greeting rank 0".into()))?;
+            peers.push(s);
+        }
+        for s in &peers {
+            let io = dist_err("setting up a stream".into());
+            s.set_read_timeout(Some(timeout())).map_err(io)?;
+            s.set_nodelay(true).map_err(dist_err("setting up a stream".into()))?;
+        }
+        Ok(Group { world, peers })
+    }
+
+    /// Every rank's `data` summed element-wise, into `data` on every rank (rank order, so
+    /// the same bits everywhere).
+    pub fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
+        let mut bytes = vec![0u8; data.len() * 4];
+        if self.world.rank == 0 {
+            for (i, s) in self.peers.iter_mut().enumerate() {
+                s.read_exact(&mut bytes)
+                    .map_err(dist_err(format!("receiving from rank {}", i + 1)))?;
+                for (x, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+            encode(data, &mut bytes);
+            for (i, s) in self.peers.iter_mut().enumerate() {
+                s.write_all(&bytes)
+                    .map_err(dist_err(format!("sending to rank {}", i + 1)))?;
+            }
+        } else {
+            encode(data, &mut bytes);
+            let s = &mut self.peers[0];
+            s.write_all(&bytes).map_err(dist_err("sending to rank 0".into()))?;
+            s.read_exact(&mut bytes)
+                .map_err(dist_err("receiving from rank 0".into()))?;
+            for (x, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn encode(data: &[f32], bytes: &mut [u8]) {
+    for (x, b) in data.iter().zip(bytes.chunks_exact_mut(4)) {
+        b.copy_from_slice(&x.to_le_bytes());
+    }
+}
