@@ -1115,6 +1115,8 @@ fn two_ranks_train_like_one_process_with_their_rows_together() {
     // Two ranks of 2 rows each read the same 4-row global batches.
     let mut args = vec!["--procs".to_string(), "2".into(), "--".into(), "pretrain".into()];
     args.extend(base_args(two.path(), 6));
+    // And the ranks compare their parameters' hash every 2 steps.
+    args.extend(["--set".into(), "run.check_sync_every=2".into()]);
     let o = mmrec_train("launch", &args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (a, b) = (losses(one.path()), losses(two.path()));

@@ -93,6 +93,9 @@ pub struct RunConfig {
     pub ckpt_every: u64,
     pub keep_last: usize,
     pub log_every: u64,
+    /// Data parallelism, a debug check: every this many steps the ranks compare a hash of
+    /// their parameters and stop with an error if they differ (0: never).
+    pub check_sync_every: u64,
     pub grad_checkpointing: bool,
     /// Memory (MB) a micro-batch's activations may take; 0: what the device has free at
     /// start. Over it, the micro-batch is halved and accumulation doubled.
@@ -285,6 +288,7 @@ impl Default for RunConfig {
             ckpt_every: 100,
             keep_last: 2,
             log_every: 10,
+            check_sync_every: 0,
             grad_checkpointing: false,
             memory_limit_mb: 0,
             precision: Precision::F32,

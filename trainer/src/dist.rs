@@ -182,6 +182,34 @@ impl Group {
     }
 }
 
+impl Group {
+    /// Whether every rank holds the same `value` (rank 0 compares and tells the others).
+    pub fn agree(&mut self, value: u64) -> Result<bool> {
+        let mut word = [0u8; 8];
+        if self.world.rank == 0 {
+            let mut same = true;
+            for (i, s) in self.peers.iter_mut().enumerate() {
+                s.read_exact(&mut word)
+                    .map_err(dist_err(format!("receiving from rank {}", i + 1)))?;
+                same &= u64::from_le_bytes(word) == value;
+            }
+            for (i, s) in self.peers.iter_mut().enumerate() {
+                s.write_all(&[u8::from(same)])
+                    .map_err(dist_err(format!("sending to rank {}", i + 1)))?;
+            }
+            Ok(same)
+        } else {
+            let s = &mut self.peers[0];
+            s.write_all(&value.to_le_bytes())
+                .map_err(dist_err("sending to rank 0".into()))?;
+            let mut verdict = [0u8; 1];
+            s.read_exact(&mut verdict)
+                .map_err(dist_err("receiving from rank 0".into()))?;
+            Ok(verdict[0] == 1)
+        }
+    }
+}
+
 fn encode(data: &[f32], bytes: &mut [u8]) {
     for (x, b) in data.iter().zip(bytes.chunks_exact_mut(4)) {
         b.copy_from_slice(&x.to_le_bytes());

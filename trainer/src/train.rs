@@ -509,6 +509,7 @@ impl Session {
             if self.due(run.log_every.max(1)) || eval_due || ckpt_due {
                 self.flush(&mut pending, &mut log, &mut meter, &loader, progress)?;
             }
+            self.check_sync()?;
             let improved = self.maybe_evaluate(&mut log, progress)?;
             stopped_early = self.cfg.optim.early_stop_patience > 0
                 && self.state.schedule.evals_since_best >= self.cfg.optim.early_stop_patience;
@@ -521,6 +522,27 @@ impl Session {
         }
         self.flush(&mut pending, &mut log, &mut meter, &loader, progress)?;
         self.finish_run(self.stopping(stop), started, stopped_early)
+    }
+
+    /// `run.check_sync_every`: the ranks compare a hash of their parameters' bits.
+    fn check_sync(&mut self) -> Result<()> {
+        if self.group.is_none() || !self.due(self.cfg.run.check_sync_every) {
+            return Ok(());
+        }
+        let mut vars = io::varmap_vars(&self.vm);
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let mut hash = 0xcbf2_9ce4_8422_2325u64;
+        for (_, v) in &vars {
+            for x in v.as_tensor().flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()? {
+                hash = (hash ^ u64::from(x.to_bits())).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        let step = self.state.step;
+        let group = self.group.as_mut().expect("checked above");
+        match group.agree(hash)? {
+            true => Ok(()),
+            false => Err(Error::Config(format!("the ranks' parameters differ at step {step}"))),
+        }
     }
 
     /// Whether to stop: this process's signal, or with data parallelism any rank's, as the
