@@ -4,7 +4,8 @@
 # Starts munge, slurmctld and slurmd when no cluster answers (installing the packages with
 # apt when they are missing; needs root), runs the pipeline on the fixtures as an sbatch
 # chain (the split as a 2-part job array and a merge), checks the report, runs it again
-# (nothing to submit: every stage is unchanged), and stops only the daemons it started.
+# (nothing to submit: every stage is unchanged), trains with two data-parallel ranks
+# started by srun, and stops only the daemons it started.
 # Usage: scripts/slurm-check.sh [WORK_DIR]   (default: a temporary directory)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -111,4 +112,19 @@ echo "== again: nothing changed, nothing submitted"
 "$bin/mmrec-recipe" run "$work/nightly-slurm.toml"
 run=$(ls -d "$work"/runs/*/ | sort -V | tail -1)
 python3 -c "import json,sys; s=json.load(open(sys.argv[1])); assert all(x['status']=='skipped' for x in s), s; print('all', len(s), 'stages skipped')" "$run/stages.json"
+echo "== data parallel: two ranks started by srun (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID)"
+MASTER_ADDR=127.0.0.1 MASTER_PORT=29511 srun -n 2 --export=ALL "$bin/mmrec-train" pretrain --device cpu \
+  --data "$run/outputs/split/shards" --out "$work/data-parallel" --json --set 'model.preset="tiny"' \
+  --set data.seq_len=64 --set data.batch_size=2 --set run.steps=6 --set run.eval_every=0 \
+  --set run.log_every=1 --set run.check_sync_every=2 >/dev/null
+python3 - "$work/data-parallel" <<'PY'
+import json, os, sys
+out = sys.argv[1]
+steps = [json.loads(l) for l in open(f"{out}/metrics.jsonl") if '"loss"' in l]
+assert [r["step"] for r in steps] == list(range(1, 7)), steps
+# two ranks of 2 rows of 65 tokens each step
+assert steps[-1]["tokens_seen"] == 6 * 2 * 2 * 65, steps[-1]
+assert os.path.exists(f"{out}/final.safetensors")
+print("two ranks under srun: 6 steps, losses", [round(r["loss"], 3) for r in steps])
+PY
 echo "slurm check passed ($work)"

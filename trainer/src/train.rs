@@ -917,7 +917,8 @@ impl Session {
     fn finish_run(&mut self, interrupted: bool, started: Instant, stopped_early: bool) -> Result<Summary> {
         self.save_checkpoint(false)?;
         let final_path = self.cfg.run.out.join("final.safetensors");
-        if !interrupted && self.writes() {
+        let written = !interrupted && self.writes();
+        if written {
             self.export(&final_path)?;
         }
         Ok(Summary {
@@ -927,7 +928,7 @@ impl Session {
             stopped_early,
             interrupted,
             best_val: self.state.schedule.best_val,
-            final_model: final_path,
+            final_model: written.then_some(final_path),
         })
     }
 
@@ -1194,7 +1195,8 @@ pub struct Summary {
     pub stopped_early: bool,
     pub interrupted: bool,
     pub best_val: Option<f64>,
-    pub final_model: PathBuf,
+    /// None when interrupted, or on a data-parallel rank other than 0 (rank 0 writes it).
+    pub final_model: Option<PathBuf>,
 }
 
 /// Mean loss per domain and overall (`all`, token-weighted) on the held-out split, and the

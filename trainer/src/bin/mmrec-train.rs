@@ -642,10 +642,10 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
             ""
         },
         summary.best_val.map_or("-".into(), |v| format!("{v:.4}")),
-        if summary.interrupted {
-            "none written (interrupted)".into()
-        } else {
-            summary.final_model.display().to_string()
+        match (&summary.final_model, summary.interrupted) {
+            (Some(path), _) => path.display().to_string(),
+            (None, true) => "none written (interrupted)".into(),
+            (None, false) => "written by rank 0".into(),
         }
     );
     // Interrupted work is not success: 128 + the signal, as shells report it.
