@@ -1203,3 +1203,22 @@ fn a_data_parallel_run_stopped_by_a_signal_resumes_exactly_and_on_another_world_
     assert!(mmrec_train("pretrain", &args).status.success());
     assert_eq!(losses(stopped.path()).len(), 130);
 }
+
+#[test]
+fn segment_training_splits_its_rows_and_their_states_into_micro_batches() {
+    let (full, halved) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    assert!(mmrec_train("pretrain", &segment_args(full.path(), 6, 128))
+        .status
+        .success());
+    // Four rows over a 6 MB limit: two micro-batches of two rows, each with its rows' states.
+    let mut args = segment_args(halved.path(), 6, 128);
+    args.extend(["--set".into(), "run.memory_limit_mb=6".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let log = std::fs::read_to_string(halved.path().join("metrics.jsonl")).unwrap();
+    assert!(log.contains("2 micro-batches of 2 rows"), "{log}");
+    let (a, b) = (losses(full.path()), losses(halved.path()));
+    assert_eq!(a.len(), 6);
+    for (step, la) in &a {
+        assert!((la - b[step]).abs() < 1e-4, "step {step}: {la} vs {}", b[step]);
+    }
+}
