@@ -462,24 +462,13 @@ impl Memory {
         let mask = visibility_mask(visible.into_iter().flatten().collect(), (t, n_e), h.dtype(), h.device())?;
         let mut scores = (qh.matmul(&k.transpose(2, 3)?.contiguous()?)? / (dh as f64).sqrt())?.broadcast_add(&mask)?;
         if let Some(docs) = docs {
-            scores = scores.broadcast_add(&document_mask(&chunk_start, docs, h.dtype())?)?;
+            scores = scores.broadcast_add(&docs.attention_mask(&chunk_start, h.dtype())?)?;
         }
         // One fused pass each way, statistics in f32 whatever the dtype (DESIGN §6).
         let attn = mmrec_kernels::fused::softmax_last_dim(&scores)?;
         let ctx = attn.matmul(&v)?.transpose(1, 2)?.reshape((b, t, d))?;
         Ok((self.out.forward(&ctx)?, new_levels))
     }
-}
-
-/// [B, 1, T, E]: −∞ where an entry's chunk began before the position's document, else 0.
-fn document_mask(chunk_start: &[f32], docs: &DocBounds, dtype: DType) -> Result<Tensor> {
-    let dev = docs.starts.device();
-    let began = Tensor::from_slice(chunk_start, (1, 1, 1, chunk_start.len()), dev)?;
-    let before = began.broadcast_lt(&docs.starts)?;
-    let shape = before.shape().clone();
-    let hidden = Tensor::full(f32::NEG_INFINITY, (), dev)?.broadcast_as(&shape)?;
-    let seen = Tensor::zeros((), DType::F32, dev)?.broadcast_as(&shape)?;
-    before.where_cond(&hidden, &seen)?.to_dtype(dtype)
 }
 
 /// The additive attention mask (0 visible, −∞ hidden) for a visibility pattern, cached per

@@ -4,6 +4,8 @@
 //! at that position the scan forgets its state and the memory hides every chunk summary
 //! that began before it.
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::model::{BlockState, LevelState};
@@ -15,6 +17,9 @@ pub struct DocBounds {
     pub keep: Tensor,
     /// [B, 1, T, 1], f32: the absolute position at which each position's document began.
     pub starts: Tensor,
+    /// The last attention mask made, by the entries' chunk starts and dtype: every block of
+    /// a forward (and a checkpointed block's recompute) sees the same entries.
+    mask: RefCell<Option<(Vec<f32>, DType, Tensor)>>,
 }
 
 impl DocBounds {
@@ -39,7 +44,27 @@ impl DocBounds {
         Ok(DocBounds {
             keep: Tensor::from_vec(keep, (b, t, 1), dev)?,
             starts: Tensor::from_vec(at, (b, 1, t, 1), dev)?,
+            mask: RefCell::new(None),
         })
+    }
+
+    /// [B, 1, T, E]: −∞ where an attention entry's chunk began (`chunk_start`, absolute;
+    /// `f32::MAX` for entries always visible) before the position's document, else 0.
+    pub fn attention_mask(&self, chunk_start: &[f32], dtype: DType) -> Result<Tensor> {
+        if let Some((starts, dt, mask)) = self.mask.borrow().as_ref() {
+            if starts == chunk_start && *dt == dtype {
+                return Ok(mask.clone());
+            }
+        }
+        let dev = self.starts.device();
+        let began = Tensor::from_slice(chunk_start, (1, 1, 1, chunk_start.len()), dev)?;
+        let before = began.broadcast_lt(&self.starts)?;
+        let shape = before.shape().clone();
+        let hidden = Tensor::full(f32::NEG_INFINITY, (), dev)?.broadcast_as(&shape)?;
+        let seen = Tensor::zeros((), DType::F32, dev)?.broadcast_as(&shape)?;
+        let mask = before.where_cond(&hidden, &seen)?.to_dtype(dtype)?;
+        *self.mask.borrow_mut() = Some((chunk_start.to_vec(), dtype, mask.clone()));
+        Ok(mask)
     }
 
     /// Rows `r0..r0 + n` (a micro-batch).
@@ -47,6 +72,7 @@ impl DocBounds {
         Ok(DocBounds {
             keep: self.keep.narrow(0, r0, n)?,
             starts: self.starts.narrow(0, r0, n)?,
+            mask: RefCell::new(None),
         })
     }
 }

@@ -159,8 +159,8 @@ impl Group {
             for (i, s) in self.peers.iter_mut().enumerate() {
                 s.read_exact(&mut bytes)
                     .map_err(dist_err(format!("receiving from rank {}", i + 1)))?;
-                for (x, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
-                    *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                for (x, y) in data.iter_mut().zip(decode(&bytes)) {
+                    *x += y;
                 }
             }
             encode(data, &mut bytes);
@@ -174,8 +174,8 @@ impl Group {
             s.write_all(&bytes).map_err(dist_err("sending to rank 0".into()))?;
             s.read_exact(&mut bytes)
                 .map_err(dist_err("receiving from rank 0".into()))?;
-            for (x, b) in data.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            for (x, y) in data.iter_mut().zip(decode(&bytes)) {
+                *x = y;
             }
         }
         Ok(())
@@ -214,4 +214,10 @@ fn encode(data: &[f32], bytes: &mut [u8]) {
     for (x, b) in data.iter().zip(bytes.chunks_exact_mut(4)) {
         b.copy_from_slice(&x.to_le_bytes());
     }
+}
+
+fn decode(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }

@@ -786,11 +786,7 @@ fn supervise(ranks: &mut [std::process::Child], signal: &AtomicUsize) -> Result<
             running(&done, sig as i32);
             forwarded = Some(sig);
         }
-        let first_failure = done
-            .iter()
-            .enumerate()
-            .find_map(|(i, s)| s.filter(|s| !s.success()).map(|s| (i, s)));
-        if let (Some(f), None, None) = (first_failure, failed, forwarded) {
+        if let (Some(f), None, None) = (first_failure(&done), failed, forwarded) {
             failed = Some(f);
             deadline = Some(std::time::Instant::now() + std::time::Duration::from_secs(60));
             running(&done, libc::SIGTERM);
@@ -806,11 +802,17 @@ fn supervise(ranks: &mut [std::process::Child], signal: &AtomicUsize) -> Result<
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     // Ranks that all ended in the same interval: the first failing one.
-    let first_failure = done
-        .iter()
+    Ok((
+        failed.or(first_failure(&done).filter(|_| forwarded.is_none())),
+        forwarded,
+    ))
+}
+
+/// The lowest rank that ended with a failure, and its status.
+fn first_failure(done: &[Option<std::process::ExitStatus>]) -> Failure {
+    done.iter()
         .enumerate()
-        .find_map(|(i, s)| s.filter(|s| !s.success()).map(|s| (i, s)));
-    Ok((failed.or(first_failure.filter(|_| forwarded.is_none())), forwarded))
+        .find_map(|(i, s)| s.filter(|s| !s.success()).map(|s| (i, s)))
 }
 
 /// A child's exit status as this process's exit byte (128 + N for a signal).
