@@ -1221,4 +1221,17 @@ fn segment_training_splits_its_rows_and_their_states_into_micro_batches() {
     for (step, la) in &a {
         assert!((la - b[step]).abs() < 1e-4, "step {step}: {la} vs {}", b[step]);
     }
+    // Gradient checkpointing recomputes each block from the carried states: the same losses.
+    let recomputed = tempfile::tempdir().unwrap();
+    let mut args = segment_args(recomputed.path(), 6, 128);
+    args.extend(["--set".into(), "run.grad_checkpointing=true".into()]);
+    assert!(mmrec_train("pretrain", &args).status.success());
+    let c = losses(recomputed.path());
+    for (step, la) in &a {
+        assert!(
+            (la - c[step]).abs() < 1e-4,
+            "step {step}: {la} vs {} with checkpointing",
+            c[step]
+        );
+    }
 }

@@ -530,11 +530,17 @@ impl Assembler {
             validation_order,
             lanes,
         };
-        // Restore the row groups the cursor's buffered references point into.
-        let domains: Vec<Domain> = asm.streams.keys().copied().collect();
+        asm.restore_referenced_groups()?;
+        Ok(asm)
+    }
+
+    /// Decode the row groups a restored cursor's references point into (shuffle buffers,
+    /// documents being packed, row streams).
+    fn restore_referenced_groups(&mut self) -> Result<()> {
+        let domains: Vec<Domain> = self.streams.keys().copied().collect();
         for d in domains {
-            let s = &asm.streams[&d];
-            let in_lanes = asm.lanes.iter().filter_map(|l| l.current).filter(|c| c.0 == d);
+            let s = &self.streams[&d];
+            let in_lanes = self.lanes.iter().filter_map(|l| l.current).filter(|c| c.0 == d);
             let mut needed: Vec<u32> = s
                 .cur
                 .buffer
@@ -552,11 +558,11 @@ impl Assembler {
                         s.groups.len()
                     ))
                 })?;
-                let decoded = decode(group, asm.cfg.split, asm.cfg.val_permille)?;
-                asm.cache.insert((d, g), Arc::new(decoded));
+                let decoded = decode(group, self.cfg.split, self.cfg.val_permille)?;
+                self.cache.insert((d, g), Arc::new(decoded));
             }
         }
-        Ok(asm)
+        Ok(())
     }
 
     /// Assemble batches until stopped; with `rank` = (rank, rows), hand over only that

@@ -140,11 +140,9 @@ pub fn batch_tensors(
 
 /// Loss (a scalar tensor on the device, at least f32: nothing is read back) and gradients by
 /// parameter name. The loss comes back detached: tied to its graph it would keep the
-/// micro-batch's activations alive until the step ends. With checkpointing, only each
-/// block's input is kept from the forward pass; the backward recomputes one block at a time
-/// and chains the gradient through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's
-/// activations. With `stream` (segment training) the forward starts from those states and
-/// document bounds, and the states after it come back too.
+/// micro-batch's activations alive until the step ends. With `checkpointing`, see
+/// [`checkpointed_loss_and_grads`]. With `stream` (segment training) the forward starts
+/// from those states and document bounds, and the states after it come back too.
 pub fn loss_and_grads(
     net: &Net,
     vm: &VarMap,
@@ -153,36 +151,52 @@ pub fn loss_and_grads(
     stream: Option<(&[BlockState], &DocBounds)>,
 ) -> candle_core::Result<Gradients> {
     let named = io::varmap_vars(vm);
-    let collect =
-        |store: &candle_core::backprop::GradStore, into: &mut BTreeMap<String, Tensor>| -> candle_core::Result<()> {
-            for (name, var) in &named {
-                if let Some(g) = store.get(var.as_tensor()) {
-                    let sum = match into.remove(name) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    into.insert(name.clone(), sum);
-                }
-            }
-            Ok(())
-        };
-    let mut grads = BTreeMap::new();
-    let model = match (net, checkpointing, stream) {
-        (Net::Single(m), true, _) => m,
+    let (logits, aux, after) = match (net, checkpointing, stream) {
+        (Net::Single(m), true, _) => return checkpointed_loss_and_grads(m, &named, (inp, tgt, mask), stream),
+        (Net::Fused(_), _, Some(_)) => candle_core::bail!("segment training needs a single model, not a fused one"),
         (Net::Single(m), false, Some((states, docs))) => {
             let (logits, after, aux) = m.forward_with(inp, Some(states), true, Projection::Fused, Some(docs))?;
-            let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
-            collect(&loss.backward()?, &mut grads)?;
-            return Ok((widen(&loss)?.detach(), grads, Some(after)));
+            (logits, aux, Some(after))
         }
-        (Net::Fused(_), _, Some(_)) => candle_core::bail!("segment training needs a single model, not a fused one"),
         _ => {
             let (logits, aux) = net.logits(inp, true)?;
-            let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
-            collect(&loss.backward()?, &mut grads)?;
-            return Ok((widen(&loss)?.detach(), grads, None));
+            (logits, aux, None)
         }
     };
+    let loss = (mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)? + aux)?;
+    let mut grads = BTreeMap::new();
+    collect_grads(&named, &loss.backward()?, &mut grads)?;
+    Ok((widen(&loss)?.detach(), grads, after))
+}
+
+/// Add the gradients `store` holds for the named parameters into `into`.
+fn collect_grads(
+    named: &[(String, Var)],
+    store: &candle_core::backprop::GradStore,
+    into: &mut BTreeMap<String, Tensor>,
+) -> candle_core::Result<()> {
+    for (name, var) in named {
+        if let Some(g) = store.get(var.as_tensor()) {
+            let sum = match into.remove(name) {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            };
+            into.insert(name.clone(), sum);
+        }
+    }
+    Ok(())
+}
+
+/// [`loss_and_grads`] with gradient checkpointing: only each block's input is kept from
+/// the forward pass; the backward recomputes one block at a time and chains the gradient
+/// through it (`∂(Σ y ⊙ g)/∂x`), so memory holds one block's activations.
+fn checkpointed_loss_and_grads(
+    model: &MMRecModel,
+    named: &[(String, Var)],
+    (inp, tgt, mask): (&Tensor, &Tensor, &Tensor),
+    stream: Option<(&[BlockState], &DocBounds)>,
+) -> candle_core::Result<Gradients> {
+    let mut grads = BTreeMap::new();
     let stack: &BlockStack = &model.stack;
     let b = inp.dim(0)?;
     let (states, docs) = match stream {
@@ -208,7 +222,7 @@ pub fn loss_and_grads(
     )?;
     let ce = mmrec_model::model::masked_cross_entropy(&logits, tgt, mask)?;
     let store = ce.backward()?;
-    collect(&store, &mut grads)?;
+    collect_grads(named, &store, &mut grads)?;
     let mut g = store
         .get(top.as_tensor())
         .expect("the head depends on the stack")
@@ -221,11 +235,11 @@ pub fn loss_and_grads(
         loss = (loss + widen(&aux)?)?;
         let surrogate = ((y * &g)?.sum_all()? + aux)?;
         let store = surrogate.backward()?;
-        collect(&store, &mut grads)?;
+        collect_grads(named, &store, &mut grads)?;
         g = store.get(x.as_tensor()).expect("a block depends on its input").clone();
     }
     let x0 = mmrec_kernels::fused::embedding(model.embed.embeddings(), inp)?;
-    collect(&(x0 * g)?.sum_all()?.backward()?, &mut grads)?;
+    collect_grads(named, &(x0 * g)?.sum_all()?.backward()?, &mut grads)?;
     Ok((loss.detach(), grads, stream.map(|_| after)))
 }
 
