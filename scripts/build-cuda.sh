@@ -4,9 +4,13 @@
 #
 # Usage: scripts/build-cuda.sh [DEST]            (default .carry/cuda)
 # Uses nvcc from PATH when there is one, else installs CUDA 13.0 from PyPI wheels with
-# scripts/cuda-toolchain.sh. Writes DEST/bin/*.xz (stripped, xz-compressed): mmrec-train,
-# mmrec-data, mmrec-transfer, mmrec-recipe, mmrec-bench and the GPU test executables;
-# scripts/gpu-check.sh, gpu-experiment.sh and gpu-recipe.sh unpack and run them.
+# scripts/cuda-toolchain.sh (with link-time stubs of libcuda and libnccl; a system CUDA
+# needs NCCL installed). mmrec-train is built with the `nccl` feature (data parallelism
+# on GPUs), so on the GPU machine it needs libnccl.so.2 on the loader's path:
+# `. scripts/nccl-path.sh` finds PyTorch's. Writes DEST/bin/*.xz (stripped,
+# xz-compressed): mmrec-train, mmrec-data, mmrec-transfer, mmrec-recipe, mmrec-bench and
+# the GPU test executables; scripts/gpu-check.sh, gpu-experiment.sh and gpu-recipe.sh
+# unpack and run them.
 # The first build takes about 20 minutes on 2 cores (candle's own kernels); keep the
 # target directory (CARGO_TARGET_DIR, default ~/.cache/mmrec-target-cuda) between builds.
 set -euo pipefail
@@ -22,7 +26,7 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-90}"
 # GPU machine has no git).
 MMREC_GIT_COMMIT="$(git rev-parse HEAD 2>/dev/null || true)"
 export MMREC_GIT_COMMIT
-features=(--release --workspace --locked --features mmrec-trainer/cuda,mmrec-bench/cuda)
+features=(--release --workspace --locked --features mmrec-trainer/cuda,mmrec-trainer/nccl,mmrec-bench/cuda)
 cargo build "${features[@]}" --bins
 tests=$(cargo test "${features[@]}" --no-run --message-format=json 2>/dev/null |
   python3 -c 'import json,sys

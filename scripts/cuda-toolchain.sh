@@ -42,6 +42,21 @@ if [[ ! -f "$stub" ]]; then
   gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$root/lib/stubs/libcuda_stub.c"
 fi
 
+# The same for NCCL (the `nccl` feature links libnccl.so.2; the GPU machine's comes with
+# its PyTorch, nvidia-nccl-cu13): a link-time stub instead of a 250 MB wheel.
+nccl_stub="$root/lib/stubs/libnccl.so"
+if [[ ! -f "$nccl_stub" ]]; then
+  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/nccl/sys/mod.rs 2>/dev/null | tail -n1)
+  if [[ -z "$sys" ]]; then
+    echo "cudarc 0.19 sources not found: run 'cargo fetch' in the workspace first" >&2
+    exit 1
+  fi
+  mkdir -p "$root/lib/stubs"
+  grep -oE 'pub unsafe fn nccl[A-Za-z0-9_]+' "$sys" | awk '{print $4}' | sort -u \
+    | sed 's/.*/int &(void){return 999;}/' >"$root/lib/stubs/libnccl_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$nccl_stub" "$root/lib/stubs/libnccl_stub.c"
+fi
+
 cat <<EOF
 export CUDA_ROOT=$root CUDA_HOME=$root
 export PATH=$root/bin:\$PATH

@@ -10,6 +10,7 @@
 # Every result is written under RESULTS: test logs, JSON benchmarks, the training metrics.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. scripts/nccl-path.sh   # mmrec-train links libnccl.so.2
 carry="${1:-.carry/cuda}"
 results="${2:-bench/results/gpu}"
 PRESETS="${PRESETS:-small,medium}"

@@ -14,6 +14,7 @@
 # Settings (environment): BUDGET tokens per run, PRESET.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. scripts/nccl-path.sh   # mmrec-train links libnccl.so.2
 experiment=$1 shards=$3 results=$4
 bin=/tmp/mmrec-bin
 mkdir -p "$bin" "$results"

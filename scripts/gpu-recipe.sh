@@ -14,6 +14,7 @@
 # Exit status: the pipeline's (0 done, 124 stopped at SECONDS, otherwise failed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. scripts/nccl-path.sh   # mmrec-train links libnccl.so.2
 carry=$1 results=$2 seconds=${3:-0}
 mkdir -p scale/bin scale/corpus "$results"
 for tool in mmrec-data mmrec-train mmrec-transfer mmrec-recipe; do

@@ -1163,6 +1163,27 @@ fn a_rank_that_fails_or_never_comes_ends_the_job_with_an_error() {
 }
 
 #[test]
+fn a_backend_this_build_or_device_cannot_serve_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    for (backend, says) in [("bogus", "expected tcp or nccl"), ("nccl", "nccl")] {
+        // One rank asked for NCCL on the CPU: a CPU build has no NCCL, a CUDA one needs a GPU.
+        let o = command("mmrec-train")
+            .arg("pretrain")
+            .args(base_args(dir.path(), 2))
+            .args(["--device", "cpu"])
+            .env("RANK", "0")
+            .env("WORLD_SIZE", "1")
+            .env("MASTER_PORT", "0")
+            .env("MMREC_DIST_BACKEND", backend)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        assert!(!o.status.success());
+        assert!(err.contains(says), "{backend}: {err}");
+    }
+}
+
+#[test]
 fn a_data_parallel_run_stopped_by_a_signal_resumes_exactly_and_on_another_world_size() {
     let (straight, stopped) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let launch = |out: &Path, extra: &[&str]| {

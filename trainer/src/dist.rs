@@ -4,13 +4,44 @@
 //! master address, and the step's all-reduce in f32. This backend reduces over TCP through
 //! rank 0, summing in rank order so that every rank gets the same bits: it runs the whole
 //! data-parallel path with one process per rank on any machine (the tests do, on the
-//! CPU). NCCL, the backend for several GPUs, is not built yet.
+//! CPU). On GPUs, a build with the `nccl` feature reduces with NCCL instead
+//! (`crate::nccl`), and the TCP group only carries the rendezvous and the checks.
+//! `MMREC_DIST_BACKEND` (`tcp` or `nccl`) overrides the choice.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
+use candle_core::{DType, Device, Tensor};
+
 use crate::train::{Error, Result};
+
+/// How the step's sums travel between ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// Through rank 0 over TCP, on the host: any device, any build.
+    Tcp,
+    /// NCCL on the GPUs (a CUDA device and a build with the `nccl` feature).
+    Nccl,
+}
+
+impl Backend {
+    /// `MMREC_DIST_BACKEND`, else NCCL for a CUDA device when this build has it.
+    pub fn choose(dev: &Device) -> Result<Backend> {
+        match std::env::var("MMREC_DIST_BACKEND").ok().as_deref() {
+            Some("tcp") => Ok(Backend::Tcp),
+            Some("nccl") if cfg!(feature = "nccl") => Ok(Backend::Nccl),
+            Some("nccl") => Err(Error::Config(
+                "MMREC_DIST_BACKEND=nccl, but this mmrec-train was built without the nccl feature".into(),
+            )),
+            Some(other) => Err(Error::Config(format!(
+                "MMREC_DIST_BACKEND={other:?}: expected tcp or nccl"
+            ))),
+            None if cfg!(feature = "nccl") && dev.is_cuda() => Ok(Backend::Nccl),
+            None => Ok(Backend::Tcp),
+        }
+    }
+}
 
 /// This process's place among the ranks.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,7 +89,9 @@ impl World {
             var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
             var("MASTER_PORT").unwrap_or_else(|| "29500".into())
         );
-        Ok((size > 1).then_some(World {
+        // One rank needs no group, except to run the NCCL path on one GPU on purpose.
+        let forced = std::env::var("MMREC_DIST_BACKEND").is_ok_and(|b| b == "nccl");
+        Ok((size > 1 || forced).then_some(World {
             rank,
             size,
             local_rank,
@@ -70,7 +103,7 @@ impl World {
 /// How long a rank waits for the others, at the rendezvous and in each reduction, before
 /// it gives up with an error (`MMREC_DIST_TIMEOUT_S`, default 300): a rank that died ends
 /// the job, it does not hang it.
-fn timeout() -> Duration {
+pub(crate) fn timeout() -> Duration {
     let secs = std::env::var("MMREC_DIST_TIMEOUT_S")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -79,10 +112,12 @@ fn timeout() -> Duration {
 }
 
 /// The connected ranks: rank 0 holds a stream to every other rank (in rank order), the
-/// others one stream to rank 0.
+/// others one stream to rank 0; with NCCL, also the ranks' communicator.
 pub struct Group {
     pub world: World,
     peers: Vec<TcpStream>,
+    #[cfg(feature = "nccl")]
+    nccl: Option<crate::nccl::Nccl>,
 }
 
 fn dist_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -90,8 +125,27 @@ fn dist_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
 }
 
 impl Group {
-    /// Meet the other ranks at the master address.
-    pub fn connect(world: World) -> Result<Group> {
+    /// Meet the other ranks at the master address, then set up `backend` on `dev`.
+    #[cfg_attr(not(feature = "nccl"), allow(unused_variables, unused_mut))]
+    pub fn connect(world: World, backend: Backend, dev: &Device) -> Result<Group> {
+        let mut group = Group::meet(world)?;
+        #[cfg(feature = "nccl")]
+        if backend == Backend::Nccl {
+            group.nccl = Some(crate::nccl::Nccl::connect(&mut group, dev)?);
+        }
+        Ok(group)
+    }
+
+    /// The backend the step's sums go through.
+    pub fn backend(&self) -> Backend {
+        #[cfg(feature = "nccl")]
+        if self.nccl.is_some() {
+            return Backend::Nccl;
+        }
+        Backend::Tcp
+    }
+
+    fn meet(world: World) -> Result<Group> {
         let deadline = Instant::now() + timeout();
         let mut peers = Vec::new();
         if world.rank == 0 {
@@ -148,7 +202,53 @@ impl Group {
             s.set_read_timeout(Some(timeout())).map_err(io)?;
             s.set_nodelay(true).map_err(dist_err("setting up a stream".into()))?;
         }
-        Ok(Group { world, peers })
+        Ok(Group {
+            world,
+            peers,
+            #[cfg(feature = "nccl")]
+            nccl: None,
+        })
+    }
+
+    /// Each tensor summed element-wise across the ranks (f32, on every rank), and finished
+    /// on the device when this returns.
+    pub fn sum(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        let parts: Vec<Tensor> = parts
+            .iter()
+            .map(|p| p.to_dtype(DType::F32))
+            .collect::<candle_core::Result<_>>()?;
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = &self.nccl {
+            return nccl.sum(parts);
+        }
+        let mut flat = Vec::new();
+        for p in &parts {
+            flat.extend(p.flatten_all()?.to_vec1::<f32>()?);
+        }
+        self.all_reduce_sum(&mut flat)?;
+        let mut at = 0;
+        let mut out = Vec::with_capacity(parts.len());
+        for p in &parts {
+            let n = p.elem_count();
+            out.push(Tensor::from_slice(&flat[at..at + n], p.shape(), p.device())?);
+            at += n;
+        }
+        Ok(out)
+    }
+
+    /// Rank 0's `bytes`, into `bytes` on every rank.
+    pub fn broadcast(&mut self, bytes: &mut [u8]) -> Result<()> {
+        if self.world.rank == 0 {
+            for (i, s) in self.peers.iter_mut().enumerate() {
+                s.write_all(bytes)
+                    .map_err(dist_err(format!("sending to rank {}", i + 1)))?;
+            }
+        } else {
+            self.peers[0]
+                .read_exact(bytes)
+                .map_err(dist_err("receiving from rank 0".into()))?;
+        }
+        Ok(())
     }
 
     /// Every rank's `data` summed element-wise, into `data` on every rank (rank order, so

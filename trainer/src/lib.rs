@@ -7,6 +7,8 @@ pub mod batch;
 pub mod context;
 pub mod dist;
 pub mod generate;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod optim;
 pub mod plot;
 pub mod segments;

@@ -373,6 +373,8 @@ pub struct Session {
     /// was asked to stop at the last step (all stop after the same step).
     group: Option<Group>,
     all_stop: bool,
+    /// Milliseconds the last step's reduction took (data parallelism).
+    comm_ms: f64,
 }
 
 impl Session {
@@ -418,7 +420,11 @@ impl Session {
             segments: None,
         };
         let segments = segment_plan(&cfg, &net)?;
-        let group = crate::dist::World::from_env()?.map(Group::connect).transpose()?;
+        let backend = crate::dist::Backend::choose(dev)?;
+        let group = match crate::dist::World::from_env()? {
+            Some(world) => Some(Group::connect(world, backend, dev)?),
+            None => None,
+        };
         let mut session = Session {
             cfg,
             vm,
@@ -434,6 +440,7 @@ impl Session {
             carried: Carried::default(),
             group,
             all_stop: false,
+            comm_ms: 0.0,
         };
         if resume {
             session.resume_latest()?;
@@ -580,30 +587,27 @@ impl Session {
         let Some(group) = self.group.as_mut() else {
             return Ok((acc, tokens));
         };
-        let world = group.world.size;
-        let mut flat = Vec::new();
-        for g in acc.grads.values() {
-            flat.extend(g.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?);
+        let world = group.world.size as f64;
+        let extras = Tensor::cat(
+            &[
+                acc.loss.to_dtype(DType::F32)?.reshape(1)?,
+                acc.micro_sq.to_dtype(DType::F32)?.sum_all()?.reshape(1)?,
+                Tensor::new(&[tokens as f32, f32::from(u8::from(stop))], &self.dev)?,
+            ],
+            0,
+        )?;
+        let mut parts: Vec<Tensor> = acc.grads.values().cloned().collect();
+        parts.push(extras);
+        let began = Instant::now();
+        let mut sums = group.sum(parts)?;
+        self.comm_ms = began.elapsed().as_secs_f64() * 1e3;
+        let extra = sums.pop().expect("the extras were pushed last").to_vec1::<f32>()?;
+        for (g, sum) in acc.grads.values_mut().zip(sums) {
+            *g = (sum / world)?.to_dtype(g.dtype())?;
         }
-        let grads_len = flat.len();
-        flat.extend([
-            acc.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-            acc.micro_sq.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?,
-            tokens as f32,
-            f32::from(u8::from(stop)),
-        ]);
-        group.all_reduce_sum(&mut flat)?;
-        let mut at = 0;
-        for g in acc.grads.values_mut() {
-            let n = g.elem_count();
-            let mean: Vec<f32> = flat[at..at + n].iter().map(|x| x / world as f32).collect();
-            *g = Tensor::from_vec(mean, g.shape(), g.device())?.to_dtype(g.dtype())?;
-            at += n;
-        }
-        let extra = &flat[grads_len..];
         acc.loss = Tensor::new(extra[0] / world as f32, &self.dev)?;
         acc.micro_sq = Tensor::new(&[extra[1]], &self.dev)?;
-        acc.micro_batches *= world;
+        acc.micro_batches *= group.world.size;
         self.all_stop = extra[3] > 0.0;
         Ok((acc, extra[2].round() as u64))
     }
@@ -847,6 +851,9 @@ impl Session {
         }
         if !events.is_empty() {
             record["event"] = serde_json::json!(events.join("; "));
+        }
+        if self.group.is_some() {
+            record["comm_ms"] = serde_json::json!(self.comm_ms);
         }
         let values = Tensor::cat(&[acc.loss.reshape(1)?, ctl, acc.micro_sq], 0).map_err(|source| Error::During {
             during: "collecting the step's loss and gradient norm",

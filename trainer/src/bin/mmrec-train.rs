@@ -59,7 +59,7 @@ enum Command {
     /// with the status of the first rank that fails (stopping the others).
     Launch {
         /// Ranks (one per GPU on a GPU machine: rank r trains on cuda:r with --device cuda).
-        #[arg(long)]
+        #[arg(long, visible_alias = "gpus")]
         procs: usize,
         /// The port rank 0 waits for the others on (default: a free one).
         #[arg(long)]
@@ -237,12 +237,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
     {
         return launch(*procs, *master_port, command);
     }
-    // A data-parallel rank trains on its own GPU.
-    let spec = match (cli.device.as_str(), std::env::var("LOCAL_RANK")) {
-        ("cuda", Ok(local)) => format!("cuda:{local}"),
-        _ => cli.device.clone(),
-    };
-    let dev = mmrec_model::device::parse(&spec).map_err(anyhow::Error::msg)?;
+    let dev = mmrec_model::device::parse(&rank_device(&cli.device)).map_err(anyhow::Error::msg)?;
     match cli.command {
         Command::Launch { .. } => unreachable!("handled above"),
         Command::Pretrain(run) => train(run, Init::Fresh, &dev),
@@ -720,6 +715,18 @@ fn bench_command(a: BenchArgs, dev: &Device) -> Result<ExitCode> {
 }
 
 /// `mmrec-train launch`: the ranks as child processes of this one.
+/// A data-parallel rank's GPU for `--device cuda`: its local rank (torchrun's LOCAL_RANK
+/// or Slurm's SLURM_LOCALID) among the host's GPUs, or the one GPU it sees when the
+/// launcher binds one per task through CUDA_VISIBLE_DEVICES.
+fn rank_device(device: &str) -> String {
+    let local = std::env::var("LOCAL_RANK").or_else(|_| std::env::var("SLURM_LOCALID"));
+    let bound_to_one = std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|v| !v.contains(','));
+    match (device, local) {
+        ("cuda", Ok(local)) if !bound_to_one => format!("cuda:{local}"),
+        _ => device.to_string(),
+    }
+}
+
 fn launch(procs: usize, master_port: Option<u16>, command: &[String]) -> Result<ExitCode> {
     anyhow::ensure!(procs >= 1, "--procs must be at least 1");
     let port = match master_port {
