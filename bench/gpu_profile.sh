@@ -10,6 +10,7 @@
 # (per kernel name: time, launches, share of the step), summarised by gpu_profile.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+. scripts/nccl-path.sh   # a CUDA mmrec-train links libnccl.so.2
 shards=$1
 results=$2
 ncu=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)

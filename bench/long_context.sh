@@ -12,6 +12,7 @@
 # PRECISION (f32). Memory: the process's peak RSS, and on a GPU the allocator's peak.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/nccl-path.sh   # a CUDA mmrec-train links libnccl.so.2
 corpus=$1 out=$2 bin=$3
 PRESET=${PRESET:-tiny} SEQ=${SEQ:-256} CONTEXT=${CONTEXT:-4096} ROWS=${ROWS:-8} STEPS=${STEPS:-400}
 DEVICE=${DEVICE:-cpu} PRECISION=${PRECISION:-f32}
