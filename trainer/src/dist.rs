@@ -118,6 +118,8 @@ pub struct Group {
     peers: Vec<TcpStream>,
     #[cfg(feature = "nccl")]
     nccl: Option<crate::nccl::Nccl>,
+    /// The last TCP reduction's time on the host, in milliseconds.
+    tcp_ms: Option<f64>,
 }
 
 fn dist_err(what: String) -> impl FnOnce(std::io::Error) -> Error {
@@ -207,20 +209,22 @@ impl Group {
             peers,
             #[cfg(feature = "nccl")]
             nccl: None,
+            tcp_ms: None,
         })
     }
 
-    /// Each tensor summed element-wise across the ranks (f32, on every rank), and finished
-    /// on the device when this returns.
+    /// Each tensor summed element-wise across the ranks, in f32. NCCL queues the
+    /// reductions on the device and returns; TCP waits for the device and the other ranks.
     pub fn sum(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let parts: Vec<Tensor> = parts
             .iter()
             .map(|p| p.to_dtype(DType::F32))
             .collect::<candle_core::Result<_>>()?;
         #[cfg(feature = "nccl")]
-        if let Some(nccl) = &self.nccl {
+        if let Some(nccl) = &mut self.nccl {
             return nccl.sum(parts);
         }
+        let began = Instant::now();
         let mut flat = Vec::new();
         for p in &parts {
             flat.extend(p.flatten_all()?.to_vec1::<f32>()?);
@@ -233,7 +237,18 @@ impl Group {
             out.push(Tensor::from_slice(&flat[at..at + n], p.shape(), p.device())?);
             at += n;
         }
+        self.tcp_ms = Some(began.elapsed().as_secs_f64() * 1e3);
         Ok(out)
+    }
+
+    /// The last measured reduction's milliseconds: NCCL's on the device (the previous
+    /// step's, timed by CUDA events once finished), TCP's on the host (copies included).
+    pub fn comm_ms(&self) -> Option<f64> {
+        #[cfg(feature = "nccl")]
+        if let Some(nccl) = &self.nccl {
+            return nccl.last_ms();
+        }
+        self.tcp_ms
     }
 
     /// Rank 0's `bytes`, into `bytes` on every rank.
@@ -253,14 +268,14 @@ impl Group {
 
     /// Every rank's `data` summed element-wise, into `data` on every rank (rank order, so
     /// the same bits everywhere).
-    pub fn all_reduce_sum(&mut self, data: &mut [f32]) -> Result<()> {
-        let mut bytes = vec![0u8; data.len() * 4];
+    pub fn all_reduce_sum<T: Wire>(&mut self, data: &mut [T]) -> Result<()> {
+        let mut bytes = vec![0u8; data.len() * T::BYTES];
         if self.world.rank == 0 {
             for (i, s) in self.peers.iter_mut().enumerate() {
                 s.read_exact(&mut bytes)
                     .map_err(dist_err(format!("receiving from rank {}", i + 1)))?;
-                for (x, y) in data.iter_mut().zip(decode(&bytes)) {
-                    *x += y;
+                for (x, b) in data.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
+                    *x = x.plus(T::read(b));
                 }
             }
             encode(data, &mut bytes);
@@ -274,11 +289,53 @@ impl Group {
             s.write_all(&bytes).map_err(dist_err("sending to rank 0".into()))?;
             s.read_exact(&mut bytes)
                 .map_err(dist_err("receiving from rank 0".into()))?;
-            for (x, y) in data.iter_mut().zip(decode(&bytes)) {
-                *x = y;
+            for (x, b) in data.iter_mut().zip(bytes.chunks_exact(T::BYTES)) {
+                *x = T::read(b);
             }
         }
         Ok(())
+    }
+}
+
+/// A number the TCP reduction carries: f32 gradients, u64 counts.
+pub trait Wire: Copy {
+    const BYTES: usize;
+    fn write(self, to: &mut [u8]);
+    fn read(from: &[u8]) -> Self;
+    fn plus(self, other: Self) -> Self;
+}
+
+impl Wire for f32 {
+    const BYTES: usize = 4;
+    fn write(self, to: &mut [u8]) {
+        to.copy_from_slice(&self.to_le_bytes());
+    }
+    fn read(from: &[u8]) -> Self {
+        f32::from_le_bytes([from[0], from[1], from[2], from[3]])
+    }
+    fn plus(self, other: Self) -> Self {
+        self + other
+    }
+}
+
+impl Wire for u64 {
+    const BYTES: usize = 8;
+    fn write(self, to: &mut [u8]) {
+        to.copy_from_slice(&self.to_le_bytes());
+    }
+    fn read(from: &[u8]) -> Self {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(from);
+        u64::from_le_bytes(b)
+    }
+    fn plus(self, other: Self) -> Self {
+        self + other
+    }
+}
+
+fn encode<T: Wire>(data: &[T], bytes: &mut [u8]) {
+    for (x, b) in data.iter().zip(bytes.chunks_exact_mut(T::BYTES)) {
+        x.write(b);
     }
 }
 
@@ -308,16 +365,4 @@ impl Group {
             Ok(verdict[0] == 1)
         }
     }
-}
-
-fn encode(data: &[f32], bytes: &mut [u8]) {
-    for (x, b) in data.iter().zip(bytes.chunks_exact_mut(4)) {
-        b.copy_from_slice(&x.to_le_bytes());
-    }
-}
-
-fn decode(bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }

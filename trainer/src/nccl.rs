@@ -1,18 +1,19 @@
 //! The NCCL backend of data parallelism (issue 20): one communicator per rank on that
 //! rank's GPU, its unique id sent by rank 0 over the TCP group, and the step's sums
 //! reduced in place on the device, in f32 buckets, on candle's own stream. Being on that
-//! stream orders each reduction after the backward that wrote its gradients with no host
-//! synchronisation, and nothing is copied to the host.
+//! stream orders each reduction after the backward that wrote its gradients and before
+//! the update that reads them, with no host synchronisation and no copy to the host: the
+//! host queues the reduction and goes on. CUDA events around it time it on the device.
 //!
 //! A rank that dies leaves the others' reduction kernels waiting for it forever, so a
-//! watchdog thread ends this process when a reduction has not finished within
-//! `MMREC_DIST_TIMEOUT_S` (a bounded failure instead of a hang; `launch`, torchrun or
-//! Slurm then stop the other ranks).
+//! watchdog thread ends this process when a reduction's end event has not completed
+//! within `MMREC_DIST_TIMEOUT_S` of its queueing (a bounded failure instead of a hang;
+//! `launch`, torchrun or Slurm then stop the other ranks).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaStream, DriverError};
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp1, Layout, Tensor};
 
@@ -23,16 +24,25 @@ use crate::train::{Error, Result};
 /// small enough that a bucket's concatenated copy costs little memory.
 const BUCKET_ELEMS: usize = 16 << 20;
 
+/// A queued reduction: when it was queued, and the event that completes after it.
+type InFlight = Arc<Mutex<Option<(Instant, Arc<CudaEvent>)>>>;
+
 pub struct Nccl {
     comm: Comm,
-    dev: Device,
-    /// Milliseconds since `epoch` when the reduction in flight began; 0 when none is.
-    busy_since_ms: Arc<AtomicU64>,
-    epoch: Instant,
+    stream: Arc<CudaStream>,
+    /// The reduction in flight, for the watchdog.
+    in_flight: InFlight,
+    /// The last reduction's start and end events, timed once it has finished.
+    last: Option<(CudaEvent, Arc<CudaEvent>)>,
+    last_ms: Option<f64>,
 }
 
 fn nccl_err(what: &str) -> impl FnOnce(candle_core::cuda_backend::cudarc::nccl::result::NcclError) -> Error + '_ {
     move |e| Error::Config(format!("data parallel (NCCL): {what}: {e:?}"))
+}
+
+fn cuda_err(e: DriverError) -> Error {
+    Error::Config(format!("data parallel (NCCL): a CUDA event: {e:?}"))
 }
 
 impl Nccl {
@@ -52,41 +62,60 @@ impl Nccl {
         }
         group.broadcast(&mut id_bytes)?;
         let id = Id::uninit(id_bytes.map(|b| b as std::ffi::c_char));
-        let comm = Comm::from_rank(cuda.cuda_stream(), group.world.rank, group.world.size, id)
+        let stream = cuda.cuda_stream();
+        let comm = Comm::from_rank(stream.clone(), group.world.rank, group.world.size, id)
             .map_err(nccl_err("joining the communicator"))?;
         let nccl = Nccl {
             comm,
-            dev: dev.clone(),
-            busy_since_ms: Arc::new(AtomicU64::new(0)),
-            epoch: Instant::now(),
+            stream,
+            in_flight: Arc::new(Mutex::new(None)),
+            last: None,
+            last_ms: None,
         };
         nccl.start_watchdog(group.world.rank, crate::dist::timeout());
         Ok(nccl)
     }
 
     fn start_watchdog(&self, rank: usize, limit: Duration) {
-        let (busy, epoch) = (self.busy_since_ms.clone(), self.epoch);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(Duration::from_millis(500));
-            let since = busy.load(Ordering::Acquire);
-            if since > 0 && epoch.elapsed().as_millis() as u64 - since > limit.as_millis() as u64 {
-                eprintln!(
-                    "mmrec-train: data parallel (NCCL): rank {rank}: a gradient reduction has not finished after {} s \
-                     (MMREC_DIST_TIMEOUT_S): another rank has stopped or hangs; ending this rank",
-                    limit.as_secs()
-                );
-                // _exit: an exit that ran atexit handlers would wait on the CUDA context,
-                // whose reduction kernel is the thing that never finishes.
-                unsafe { libc::_exit(1) };
+        let (in_flight, ctx) = (self.in_flight.clone(), self.stream.context().clone());
+        std::thread::spawn(move || {
+            let _ = ctx.bind_to_thread();
+            loop {
+                std::thread::sleep(Duration::from_millis(200));
+                let mut slot = in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                match slot.as_ref() {
+                    Some((_, end)) if end.is_complete() => *slot = None,
+                    Some((queued, _)) if queued.elapsed() > limit => {
+                        eprintln!(
+                            "mmrec-train: data parallel (NCCL): rank {rank}: a gradient reduction has not finished \
+                             after {} s (MMREC_DIST_TIMEOUT_S): another rank has stopped or hangs; ending this rank",
+                            limit.as_secs()
+                        );
+                        // _exit: an exit that ran atexit handlers would wait on the CUDA
+                        // context, whose reduction kernel is what never finishes.
+                        unsafe { libc::_exit(1) };
+                    }
+                    _ => {}
+                }
             }
         });
     }
 
-    /// Each f32 tensor summed element-wise across the ranks, waited for (so the caller may
-    /// time it).
-    pub fn sum(&self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        self.busy_since_ms
-            .store(self.epoch.elapsed().as_millis() as u64 + 1, Ordering::Release);
+    /// The last finished reduction's time on the device, in milliseconds.
+    pub fn last_ms(&self) -> Option<f64> {
+        self.last_ms
+    }
+
+    /// Each f32 tensor summed element-wise across the ranks: queued on the device, not
+    /// waited for (the step's first read of a result waits, as for any other kernel).
+    pub fn sum(&mut self, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if let Some((start, end)) = self.last.take() {
+            if end.is_complete() {
+                self.last_ms = Some(f64::from(start.elapsed_ms(&end).map_err(cuda_err)?));
+            }
+        }
+        let timed = Some(CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(timed).map_err(cuda_err)?;
         let mut out = Vec::with_capacity(parts.len());
         let mut bucket: Vec<Tensor> = Vec::new();
         let mut filled = 0;
@@ -99,8 +128,9 @@ impl Nccl {
             bucket.push(part);
         }
         out.extend(self.sum_bucket(bucket)?);
-        self.dev.synchronize()?;
-        self.busy_since_ms.store(0, Ordering::Release);
+        let end = Arc::new(self.stream.record_event(timed).map_err(cuda_err)?);
+        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), end.clone()));
+        self.last = Some((start, end));
         Ok(out)
     }
 

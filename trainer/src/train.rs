@@ -373,8 +373,8 @@ pub struct Session {
     /// was asked to stop at the last step (all stop after the same step).
     group: Option<Group>,
     all_stop: bool,
-    /// Milliseconds the last step's reduction took (data parallelism).
-    comm_ms: f64,
+    /// Milliseconds the last measured reduction took (data parallelism).
+    comm_ms: Option<f64>,
 }
 
 impl Session {
@@ -440,7 +440,7 @@ impl Session {
             carried: Carried::default(),
             group,
             all_stop: false,
-            comm_ms: 0.0,
+            comm_ms: None,
         };
         if resume {
             session.resume_latest()?;
@@ -587,29 +587,33 @@ impl Session {
         let Some(group) = self.group.as_mut() else {
             return Ok((acc, tokens));
         };
+        // What the host knows goes over TCP, so that the device is not waited for.
+        let mut counts = [tokens, u64::from(stop)];
+        group.all_reduce_sum(&mut counts)?;
+        self.all_stop = counts[1] > 0;
+        // What the device holds stays there: every gradient, the loss, and the
+        // micro-batches' sum of squared gradient norms.
         let world = group.world.size as f64;
-        let extras = Tensor::cat(
+        let mut parts: Vec<Tensor> = acc.grads.values().cloned().collect();
+        parts.push(Tensor::cat(
             &[
                 acc.loss.to_dtype(DType::F32)?.reshape(1)?,
                 acc.micro_sq.to_dtype(DType::F32)?.sum_all()?.reshape(1)?,
-                Tensor::new(&[tokens as f32, f32::from(u8::from(stop))], &self.dev)?,
             ],
             0,
-        )?;
-        let mut parts: Vec<Tensor> = acc.grads.values().cloned().collect();
-        parts.push(extras);
-        let began = Instant::now();
+        )?);
         let mut sums = group.sum(parts)?;
-        self.comm_ms = began.elapsed().as_secs_f64() * 1e3;
-        let extra = sums.pop().expect("the extras were pushed last").to_vec1::<f32>()?;
+        self.comm_ms = group.comm_ms();
+        let extra = sums.pop().expect("the loss and sum of squares were pushed last");
+        // The gradients stay sums: the update's scale divides by the world (see `step`),
+        // which saves a kernel per tensor.
         for (g, sum) in acc.grads.values_mut().zip(sums) {
-            *g = (sum / world)?.to_dtype(g.dtype())?;
+            *g = sum;
         }
-        acc.loss = Tensor::new(extra[0] / world as f32, &self.dev)?;
-        acc.micro_sq = Tensor::new(&[extra[1]], &self.dev)?;
+        acc.loss = (extra.get(0)? / world)?;
+        acc.micro_sq = extra.narrow(0, 1, 1)?;
         acc.micro_batches *= group.world.size;
-        self.all_stop = extra[3] > 0.0;
-        Ok((acc, extra[2].round() as u64))
+        Ok((acc, counts[0]))
     }
 
     fn elapsed_s(&self) -> f64 {
@@ -827,7 +831,9 @@ impl Session {
         let tokens = batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
         let (acc, tokens) = self.all_reduce(acc, tokens, stop)?;
         let optim = &self.cfg.optim;
-        let accum = 1.0 / (batches.len() * self.state.micro_splits) as f64;
+        // Gradients are summed over micro-batches and, with data parallelism, over ranks.
+        let world = self.group.as_ref().map_or(1, |g| g.world.size);
+        let accum = 1.0 / (batches.len() * self.state.micro_splits * world) as f64;
         let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule) * lr_mult;
         let ctl = self
             .opt
@@ -852,8 +858,8 @@ impl Session {
         if !events.is_empty() {
             record["event"] = serde_json::json!(events.join("; "));
         }
-        if self.group.is_some() {
-            record["comm_ms"] = serde_json::json!(self.comm_ms);
+        if let Some(ms) = self.comm_ms {
+            record["comm_ms"] = serde_json::json!(ms);
         }
         let values = Tensor::cat(&[acc.loss.reshape(1)?, ctl, acc.micro_sq], 0).map_err(|source| Error::During {
             during: "collecting the step's loss and gradient norm",
