@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaStream, DriverError};
+use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
 use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
+use candle_core::cuda_backend::cudarc::nccl::sys as nccl_sys;
 use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp1, Layout, Tensor};
 
 use crate::dist::Group;
@@ -37,8 +39,19 @@ pub struct Nccl {
     last_ms: Option<f64>,
 }
 
-fn nccl_err(what: &str) -> impl FnOnce(candle_core::cuda_backend::cudarc::nccl::result::NcclError) -> Error + '_ {
-    move |e| Error::Config(format!("data parallel (NCCL): {what}: {e:?}"))
+fn nccl_err(what: &str) -> impl FnOnce(NcclError) -> Error + '_ {
+    move |e| Error::Config(format!("data parallel (NCCL): {what}: {}", nccl_message(e)))
+}
+
+/// NCCL's result code and its own last message (cudarc prints neither).
+fn nccl_message(e: NcclError) -> String {
+    // SAFETY: ncclGetLastError takes a null communicator (the thread's last error) and
+    // returns a NUL-terminated string that NCCL owns.
+    let last = unsafe { std::ffi::CStr::from_ptr(nccl_sys::ncclGetLastError(std::ptr::null_mut())) };
+    match last.to_string_lossy().trim() {
+        "" => format!("{:?}", e.0),
+        text => format!("{:?}: {text}", e.0),
+    }
 }
 
 fn cuda_err(e: DriverError) -> Error {
@@ -180,7 +193,7 @@ impl InplaceOp1 for SumInPlace<'_> {
         let mut view = storage.as_cuda_slice_mut::<f32>()?.slice_mut(lo..hi);
         self.0
             .all_reduce_in_place(&mut view, &ReduceOp::Sum)
-            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {}", nccl_message(e))))?;
         Ok(())
     }
 }
