@@ -175,7 +175,10 @@ fn finetuning_never_changes_frozen_tensors() {
         "--set".into(),
         "optim.lr=1e-2".into(),
     ]);
-    assert!(mmrec_train("finetune", &args).status.success());
+    let o = mmrec_train("finetune", &args);
+    assert!(o.status.success());
+    // The printed config says where the model's shape comes from.
+    assert!(String::from_utf8_lossy(&o.stderr).contains("from the init file: d_model"));
     let before = candle_core::safetensors::load(&init, &Device::Cpu).unwrap();
     let after = candle_core::safetensors::load(out.join("final.safetensors"), &Device::Cpu).unwrap();
     let (mut same, mut changed) = (0, 0);

@@ -606,8 +606,17 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
     }
     args.apply(&mut cfg);
     let mut session = Session::new(cfg, init, args.resume, dev)?;
+    let mc = &session.meta.config;
+    // A finetune or fusion takes its shape from the init file, not from [model] preset.
+    let shape = match session.state.mode.as_str() {
+        "pretrain" => String::new(),
+        _ => format!(
+            "; the model's shape from the init file: d_model {}, {} layers, vocabulary {} ([model] preset does not apply)",
+            mc.d_model, mc.n_layers, mc.vocab_size
+        ),
+    };
     eprintln!(
-        "# {} from step {} ({} trainable tensors, frozen: {:?})\n{}",
+        "# {} from step {} ({} trainable tensors, frozen: {:?}{shape})\n{}",
         session.state.mode,
         session.state.step,
         session.opt.params.len(),
