@@ -702,7 +702,7 @@ impl FusedModel {
                     Some(vbf.get_with_hints(d, "bias", Init::Const(0.0))?),
                 ))
             }
-            FusionMethod::Gated => dense(2 * d, 2, vb.pp("fusion").pp("router"))?,
+            FusionMethod::Gated | FusionMethod::Mixture => dense(2 * d, 2, vb.pp("fusion").pp("router"))?,
         };
         Ok(FusedModel {
             embed: tied_embedding(cfg, vb.pp("embed"))?,
@@ -751,21 +751,42 @@ impl FusedModel {
             (yt, yc)
         };
         let both = Tensor::cat(&[&yt, &yc], D::Minus1)?;
-        let (f, weights) = match self.method {
-            FusionMethod::Concat => (self.fusion.forward(&both)?, None),
-            FusionMethod::Gated => {
-                let w = candle_nn::ops::softmax(&self.fusion.forward(&both)?, D::Minus1)?;
-                let f = (yt.broadcast_mul(&w.narrow(2, 0, 1)?)? + yc.broadcast_mul(&w.narrow(2, 1, 1)?)?)?;
-                (f, Some(w))
-            }
-        };
         let embed = if self.experts_frozen {
             self.embed.embeddings().detach()
         } else {
             self.embed.embeddings().clone()
         };
-        Ok((tied_logits(&f, &embed)?, weights, (st, sc)))
+        let (logits, weights) = match self.method {
+            FusionMethod::Concat => (tied_logits(&self.fusion.forward(&both)?, &embed)?, None),
+            FusionMethod::Gated => {
+                let w = candle_nn::ops::softmax(&self.fusion.forward(&both)?, D::Minus1)?;
+                let f = (yt.broadcast_mul(&w.narrow(2, 0, 1)?)? + yc.broadcast_mul(&w.narrow(2, 1, 1)?)?)?;
+                (tied_logits(&f, &embed)?, Some(w))
+            }
+            FusionMethod::Mixture => {
+                let log_w = candle_nn::ops::log_softmax(&self.fusion.forward(&both)?, D::Minus1)?;
+                let logits = mixture_log_probs([&tied_logits(&yt, &embed)?, &tied_logits(&yc, &embed)?], &log_w)?;
+                (logits, Some(log_w.exp()?))
+            }
+        };
+        Ok((logits, weights, (st, sc)))
     }
+}
+
+/// `log(w₀ softmax(l₀) + w₁ softmax(l₁))` per position, from both experts' logits [B, T, V]
+/// and the log-weights [B, T, 2]: normalised log-probabilities, which the cross-entropy and
+/// sampling take as logits (their softmax is the mixture itself). The log-sum-exp is
+/// shifted by the larger term so that neither exp overflows.
+fn mixture_log_probs(logits: [&Tensor; 2], log_w: &Tensor) -> Result<Tensor> {
+    let [a, b] = [0, 1].map(|e| {
+        let wide = wide_dtype(logits[e].dtype());
+        candle_nn::ops::log_softmax(&logits[e].to_dtype(wide)?, D::Minus1)?
+            .broadcast_add(&log_w.narrow(2, e, 1)?.to_dtype(wide)?)
+    });
+    let (a, b) = (a?, b?);
+    let top = a.maximum(&b)?;
+    let rest = ((a - &top)?.exp()? + (b - &top)?.exp()?)?.log()?;
+    (top + rest)?.to_dtype(logits[0].dtype())
 }
 
 /// A fused model's recurrent state: the text expert's blocks', then the code expert's.

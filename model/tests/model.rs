@@ -157,31 +157,69 @@ fn whole_model_gradients_match_finite_differences() {
         "blocks.0.norm1.weight",
         "norm.weight",
     ];
-    assert_eq!(check_gradients(0.0, &main), 30);
+    assert_eq!(check_model_gradients(0.0, &main), 30);
     assert_eq!(
-        check_gradients(0.1, &["blocks.1.uboo.fc1.weight", "blocks.0.uboo.fc2.bias"]),
+        check_model_gradients(0.1, &["blocks.1.uboo.fc1.weight", "blocks.0.uboo.fc2.bias"]),
         6
     );
 }
 
-fn check_gradients(uboo_weight: f64, names: &[&str]) -> usize {
+#[test]
+fn fused_model_gradients_match_finite_differences() {
+    let cfg = small_cfg(11, 8);
+    let (inp, tgt, mask) = fd_batch(&cfg);
+    for method in [FusionMethod::Concat, FusionMethod::Gated, FusionMethod::Mixture] {
+        let vm = VarMap::new();
+        let fused = FusedModel::new(&cfg, method, VarBuilder::from_varmap(&vm, DType::F64, &Device::Cpu)).unwrap();
+        initialise(&vm, &cfg).unwrap();
+        let router = match method {
+            FusionMethod::Concat => ["fusion.proj.weight", "fusion.proj.bias"],
+            _ => ["fusion.router.weight", "fusion.router.bias"],
+        };
+        let names = [
+            router[0],
+            router[1],
+            "experts.text.blocks.0.in_proj.weight",
+            "experts.code.norm.weight",
+            "embed.weight",
+        ];
+        let loss = || {
+            let (l, _) = fused.forward(&inp, false).unwrap();
+            masked_cross_entropy(&l, &tgt, &mask).unwrap()
+        };
+        assert_eq!(check_gradients(&vm, loss, &names), 15, "{method:?}");
+    }
+}
+
+/// Inputs, targets and mask of the finite-difference checks: 2 rows of 21 tokens.
+fn fd_batch(cfg: &ModelConfig) -> (Tensor, Tensor, Tensor) {
+    let (b, t) = (2, 21);
+    let toks = tokens(b, t + 1, cfg.vocab_size, 4);
+    let all = Tensor::from_vec(toks, (b, t + 1), &Device::Cpu).unwrap();
+    let (inp, tgt) = (all.i((.., ..t)).unwrap(), all.i((.., 1..)).unwrap());
+    (inp, tgt, Tensor::ones((b, t), DType::F64, &Device::Cpu).unwrap())
+}
+
+fn check_model_gradients(uboo_weight: f64, names: &[&str]) -> usize {
     let mut cfg = small_cfg(11, 8);
     cfg.uboo_weight = uboo_weight;
     let (vm, model) = build(&cfg, DType::F64);
-    let (b, t) = (2, 21);
-    let toks = tokens(b, t + 1, 11, 4);
-    let all = Tensor::from_vec(toks, (b, t + 1), &Device::Cpu).unwrap();
-    let (inp, tgt) = (all.i((.., ..t)).unwrap(), all.i((.., 1..)).unwrap());
-    let mask = Tensor::ones((b, t), DType::F64, &Device::Cpu).unwrap();
-    let loss = |m: &MMRecModel| -> Tensor {
-        let (l, _, aux) = m.forward(&inp, None, false).unwrap();
+    let (inp, tgt, mask) = fd_batch(&cfg);
+    let loss = || {
+        let (l, _, aux) = model.forward(&inp, None, false).unwrap();
         (masked_cross_entropy(&l, &tgt, &mask).unwrap() + aux).unwrap()
     };
-    let grads = loss(&model).backward().unwrap();
+    check_gradients(&vm, loss, names)
+}
+
+/// Autograd's gradient of `loss` against central differences at three elements of each
+/// named variable (f64); the number of elements checked.
+fn check_gradients(vm: &VarMap, loss: impl Fn() -> Tensor, names: &[&str]) -> usize {
+    let grads = loss().backward().unwrap();
     let data = vm.data().lock().unwrap();
     let mut checked = 0;
     for &name in names {
-        let var: &Var = &data[name];
+        let var: &Var = data.get(name).unwrap_or_else(|| panic!("no variable {name}"));
         let g = grads
             .get(var.as_tensor())
             .unwrap_or_else(|| panic!("no gradient for {name}"))
@@ -197,7 +235,7 @@ fn check_gradients(uboo_weight: f64, names: &[&str]) -> usize {
                 v[idx] += delta;
                 var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
                     .unwrap();
-                loss(&model).to_scalar::<f64>().unwrap()
+                loss().to_scalar::<f64>().unwrap()
             };
             let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
             var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
@@ -278,7 +316,7 @@ fn fused_models_of_identical_experts_reproduce_the_expert() {
     let (vm, expert) = build(&cfg, DType::F32);
     let toks = tokens(1, 50, 90, 6);
     let want = logits(&expert, &toks, 1);
-    for method in [FusionMethod::Concat, FusionMethod::Gated] {
+    for method in [FusionMethod::Concat, FusionMethod::Gated, FusionMethod::Mixture] {
         // Fused file: both experts are copies of one model.
         let fvm = VarMap::new();
         FusedModel::new(&cfg, method, VarBuilder::from_varmap(&fvm, DType::F32, &Device::Cpu)).unwrap();
@@ -311,6 +349,8 @@ fn fused_models_of_identical_experts_reproduce_the_expert() {
             .forward(&Tensor::from_slice(&toks, (1, 50), &Device::Cpu).unwrap(), false)
             .unwrap()
             .0;
+        // As distributions: `mixture` returns log-probabilities, the others logits.
+        let [want, got] = [&want, &got].map(|l| candle_nn::ops::log_softmax(l, 2).unwrap());
         assert!(
             max_abs_diff(&want, &got) < 1e-4,
             "{method:?}: {}",
@@ -358,7 +398,12 @@ fn the_model_asks_for_exactly_the_tensors_the_file_contract_lists() {
                 uboo_weight,
                 ..preset(name, 300).unwrap()
             };
-            for fused in [None, Some(FusionMethod::Concat), Some(FusionMethod::Gated)] {
+            for fused in [
+                None,
+                Some(FusionMethod::Concat),
+                Some(FusionMethod::Gated),
+                Some(FusionMethod::Mixture),
+            ] {
                 assert_eq!(
                     recorded_tensor_names(&cfg, fused).unwrap(),
                     tensor_names(&cfg, fused),

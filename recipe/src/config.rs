@@ -102,10 +102,19 @@ pub struct ModelConfig {
     /// expert that moved its own would run inside the fused model on one it never saw.
     #[serde(default = "shared_embedding")]
     pub freeze: Vec<String>,
+    /// How the fused model combines the experts (`mmrec-transfer fuse --method`): `gated`
+    /// mixes their hidden states, `mixture` their next-token distributions, `concat`
+    /// projects both.
+    #[serde(default = "gated")]
+    pub fusion: mmrec_schemas::FusionMethod,
 }
 
 fn shared_embedding() -> Vec<String> {
     vec!["embed.*".into()]
+}
+
+fn gated() -> mmrec_schemas::FusionMethod {
+    mmrec_schemas::FusionMethod::Gated
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

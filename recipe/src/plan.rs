@@ -145,7 +145,10 @@ fn model_stages(cfg: &PipelineConfig) -> Vec<Stage> {
         lit("--code"),
         model_file("finetune-code"),
         lit("--method"),
-        lit("gated"),
+        lit(clap::ValueEnum::to_possible_value(&cfg.model.fusion)
+            .expect("every fusion method has a name")
+            .get_name()
+            .to_string()),
     ]);
     fuse.extend([lit("--sync"), lit("--out"), Arg::Own("init.safetensors")]);
     out.push(plain("fuse", "mmrec-transfer", fuse));
@@ -346,5 +349,20 @@ mod tests {
         let plain = stages(&config(&[]));
         let control = plain.iter().find(|s| s.name == "control").expect("a control stage");
         assert!(!literals(control).iter().any(|a| a.starts_with("data.weights")));
+    }
+
+    #[test]
+    fn the_fuse_stage_uses_the_configured_fusion_method() {
+        let fuse_method = |cfg: &PipelineConfig| {
+            let all = stages(cfg);
+            let fuse = all.iter().find(|s| s.name == "fuse").expect("a fuse stage");
+            let args = literals(fuse);
+            let at = args.iter().position(|a| a == "--method").expect("--method");
+            args[at + 1].clone()
+        };
+        let mut cfg = config(&[]);
+        assert_eq!(fuse_method(&cfg), "gated", "the default");
+        cfg.model.fusion = mmrec_schemas::FusionMethod::Mixture;
+        assert_eq!(fuse_method(&cfg), "mixture");
     }
 }

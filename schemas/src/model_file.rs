@@ -74,6 +74,11 @@ pub enum FusionMethod {
     Concat,
     /// `w = softmax(Lin(2D→2)([y_text; y_code]))`, `f = w₀ y_text + w₁ y_code`.
     Gated,
+    /// The same router, mixing the experts' next-token distributions instead of their
+    /// hidden states: `p = w₀ softmax(head(y_text)) + w₁ softmax(head(y_code))`. A router
+    /// that is unsure then costs at most log 1/wₑ over the expert it leans on, where mixed
+    /// hidden states can land far from both experts.
+    Mixture,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,7 +263,7 @@ pub fn tensor_names(cfg: &ModelConfig, fused: Option<FusionMethod>) -> Vec<(Stri
     }
     match fused {
         Some(FusionMethod::Concat) => linear("fusion.proj", 2 * d, d, &mut push),
-        Some(FusionMethod::Gated) => linear("fusion.router", 2 * d, 2, &mut push),
+        Some(FusionMethod::Gated | FusionMethod::Mixture) => linear("fusion.router", 2 * d, 2, &mut push),
         None => {}
     }
     out.sort();

@@ -26,14 +26,9 @@ fn single() -> Net {
     Net::Single(m)
 }
 
-fn fused() -> Net {
+fn fused(method: FusionMethod) -> Net {
     let vm = VarMap::new();
-    let m = FusedModel::new(
-        &cfg(),
-        FusionMethod::Gated,
-        seeded_builder(&vm, 5, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    let m = FusedModel::new(&cfg(), method, seeded_builder(&vm, 5, DType::F32, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg()).unwrap();
     Net::Fused(m)
 }
@@ -67,7 +62,11 @@ fn streaming_gap(net: &Net, tokens: &[u32], prompt: usize) -> f32 {
 #[test]
 fn one_token_at_a_time_matches_the_full_pass() {
     let tokens: Vec<u32> = (0..45u32).map(|i| (i * 37 + 11) % 60).collect();
-    for (name, net) in [("single", single()), ("fused", fused())] {
+    for (name, net) in [
+        ("single", single()),
+        ("fused", fused(FusionMethod::Gated)),
+        ("mixture", fused(FusionMethod::Mixture)),
+    ] {
         for prompt in [1, 7, 20] {
             let gap = streaming_gap(&net, &tokens, prompt);
             assert!(gap < 1e-4, "{name}, prompt {prompt}: logits differ by {gap}");
