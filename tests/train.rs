@@ -490,16 +490,17 @@ fn a_kill_during_a_checkpoint_swap_resumes_from_the_newest_complete_checkpoint()
 
 #[test]
 fn fusion_training_changes_only_the_fusion_layer() {
+    for method in [mmrec_schemas::FusionMethod::Gated, mmrec_schemas::FusionMethod::Mixture] {
+        fusion_training_changes_only(method);
+    }
+}
+
+fn fusion_training_changes_only(method: mmrec_schemas::FusionMethod) {
     let dir = tempfile::tempdir().unwrap();
     let vocab = mmrec_schemas::read_manifest(&shards()).unwrap().tokenizer.vocab_size;
     let cfg = mmrec_model::preset("tiny", vocab).unwrap();
     let vm = VarMap::new();
-    mmrec_model::FusedModel::new(
-        &cfg,
-        mmrec_schemas::FusionMethod::Gated,
-        VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu),
-    )
-    .unwrap();
+    mmrec_model::FusedModel::new(&cfg, method, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).unwrap();
     initialise(&vm, &cfg).unwrap();
     let init = dir.path().join("fused.safetensors");
     save(
@@ -511,7 +512,7 @@ fn fusion_training_changes_only_the_fusion_layer() {
             config: cfg,
             frozen: vec!["embed.*".into(), "experts.*".into()],
             lineage: serde_json::Value::Null,
-            fusion: Some(mmrec_schemas::FusionMethod::Gated),
+            fusion: Some(method),
             tokenizer: None,
         },
     )
@@ -536,7 +537,11 @@ fn fusion_training_changes_only_the_fusion_layer() {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert_eq!(diff > 0.0, name.starts_with("fusion."), "{name} changed by {diff}");
+        assert_eq!(
+            diff > 0.0,
+            name.starts_with("fusion."),
+            "{method:?}: {name} changed by {diff}"
+        );
     }
 }
 
