@@ -27,35 +27,28 @@ fi
   && ln -sf libcurand.so.10 libcurand.so)
 (cd "$root" && ln -sfn lib lib64)
 
-stub="$root/lib/stubs/libcuda.so"
-if [[ ! -f "$stub" ]]; then
-  # Every driver entry point cudarc declares, as a function returning an error: enough to
-  # link; never loaded at run time (the real libcuda.so.1 is).
-  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | tail -n1)
+# A link-time stub of a library that belongs to the GPU machine, not to the wheels: every
+# entry point cudarc declares for it (in cudarc's MODULE/sys/mod.rs, names starting with
+# PREFIX), as a function returning an error. Enough to link; never loaded at run time (the
+# real one is).
+link_stub() { # NAME SONAME MODULE PREFIX
+  local stub="$root/lib/stubs/lib$1.so" sys
+  [[ -f "$stub" ]] && return
+  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/"$3"/sys/mod.rs 2>/dev/null | tail -n1)
   if [[ -z "$sys" ]]; then
     echo "cudarc 0.19 sources not found: run 'cargo fetch' in the workspace first" >&2
     exit 1
   fi
   mkdir -p "$root/lib/stubs"
-  grep -oE 'pub unsafe fn cu[A-Za-z0-9_]+' "$sys" | awk '{print $4}' | sort -u \
-    | sed 's/.*/int &(void){return 999;}/' >"$root/lib/stubs/libcuda_stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$stub" "$root/lib/stubs/libcuda_stub.c"
-fi
-
-# The same for NCCL (the `nccl` feature links libnccl.so.2; the GPU machine's comes with
-# its PyTorch, nvidia-nccl-cu13): a link-time stub instead of a 250 MB wheel.
-nccl_stub="$root/lib/stubs/libnccl.so"
-if [[ ! -f "$nccl_stub" ]]; then
-  sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/nccl/sys/mod.rs 2>/dev/null | tail -n1)
-  if [[ -z "$sys" ]]; then
-    echo "cudarc 0.19 sources not found: run 'cargo fetch' in the workspace first" >&2
-    exit 1
-  fi
-  mkdir -p "$root/lib/stubs"
-  grep -oE 'pub unsafe fn nccl[A-Za-z0-9_]+' "$sys" | awk '{print $4}' | sort -u \
-    | sed 's/.*/int &(void){return 999;}/' >"$root/lib/stubs/libnccl_stub.c"
-  gcc -shared -fPIC -Wl,-soname,libnccl.so.2 -o "$nccl_stub" "$root/lib/stubs/libnccl_stub.c"
-fi
+  grep -oE "pub unsafe fn $4[A-Za-z0-9_]+" "$sys" | awk '{print $4}' | sort -u \
+    | sed 's/.*/int &(void){return 999;}/' >"$root/lib/stubs/lib$1_stub.c"
+  gcc -shared -fPIC -Wl,-soname,"$2" -o "$stub" "$root/lib/stubs/lib$1_stub.c"
+}
+# libcuda belongs to the driver.
+link_stub cuda libcuda.so.1 driver cu
+# The `nccl` feature links libnccl.so.2; the GPU machine's comes with its PyTorch
+# (nvidia-nccl-cu13): a stub instead of a 250 MB wheel.
+link_stub nccl libnccl.so.2 nccl nccl
 
 cat <<EOF
 export CUDA_ROOT=$root CUDA_HOME=$root
