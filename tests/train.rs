@@ -1126,7 +1126,13 @@ fn two_ranks_train_like_one_process_with_their_rows_together() {
     // And the ranks compare their parameters' hash every 2 steps.
     args.extend(["--set".into(), "run.check_sync_every=2".into()]);
     let o = mmrec_train("launch", &args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    // Each rank says where it stands (a CPU build reduces over TCP).
+    assert!(
+        err.contains("rank 0 of 2, Tcp") && err.contains("rank 1 of 2, Tcp"),
+        "{err}"
+    );
     let (a, b) = (losses(one.path()), losses(two.path()));
     assert_eq!(a.len(), 6);
     assert_eq!(b.len(), 6, "rank 0 alone writes the metrics, once per step");

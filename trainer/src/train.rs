@@ -575,6 +575,11 @@ impl Session {
         }
     }
 
+    /// With data parallelism: this rank, the world size and the backend.
+    pub fn data_parallel(&self) -> Option<(usize, usize, crate::dist::Backend)> {
+        self.group.as_ref().map(|g| (g.world.rank, g.world.size, g.backend()))
+    }
+
     /// Rank 0 writes the run's files (metrics, checkpoints, the final model); the other
     /// ranks hold the same weights and state.
     fn writes(&self) -> bool {

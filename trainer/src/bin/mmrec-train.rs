@@ -615,8 +615,12 @@ fn train(args: RunArgs, init: Init, dev: &Device) -> Result<ExitCode> {
             mc.d_model, mc.n_layers, mc.vocab_size
         ),
     };
+    let ranks = match session.data_parallel() {
+        Some((rank, size, backend)) => format!("; data parallel: rank {rank} of {size}, {backend:?}"),
+        None => String::new(),
+    };
     eprintln!(
-        "# {} from step {} ({} trainable tensors, frozen: {:?}{shape})\n{}",
+        "# {} from step {} ({} trainable tensors, frozen: {:?}{shape}{ranks})\n{}",
         session.state.mode,
         session.state.step,
         session.opt.params.len(),
