@@ -10,6 +10,7 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
@@ -364,5 +365,95 @@ impl Group {
                 .map_err(dist_err("receiving from rank 0".into()))?;
             Ok(verdict[0] == 1)
         }
+    }
+}
+
+/// Whether a piece of queued device work has finished (asked without waiting).
+pub type Probe = Box<dyn Fn() -> bool + Send>;
+
+/// Watches device work the host does not wait for (the NCCL reductions): each piece is
+/// armed with a probe; when one has not finished `limit` after it was armed, `on_hang`
+/// runs on the watchdog's thread, which then ends. A rank whose peer died would otherwise
+/// wait in its next read of the device forever.
+pub struct Watchdog {
+    armed: Arc<Mutex<Option<(Instant, Probe)>>>,
+}
+
+impl Watchdog {
+    /// A thread that polls every `poll`; `setup` runs on it first (the NCCL backend binds
+    /// its CUDA context there, so that the probes may query events).
+    pub fn start(
+        limit: Duration,
+        poll: Duration,
+        setup: impl FnOnce() + Send + 'static,
+        on_hang: impl FnOnce() + Send + 'static,
+    ) -> Watchdog {
+        let armed: Arc<Mutex<Option<(Instant, Probe)>>> = Arc::new(Mutex::new(None));
+        let slot = armed.clone();
+        std::thread::spawn(move || {
+            setup();
+            loop {
+                std::thread::sleep(poll);
+                let mut slot = slot.lock().unwrap_or_else(|e| e.into_inner());
+                match slot.as_ref() {
+                    Some((_, finished)) if finished() => *slot = None,
+                    Some((since, _)) if since.elapsed() > limit => break,
+                    _ => {}
+                }
+            }
+            on_hang();
+        });
+        Watchdog { armed }
+    }
+
+    /// Watch a newly queued piece of work (it replaces the last one: work on one stream
+    /// finishes in order).
+    pub fn arm(&self, finished: Probe) {
+        *self.armed.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), finished));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    fn watchdog(limit_ms: u64) -> (Watchdog, mpsc::Receiver<()>) {
+        let (tx, rx) = mpsc::channel();
+        let dog = Watchdog::start(
+            Duration::from_millis(limit_ms),
+            Duration::from_millis(5),
+            || {},
+            move || tx.send(()).expect("the test waits"),
+        );
+        (dog, rx)
+    }
+
+    #[test]
+    fn work_that_never_finishes_is_reported_after_the_limit() {
+        let (dog, hung) = watchdog(50);
+        let started = Instant::now();
+        dog.arm(Box::new(|| false));
+        hung.recv_timeout(Duration::from_secs(30))
+            .expect("the hang is reported");
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn work_that_finishes_is_never_reported() {
+        // A limit far above the work's 20 ms, so that a loaded machine cannot make it late.
+        let (dog, hung) = watchdog(2000);
+        // Nothing armed, then work that finishes late but within the limit, again and again.
+        std::thread::sleep(Duration::from_millis(150));
+        for _ in 0..5 {
+            let done = Arc::new(AtomicBool::new(false));
+            let seen = done.clone();
+            dog.arm(Box::new(move || seen.load(Ordering::Relaxed)));
+            std::thread::sleep(Duration::from_millis(20));
+            done.store(true, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_millis(60));
+        }
+        assert!(hung.try_recv().is_err(), "finished work was reported as hung");
     }
 }

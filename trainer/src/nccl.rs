@@ -10,8 +10,8 @@
 //! within `MMREC_DIST_TIMEOUT_S` of its queueing (a bounded failure instead of a hang;
 //! `launch`, torchrun or Slurm then stop the other ranks).
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::cuda_backend::cudarc::driver::{sys::CUevent_flags, CudaEvent, CudaStream, DriverError};
 use candle_core::cuda_backend::cudarc::nccl::result::NcclError;
@@ -19,21 +19,18 @@ use candle_core::cuda_backend::cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use candle_core::cuda_backend::cudarc::nccl::sys as nccl_sys;
 use candle_core::{CpuStorage, CudaStorage, Device, InplaceOp1, Layout, Tensor};
 
-use crate::dist::Group;
+use crate::dist::{Group, Watchdog};
 use crate::train::{Error, Result};
 
 /// Elements per reduction (64 MB of f32): large enough that NCCL runs at its bandwidth,
 /// small enough that a bucket's concatenated copy costs little memory.
 const BUCKET_ELEMS: usize = 16 << 20;
 
-/// A queued reduction: when it was queued, and the event that completes after it.
-type InFlight = Arc<Mutex<Option<(Instant, Arc<CudaEvent>)>>>;
-
 pub struct Nccl {
     comm: Comm,
     stream: Arc<CudaStream>,
-    /// The reduction in flight, for the watchdog.
-    in_flight: InFlight,
+    /// Ends this rank when a reduction does not finish (a peer died).
+    watchdog: Watchdog,
     /// The last reduction's start and end events, timed once it has finished.
     last: Option<(CudaEvent, Arc<CudaEvent>)>,
     last_ms: Option<f64>,
@@ -78,40 +75,31 @@ impl Nccl {
         let stream = cuda.cuda_stream();
         let comm = Comm::from_rank(stream.clone(), group.world.rank, group.world.size, id)
             .map_err(nccl_err("joining the communicator"))?;
-        let nccl = Nccl {
+        let (rank, limit, ctx) = (group.world.rank, crate::dist::timeout(), stream.context().clone());
+        let watchdog = Watchdog::start(
+            limit,
+            Duration::from_millis(200),
+            move || {
+                let _ = ctx.bind_to_thread();
+            },
+            move || {
+                eprintln!(
+                    "mmrec-train: data parallel (NCCL): rank {rank}: a gradient reduction has not finished \
+                     after {} s (MMREC_DIST_TIMEOUT_S): another rank has stopped or hangs; ending this rank",
+                    limit.as_secs()
+                );
+                // _exit: an exit that ran atexit handlers would wait on the CUDA context,
+                // whose reduction kernel is what never finishes.
+                unsafe { libc::_exit(1) };
+            },
+        );
+        Ok(Nccl {
             comm,
             stream,
-            in_flight: Arc::new(Mutex::new(None)),
+            watchdog,
             last: None,
             last_ms: None,
-        };
-        nccl.start_watchdog(group.world.rank, crate::dist::timeout());
-        Ok(nccl)
-    }
-
-    fn start_watchdog(&self, rank: usize, limit: Duration) {
-        let (in_flight, ctx) = (self.in_flight.clone(), self.stream.context().clone());
-        std::thread::spawn(move || {
-            let _ = ctx.bind_to_thread();
-            loop {
-                std::thread::sleep(Duration::from_millis(200));
-                let mut slot = in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                match slot.as_ref() {
-                    Some((_, end)) if end.is_complete() => *slot = None,
-                    Some((queued, _)) if queued.elapsed() > limit => {
-                        eprintln!(
-                            "mmrec-train: data parallel (NCCL): rank {rank}: a gradient reduction has not finished \
-                             after {} s (MMREC_DIST_TIMEOUT_S): another rank has stopped or hangs; ending this rank",
-                            limit.as_secs()
-                        );
-                        // _exit: an exit that ran atexit handlers would wait on the CUDA
-                        // context, whose reduction kernel is what never finishes.
-                        unsafe { libc::_exit(1) };
-                    }
-                    _ => {}
-                }
-            }
-        });
+        })
     }
 
     /// The last finished reduction's time on the device, in milliseconds.
@@ -142,7 +130,8 @@ impl Nccl {
         }
         out.extend(self.sum_bucket(bucket)?);
         let end = Arc::new(self.stream.record_event(timed).map_err(cuda_err)?);
-        *self.in_flight.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), end.clone()));
+        let watched = end.clone();
+        self.watchdog.arm(Box::new(move || watched.is_complete()));
         self.last = Some((start, end));
         Ok(out)
     }
