@@ -25,16 +25,18 @@ pub fn name(dev: &Device) -> String {
     }
 }
 
+/// Whether this binary has CUDA and the machine a usable GPU (what `auto` picks).
 #[cfg(feature = "cuda")]
-fn gpu_present() -> bool {
+pub fn gpu_present() -> bool {
     use candle_core::cuda_backend::cudarc::driver::result;
     // candle links the driver library at build time, so a CUDA binary only starts where
     // it exists; a machine can still have the driver and no usable GPU.
     result::init().is_ok() && result::device::get_count().is_ok_and(|n| n > 0)
 }
 
+/// Whether this binary has CUDA and the machine a usable GPU (what `auto` picks).
 #[cfg(not(feature = "cuda"))]
-fn gpu_present() -> bool {
+pub fn gpu_present() -> bool {
     false
 }
 

@@ -728,14 +728,15 @@ fn bench_command(a: BenchArgs, dev: &Device) -> Result<ExitCode> {
 }
 
 /// `mmrec-train launch`: the ranks as child processes of this one.
-/// A data-parallel rank's GPU for `--device cuda`: its local rank (torchrun's LOCAL_RANK
-/// or Slurm's SLURM_LOCALID) among the host's GPUs, or the one GPU it sees when the
-/// launcher binds one per task through CUDA_VISIBLE_DEVICES.
+/// A data-parallel rank's GPU for `--device cuda` (or `auto` on a GPU machine): its local
+/// rank (torchrun's LOCAL_RANK or Slurm's SLURM_LOCALID) among the host's GPUs, or the
+/// one GPU it sees when the launcher binds one per task through CUDA_VISIBLE_DEVICES.
 fn rank_device(device: &str) -> String {
     let local = std::env::var("LOCAL_RANK").or_else(|_| std::env::var("SLURM_LOCALID"));
     let bound_to_one = std::env::var("CUDA_VISIBLE_DEVICES").is_ok_and(|v| !v.contains(','));
-    match (device, local) {
-        ("cuda", Ok(local)) if !bound_to_one => format!("cuda:{local}"),
+    let gpu = device == "cuda" || (device == "auto" && mmrec_model::device::gpu_present());
+    match local {
+        Ok(local) if gpu && !bound_to_one => format!("cuda:{local}"),
         _ => device.to_string(),
     }
 }
