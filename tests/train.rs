@@ -53,12 +53,17 @@ fn mmrec_train(cmd: &str, args: &[String]) -> Output {
 /// step → loss, the last record of each step winning (a resumed run rewrites steps the
 /// killed one had logged after its last checkpoint).
 fn losses(out: &Path) -> BTreeMap<u64, f64> {
+    step_field(out, "loss")
+}
+
+/// A field of every training step's record in `out/metrics.jsonl`, by step.
+fn step_field(out: &Path, field: &str) -> BTreeMap<u64, f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|r| r.get("loss").is_some())
-        .map(|r| (r["step"].as_u64().unwrap(), r["loss"].as_f64().unwrap()))
+        .filter(|r| r.get(field).is_some_and(|v| !v.is_null()))
+        .map(|r| (r["step"].as_u64().unwrap(), r[field].as_f64().unwrap()))
         .collect()
 }
 
@@ -1139,6 +1144,11 @@ fn two_ranks_train_like_one_process_with_their_rows_together() {
     for (step, la) in &a {
         assert!((la - b[step]).abs() < 1e-4, "step {step}: {la} against {}", b[step]);
     }
+    // Rank 0 counts every rank's tokens.
+    assert_eq!(
+        step_field(one.path(), "tokens_seen"),
+        step_field(two.path(), "tokens_seen")
+    );
     assert!(two.path().join("final.safetensors").exists());
 }
 

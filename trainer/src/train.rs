@@ -522,9 +522,11 @@ impl Session {
         while !self.budget_spent() && !self.stopping(stop) {
             let (accum, lr_mult) = self.next_accumulation();
             let batches = next_batches(&mut loader, accum)?;
+            let seen = self.state.tokens_seen;
             pending.push(self.step(&batches, lr_mult, stop.load(Ordering::Relaxed))?);
             self.state.cursor = loader.cursor().cloned();
-            meter.count(&batches);
+            // Every rank's tokens with data parallelism: the job's throughput.
+            meter.count(self.state.tokens_seen - seen);
             let run = &self.cfg.run;
             let (eval_due, ckpt_due) = (self.due(run.eval_every), self.due(run.ckpt_every));
             if self.due(run.log_every.max(1)) || eval_due || ckpt_due {
@@ -1193,8 +1195,8 @@ impl Throughput {
         }
     }
 
-    fn count(&mut self, batches: &[Batch]) {
-        self.tokens += batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
+    fn count(&mut self, tokens: u64) {
+        self.tokens += tokens;
     }
 
     fn annotate(&mut self, record: &mut serde_json::Value, loader: &Loader) {
