@@ -860,7 +860,7 @@ impl Session {
         if optim.batch_schedule != BatchSchedule::Fixed {
             record["grad_accum"] = serde_json::json!(batches.len());
             record["batch_tokens"] =
-                serde_json::json!((batches.len() * self.batch_rows() * self.cfg.data.seq_len) as u64);
+                serde_json::json!((batches.len() * self.batch_rows() * self.cfg.data.seq_len * world) as u64);
         }
         if !events.is_empty() {
             record["event"] = serde_json::json!(events.join("; "));
