@@ -52,7 +52,7 @@ fn nccl_message(e: NcclError) -> String {
 }
 
 fn cuda_err(e: DriverError) -> Error {
-    Error::Config(format!("data parallel (NCCL): a CUDA event: {e:?}"))
+    Error::Config(format!("data parallel (NCCL): CUDA: {e:?}"))
 }
 
 impl Nccl {
@@ -73,6 +73,8 @@ impl Nccl {
         group.broadcast(&mut id_bytes)?;
         let id = Id::uninit(id_bytes.map(|b| b as std::ffi::c_char));
         let stream = cuda.cuda_stream();
+        // ncclCommInitRank takes its GPU from the thread's current context: this rank's.
+        stream.context().bind_to_thread().map_err(cuda_err)?;
         let comm = Comm::from_rank(stream.clone(), group.world.rank, group.world.size, id)
             .map_err(nccl_err("joining the communicator"))?;
         let (rank, limit, ctx) = (group.world.rank, crate::dist::timeout(), stream.context().clone());
