@@ -1153,6 +1153,52 @@ fn two_ranks_train_like_one_process_with_their_rows_together() {
 }
 
 #[test]
+fn ranks_that_split_their_batches_differently_keep_identical_weights() {
+    // Rank 1 alone must split its 4 rows into micro-batches (its memory limit), as after an
+    // out-of-memory halving: every rank still divides the summed gradients alike, which the
+    // parameter hash compared at every step checks.
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let rank = |r: usize, extra: &[&str]| {
+        command("mmrec-train")
+            .arg("pretrain")
+            .args(base_args(dir.path(), 4))
+            .args(["--set", "data.batch_size=4", "--set", "run.check_sync_every=1"])
+            .args(extra)
+            .env("RANK", r.to_string())
+            .env("WORLD_SIZE", "2")
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (r0, r1) = (rank(0, &[]), rank(1, &["--set", "run.memory_limit_mb=6"]));
+    let (o0, o1) = (r0.wait_with_output().unwrap(), r1.wait_with_output().unwrap());
+    let said = |o: &std::process::Output| {
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    };
+    assert!(
+        o0.status.success() && o1.status.success(),
+        "{}\n{}",
+        said(&o0),
+        said(&o1)
+    );
+    assert!(said(&o1).contains("2 micro-batches of 2 rows"), "{}", said(&o1));
+    assert!(!said(&o0).contains("micro-batches of"), "{}", said(&o0));
+    assert_eq!(losses(dir.path()).len(), 4);
+}
+
+#[test]
 fn a_rank_that_fails_or_never_comes_ends_the_job_with_an_error() {
     let dir = tempfile::tempdir().unwrap();
     // Every rank refuses its config: launch exits with a rank's status and says which.

@@ -590,12 +590,22 @@ impl Session {
 
     /// Data parallelism: the ranks' losses and gradients averaged, their token counts and
     /// micro-batches summed, and whether any rank was asked to stop.
-    fn all_reduce(&mut self, mut acc: Accumulated, tokens: u64, stop: bool) -> Result<(Accumulated, u64)> {
+    ///
+    /// `parts`: how many micro-batch gradients this process summed (the update divides the
+    /// sum by it); the job's total comes back, so that every rank divides by the same
+    /// number even when one of them halved its micro-batch after running out of memory.
+    fn all_reduce(
+        &mut self,
+        mut acc: Accumulated,
+        tokens: u64,
+        parts: u64,
+        stop: bool,
+    ) -> Result<(Accumulated, u64, u64)> {
         let Some(group) = self.group.as_mut() else {
-            return Ok((acc, tokens));
+            return Ok((acc, tokens, parts));
         };
         // What the host knows goes over TCP, so that the device is not waited for.
-        let mut counts = [tokens, u64::from(stop)];
+        let mut counts = [tokens, u64::from(stop), parts, acc.micro_batches as u64];
         group.all_reduce_sum(&mut counts)?;
         self.all_stop = counts[1] > 0;
         // What the device holds stays there: every gradient, the loss, and the
@@ -612,15 +622,15 @@ impl Session {
         let mut sums = group.sum(parts)?;
         self.comm_ms = group.comm_ms();
         let extra = sums.pop().expect("the loss and sum of squares were pushed last");
-        // The gradients stay sums: the update's scale divides by the world (see `step`),
-        // which saves a kernel per tensor.
+        // The gradients stay sums: the update's scale divides by every rank's parts (see
+        // `step`), which saves a kernel per tensor.
         for (g, sum) in acc.grads.values_mut().zip(sums) {
             *g = sum;
         }
         acc.loss = (extra.get(0)? / world)?;
         acc.micro_sq = extra.narrow(0, 1, 1)?;
-        acc.micro_batches *= group.world.size;
-        Ok((acc, counts[0]))
+        acc.micro_batches = counts[3] as usize;
+        Ok((acc, counts[0], counts[2]))
     }
 
     fn elapsed_s(&self) -> f64 {
@@ -836,11 +846,12 @@ impl Session {
     fn step(&mut self, batches: &[Batch], lr_mult: f64, stop: bool) -> Result<PendingStep> {
         let (acc, events) = self.gradients_with_retry(batches)?;
         let tokens = batches.iter().flat_map(|b| &b.mask).map(|&m| m as u64).sum::<u64>();
-        let (acc, tokens) = self.all_reduce(acc, tokens, stop)?;
-        let optim = &self.cfg.optim;
         // Gradients are summed over micro-batches and, with data parallelism, over ranks.
+        let parts = (batches.len() * self.state.micro_splits) as u64;
+        let (acc, tokens, parts) = self.all_reduce(acc, tokens, parts, stop)?;
+        let optim = &self.cfg.optim;
         let world = self.group.as_ref().map_or(1, |g| g.world.size);
-        let accum = 1.0 / (batches.len() * self.state.micro_splits * world) as f64;
+        let accum = 1.0 / parts as f64;
         let lr = learning_rate(self.state.step, optim, self.cfg.run.steps, &self.state.schedule) * lr_mult;
         let ctl = self
             .opt
