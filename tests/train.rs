@@ -1121,13 +1121,17 @@ fn segment_training_refuses_what_would_break_its_streams() {
 #[test]
 fn two_ranks_train_like_one_process_with_their_rows_together() {
     let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // Evaluations too: the ranks take rank 0's figure.
+    let evals = ["--set", "run.eval_every=3", "--set", "run.eval_batches=2"].map(String::from);
     let mut args = base_args(one.path(), 6);
     args.extend(["--set".into(), "data.batch_size=4".into()]);
+    args.extend(evals.clone());
     assert!(mmrec_train("pretrain", &args).status.success());
 
     // Two ranks of 2 rows each read the same 4-row global batches.
     let mut args = vec!["--procs".to_string(), "2".into(), "--".into(), "pretrain".into()];
     args.extend(base_args(two.path(), 6));
+    args.extend(evals);
     // And the ranks compare their parameters' hash every 2 steps.
     args.extend(["--set".into(), "run.check_sync_every=2".into()]);
     let o = mmrec_train("launch", &args);
@@ -1196,6 +1200,23 @@ fn ranks_that_split_their_batches_differently_keep_identical_weights() {
     assert!(said(&o1).contains("2 micro-batches of 2 rows"), "{}", said(&o1));
     assert!(!said(&o0).contains("micro-batches of"), "{}", said(&o0));
     assert_eq!(losses(dir.path()).len(), 4);
+}
+
+#[test]
+fn a_measured_batch_size_is_refused_with_data_parallelism() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = command("mmrec-train")
+        .arg("pretrain")
+        .args(base_args(dir.path(), 2))
+        .args(["--set", "data.batch_size=\"auto\""])
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("MASTER_PORT", "0")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("\"auto\" with data parallelism"), "{err}");
 }
 
 #[test]

@@ -422,6 +422,14 @@ impl Session {
         let segments = segment_plan(&cfg, &net)?;
         let backend = crate::dist::Backend::choose(dev)?;
         let group = match crate::dist::World::from_env()? {
+            // Each rank would measure its own micro-batch, and the ranks' rows must agree.
+            Some(_) if cfg.data.batch_size == BatchSize::Auto => {
+                return Err(Error::Config(
+                    "data.batch_size = \"auto\" with data parallelism: measure it in a single process \
+                     (`pretrain ... --set data.batch_size=\"auto\" --set run.steps=3`), then set that number of rows"
+                        .into(),
+                ))
+            }
             Some(world) => Some(Group::connect(world, backend, dev)?),
             None => None,
         };
@@ -947,8 +955,15 @@ impl Session {
             return Ok(false);
         }
         let started = Instant::now();
-        let val = self.evaluate(self.cfg.run.eval_batches)?;
+        let mut val = self.evaluate(self.cfg.run.eval_batches)?;
         self.eval_secs += started.elapsed().as_secs_f64();
+        if let Some(group) = self.group.as_mut() {
+            // Rank 0's figure for all: the plateau schedule and early stopping decide on
+            // it, and ranks that decided differently would train apart.
+            let mut bits = val["all"].to_bits().to_le_bytes();
+            group.broadcast(&mut bits)?;
+            val.insert("all".into(), f64::from_bits(u64::from_le_bytes(bits)));
+        }
         let improved = observe_validation(val["all"], &self.cfg.optim, &mut self.state.schedule);
         let rec = serde_json::json!({"step": self.state.step, "val": val, "plateau_mult": self.state.schedule.plateau_mult,
                 "tokens_seen": self.state.tokens_seen, "elapsed_s": self.elapsed_s()});
