@@ -40,7 +40,8 @@ set = ["run.steps=12"]
 [finetune]
 set = ["run.steps={finetune_steps}", "optim.lr=1e-4", "optim.min_lr=1e-5", "optim.warmup_steps=2"]
 
-[fusion]
+[fusion]                     # two data-parallel ranks (mmrec-train launch)
+procs = 2
 set = ["run.steps=4", "optim.lr=1e-2", "optim.min_lr=1e-3", "optim.warmup_steps=1"]
 
 [merges]
@@ -138,6 +139,9 @@ fn the_pipeline_resumes_after_a_signal_skips_what_did_not_change_and_reports() {
     let second = runs(dir.path()).pop().unwrap();
     let log = std::fs::read_to_string(second.join("logs/pretrain.log")).unwrap();
     assert!(!log.contains("from step 0 "), "pretraining resumed: {log}");
+    // `[fusion] procs = 2`: the fusion trained as two data-parallel ranks.
+    let log = std::fs::read_to_string(second.join("logs/fusion.log")).unwrap();
+    assert!(log.contains("rank 1 of 2"), "{log}");
     let report = json(&second.join("report.json"));
     for model in ["base", "control", "text", "code", "fused", "merged-linear"] {
         let loss = report["models"][model]["all"]["loss"].as_f64().unwrap();

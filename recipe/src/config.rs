@@ -122,6 +122,9 @@ fn gated() -> mmrec_schemas::FusionMethod {
 pub struct StageSettings {
     /// `--device` of the stage (default: auto).
     pub device: Option<String>,
+    /// Data-parallel ranks of the stage (`mmrec-train launch --procs N`; default 1): one per
+    /// GPU. Each rank keeps `data.batch_size`, so the global batch grows with it.
+    pub procs: Option<std::num::NonZeroUsize>,
     /// `mmrec-train --set` overrides, `section.field=value`.
     #[serde(default)]
     pub set: Vec<String>,

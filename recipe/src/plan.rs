@@ -250,6 +250,11 @@ fn training(name: &str, mut args: Vec<Arg>, cfg: &PipelineConfig, own: &StageSet
         lit(device.map_or("auto", |d| d.as_str())),
         lit("--resume"),
     ]);
+    let procs = own.procs.or(cfg.train.procs).map_or(1, |n| n.get());
+    if procs > 1 {
+        let launch = [lit("launch"), lit("--procs"), lit(procs.to_string()), lit("--")];
+        args.splice(0..0, launch);
+    }
     Stage {
         trains: true,
         ..plain(name, "mmrec-train", args)
@@ -349,6 +354,17 @@ mod tests {
         let plain = stages(&config(&[]));
         let control = plain.iter().find(|s| s.name == "control").expect("a control stage");
         assert!(!literals(control).iter().any(|a| a.starts_with("data.weights")));
+    }
+
+    #[test]
+    fn a_stage_with_several_procs_runs_under_launch() {
+        let mut cfg = config(&[]);
+        cfg.train.procs = std::num::NonZeroUsize::new(2);
+        cfg.fusion.procs = std::num::NonZeroUsize::new(1);
+        let all = stages(&cfg);
+        let args = |name: &str| literals(all.iter().find(|s| s.name == name).expect("the stage"));
+        assert_eq!(args("pretrain")[..5], ["launch", "--procs", "2", "--", "pretrain"]);
+        assert_eq!(args("fusion")[0], "fusion", "its own setting wins");
     }
 
     #[test]
