@@ -776,7 +776,8 @@ impl FusedModel {
 /// `log(w₀ softmax(l₀) + w₁ softmax(l₁))` per position, from both experts' logits [B, T, V]
 /// and the log-weights [B, T, 2]: normalised log-probabilities, which the cross-entropy and
 /// sampling take as logits (their softmax is the mixture itself). The log-sum-exp is
-/// shifted by the larger term so that neither exp overflows.
+/// shifted by the larger term so that neither exp overflows; the result stays in the wide
+/// dtype (f32 under bf16), as bf16 would round log-probabilities of -16 to steps of 0.06.
 fn mixture_log_probs(logits: [&Tensor; 2], log_w: &Tensor) -> Result<Tensor> {
     let [a, b] = [0, 1].map(|e| {
         let wide = wide_dtype(logits[e].dtype());
@@ -786,7 +787,7 @@ fn mixture_log_probs(logits: [&Tensor; 2], log_w: &Tensor) -> Result<Tensor> {
     let (a, b) = (a?, b?);
     let top = a.maximum(&b)?;
     let rest = ((a - &top)?.exp()? + (b - &top)?.exp()?)?.log()?;
-    (top + rest)?.to_dtype(logits[0].dtype())
+    top + rest
 }
 
 /// A fused model's recurrent state: the text expert's blocks', then the code expert's.
