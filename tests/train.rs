@@ -1156,6 +1156,19 @@ fn two_ranks_train_like_one_process_with_their_rows_together() {
     assert!(two.path().join("final.safetensors").exists());
 }
 
+/// `pretrain` on the fixtures as rank `rank` of `world`, meeting the others at
+/// 127.0.0.1:`port` (0: any port, for a rank that should fail before it meets them).
+fn rank_pretrain(out: &Path, steps: u64, rank: usize, world: usize, port: u16) -> std::process::Command {
+    let mut c = command("mmrec-train");
+    c.arg("pretrain")
+        .args(base_args(out, steps))
+        .env("RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string());
+    c
+}
+
 #[test]
 fn ranks_that_split_their_batches_differently_keep_identical_weights() {
     // Rank 1 alone must split its 4 rows into micro-batches (its memory limit), as after an
@@ -1168,15 +1181,9 @@ fn ranks_that_split_their_batches_differently_keep_identical_weights() {
         .unwrap()
         .port();
     let rank = |r: usize, extra: &[&str]| {
-        command("mmrec-train")
-            .arg("pretrain")
-            .args(base_args(dir.path(), 4))
+        rank_pretrain(dir.path(), 4, r, 2, port)
             .args(["--set", "data.batch_size=4", "--set", "run.check_sync_every=1"])
             .args(extra)
-            .env("RANK", r.to_string())
-            .env("WORLD_SIZE", "2")
-            .env("MASTER_ADDR", "127.0.0.1")
-            .env("MASTER_PORT", port.to_string())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -1205,13 +1212,8 @@ fn ranks_that_split_their_batches_differently_keep_identical_weights() {
 #[test]
 fn a_measured_batch_size_is_refused_with_data_parallelism() {
     let dir = tempfile::tempdir().unwrap();
-    let o = command("mmrec-train")
-        .arg("pretrain")
-        .args(base_args(dir.path(), 2))
+    let o = rank_pretrain(dir.path(), 2, 0, 2, 0)
         .args(["--set", "data.batch_size=\"auto\""])
-        .env("RANK", "0")
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_PORT", "0")
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -1235,12 +1237,7 @@ fn a_rank_that_fails_or_never_comes_ends_the_job_with_an_error() {
     );
     // Rank 0 of two, alone: an error naming the missing rank after the timeout, not a hang.
     let started = std::time::Instant::now();
-    let o = command("mmrec-train")
-        .arg("pretrain")
-        .args(base_args(dir.path(), 2))
-        .env("RANK", "0")
-        .env("WORLD_SIZE", "2")
-        .env("MASTER_PORT", "0")
+    let o = rank_pretrain(dir.path(), 2, 0, 2, 0)
         .env("MMREC_DIST_TIMEOUT_S", "2")
         .output()
         .unwrap();
@@ -1258,13 +1255,8 @@ fn a_backend_this_build_or_device_cannot_serve_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     for (backend, says) in [("bogus", "expected tcp or nccl"), ("nccl", "nccl")] {
         // One rank asked for NCCL on the CPU: a CPU build has no NCCL, a CUDA one needs a GPU.
-        let o = command("mmrec-train")
-            .arg("pretrain")
-            .args(base_args(dir.path(), 2))
+        let o = rank_pretrain(dir.path(), 2, 0, 1, 0)
             .args(["--device", "cpu"])
-            .env("RANK", "0")
-            .env("WORLD_SIZE", "1")
-            .env("MASTER_PORT", "0")
             .env("MMREC_DIST_BACKEND", backend)
             .output()
             .unwrap();

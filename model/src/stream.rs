@@ -136,14 +136,11 @@ pub fn join_rows(parts: &[Vec<BlockState>]) -> Result<Vec<BlockState>> {
 /// Tensors by name.
 pub type Named = Vec<(String, Tensor)>;
 
-/// The states as named f32 tensors and their positions (`pos`, each level's `first`), for
-/// a checkpoint.
-pub fn to_tensors(states: &[BlockState]) -> Result<(Named, Vec<usize>)> {
+/// The states as named f32 tensors, for a checkpoint (their positions: [`positions`]).
+pub fn to_tensors(states: &[BlockState]) -> Result<Named> {
     let mut tensors = Vec::new();
-    let mut positions = Vec::new();
     for (i, s) in states.iter().enumerate() {
         tensors.push((format!("blocks.{i}.h"), s.h.to_dtype(DType::F32)?));
-        positions.push(s.pos);
         for (l, lv) in s.levels.iter().enumerate() {
             tensors.push((
                 format!("blocks.{i}.levels.{l}.summaries"),
@@ -153,13 +150,22 @@ pub fn to_tensors(states: &[BlockState]) -> Result<(Named, Vec<usize>)> {
                 format!("blocks.{i}.levels.{l}.partial"),
                 lv.partial.to_dtype(DType::F32)?,
             ));
-            positions.push(lv.first);
         }
     }
-    Ok((tensors, positions))
+    Ok(tensors)
 }
 
-/// States back from [`to_tensors`]' output, in `like`'s dtypes (a fresh state of the model).
+/// The states' positions (each block's `pos`, then each level's `first`), in the order
+/// [`from_tensors`] takes them.
+pub fn positions(states: &[BlockState]) -> Vec<usize> {
+    states
+        .iter()
+        .flat_map(|s| std::iter::once(s.pos).chain(s.levels.iter().map(|l| l.first)))
+        .collect()
+}
+
+/// States back from [`to_tensors`]' output, in `like`'s dtypes (a fresh state of the model
+/// for the same rows: the rows and widths must match).
 pub fn from_tensors(
     like: &[BlockState],
     get: &dyn Fn(&str) -> Result<Tensor>,
@@ -170,12 +176,21 @@ pub fn from_tensors(
         next.next()
             .ok_or_else(|| candle_core::Error::Msg("carried state: too few positions".into()))
     };
+    let take = |name: &str, like: &Tensor| -> Result<Tensor> {
+        let t = get(name)?;
+        // Rows and width must match; the summaries' count grows with the stream.
+        let (d, l) = (t.dims(), like.dims());
+        if d.len() != l.len() || d.first() != l.first() || d.last() != l.last() {
+            candle_core::bail!("carried state {name}: shape {d:?}, the model and batch need {l:?} (rows, …, width)");
+        }
+        t.to_dtype(like.dtype())
+    };
     like.iter()
         .enumerate()
         .map(|(i, s)| {
             Ok(BlockState {
                 pos: pos()?,
-                h: get(&format!("blocks.{i}.h"))?.to_dtype(s.h.dtype())?,
+                h: take(&format!("blocks.{i}.h"), &s.h)?,
                 levels: s
                     .levels
                     .iter()
@@ -183,9 +198,8 @@ pub fn from_tensors(
                     .map(|(l, lv)| {
                         Ok(LevelState {
                             first: pos()?,
-                            summaries: get(&format!("blocks.{i}.levels.{l}.summaries"))?
-                                .to_dtype(lv.summaries.dtype())?,
-                            partial: get(&format!("blocks.{i}.levels.{l}.partial"))?.to_dtype(lv.partial.dtype())?,
+                            summaries: take(&format!("blocks.{i}.levels.{l}.summaries"), &lv.summaries)?,
+                            partial: take(&format!("blocks.{i}.levels.{l}.partial"), &lv.partial)?,
                         })
                     })
                     .collect::<Result<_>>()?,

@@ -488,10 +488,15 @@ fn carried_states_survive_a_round_trip_through_tensors_and_rows() {
     let (_, model) = build(&cfg, DType::F32);
     let all = Tensor::from_vec(tokens(3, 37, 50, 4), (3, 37), &Device::Cpu).unwrap();
     let (_, states, _) = model.forward(&all, None, false).unwrap();
-    let (named, positions) = mmrec_model::stream::to_tensors(&states).unwrap();
+    let named = mmrec_model::stream::to_tensors(&states).unwrap();
+    let positions = mmrec_model::stream::positions(&states);
     let map: std::collections::HashMap<String, Tensor> = named.into_iter().collect();
     let fresh = model.initial_state(3, &Device::Cpu).unwrap();
     let back = mmrec_model::stream::from_tensors(&fresh, &|n| Ok(map[n].clone()), &positions).unwrap();
+    // States of 3 rows do not load into a batch of 2.
+    let two = model.initial_state(2, &Device::Cpu).unwrap();
+    let err = mmrec_model::stream::from_tensors(&two, &|n| Ok(map[n].clone()), &positions).unwrap_err();
+    assert!(err.to_string().contains("the model and batch need"), "{err}");
     let split = [
         mmrec_model::stream::rows(&back, 0, 1).unwrap(),
         mmrec_model::stream::rows(&back, 1, 2).unwrap(),

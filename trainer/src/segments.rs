@@ -76,7 +76,7 @@ impl Carried {
     /// After a segment that started from `start` and ended in `states`.
     pub fn advanced(&self, start: SegmentStart, states: Vec<BlockState>) -> Result<Carried> {
         let states = stream::detach(&states)?;
-        let positions = states_positions(&states);
+        let positions = stream::positions(&states);
         Ok(Carried {
             meta: SegmentState {
                 segment: self.meta.segment + 1,
@@ -90,7 +90,7 @@ impl Carried {
     /// Write the states into checkpoint directory `dir` (its metadata goes into the state).
     pub fn save(&self, dir: &Path) -> Result<()> {
         let Some(states) = &self.states else { return Ok(()) };
-        let (tensors, _) = stream::to_tensors(states)?;
+        let tensors = stream::to_tensors(states)?;
         let path = dir.join(CARRIED);
         let map: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
         candle_core::safetensors::save(&map, &path).map_err(|source| Error::During {
@@ -124,11 +124,4 @@ impl Carried {
             states: Some(states),
         })
     }
-}
-
-fn states_positions(states: &[BlockState]) -> Vec<usize> {
-    states
-        .iter()
-        .flat_map(|s| std::iter::once(s.pos).chain(s.levels.iter().map(|l| l.first)))
-        .collect()
 }

@@ -373,8 +373,6 @@ pub struct Session {
     /// was asked to stop at the last step (all stop after the same step).
     group: Option<Group>,
     all_stop: bool,
-    /// Milliseconds the last measured reduction took (data parallelism).
-    comm_ms: Option<f64>,
 }
 
 impl Session {
@@ -448,7 +446,6 @@ impl Session {
             carried: Carried::default(),
             group,
             all_stop: false,
-            comm_ms: None,
         };
         if resume {
             session.resume_latest()?;
@@ -619,16 +616,15 @@ impl Session {
         // What the device holds stays there: every gradient, the loss, and the
         // micro-batches' sum of squared gradient norms.
         let world = group.world.size as f64;
-        let mut parts: Vec<Tensor> = acc.grads.values().cloned().collect();
-        parts.push(Tensor::cat(
+        let mut tensors: Vec<Tensor> = acc.grads.values().cloned().collect();
+        tensors.push(Tensor::cat(
             &[
                 acc.loss.to_dtype(DType::F32)?.reshape(1)?,
                 acc.micro_sq.to_dtype(DType::F32)?.sum_all()?.reshape(1)?,
             ],
             0,
         )?);
-        let mut sums = group.sum(parts)?;
-        self.comm_ms = group.comm_ms();
+        let mut sums = group.sum(tensors)?;
         let extra = sums.pop().expect("the loss and sum of squares were pushed last");
         // The gradients stay sums: the update's scale divides by every rank's parts (see
         // `step`), which saves a kernel per tensor.
@@ -884,7 +880,7 @@ impl Session {
         if !events.is_empty() {
             record["event"] = serde_json::json!(events.join("; "));
         }
-        if let Some(ms) = self.comm_ms {
+        if let Some(ms) = self.group.as_ref().and_then(Group::comm_ms) {
             record["comm_ms"] = serde_json::json!(ms);
         }
         let values = Tensor::cat(&[acc.loss.reshape(1)?, ctl, acc.micro_sq], 0).map_err(|source| Error::During {

@@ -727,7 +727,6 @@ fn bench_command(a: BenchArgs, dev: &Device) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `mmrec-train launch`: the ranks as child processes of this one.
 /// A data-parallel rank's GPU for `--device cuda` (or `auto` on a GPU machine): its local
 /// rank (torchrun's LOCAL_RANK or Slurm's SLURM_LOCALID) among the host's GPUs, or the
 /// one GPU it sees when the launcher binds one per task through CUDA_VISIBLE_DEVICES.
@@ -741,6 +740,7 @@ fn rank_device(device: &str) -> String {
     }
 }
 
+/// `mmrec-train launch`: the ranks as child processes of this one.
 fn launch(procs: usize, master_port: Option<u16>, command: &[String]) -> Result<ExitCode> {
     anyhow::ensure!(procs >= 1, "--procs must be at least 1");
     let port = match master_port {
